@@ -1,0 +1,84 @@
+"""Model hyperparameters and target normalisation, as frozen dataclasses.
+
+`PaiNNConfig` mirrors the constructor of upstream OCP/fairchem
+`PaiNN` (``ocpmodels.models.painn.painn.PaiNN``) with the same defaults, so a
+checkpoint's ``model_attributes`` map onto it one to one. Graph-building
+switches of the upstream constructor (``use_pbc``, ``otf_graph``, ...) are kept
+because the neighbour-list code reads ``cutoff``/``max_neighbors`` and the
+pipeline must know whether the model was trained with periodic graphs.
+
+`TargetNormalization` holds what upstream keeps outside the model, in the
+trainer: the energy/force normalisers (``pred * std + mean``) and the linear
+per-element energy references. Our model applies them inside ``forward`` so
+that every runtime outputs eV and eV/Å.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+RBF_NAMES = ("gaussian", "spherical_bessel", "bernstein")
+ENVELOPE_NAMES = ("polynomial", "exponential")
+
+
+@dataclass(frozen=True)
+class PaiNNConfig:
+    """PaiNN hyperparameters (upstream names and defaults)."""
+
+    hidden_channels: int = 512  # F: width of scalar and vector features
+    num_layers: int = 6  # number of message + update blocks
+    num_rbf: int = 128  # number of radial basis functions
+    cutoff: float = 12.0  # Å, radial cutoff of the graph and the envelope
+    max_neighbors: int = 50  # per-centre cap applied when building the graph
+    rbf: str = "gaussian"  # radial basis: one of RBF_NAMES
+    envelope: str = "polynomial"  # cutoff envelope: one of ENVELOPE_NAMES
+    envelope_exponent: int = 5  # p of the polynomial envelope
+    regress_forces: bool = True  # the model outputs forces
+    direct_forces: bool = True  # forces from the equivariant head (else -dE/dx)
+    use_pbc: bool = True  # graphs were built with periodic images
+    otf_graph: bool = True  # upstream built the graph in forward (informational)
+    num_elements: int = 83  # embedding rows: atomic numbers 1..num_elements
+
+    def __post_init__(self) -> None:
+        if self.hidden_channels < 2 or self.hidden_channels % 2:
+            raise ValueError(f"hidden_channels must be an even number >= 2, got {self.hidden_channels}")
+        if self.num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
+        if self.num_rbf < 2:
+            raise ValueError(f"num_rbf must be >= 2, got {self.num_rbf}")
+        if not self.cutoff > 0:
+            raise ValueError(f"cutoff must be a positive distance in Å, got {self.cutoff}")
+        if self.rbf not in RBF_NAMES:
+            raise ValueError(f"rbf must be one of {RBF_NAMES}, got {self.rbf!r}")
+        if self.envelope not in ENVELOPE_NAMES:
+            raise ValueError(f"envelope must be one of {ENVELOPE_NAMES}, got {self.envelope!r}")
+        if self.envelope_exponent < 1:
+            raise ValueError(f"envelope_exponent must be >= 1, got {self.envelope_exponent}")
+        if self.num_elements < 1:
+            raise ValueError(f"num_elements must be >= 1, got {self.num_elements}")
+
+
+@dataclass(frozen=True)
+class TargetNormalization:
+    """Output de-normalisation: ``E = E_model * energy_std + energy_mean + Σ_atoms ref[Z]``.
+
+    Upstream keeps these in the trainer (``checkpoint["normalizers"]`` and
+    ``checkpoint["elementrefs"]``); the identity is the default.
+    """
+
+    energy_mean: float = 0.0  # eV, added to each system's energy
+    energy_std: float = 1.0  # eV, multiplies each system's energy
+    forces_mean: float = 0.0  # eV/Å, added to each force component
+    forces_std: float = 1.0  # eV/Å, multiplies each force component
+    # eV per atom of element Z at index Z (index 0 unused); empty: no references
+    element_references: tuple[float, ...] = field(default_factory=tuple)
+
+    @property
+    def is_identity(self) -> bool:
+        return (
+            self.energy_mean == 0.0
+            and self.energy_std == 1.0
+            and self.forces_mean == 0.0
+            and self.forces_std == 1.0
+            and not any(self.element_references)
+        )

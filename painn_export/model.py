@@ -1,0 +1,315 @@
+"""Scatter-free PaiNN (Schütt et al. 2021, arXiv:2102.03150) with OCP numerics.
+
+This is upstream OCP/fairchem PaiNN (``ocpmodels.models.painn.painn``) written
+as a pure function of a precomputed graph: no torch_scatter, no
+torch_geometric, no neighbour search inside ``forward``. Every sum over edges
+or atoms is ``index_add`` (see :func:`segment_sum`). Parameter and buffer
+names are upstream's, so an upstream state_dict loads with ``strict=True``.
+
+Model I/O contract (version :data:`CONTRACT_VERSION`)
+-------------------------------------------------------
+Inputs, in this order (the ONNX graph uses the same names):
+
+==================  ========  ===============  =========================================
+name                dtype     shape            meaning
+==================  ========  ===============  =========================================
+``atomic_numbers``  int64     ``[n_atoms]``    Z in ``1..num_elements``
+``positions``       float     ``[n_atoms, 3]`` Cartesian positions, Å
+``edge_index``      int64     ``[2, n_edges]`` row 0: neighbour j (sender), row 1: centre
+                                               i (receiver); indices into the batch
+``edge_shift``      float     ``[n_edges, 3]`` periodic shift of j, Å: ``S @ cell`` for the
+                                               integer image offset ``S``
+``system_index``    int64     ``[n_atoms]``    system each atom belongs to, ``0..n_systems-1``
+``natoms``          int64     ``[n_systems]``  atoms per system (its length sets n_systems)
+==================  ========  ===============  =========================================
+
+The edge vector is computed inside the model, ``r_ij = x_j + edge_shift - x_i``:
+it points from the centre ``i = edge_index[1]`` to the neighbour
+``j = edge_index[0]``, as upstream's ``distance_vec``. Messages flow from
+``j`` to ``i``. "float" is float32 or float64, the same for both float inputs
+and the model's parameters.
+
+Outputs: ``energy`` ``[n_systems]`` eV and ``forces`` ``[n_atoms, 3]`` eV/Å
+(the direct, equivariant force head, upstream's default).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from painn_export.config import PaiNNConfig, TargetNormalization
+from painn_export.layers import AtomEmbedding, RadialBasis, ScaledSiLU, ScaleFactor
+
+CONTRACT_VERSION = 1
+INPUT_NAMES = ("atomic_numbers", "positions", "edge_index", "edge_shift", "system_index", "natoms")
+OUTPUT_NAMES = ("energy", "forces")
+
+# Upstream replaces edge lengths within this distance of zero by this value
+# before dividing by them (Å).
+ZERO_DISTANCE_EPS = 1.0e-6
+# Added under the square root of |v|^2 in the update block, as upstream, so
+# that the norm has a finite gradient at zero.
+NORM_EPS = 1.0e-8
+
+
+def segment_sum(src: torch.Tensor, index: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Sum rows of ``src`` ``[n, ...]`` into ``[num_segments, ...]`` by ``index`` ``[n]``.
+
+    The scatter-free aggregation: ``index_add`` into zeros of ``src``'s dtype.
+    """
+    out = torch.zeros((num_segments, *src.shape[1:]), dtype=src.dtype, device=src.device)
+    return out.index_add(0, index, src)
+
+
+class PaiNNMessage(nn.Module):
+    """Message block (paper eq. 7-8, OCP variant with LayerNorm).
+
+    ``φ(s_j) ∘ W(r_ij)`` is split into three F-wide parts ``(Δs, a, b)``:
+
+    - ``Δs_i = Σ_j Δs_ij``
+    - ``Δv_i = Σ_j (v_j a_ij / √3 + b_ij r̂_ij) / √F``
+    """
+
+    def __init__(self, hidden_channels: int, num_rbf: int) -> None:
+        super().__init__()
+        self.hidden_channels = hidden_channels
+        self.x_proj = nn.Sequential(
+            nn.Linear(hidden_channels, hidden_channels),
+            ScaledSiLU(),
+            nn.Linear(hidden_channels, hidden_channels * 3),
+        )
+        self.rbf_proj = nn.Linear(num_rbf, hidden_channels * 3)
+        self.inv_sqrt_3 = 1 / math.sqrt(3.0)
+        self.inv_sqrt_h = 1 / math.sqrt(hidden_channels)
+        self.x_layernorm = nn.LayerNorm(hidden_channels)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [n_atoms, F]
+        vec: torch.Tensor,  # [n_atoms, 3, F]
+        edge_index: torch.Tensor,  # [2, n_edges]
+        edge_rbf: torch.Tensor,  # [n_edges, K]
+        edge_vector: torch.Tensor,  # [n_edges, 3] unit vectors i -> j
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        src, dst = edge_index[0], edge_index[1]  # [n_edges] each
+        F = self.hidden_channels
+        xh = self.x_proj(self.x_layernorm(x))  # [n_atoms, 3F]
+        rbfh = self.rbf_proj(edge_rbf)  # [n_edges, 3F]
+
+        ds, a, b = torch.split(xh[src] * rbfh, F, dim=-1)  # [n_edges, F] each
+        a = a * self.inv_sqrt_3
+        dv = vec[src] * a.unsqueeze(1) + b.unsqueeze(1) * edge_vector.unsqueeze(2)  # [n_edges, 3, F]
+        dv = dv * self.inv_sqrt_h
+
+        n_atoms = x.shape[0]
+        return segment_sum(ds, dst, n_atoms), segment_sum(dv, dst, n_atoms)
+
+
+class PaiNNUpdate(nn.Module):
+    """Update block (paper eq. 9-11).
+
+    ``(U v, V v) = vec_proj(v)``; ``(a_vv, a_sv, a_ss) = MLP([s, ‖V v‖])``:
+
+    - ``Δs = (a_ss + a_sv ⟨U v, V v⟩ / √F) / √2``
+    - ``Δv = a_vv U v``
+    """
+
+    def __init__(self, hidden_channels: int) -> None:
+        super().__init__()
+        self.hidden_channels = hidden_channels
+        self.vec_proj = nn.Linear(hidden_channels, hidden_channels * 2, bias=False)
+        self.xvec_proj = nn.Sequential(
+            nn.Linear(hidden_channels * 2, hidden_channels),
+            ScaledSiLU(),
+            nn.Linear(hidden_channels, hidden_channels * 3),
+        )
+        self.inv_sqrt_2 = 1 / math.sqrt(2.0)
+        self.inv_sqrt_h = 1 / math.sqrt(hidden_channels)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [n_atoms, F]
+        vec: torch.Tensor,  # [n_atoms, 3, F]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        F = self.hidden_channels
+        uv, vv = torch.split(self.vec_proj(vec), F, dim=-1)  # [n_atoms, 3, F] each
+        vec_dot = (uv * vv).sum(dim=1) * self.inv_sqrt_h  # [n_atoms, F]
+        vv_norm = torch.sqrt(torch.sum(vv**2, dim=-2) + NORM_EPS)  # [n_atoms, F]
+        a_ss, a_sv, a_vv = torch.split(
+            self.xvec_proj(torch.cat([x, vv_norm], dim=-1)), F, dim=-1
+        )  # [n_atoms, F] each
+        dx = (a_ss + a_sv * vec_dot) * self.inv_sqrt_2  # [n_atoms, F]
+        dvec = a_vv.unsqueeze(1) * uv  # [n_atoms, 3, F]
+        return dx, dvec
+
+
+class GatedEquivariantBlock(nn.Module):
+    """Gated equivariant block (paper fig. 3): scalars gate a vector projection.
+
+    ``s' = silu(MLP_s([s, ‖W1 v‖]))``, ``v' = MLP_v([s, ‖W1 v‖]) · W2 v``.
+    """
+
+    def __init__(self, hidden_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.out_channels = out_channels
+        self.vec1_proj = nn.Linear(hidden_channels, hidden_channels, bias=False)
+        self.vec2_proj = nn.Linear(hidden_channels, out_channels, bias=False)
+        self.update_net = nn.Sequential(
+            nn.Linear(hidden_channels * 2, hidden_channels),
+            ScaledSiLU(),
+            nn.Linear(hidden_channels, out_channels * 2),
+        )
+        self.act = ScaledSiLU()
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [n_atoms, H]
+        v: torch.Tensor,  # [n_atoms, 3, H]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        vec1 = torch.linalg.vector_norm(self.vec1_proj(v), dim=-2)  # [n_atoms, H]
+        vec2 = self.vec2_proj(v)  # [n_atoms, 3, O]
+        x, gate = torch.split(self.update_net(torch.cat([x, vec1], dim=-1)), self.out_channels, dim=-1)
+        return self.act(x), gate.unsqueeze(1) * vec2  # [n_atoms, O], [n_atoms, 3, O]
+
+
+class PaiNNOutput(nn.Module):
+    """Direct force head: two gated equivariant blocks, F -> F/2 -> 1 vector."""
+
+    def __init__(self, hidden_channels: int) -> None:
+        super().__init__()
+        self.output_network = nn.ModuleList(
+            [
+                GatedEquivariantBlock(hidden_channels, hidden_channels // 2),
+                GatedEquivariantBlock(hidden_channels // 2, 1),
+            ]
+        )
+
+    def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        for block in self.output_network:
+            x, vec = block(x, vec)
+        return vec.squeeze(-1)  # [n_atoms, 3]
+
+
+class PaiNN(nn.Module):
+    """PaiNN energy and direct-force model on a precomputed graph.
+
+    See the module docstring for the input/output contract. Outputs are
+    de-normalised with ``normalization`` (eV, eV/Å).
+    """
+
+    def __init__(
+        self,
+        config: PaiNNConfig | None = None,
+        normalization: TargetNormalization | None = None,
+    ) -> None:
+        super().__init__()
+        config = config or PaiNNConfig()
+        normalization = normalization or TargetNormalization()
+        if not (config.regress_forces and config.direct_forces):
+            raise NotImplementedError(
+                "only the direct-force head (regress_forces=True, direct_forces=True) "
+                "is implemented; gradient forces are tracked in their own issue"
+            )
+        refs = normalization.element_references
+        if refs and len(refs) < config.num_elements + 1:
+            raise ValueError(
+                f"element_references has {len(refs)} entries; it needs one per atomic "
+                f"number 0..{config.num_elements} ({config.num_elements + 1})"
+            )
+        self.config = config
+        self.normalization = normalization
+        F = config.hidden_channels
+
+        self.atom_emb = AtomEmbedding(F, config.num_elements)
+        self.radial_basis = RadialBasis(config)
+        self.message_layers = nn.ModuleList(
+            [PaiNNMessage(F, config.num_rbf) for _ in range(config.num_layers)]
+        )
+        self.update_layers = nn.ModuleList([PaiNNUpdate(F) for _ in range(config.num_layers)])
+        # Upstream names these per-layer scales "upd_out_scalar_scale_{i}" at
+        # the model's top level; the names are part of the checkpoint format.
+        for i in range(config.num_layers):
+            self.add_module(f"upd_out_scalar_scale_{i}", ScaleFactor())
+        self.out_energy = nn.Sequential(nn.Linear(F, F // 2), ScaledSiLU(), nn.Linear(F // 2, 1))
+        self.out_forces = PaiNNOutput(F)
+        self.inv_sqrt_2 = 1 / math.sqrt(2.0)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Upstream's initialisation (Xavier-uniform weights, zero biases)."""
+        linears = [self.out_energy[0], self.out_energy[2]]
+        for layer in self.message_layers:
+            linears += [layer.x_proj[0], layer.x_proj[2], layer.rbf_proj]
+        for layer in self.update_layers:
+            linears += [layer.vec_proj, layer.xvec_proj[0], layer.xvec_proj[2]]
+        for block in self.out_forces.output_network:
+            linears += [block.vec1_proj, block.vec2_proj, block.update_net[0], block.update_net[2]]
+        for lin in linears:
+            nn.init.xavier_uniform_(lin.weight)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+
+    def layer_scales(self) -> list[ScaleFactor]:
+        return [getattr(self, f"upd_out_scalar_scale_{i}") for i in range(self.config.num_layers)]
+
+    def forward(
+        self,
+        atomic_numbers: torch.Tensor,  # [n_atoms] int64
+        positions: torch.Tensor,  # [n_atoms, 3] Å
+        edge_index: torch.Tensor,  # [2, n_edges] int64, (j, i)
+        edge_shift: torch.Tensor,  # [n_edges, 3] Å
+        system_index: torch.Tensor,  # [n_atoms] int64
+        natoms: torch.Tensor,  # [n_systems] int64
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n_atoms, n_systems = positions.shape[0], natoms.shape[0]
+        F = self.config.hidden_channels
+
+        # Edge geometry: r_ij = x_j + shift - x_i, pointing from centre i to neighbour j.
+        src, dst = edge_index[0], edge_index[1]  # [n_edges]
+        distance_vec = positions[src] + edge_shift - positions[dst]  # [n_edges, 3]
+        distance = torch.linalg.vector_norm(distance_vec, dim=-1)  # [n_edges]
+        distance = torch.where(
+            distance <= ZERO_DISTANCE_EPS, torch.full_like(distance, ZERO_DISTANCE_EPS), distance
+        )
+        edge_vector = distance_vec / distance[:, None]  # [n_edges, 3]
+        edge_rbf = self.radial_basis(distance)  # [n_edges, K]
+
+        # Features: scalars s [n_atoms, F], vectors v [n_atoms, 3, F] start at zero.
+        x = self.atom_emb(atomic_numbers)  # [n_atoms, F]
+        vec = torch.zeros((n_atoms, 3, F), dtype=x.dtype, device=x.device)
+
+        for message, update, scale in zip(self.message_layers, self.update_layers, self.layer_scales()):
+            dx, dvec = message(x, vec, edge_index, edge_rbf, edge_vector)
+            x = (x + dx) * self.inv_sqrt_2  # [n_atoms, F]
+            vec = vec + dvec  # [n_atoms, 3, F]
+            dx, dvec = update(x, vec)
+            x = scale(x + dx)
+            vec = vec + dvec
+
+        atom_energy = self.out_energy(x).squeeze(-1)  # [n_atoms]
+        energy = segment_sum(atom_energy, system_index, n_systems)  # [n_systems]
+        forces = self.out_forces(x, vec)  # [n_atoms, 3]
+        return self._denormalize(energy, forces, atomic_numbers, system_index, n_systems)
+
+    def _denormalize(
+        self,
+        energy: torch.Tensor,  # [n_systems]
+        forces: torch.Tensor,  # [n_atoms, 3]
+        atomic_numbers: torch.Tensor,  # [n_atoms]
+        system_index: torch.Tensor,  # [n_atoms]
+        n_systems: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        norm = self.normalization
+        energy = energy * norm.energy_std + norm.energy_mean
+        forces = forces * norm.forces_std + norm.forces_mean
+        if any(norm.element_references):
+            # Built per call in the output dtype so that float64 stays exact.
+            table = torch.tensor(
+                norm.element_references, dtype=energy.dtype, device=energy.device
+            )  # [Z_max + 1] eV
+            ref = table[atomic_numbers]  # [n_atoms]
+            energy = energy + segment_sum(ref, system_index, n_systems)
+        return energy, forces

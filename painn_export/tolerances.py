@@ -1,0 +1,120 @@
+"""The one table of numerical tolerances, each with its reason.
+
+Keys are ``(comparison, dtype)``. Energies are compared per atom (eV/atom) so
+that one tolerance fits systems of any size; forces per component (eV/Å).
+A value passes when ``|a - b| <= atol + rtol * |b|`` elementwise, ``b`` being
+the reference side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+    reason: str
+
+
+TOLERANCES: dict[tuple[str, str], dict[str, Tolerance]] = {
+    # Same equations, different summation order (index_add vs torch_scatter):
+    # only rounding differs, ~1e-16 per op accumulated over 6 layers.
+    ("scatter_free_vs_reference", "float64"): {
+        "energy": Tolerance(1e-12, 1e-10, "float64 rounding from a different summation order"),
+        "forces": Tolerance(1e-12, 1e-10, "float64 rounding from a different summation order"),
+    },
+    ("scatter_free_vs_reference", "float32"): {
+        "energy": Tolerance(1e-6, 1e-5, "float32 rounding (eps 1.2e-7) through ~30 layers of sums"),
+        "forces": Tolerance(1e-6, 1e-5, "float32 rounding (eps 1.2e-7) through ~30 layers of sums"),
+    },
+    # Physics invariances of one model in one dtype: rotating/permuting the
+    # input reorders sums and rotates vectors, so rounding only.
+    ("invariance", "float64"): {
+        "energy": Tolerance(1e-10, 1e-10, "float64 rounding after rotation/permutation"),
+        "forces": Tolerance(1e-10, 1e-10, "float64 rounding after rotation/permutation"),
+    },
+    # ONNX Runtime vs PyTorch float64 truth. ORT fuses ops (LayerNorm, Gemm)
+    # and reorders reductions; in float32 its error is float32 rounding
+    # amplified by the network's depth.
+    ("onnxruntime_vs_torch", "float32"): {
+        "energy": Tolerance(2e-5, 1e-4, "float32 kernels vs float64 truth; fused LayerNorm/Gemm"),
+        "forces": Tolerance(1e-4, 1e-3, "float32 kernels vs float64 truth; forces are small differences"),
+    },
+    ("onnxruntime_vs_torch", "float64"): {
+        "energy": Tolerance(1e-9, 1e-9, "float64 kernels; fused ops reorder sums"),
+        "forces": Tolerance(1e-9, 1e-9, "float64 kernels; fused ops reorder sums"),
+    },
+    ("torch_vs_torch", "float32"): {
+        "energy": Tolerance(2e-5, 1e-4, "float32 eager vs float64 truth"),
+        "forces": Tolerance(1e-4, 1e-3, "float32 eager vs float64 truth"),
+    },
+    # TensorRT: tf32 matmuls keep 10 mantissa bits; fp16 keeps 10 bits with a
+    # narrow exponent range: both need loose bounds by construction.
+    ("tensorrt_vs_torch", "float32"): {
+        "energy": Tolerance(1e-4, 1e-3, "fp32 kernels chosen by the builder; different reduction order"),
+        "forces": Tolerance(5e-4, 5e-3, "fp32 kernels chosen by the builder; different reduction order"),
+    },
+    ("tensorrt_vs_torch", "tf32"): {
+        "energy": Tolerance(5e-3, 5e-3, "tf32 matmuls round inputs to 10 mantissa bits"),
+        "forces": Tolerance(2e-2, 2e-2, "tf32 matmuls round inputs to 10 mantissa bits"),
+    },
+    ("tensorrt_vs_torch", "fp16"): {
+        "energy": Tolerance(5e-2, 5e-2, "fp16 storage and math: 10 mantissa bits, 5 exponent bits"),
+        "forces": Tolerance(1e-1, 1e-1, "fp16 storage and math: 10 mantissa bits, 5 exponent bits"),
+    },
+}
+
+
+def tolerance(comparison: str, dtype: str, quantity: str) -> Tolerance:
+    try:
+        return TOLERANCES[(comparison, dtype)][quantity]
+    except KeyError:
+        raise KeyError(f"no tolerance for {comparison!r}, {dtype!r}, {quantity!r}") from None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Errors of ``actual`` against ``reference`` for one quantity."""
+
+    quantity: str
+    max_abs: float
+    p99_abs: float
+    max_rel: float
+    worst_index: int  # flat index of the largest violation ratio
+    passed: bool
+    tolerance: Tolerance
+
+    def describe(self) -> str:
+        status = "ok" if self.passed else "FAIL"
+        return (
+            f"{self.quantity}: max abs {self.max_abs:.3e}, p99 abs {self.p99_abs:.3e}, "
+            f"max rel {self.max_rel:.3e} (atol {self.tolerance.atol:g}, rtol {self.tolerance.rtol:g}) "
+            f"worst at flat index {self.worst_index}: {status}"
+        )
+
+
+def compare(quantity: str, actual, reference, tol: Tolerance) -> Comparison:
+    """Elementwise ``|a - b| <= atol + rtol |b|`` with a report of the actual errors."""
+    a = np.asarray(actual, dtype=np.float64).ravel()
+    b = np.asarray(reference, dtype=np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"{quantity}: shapes differ, {a.shape} vs {b.shape}")
+    if a.size == 0:
+        return Comparison(quantity, 0.0, 0.0, 0.0, -1, True, tol)
+    err = np.abs(a - b)
+    bound = tol.atol + tol.rtol * np.abs(b)
+    ratio = np.where(np.isfinite(err), err / bound, np.inf)
+    rel = err / np.maximum(np.abs(b), np.finfo(np.float64).tiny)
+    return Comparison(
+        quantity=quantity,
+        max_abs=float(np.max(err)),
+        p99_abs=float(np.percentile(err, 99)),
+        max_rel=float(np.max(rel)),
+        worst_index=int(np.argmax(ratio)),
+        passed=bool(np.all(ratio <= 1.0)),
+        tolerance=tol,
+    )

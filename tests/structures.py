@@ -1,0 +1,97 @@
+"""Test structures (positions Å, cell rows = lattice vectors, pbc) and helpers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from painn_export.batch import Graph, collate
+from painn_export.neighbors import neighbor_graph
+
+
+@dataclass(frozen=True)
+class Structure:
+    name: str
+    atomic_numbers: np.ndarray  # [n] int64
+    positions: np.ndarray  # [n, 3] Å
+    cell: np.ndarray  # [3, 3] Å
+    pbc: np.ndarray  # [3] bool
+
+    def graph(self, cutoff: float, max_neighbors: int, **kw) -> Graph:
+        return neighbor_graph(
+            self.positions,
+            self.cell,
+            self.pbc,
+            cutoff,
+            max_neighbors,
+            atomic_numbers=self.atomic_numbers,
+            **kw,
+        )
+
+    def transformed(self, rotation: np.ndarray, translation: np.ndarray) -> Structure:
+        return Structure(
+            self.name,
+            self.atomic_numbers,
+            self.positions @ rotation.T + translation,
+            self.cell @ rotation.T,
+            self.pbc,
+        )
+
+
+def random_rotation(rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q
+
+
+def bulk(rng, n=12, a=5.0, skew=0.4) -> Structure:
+    cell = np.eye(3) * a + rng.uniform(-skew, skew, (3, 3))
+    pos = _spread(rng, n, 1.0) @ cell
+    return Structure("bulk", rng.integers(1, 84, n), pos, cell, np.array([True, True, True]))
+
+
+def _spread(rng, n, min_frac):
+    """Fractional coordinates on a jittered grid so that no two atoms nearly coincide."""
+    m = int(np.ceil(n ** (1 / 3)))
+    grid = np.stack(np.meshgrid(*[np.arange(m)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    pick = rng.permutation(len(grid))[:n]
+    return (grid[pick] + 0.5 + rng.uniform(-0.25, 0.25, (n, 3))) / m * min_frac
+
+
+def slab(rng, n=10) -> Structure:
+    cell = np.array([[5.3, 0.0, 0.0], [1.5, 4.8, 0.0], [0.0, 0.0, 18.0]])
+    frac = _spread(rng, n, 1.0) * np.array([1.0, 1.0, 0.35])
+    pos = frac @ cell
+    pos[0, 2] -= 2.0  # an atom outside the cell along the non-periodic axis
+    return Structure("slab", rng.integers(1, 84, n), pos, cell, np.array([True, True, False]))
+
+
+def molecule(rng, n=7) -> Structure:
+    pos = _spread(rng, n, 1.0) * 6.0
+    return Structure("molecule", rng.integers(1, 84, n), pos, np.eye(3) * 20.0, np.array([False] * 3))
+
+
+def tiny_cell(rng) -> Structure:
+    """Two atoms in a cell far smaller than the cutoff: many self-images and edges per atom."""
+    cell = np.array([[2.2, 0.0, 0.0], [0.7, 2.1, 0.0], [0.3, 0.4, 2.3]])
+    pos = np.array([[0.1, 0.2, 0.1], [1.3, 1.1, 1.2]])
+    return Structure("tiny_cell", rng.integers(1, 84, 2), pos, cell, np.array([True, True, True]))
+
+
+def all_kinds(rng) -> list[Structure]:
+    return [bulk(rng), slab(rng), molecule(rng), tiny_cell(rng)]
+
+
+def feed(graphs, dtype=torch.float64) -> dict[str, torch.Tensor]:
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    return {k: torch.from_numpy(v) for k, v in collate(graphs, np_dtype).items()}
+
+
+def run(model, graphs, dtype=torch.float64):
+    with torch.no_grad():
+        energy, forces = model(**feed(graphs, dtype))
+    return energy.numpy(), forces.numpy()
