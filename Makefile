@@ -1,0 +1,37 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   installs, then runs the main job end to end
+#   make test   installs, then runs lint and the whole test suite
+# torch is pinned and installed first (an unpinned torch pulls gigabytes of
+# CUDA wheels); torch-scatter builds from source against it, without build
+# isolation, afterwards.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: install demo test lint clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q --no-build-isolation torch-scatter
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/painn-export demo --output out/
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) out
