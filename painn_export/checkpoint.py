@@ -89,13 +89,16 @@ def _torch_load(path: Path, trusted: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # Only "Unsupported global" means a valid pickle holding Python objects.
+        if "Unsupported global" not in str(exc):
+            raise CheckpointError(f"{path}: not a readable torch checkpoint") from exc
         if not trusted:
             raise CheckpointError(
                 f"{path}: holds Python objects beyond tensors and plain data, which "
                 "torch refuses to unpickle safely; if you trust this file, load it with "
                 "trusted=True (CLI: --trust-checkpoint)"
             ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from exc
     return torch.load(path, map_location="cpu", weights_only=False)
 

@@ -18,7 +18,8 @@ reproduces that graph for one structure:
      defaults it to True): the ``max_neighbors`` nearest. Upstream breaks
      ties with an unstable sort, so its choice depends on input order;
      **ours** sorts by ``(d², j, S)`` lexicographically, i.e. among equally
-     distant neighbours the lower atom index, then the lexicographically
+     distant neighbours (``d²`` equal to ``TIE_RTOL`` relative, so that a tie
+     survives rotation) the lower atom index, then the lexicographically
      smaller image offset, wins.
    - ``strict=False`` (``radius_graph_pbc``'s own default): every pair with
      ``d² <= d²_(k+1) + 0.01`` Å², pivoting on the (k+1)-th nearest squared
@@ -47,6 +48,9 @@ from painn_export.batch import Graph
 
 # Pairs this close (Å², inclusive) are dropped, as upstream's radius graph does.
 MIN_DISTANCE_SQ = 1.0e-4
+# Relative difference of squared distances below which our strict cap treats
+# two neighbours as equally far (then the lower j, then the smaller S, wins).
+TIE_RTOL = 1.0e-9
 # Tie tolerance of upstream's non-strict cap (Å², on squared distances).
 DEGENERACY_TOLERANCE = 0.01
 # vesin excludes d == cutoff; it is asked for a little more and we filter.
@@ -113,11 +117,23 @@ def _candidates(
 def _cap(
     i: np.ndarray, j: np.ndarray, S: np.ndarray, d2: np.ndarray, n_atoms: int, k: int, strict: bool
 ) -> np.ndarray:
-    """Indices of the pairs kept by the per-centre cap (sorted by i, d², j, S)."""
-    order = np.lexsort((S[:, 2], S[:, 1], S[:, 0], j, d2, i))
+    """Indices of the pairs kept by the per-centre cap (sorted by i, d², j, S).
+
+    Squared distances within ``TIE_RTOL`` of the previous one (same centre)
+    count as equal, so that a tie stays a tie after rotating the structure.
+    """
     counts = np.bincount(i, minlength=n_atoms)
     if k <= 0 or counts.max(initial=0) <= k:
-        return order
+        return np.lexsort((S[:, 2], S[:, 1], S[:, 0], j, d2, i))
+    order = np.lexsort((d2, i))
+    d2_sorted, i_sorted = d2[order], i[order]
+    new_group = np.ones(order.size, dtype=bool)
+    new_group[1:] = (i_sorted[1:] != i_sorted[:-1]) | (
+        d2_sorted[1:] - d2_sorted[:-1] > TIE_RTOL * d2_sorted[1:]
+    )
+    group = np.cumsum(new_group)  # increasing along (i, d²): ties share a group
+    tie_order = np.lexsort((S[order, 2], S[order, 1], S[order, 0], j[order], group))
+    order = order[tie_order]
     start = np.concatenate([[0], np.cumsum(counts)[:-1]])
     rank = np.arange(order.size) - np.repeat(start, counts)  # rank within centre
     i_sorted = i[order]

@@ -1,0 +1,209 @@
+"""Neighbour graphs against an O(N²) float64 brute force with upstream's rules, and ASE."""
+
+import numpy as np
+import pytest
+
+from painn_export.batch import collate
+from painn_export.neighbors import StructureError, neighbor_graph
+
+from structures import Structure, all_kinds, random_rotation
+
+
+def brute_force(positions, cell, pbc, cutoff, max_neighbors, strict=True):
+    """Upstream semantics written plainly: per-centre loops, images from face distances."""
+    positions = np.asarray(positions, float)
+    n = len(positions)
+    reps = np.zeros(3, int)
+    if np.any(pbc):
+        recip = np.linalg.inv(cell).T  # rows: reciprocal vectors / 2π; |b_k| = 1 / face distance
+        frac = positions @ np.linalg.inv(cell)
+        span = np.ptp(frac, axis=0) if n else np.zeros(3)  # unwrapped positions need more images
+        for k in range(3):
+            if pbc[k]:
+                reps[k] = int(np.ceil(cutoff * np.linalg.norm(recip[k]) + span[k])) + 1
+    shifts = np.array(
+        [
+            (a, b, c)
+            for a in range(-reps[0], reps[0] + 1)
+            for b in range(-reps[1], reps[1] + 1)
+            for c in range(-reps[2], reps[2] + 1)
+        ]
+    )
+    kept = []
+    for i in range(n):
+        cand = []
+        for j in range(n):
+            for S in shifts:
+                d2 = float(np.sum((positions[j] + S @ cell - positions[i]) ** 2))
+                if 1e-4 < d2 <= cutoff**2:
+                    cand.append((d2, j, tuple(int(x) for x in S)))
+        cand = _sort_with_ties(cand)  # (d², j, S): our documented deterministic tie-break
+        if max_neighbors > 0 and len(cand) > max_neighbors:
+            if strict:
+                cand = cand[:max_neighbors]
+            else:
+                pivot = cand[max_neighbors][0]
+                cand = [c for c in cand if c[0] <= pivot + 0.01]
+        kept += [(i, j, S) for _, j, S in cand]
+    out = set()
+    for i, j, S in kept:
+        if j < i or (j == i and S < (0, 0, 0)):
+            out.add((j, i, S))  # (sender, receiver, shift of sender)
+            out.add((i, j, tuple(-x for x in S)))
+    return out
+
+
+def _sort_with_ties(cand, rtol=1e-9):
+    """Sort (d², j, S) with d² equal to rtol counted as ties (then j, then S)."""
+    cand = sorted(cand)
+    out, group = [], []
+    for c in cand:
+        if group and c[0] - group[-1][0] > rtol * c[0]:
+            out += sorted(group, key=lambda x: (x[1], x[2]))
+            group = []
+        group.append(c)
+    return out + sorted(group, key=lambda x: (x[1], x[2]))
+
+
+def edge_set(g):
+    return {(int(j), int(i), tuple(int(x) for x in S)) for j, i, S in zip(*g.edge_index, g.cell_shift)}
+
+
+def cases(rng):
+    out = list(all_kinds(rng))
+    skewed = np.array([[4.0, 0.0, 0.0], [3.7, 1.2, 0.0], [3.5, 0.9, 1.5]])  # strongly sheared
+    out.append(
+        Structure(
+            "skewed",
+            rng.integers(1, 84, 6),
+            rng.uniform(0, 1, (6, 3)) @ skewed,
+            skewed,
+            np.array([True, True, True]),
+        )
+    )
+    c = np.eye(3) * 6.0
+    unwrapped = rng.uniform(-8, 14, (6, 3))  # positions far outside the cell
+    out.append(Structure("unwrapped", rng.integers(1, 84, 6), unwrapped, c, np.array([True] * 3)))
+    out.append(
+        Structure(
+            "wire",
+            rng.integers(1, 84, 5),
+            rng.uniform(0, 3, (5, 3)),
+            np.diag([3.1, 0, 0]) + 0,
+            np.array([True, False, False]),
+        )
+    )
+    out.append(
+        Structure("single_atom", np.array([26]), np.zeros((1, 3)), np.eye(3) * 2.7, np.array([True] * 3))
+    )
+    lonely = np.array([[0.0, 0, 0], [1.5, 0, 0], [30.0, 30, 30]])
+    out.append(Structure("isolated_atom", np.array([1, 1, 8]), lonely, np.zeros((3, 3)), np.zeros(3, bool)))
+    return out
+
+
+def _wire_fix(s):
+    # a wire needs a non-singular cell: give the non-periodic axes vacuum vectors
+    if s.name == "wire":
+        return Structure(s.name, s.atomic_numbers, s.positions, np.diag([3.1, 10.0, 10.0]), s.pbc)
+    return s
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize(("cutoff", "cap"), [(4.0, 8), (5.0, 1000)])
+def test_against_brute_force(strict, cutoff, cap, rng):
+    for s in map(_wire_fix, cases(rng)):
+        for trial in range(2):
+            R, t = (np.eye(3), np.zeros(3)) if trial == 0 else (random_rotation(rng), rng.normal(0, 5, 3))
+            st = s.transformed(R, t)
+            ours = neighbor_graph(st.positions, st.cell, st.pbc, cutoff, cap, strict=strict)
+            truth = brute_force(st.positions, st.cell, st.pbc, cutoff, cap, strict=strict)
+            assert edge_set(ours) == truth, (
+                f"{s.name} cutoff={cutoff} cap={cap} strict={strict} rotation={R.tolist()} translation={t.tolist()}: "
+                f"missing {sorted(truth - edge_set(ours))[:5]} extra {sorted(edge_set(ours) - truth)[:5]}"
+            )
+            d = ours.distances()
+            assert np.all(d <= cutoff + 1e-9) and np.all(d > 1e-2)
+
+
+def test_two_pass_equals_single_pass(rng):
+    L = (300 / 0.08) ** (1 / 3)
+    pos = rng.uniform(0, L, (300, 3))
+    cell = np.eye(3) * L + rng.uniform(-1, 1, (3, 3))
+    for strict in (True, False):
+        a = neighbor_graph(pos, cell, [True] * 3, 8.0, 30, strict=strict, two_pass=True)
+        b = neighbor_graph(pos, cell, [True] * 3, 8.0, 30, strict=strict, two_pass=False)
+        assert edge_set(a) == edge_set(b)
+        np.testing.assert_array_equal(a.edge_index, b.edge_index)
+
+
+def test_symmetric_with_negated_shifts(rng):
+    for s in map(_wire_fix, cases(rng)):
+        g = neighbor_graph(s.positions, s.cell, s.pbc, 5.0, 6)
+        edges = edge_set(g)
+        assert all((i, j, tuple(-x for x in S)) in edges for j, i, S in edges), s.name
+        np.testing.assert_allclose(g.edge_shift, g.cell_shift @ s.cell)
+
+
+def test_cutoff_is_inclusive_unlike_ase():
+    """Upstream keeps d == cutoff; ASE drops it. Two atoms exactly 2.5 Å apart."""
+    ase_nl = pytest.importorskip("ase.neighborlist")
+    pos = np.array([[0.0, 0.0, 0.0], [2.5, 0.0, 0.0]])
+    g = neighbor_graph(pos, np.zeros((3, 3)), [False] * 3, 2.5, 50)
+    assert g.n_edges == 2
+    from ase import Atoms
+
+    i, _ = ase_nl.neighbor_list("ij", Atoms("H2", positions=pos), 2.5)
+    assert len(i) == 0
+
+
+def test_uncapped_matches_ase(rng):
+    ase_nl = pytest.importorskip("ase.neighborlist")
+    from ase import Atoms
+
+    for s in map(_wire_fix, cases(rng)):
+        atoms = Atoms(numbers=s.atomic_numbers, positions=s.positions, cell=s.cell, pbc=s.pbc)
+        i, j, S = ase_nl.neighbor_list("ijS", atoms, 4.3)  # no pair sits exactly at 4.3 Å
+        ase_edges = {(int(b), int(a), tuple(int(x) for x in sh)) for a, b, sh in zip(i, j, S)}
+        g = neighbor_graph(s.positions, s.cell, s.pbc, 4.3, 0)
+        assert edge_set(g) == ase_edges, s.name
+
+
+def test_coincident_atoms_are_not_neighbours():
+    pos = np.array([[0.0, 0, 0], [0.005, 0, 0], [1.0, 0, 0]])
+    g = neighbor_graph(pos, np.zeros((3, 3)), [False] * 3, 3.0, 50)
+    assert (0, 1, (0, 0, 0)) not in edge_set(g)
+    assert g.n_edges == 4
+
+
+@pytest.mark.parametrize(
+    ("positions", "cell", "pbc", "kind"),
+    [
+        ([[np.nan, 0, 0]], np.eye(3), [True] * 3, "nonfinite_positions"),
+        ([[0, 0, 0]], np.zeros((3, 3)), [True] * 3, "bad_cell"),
+        ([[0, 0, 0]], [[1, 0, 0], [2, 0, 0], [0, 0, 1]], [True, True, False], "bad_cell"),
+        ([[0, 0]], np.eye(3), [True] * 3, "bad_shape"),
+    ],
+)
+def test_invalid_structures(positions, cell, pbc, kind):
+    with pytest.raises(StructureError) as err:
+        neighbor_graph(np.array(positions, float), np.array(cell, float), pbc, 5.0, 50)
+    assert err.value.kind == kind
+
+
+def test_empty_structure():
+    g = neighbor_graph(np.zeros((0, 3)), np.eye(3) * 5, [True] * 3, 5.0, 50)
+    assert g.n_atoms == 0 and g.n_edges == 0
+
+
+def test_collate_offsets_indices(rng):
+    structures = all_kinds(rng)
+    graphs = [s.graph(5.0, 20) for s in structures]
+    feed = collate(graphs)
+    assert feed["edge_index"].shape == (2, sum(g.n_edges for g in graphs))
+    assert feed["natoms"].tolist() == [g.n_atoms for g in graphs]
+    assert feed["positions"].dtype == np.float32 and feed["edge_index"].dtype == np.int64
+    start = graphs[0].n_edges
+    np.testing.assert_array_equal(
+        feed["edge_index"][:, start : start + graphs[1].n_edges], graphs[1].edge_index + graphs[0].n_atoms
+    )
+    assert np.all(feed["system_index"][feed["edge_index"][0]] == feed["system_index"][feed["edge_index"][1]])
