@@ -118,7 +118,8 @@ def test_against_brute_force(strict, cutoff, cap, rng):
             ours = neighbor_graph(st.positions, st.cell, st.pbc, cutoff, cap, strict=strict)
             truth = brute_force(st.positions, st.cell, st.pbc, cutoff, cap, strict=strict)
             assert edge_set(ours) == truth, (
-                f"{s.name} cutoff={cutoff} cap={cap} strict={strict} rotation={R.tolist()} translation={t.tolist()}: "
+                f"{s.name} cutoff={cutoff} cap={cap} strict={strict} "
+                f"rotation={R.tolist()} translation={t.tolist()}: "
                 f"missing {sorted(truth - edge_set(ours))[:5]} extra {sorted(edge_set(ours) - truth)[:5]}"
             )
             d = ours.distances()
