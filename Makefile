@@ -24,7 +24,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/painn-export demo --output out/
+	$(VENV)/bin/painn-export onnx --random-init demo --output out/demo.onnx
+	$(VENV)/bin/painn-export parity --random-init demo --onnx out/demo.onnx
 
 lint: install
 	$(VENV)/bin/ruff check .

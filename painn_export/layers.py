@@ -14,6 +14,19 @@ from torch import nn
 
 from painn_export.config import PaiNNConfig
 
+
+def const(value: float, like: torch.Tensor):
+    """``value`` as a scalar for arithmetic with ``like``, exact in its dtype.
+
+    Eager mode uses the Python float (exact in float64). While exporting to
+    ONNX it is a tensor of ``like``'s dtype, because the exporter otherwise
+    stores Python scalars as float32, which loses digits in float64 graphs.
+    """
+    if torch.onnx.is_in_onnx_export():
+        return torch.tensor(value, dtype=like.dtype, device=like.device)
+    return value
+
+
 # ScaledSiLU divides SiLU by 0.6 so that its output has roughly unit variance
 # for unit-variance input (GemNet's choice, kept for checkpoint compatibility).
 SILU_SCALE = 1.0 / 0.6
@@ -23,7 +36,7 @@ class ScaledSiLU(nn.Module):
     """``silu(x) / 0.6``, elementwise."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.silu(x) * SILU_SCALE
+        return torch.nn.functional.silu(x) * const(SILU_SCALE, x)
 
 
 class AtomEmbedding(nn.Module):
@@ -55,7 +68,7 @@ class GaussianSmearing(nn.Module):
 
     def forward(self, d_scaled: torch.Tensor) -> torch.Tensor:
         diff = d_scaled.view(-1, 1) - self.offset.view(1, -1)  # [n_edges, K]
-        return torch.exp(self.coeff * torch.pow(diff, 2))
+        return torch.exp(const(self.coeff, diff) * torch.pow(diff, 2))
 
 
 class SphericalBesselBasis(nn.Module):
@@ -69,7 +82,7 @@ class SphericalBesselBasis(nn.Module):
 
     def forward(self, d_scaled: torch.Tensor) -> torch.Tensor:
         d = d_scaled[:, None]  # [n_edges, 1]
-        return self.norm_const / d * torch.sin(self.frequencies * d)  # [n_edges, K]
+        return const(self.norm_const, d) / d * torch.sin(self.frequencies * d)  # [n_edges, K]
 
 
 class BernsteinBasis(nn.Module):
@@ -102,11 +115,12 @@ class PolynomialEnvelope(nn.Module):
         self.c = -p * (p + 1) / 2
 
     def forward(self, d_scaled: torch.Tensor) -> torch.Tensor:
+        x = d_scaled
         env = (
             1
-            + self.a * d_scaled**self.p
-            + self.b * d_scaled ** (self.p + 1)
-            + self.c * d_scaled ** (self.p + 2)
+            + const(self.a, x) * x ** const(self.p, x)
+            + const(self.b, x) * x ** const(self.p + 1, x)
+            + const(self.c, x) * x ** const(self.p + 2, x)
         )
         return torch.where(d_scaled < 1, env, torch.zeros_like(d_scaled))
 
@@ -140,7 +154,7 @@ class RadialBasis(nn.Module):
             self.rbf = BernsteinBasis(config.num_rbf)
 
     def forward(self, distance: torch.Tensor) -> torch.Tensor:
-        d_scaled = distance * self.inv_cutoff  # [n_edges]
+        d_scaled = distance * const(self.inv_cutoff, distance)  # [n_edges]
         return self.envelope(d_scaled)[:, None] * self.rbf(d_scaled)  # [n_edges, K]
 
 

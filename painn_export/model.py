@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from painn_export.config import PaiNNConfig, TargetNormalization
-from painn_export.layers import AtomEmbedding, RadialBasis, ScaledSiLU, ScaleFactor
+from painn_export.layers import AtomEmbedding, RadialBasis, ScaledSiLU, ScaleFactor, const
 
 CONTRACT_VERSION = 1
 INPUT_NAMES = ("atomic_numbers", "positions", "edge_index", "edge_shift", "system_index", "natoms")
@@ -59,8 +59,17 @@ def segment_sum(src: torch.Tensor, index: torch.Tensor, num_segments: int) -> to
     """Sum rows of ``src`` ``[n, ...]`` into ``[num_segments, ...]`` by ``index`` ``[n]``.
 
     The scatter-free aggregation: ``index_add`` into zeros of ``src``'s dtype.
+    While exporting to ONNX it is written as ``scatter_add`` with the index
+    broadcast to ``src``'s shape instead, which lowers to
+    ``ScatterElements(reduction="add")`` with int64 indices of the updates'
+    shape: exact, and accepted by TensorRT (its ScatterElements plugin).
+    ``index_add`` would lower to ``ScatterND(reduction="add")``, which
+    TensorRT's parser rejects.
     """
     out = torch.zeros((num_segments, *src.shape[1:]), dtype=src.dtype, device=src.device)
+    if torch.onnx.is_in_onnx_export():
+        expanded = index.view((-1,) + (1,) * (src.dim() - 1)).expand_as(src)
+        return out.scatter_add(0, expanded, src)
     return out.index_add(0, index, src)
 
 
@@ -100,9 +109,9 @@ class PaiNNMessage(nn.Module):
         rbfh = self.rbf_proj(edge_rbf)  # [n_edges, 3F]
 
         ds, a, b = torch.split(xh[src] * rbfh, F, dim=-1)  # [n_edges, F] each
-        a = a * self.inv_sqrt_3
+        a = a * const(self.inv_sqrt_3, a)
         dv = vec[src] * a.unsqueeze(1) + b.unsqueeze(1) * edge_vector.unsqueeze(2)  # [n_edges, 3, F]
-        dv = dv * self.inv_sqrt_h
+        dv = dv * const(self.inv_sqrt_h, dv)
 
         n_atoms = x.shape[0]
         return segment_sum(ds, dst, n_atoms), segment_sum(dv, dst, n_atoms)
@@ -136,12 +145,14 @@ class PaiNNUpdate(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         F = self.hidden_channels
         uv, vv = torch.split(self.vec_proj(vec), F, dim=-1)  # [n_atoms, 3, F] each
-        vec_dot = (uv * vv).sum(dim=1) * self.inv_sqrt_h  # [n_atoms, F]
-        vv_norm = torch.sqrt(torch.sum(vv**2, dim=-2) + NORM_EPS)  # [n_atoms, F]
+        vec_dot = (uv * vv).sum(dim=1) * const(self.inv_sqrt_h, uv)  # [n_atoms, F]
+        # A full tensor, not a scalar: torch.onnx (2.13, dynamo) drops `x + 1e-8`.
+        vv_sq = torch.sum(vv**2, dim=-2)  # [n_atoms, F]
+        vv_norm = torch.sqrt(vv_sq + torch.full_like(vv_sq, NORM_EPS))  # [n_atoms, F]
         a_ss, a_sv, a_vv = torch.split(
             self.xvec_proj(torch.cat([x, vv_norm], dim=-1)), F, dim=-1
         )  # [n_atoms, F] each
-        dx = (a_ss + a_sv * vec_dot) * self.inv_sqrt_2  # [n_atoms, F]
+        dx = (a_ss + a_sv * vec_dot) * const(self.inv_sqrt_2, x)  # [n_atoms, F]
         dvec = a_vv.unsqueeze(1) * uv  # [n_atoms, 3, F]
         return dx, dvec
 
@@ -283,7 +294,7 @@ class PaiNN(nn.Module):
 
         for message, update, scale in zip(self.message_layers, self.update_layers, self.layer_scales()):
             dx, dvec = message(x, vec, edge_index, edge_rbf, edge_vector)
-            x = (x + dx) * self.inv_sqrt_2  # [n_atoms, F]
+            x = (x + dx) * const(self.inv_sqrt_2, x)  # [n_atoms, F]
             vec = vec + dvec  # [n_atoms, 3, F]
             dx, dvec = update(x, vec)
             x = scale(x + dx)
@@ -303,8 +314,8 @@ class PaiNN(nn.Module):
         n_systems: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         norm = self.normalization
-        energy = energy * norm.energy_std + norm.energy_mean
-        forces = forces * norm.forces_std + norm.forces_mean
+        energy = energy * const(norm.energy_std, energy) + const(norm.energy_mean, energy)
+        forces = forces * const(norm.forces_std, forces) + const(norm.forces_mean, forces)
         if any(norm.element_references):
             # Built per call in the output dtype so that float64 stays exact.
             table = torch.tensor(

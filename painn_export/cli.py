@@ -1,0 +1,215 @@
+"""``painn-export``: export to ONNX, build TensorRT engines, check parity.
+
+Each command parses its options and calls one library function; errors the
+user can fix are one line on stderr and a non-zero exit, no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+EXIT_PARITY_FAILED = 1
+
+
+def _load(checkpoint: str | None, random_init: str | None, scale_file: str | None, trust: bool):
+    import torch
+
+    from painn_export.checkpoint import CheckpointError, load_model
+    from painn_export.config import PRESETS
+    from painn_export.model import PaiNN
+
+    if checkpoint and random_init:
+        raise click.UsageError("give --checkpoint or --random-init, not both")
+    if checkpoint:
+        try:
+            return load_model(checkpoint, scale_file=scale_file, trusted=trust)
+        except (CheckpointError, FileNotFoundError) as exc:
+            raise click.ClickException(str(exc)) from exc
+    if random_init:
+        torch.manual_seed(0)  # the same weights every time, so export and parity agree
+        model = PaiNN(PRESETS[random_init]).eval()
+        model.provenance = {"source_format": f"random-init:{random_init}:seed0"}
+        return model
+    raise click.UsageError(
+        "no model: pass --checkpoint PATH (OCP/fairchem or painn-export file), "
+        "or --random-init demo|ocp for randomly initialised weights"
+    )
+
+
+model_options = [
+    click.option(
+        "--checkpoint", type=click.Path(dir_okay=False), help="OCP/fairchem checkpoint or native model file."
+    ),
+    click.option(
+        "--random-init", type=click.Choice(["demo", "ocp"]), help="Random weights of a preset size (seed 0)."
+    ),
+    click.option(
+        "--scale-file", type=click.Path(exists=True, dir_okay=False), help="Separate scale factors (old OCP)."
+    ),
+    click.option("--trust-checkpoint", is_flag=True, help="Allow full unpickling of a checkpoint you trust."),
+]
+
+
+def with_model_options(fn):
+    for option in reversed(model_options):
+        fn = option(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="painn-export")
+def main() -> None:
+    """Export PaiNN models to ONNX and TensorRT, and check runtimes agree."""
+
+
+@main.command("onnx")
+@with_model_options
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default="model.onnx", show_default=True)
+@click.option("--opset", type=int, default=18, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--skip-check", is_flag=True, help="Do not run the ONNX Runtime parity check after writing.")
+def onnx_cmd(checkpoint, random_init, scale_file, trust_checkpoint, output, opset, dtype, skip_check):
+    """Trace the model to ONNX (dynamic atoms/edges/systems), then check it in ONNX Runtime."""
+    import torch
+
+    from painn_export.export import export_onnx
+    from painn_export.parity import format_table, run_parity
+    from painn_export.runners import OnnxRuntimeRunner
+    from painn_export.samples import example_set
+
+    model = _load(checkpoint, random_init, scale_file, trust_checkpoint)
+    path = export_onnx(model, output, opset=opset, dtype=getattr(torch, dtype))
+    click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, opset {opset}, {dtype})")
+    if skip_check:
+        return
+    rows = run_parity(
+        model, [(OnnxRuntimeRunner(path), dtype)], example_set(num_elements=model.config.num_elements)
+    )
+    click.echo(format_table(rows))
+    if not all(r.comparison.passed for r in rows):
+        click.echo("error: ONNX Runtime disagrees with PyTorch beyond tolerance", err=True)
+        sys.exit(EXIT_PARITY_FAILED)
+
+
+@main.command("trt")
+@click.argument("onnx_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default="model.engine", show_default=True)
+@click.option("--min-atoms", type=int, multiple=True, help="Per profile; repeat for several profiles.")
+@click.option("--opt-atoms", type=int, multiple=True)
+@click.option("--max-atoms", type=int, multiple=True)
+@click.option("--min-edges", type=int, multiple=True)
+@click.option("--opt-edges", type=int, multiple=True)
+@click.option("--max-edges", type=int, multiple=True)
+@click.option("--min-systems", type=int, multiple=True)
+@click.option("--opt-systems", type=int, multiple=True)
+@click.option("--max-systems", type=int, multiple=True)
+@click.option("--fp16", is_flag=True, help="Allow fp16 kernels.")
+@click.option("--tf32/--no-tf32", default=True, show_default=True, help="Allow TF32 matmuls.")
+@click.option("--workspace", type=float, default=4.0, show_default=True, help="Builder workspace, GiB.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="Read and update this timing cache.")
+def trt_cmd(onnx_path, output, fp16, tf32, workspace, timing_cache, **ranges):
+    """Build a TensorRT engine (with a JSON sidecar) from an exported ONNX file."""
+    from painn_export.runners import RuntimeUnavailableError
+    from painn_export.trt import build_engine
+
+    try:
+        profiles = _profiles(ranges)
+        path = build_engine(
+            onnx_path,
+            output,
+            profiles,
+            fp16=fp16,
+            tf32=tf32,
+            workspace_gib=workspace,
+            timing_cache=timing_cache,
+        )
+    except (RuntimeUnavailableError, ValueError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"wrote {path} and {path}.json ({len(profiles)} profile(s))")
+
+
+def _profiles(ranges: dict) -> list:
+    """trtexec-style ranges: the k-th value of each option belongs to profile k."""
+    from painn_export.trt import Profile
+
+    count = max([len(v) for v in ranges.values()] + [1])
+    default = Profile()
+    profiles = []
+    for k in range(count):
+        fields = {}
+        for axis in ("atoms", "edges", "systems"):
+            values = []
+            for i, bound in enumerate(("min", "opt", "max")):
+                given = ranges[f"{bound}_{axis}"]
+                if given and len(given) not in (1, count):
+                    raise ValueError(f"--{bound}-{axis} given {len(given)} times for {count} profiles")
+                values.append(given[k if len(given) > 1 else 0] if given else getattr(default, axis)[i])
+            fields[axis] = tuple(values)
+        profiles.append(Profile(**fields))
+    return profiles
+
+
+@main.command("parity")
+@with_model_options
+@click.option("--onnx", "onnx_path", type=click.Path(exists=True, dir_okay=False), help="Exported ONNX file.")
+@click.option("--engine", type=click.Path(exists=True, dir_okay=False), help="TensorRT engine.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated structures.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def parity_cmd(checkpoint, random_init, scale_file, trust_checkpoint, onnx_path, engine, seed, as_json):
+    """Run every available runtime on the same structures against PyTorch float64."""
+    from painn_export.parity import format_table, run_parity
+    from painn_export.runners import OnnxRuntimeRunner, RuntimeUnavailableError, TensorRTRunner, TorchRunner
+    from painn_export.samples import example_set
+
+    model = _load(checkpoint, random_init, scale_file, trust_checkpoint)
+    runners = [(TorchRunner(model, dtype="float32"), "float32")]
+    if onnx_path:
+        from painn_export.export import read_metadata
+
+        dtype = read_metadata(onnx_path).get("painn_export.dtype", "float32")
+        runners.append((OnnxRuntimeRunner(onnx_path), dtype))
+    if engine:
+        sidecar = json.loads(Path(engine + ".json").read_text()) if Path(engine + ".json").is_file() else {}
+        runners.append(
+            (TensorRTRunner(engine), sidecar.get("precision", "float32").replace("fp32", "float32"))
+        )
+    try:
+        rows = run_parity(model, runners, example_set(seed=seed, num_elements=model.config.num_elements))
+    except RuntimeUnavailableError as exc:
+        raise click.ClickException(str(exc)) from exc
+    passed = all(r.comparison.passed for r in rows)
+    if as_json:
+        click.echo(json.dumps({"passed": passed, "rows": [r.as_dict() for r in rows]}, indent=2))
+    else:
+        click.echo(format_table(rows))
+    if not passed:
+        sys.exit(EXIT_PARITY_FAILED)
+
+
+@main.command("check-ops")
+@click.argument("onnx_path", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--table",
+    type=click.Path(exists=True, dir_okay=False),
+    required=True,
+    help="onnx-tensorrt docs/operators.md of the target TensorRT.",
+)
+def check_ops_cmd(onnx_path, table):
+    """Check every node of ONNX_PATH against TensorRT's ONNX-parser operator table."""
+    from painn_export.opcheck import check_model
+
+    report = check_model(onnx_path, table)
+    for line in report.violations:
+        click.echo(f"violation: {line}")
+    for line in report.unchecked:
+        click.echo(f"unchecked: {line}")
+    click.echo(
+        f"{sum(report.operators.values())} nodes, {len(report.operators)} operator types: "
+        + ("ok" if report.ok else f"{len(report.violations)} violation(s)")
+    )
+    if not report.ok:
+        sys.exit(1)

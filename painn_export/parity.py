@@ -1,0 +1,97 @@
+"""Parity between runtimes: every runtime against PyTorch float64 as truth.
+
+Energies are compared per atom (eV/atom), forces per component (eV/Å),
+against :mod:`painn_export.tolerances`. A failure names the structure.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from painn_export.batch import collate
+from painn_export.export import graphs_for
+from painn_export.model import PaiNN
+from painn_export.runners import Runner, TorchRunner
+from painn_export.tolerances import Comparison, compare, tolerance
+
+
+@dataclass(frozen=True)
+class ParityRow:
+    runtime: str
+    precision: str
+    comparison: Comparison
+    worst_structure: str
+
+    def as_dict(self) -> dict:
+        c = self.comparison
+        return {
+            "runtime": self.runtime,
+            "precision": self.precision,
+            "quantity": c.quantity,
+            "max_abs": c.max_abs,
+            "p99_abs": c.p99_abs,
+            "max_rel": c.max_rel,
+            "atol": c.tolerance.atol,
+            "rtol": c.tolerance.rtol,
+            "passed": c.passed,
+            "worst_structure": self.worst_structure,
+        }
+
+
+def _comparison_kind(runner: Runner) -> str:
+    if runner.name.startswith("onnxruntime"):
+        return "onnxruntime_vs_torch"
+    if runner.name.startswith("tensorrt"):
+        return "tensorrt_vs_torch"
+    return "torch_vs_torch"
+
+
+def run_parity(model: PaiNN, runners: list[tuple[Runner, str]], samples) -> list[ParityRow]:
+    """Run each ``(runner, precision)`` on ``samples`` and compare with float64 PyTorch."""
+    truth_model = copy.deepcopy(model).to(torch.float64)
+    graphs = graphs_for(truth_model, samples)
+    feed = collate(graphs, np.float64)
+    natoms = feed["natoms"].astype(np.float64)
+    with TorchRunner(truth_model, dtype="float64") as truth:
+        expected = truth.infer(feed)
+    names = [s.name for s in samples]
+    system_of_atom = feed["system_index"]
+    rows = []
+    for runner, precision in runners:
+        with runner:
+            got = runner.infer(feed)
+        kind = _comparison_kind(runner)
+        e = compare(
+            "energy_per_atom",
+            got["energy"] / natoms,
+            expected["energy"] / natoms,
+            tolerance(kind, precision, "energy"),
+        )
+        f = compare("forces", got["forces"], expected["forces"], tolerance(kind, precision, "forces"))
+        rows.append(ParityRow(runner.name, precision, e, names[e.worst_index] if e.worst_index >= 0 else "-"))
+        worst_atom = f.worst_index // 3 if f.worst_index >= 0 else -1
+        rows.append(
+            ParityRow(
+                runner.name, precision, f, names[system_of_atom[worst_atom]] if worst_atom >= 0 else "-"
+            )
+        )
+    return rows
+
+
+def format_table(rows: list[ParityRow]) -> str:
+    header = (
+        f"{'runtime':<22}{'precision':<10}{'quantity':<17}"
+        f"{'max abs':>11}{'p99 abs':>11}{'max rel':>11}  result  worst"
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        c = r.comparison
+        lines.append(
+            f"{r.runtime:<22}{r.precision:<10}{c.quantity:<17}{c.max_abs:>11.2e}{c.p99_abs:>11.2e}{c.max_rel:>11.2e}"
+            f"  {'ok' if c.passed else 'FAIL':<6}  {r.worst_structure}"
+        )
+    return "\n".join(lines)

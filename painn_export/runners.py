@@ -1,0 +1,197 @@
+"""One small interface for every runtime: PyTorch, ONNX Runtime, TensorRT.
+
+A runner is a context manager: ``activate()`` imports the heavy library and
+allocates device resources (nothing touches a GPU before it), ``infer(feed)``
+takes the model contract's inputs as numpy arrays and returns ``{"energy",
+"forces"}`` as numpy arrays, ``deactivate()`` frees. Each records the wall time
+of its last inference in ``last_inference_s``.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+from painn_export.model import INPUT_NAMES, OUTPUT_NAMES
+
+
+class RuntimeUnavailableError(RuntimeError):
+    """The runtime's library or device is missing; the message says what to install."""
+
+
+class Runner(ABC):
+    name = "runner"
+
+    def __init__(self) -> None:
+        self.active = False
+        self.last_inference_s = float("nan")
+
+    def __enter__(self) -> Runner:
+        self.activate()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.deactivate()
+
+    def activate(self) -> None:
+        if not self.active:
+            self._activate()
+            self.active = True
+
+    def deactivate(self) -> None:
+        if self.active:
+            self._deactivate()
+            self.active = False
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.active:
+            raise RuntimeError(f"{self.name}: call activate() (or use it as a context manager) first")
+        missing = [k for k in INPUT_NAMES if k not in feed]
+        if missing:
+            raise KeyError(f"{self.name}: feed lacks {missing}")
+        start = time.perf_counter()
+        out = self._infer(feed)
+        self.last_inference_s = time.perf_counter() - start
+        return out
+
+    @abstractmethod
+    def _activate(self) -> None: ...
+
+    @abstractmethod
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def _deactivate(self) -> None:
+        return None
+
+
+class TorchRunner(Runner):
+    """Eager PyTorch: the scatter-free model on CPU or CUDA, float32 or float64."""
+
+    def __init__(self, model, device: str = "cpu", dtype: str = "float32") -> None:
+        super().__init__()
+        self.model, self.device, self.dtype = model, device, dtype
+        self.name = f"torch-{device.split(':')[0]}-{dtype}"
+
+    def _activate(self) -> None:
+        import torch
+
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeUnavailableError("torch: no CUDA device available")
+        self._torch = torch
+        self._float = getattr(torch, self.dtype)
+        self.model = self.model.to(device=self.device, dtype=self._float).eval()
+
+    def _infer(self, feed):
+        torch = self._torch
+        inputs = []
+        for name in INPUT_NAMES:
+            t = torch.from_numpy(np.ascontiguousarray(feed[name]))
+            if t.is_floating_point():
+                t = t.to(self._float)
+            inputs.append(t.to(self.device))
+        with torch.inference_mode():
+            energy, forces = self.model(*inputs)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return {"energy": energy.cpu().numpy(), "forces": forces.cpu().numpy()}
+
+
+class OnnxRuntimeRunner(Runner):
+    """ONNX Runtime on an exported file (CPU provider; CUDA/TensorRT when available)."""
+
+    def __init__(
+        self, path: str | Path, providers: list[str] | None = None, threads: int | None = None
+    ) -> None:
+        super().__init__()
+        self.path, self.providers, self.threads = Path(path), providers, threads
+        self.name = "onnxruntime"
+
+    def _activate(self) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise RuntimeUnavailableError("onnxruntime is not installed: pip install onnxruntime") from exc
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        available = ort.get_available_providers()
+        providers = self.providers or ["CPUExecutionProvider"]
+        absent = [p for p in providers if p not in available]
+        if absent:
+            raise RuntimeUnavailableError(
+                f"onnxruntime lacks {absent} (has {available}); pip install onnxruntime-gpu"
+            )
+        self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        self._float = np.float64 if self.session.get_inputs()[1].type == "tensor(double)" else np.float32
+        self.name = "onnxruntime-" + providers[0].removesuffix("ExecutionProvider").lower()
+
+    def _infer(self, feed):
+        inputs = {
+            name: np.ascontiguousarray(
+                feed[name], dtype=self._float if feed[name].dtype.kind == "f" else np.int64
+            )
+            for name in INPUT_NAMES
+        }
+        outputs = self.session.run(list(OUTPUT_NAMES), inputs)
+        return dict(zip(OUTPUT_NAMES, outputs))
+
+    def _deactivate(self) -> None:
+        self.session = None
+
+
+class TensorRTRunner(Runner):
+    """A serialized TensorRT engine built by :func:`painn_export.trt.build_engine`."""
+
+    def __init__(self, engine_path: str | Path) -> None:
+        super().__init__()
+        self.engine_path = Path(engine_path)
+        self.name = "tensorrt"
+
+    def _activate(self) -> None:
+        from painn_export.trt import load_engine, read_profiles
+
+        self.engine, self.context, self._torch = load_engine(self.engine_path)
+        self.profiles = read_profiles(self.engine_path)
+        self.stream = self._torch.cuda.Stream()
+        self._profile = 0
+
+    def _select_profile(self, feed) -> None:
+        n_atoms, n_edges, n_systems = len(feed["positions"]), feed["edge_index"].shape[1], len(feed["natoms"])
+        for index, profile in enumerate(self.profiles):
+            if profile.admits(n_atoms, n_edges, n_systems):
+                if index != self._profile:
+                    self.context.set_optimization_profile_async(index, self.stream.cuda_stream)
+                    self._profile = index
+                return
+        raise ValueError(
+            f"tensorrt: a batch of {n_atoms} atoms, {n_edges} edges, {n_systems} systems fits no "
+            "optimisation profile of this engine; split the batch or rebuild with larger --max-*"
+        )
+
+    def _infer(self, feed):
+        torch = self._torch
+        self._select_profile(feed)
+        buffers = {}
+        for name in INPUT_NAMES:
+            array = np.ascontiguousarray(feed[name])
+            tensor = torch.from_numpy(array).to("cuda")
+            if tensor.is_floating_point():
+                tensor = tensor.float()
+            buffers[name] = tensor
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        for name in OUTPUT_NAMES:
+            shape = tuple(self.context.get_tensor_shape(name))
+            buffers[name] = torch.empty(shape, dtype=torch.float32, device="cuda")
+            self.context.set_tensor_address(name, buffers[name].data_ptr())
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError("tensorrt: execute_async_v3 failed")
+        self.stream.synchronize()
+        return {name: buffers[name].cpu().numpy() for name in OUTPUT_NAMES}
+
+    def _deactivate(self) -> None:
+        self.context = self.engine = None

@@ -1,0 +1,188 @@
+"""TensorRT engines from the exported ONNX file (TensorRT 10 Python API).
+
+``tensorrt`` is imported only here, lazily; without it (or without a GPU)
+:class:`~painn_export.runners.RuntimeUnavailableError` says what to install. Each
+engine gets a JSON sidecar (TensorRT version, GPU and compute capability,
+profiles, precision, hash of the ONNX file); an engine whose sidecar does not
+match the TensorRT and GPU at hand is refused, since serialized engines are
+specific to both.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from painn_export.checkpoint import file_sha256
+from painn_export.runners import RuntimeUnavailableError
+
+INSTALL_HINT = (
+    "TensorRT is not installed: on a machine with an NVIDIA GPU, pip install 'painn-export[gpu]' "
+    "(tensorrt>=10)"
+)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One optimisation profile: (min, opt, max) for atoms, edges and systems."""
+
+    atoms: tuple[int, int, int] = (1, 2048, 16384)
+    edges: tuple[int, int, int] = (0, 65536, 1048576)
+    systems: tuple[int, int, int] = (1, 32, 1024)
+
+    def __post_init__(self) -> None:
+        for name in ("atoms", "edges", "systems"):
+            lo, opt, hi = getattr(self, name)
+            if not 0 <= lo <= opt <= hi:
+                raise ValueError(f"profile {name}: need 0 <= min <= opt <= max, got {(lo, opt, hi)}")
+
+    def input_shapes(self) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """Per input: its (min, opt, max) shapes."""
+        a, e, s = self.atoms, self.edges, self.systems
+        return {
+            "atomic_numbers": tuple((n,) for n in a),
+            "positions": tuple((n, 3) for n in a),
+            "edge_index": tuple((2, n) for n in e),
+            "edge_shift": tuple((n, 3) for n in e),
+            "system_index": tuple((n,) for n in a),
+            "natoms": tuple((n,) for n in s),
+        }
+
+    def admits(self, n_atoms: int, n_edges: int, n_systems: int) -> bool:
+        return (
+            self.atoms[0] <= n_atoms <= self.atoms[2]
+            and self.edges[0] <= n_edges <= self.edges[2]
+            and self.systems[0] <= n_systems <= self.systems[2]
+        )
+
+
+def _import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise RuntimeUnavailableError(INSTALL_HINT) from exc
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeUnavailableError("TensorRT needs an NVIDIA GPU and none is visible to this process")
+    return trt, torch
+
+
+def device_identity(torch) -> dict[str, str]:
+    major, minor = torch.cuda.get_device_capability()
+    return {"gpu_name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
+
+
+def sidecar_path(engine_path: str | Path) -> Path:
+    return Path(str(engine_path) + ".json")
+
+
+def check_sidecar(sidecar: dict, tensorrt_version: str, gpu_name: str, compute_capability: str) -> None:
+    """Refuse an engine built for another TensorRT or GPU; the message says to rebuild."""
+    problems = []
+    if sidecar.get("tensorrt_version") != tensorrt_version:
+        problems.append(f"TensorRT {sidecar.get('tensorrt_version')} (this machine has {tensorrt_version})")
+    if sidecar.get("compute_capability") != compute_capability or sidecar.get("gpu_name") != gpu_name:
+        problems.append(
+            f"GPU {sidecar.get('gpu_name')} sm {sidecar.get('compute_capability')} "
+            f"(this machine has {gpu_name} sm {compute_capability})"
+        )
+    if problems:
+        raise RuntimeError(
+            "engine was built for "
+            + " and ".join(problems)
+            + "; rebuild it here with: painn-export trt MODEL.onnx"
+        )
+
+
+def build_engine(
+    onnx_path: str | Path,
+    output: str | Path,
+    profiles: list[Profile],
+    *,
+    fp16: bool = False,
+    tf32: bool = True,
+    workspace_gib: float = 4.0,
+    timing_cache: str | Path | None = None,
+) -> Path:
+    """Parse ``onnx_path``, build a serialized engine with ``profiles``, write it and its sidecar."""
+    trt, torch = _import_tensorrt()
+    if not profiles:
+        raise ValueError("at least one optimisation profile is needed")
+    logger = trt.Logger(trt.Logger.WARNING)
+    trt.init_libnvinfer_plugins(logger, "")  # registers the ScatterElements plugin
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if tf32:
+        config.set_flag(trt.BuilderFlag.TF32)
+    else:
+        config.clear_flag(trt.BuilderFlag.TF32)
+    cache_path = Path(timing_cache) if timing_cache else None
+    cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+    for profile in profiles:
+        opt_profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in profile.input_shapes().items():
+            opt_profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(opt_profile)
+
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError("TensorRT failed to build the engine (see the log above)")
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(bytes(serialized))
+    if cache_path:
+        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    precision = "fp16" if fp16 else ("tf32" if tf32 else "fp32")
+    sidecar = {
+        "tensorrt_version": trt.__version__,
+        **device_identity(torch),
+        "profiles": [asdict(p) for p in profiles],
+        "precision": precision,
+        "onnx_path": str(onnx_path),
+        "onnx_sha256": file_sha256(onnx_path),
+        "build_seconds": round(time.perf_counter() - start, 2),
+    }
+    sidecar_path(output).write_text(json.dumps(sidecar, indent=2))
+    return output
+
+
+def load_engine(path: str | Path):
+    """Deserialize an engine after checking its sidecar; returns (engine, context, torch)."""
+    trt, torch = _import_tensorrt()
+    path = Path(path)
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise RuntimeError(
+            f"{path}: no sidecar {side.name}; rebuild the engine with: painn-export trt MODEL.onnx"
+        )
+    sidecar = json.loads(side.read_text())
+    ident = device_identity(torch)
+    check_sidecar(sidecar, trt.__version__, ident["gpu_name"], ident["compute_capability"])
+    logger = trt.Logger(trt.Logger.WARNING)
+    trt.init_libnvinfer_plugins(logger, "")
+    engine = trt.Runtime(logger).deserialize_cuda_engine(path.read_bytes())
+    if engine is None:
+        raise RuntimeError(f"{path}: TensorRT could not deserialize the engine; rebuild it")
+    return engine, engine.create_execution_context(), torch
+
+
+def read_profiles(engine_path: str | Path) -> list[Profile]:
+    """The optimisation profiles recorded in an engine's sidecar (no TensorRT needed)."""
+    sidecar = json.loads(sidecar_path(engine_path).read_text())
+    return [Profile(**{k: tuple(v) for k, v in p.items()}) for p in sidecar["profiles"]]

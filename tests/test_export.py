@@ -1,0 +1,176 @@
+"""ONNX export: parity with PyTorch across shapes, the TensorRT operator check, metadata, CLI."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from painn_export.batch import collate
+from painn_export.cli import main
+from painn_export.export import export_onnx, graphs_for, read_metadata
+from painn_export.opcheck import check_model, parse_operator_table
+from painn_export.parity import run_parity
+from painn_export.runners import OnnxRuntimeRunner, RuntimeUnavailableError, TensorRTRunner, TorchRunner
+from painn_export.samples import example_set, single_atom
+
+from conftest import SMALL, make_model
+
+TABLE = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "onnx-tensorrt-10.1-operators.md"
+)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    model = make_model(SMALL, torch.float32)
+    out = {}
+    for dtype in (torch.float32, torch.float64):
+        path = tmp_path_factory.mktemp("onnx") / f"small_{dtype}.onnx"
+        out[dtype] = (model, export_onnx(model, path, dtype=dtype))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_onnxruntime_matches_torch_on_every_kind(exported, dtype):
+    model, path = exported[dtype]
+    precision = str(dtype).removeprefix("torch.")
+    rows = run_parity(model, [(OnnxRuntimeRunner(path), precision)], example_set(num_elements=83))
+    failures = [r.as_dict() for r in rows if not r.comparison.passed]
+    assert not failures, failures
+
+
+@pytest.mark.parametrize(
+    "shape", ["one_atom_no_edges", "one_system", "many_systems", "isolated_atom", "large_batch"]
+)
+def test_dynamic_shapes_at_the_edges(exported, shape):
+    model, path = exported[torch.float32]
+    rng = np.random.default_rng(3)
+    samples = example_set(seed=3, sizes=(4, 7))
+    pick = {
+        "one_atom_no_edges": [single_atom(rng, np.arange(1, 84))],
+        "one_system": samples[:1],
+        "many_systems": samples,
+        "isolated_atom": [s for s in samples if s.name == "isolated_atom"],
+        "large_batch": example_set(seed=4, sizes=(40, 60, 80)),
+    }[shape]
+    feed = collate(graphs_for(model, pick), np.float32)
+    with OnnxRuntimeRunner(path) as ort_runner, TorchRunner(model) as torch_runner:
+        got, want = ort_runner.infer(feed), torch_runner.infer(feed)
+    assert got["energy"].shape == (len(pick),) and got["forces"].shape == (feed["positions"].shape[0], 3)
+    np.testing.assert_allclose(got["energy"], want["energy"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got["forces"], want["forces"], rtol=1e-3, atol=1e-4)
+
+
+def test_graph_passes_the_tensorrt_operator_check(exported):
+    _, path = exported[torch.float32]
+    report = check_model(path, TABLE)
+    assert report.ok, report.violations
+    assert report.operators.get("ScatterElements", 0) >= 3
+    assert "ScatterND" not in report.operators
+    graph = onnx.load(str(path)).graph
+    for node in graph.node:
+        if node.op_type == "ScatterElements":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            assert attrs.get("reduction") == b"add"
+
+
+def test_operator_check_flags_a_planted_scatternd_with_reduction(exported):
+    _, path = exported[torch.float32]
+    proto = onnx.load(str(path))
+    data = proto.graph.output[0].name
+    idx = onnx.helper.make_tensor("planted_idx", onnx.TensorProto.INT64, [1, 1], [0])
+    upd = onnx.helper.make_tensor("planted_upd", onnx.TensorProto.FLOAT, [1], [1.0])
+    proto.graph.initializer.extend([idx, upd])
+    proto.graph.node.append(
+        onnx.helper.make_node(
+            "ScatterND", [data, "planted_idx", "planted_upd"], ["planted_out"], reduction="add"
+        )
+    )
+    proto.graph.output.append(onnx.helper.make_tensor_value_info("planted_out", onnx.TensorProto.FLOAT, None))
+    report = check_model(proto, TABLE)
+    assert any("ScatterND" in v and "reduction" in v for v in report.violations), report.violations
+    # and an unsupported operator
+    proto.graph.node.append(onnx.helper.make_node("Bernoulli", [data], ["planted_b"]))
+    assert any("Bernoulli" in v for v in check_model(proto, TABLE).violations)
+
+
+def test_operator_table_parses():
+    rules, (lo, hi) = parse_operator_table(TABLE)
+    assert (lo, hi) == (9, 20)
+    assert rules["ScatterND"].supported and "reduction" in rules["ScatterND"].restrictions
+    assert not rules["Bernoulli"].supported
+    assert "INT64" in rules["ScatterElements"].types
+
+
+def test_metadata(exported):
+    path = exported[torch.float32][1]
+    meta = read_metadata(path)
+    assert json.loads(meta["painn_export.config"])["hidden_channels"] == SMALL.hidden_channels
+    assert float(meta["painn_export.cutoff"]) == SMALL.cutoff
+    assert meta["painn_export.max_neighbors"] == str(SMALL.max_neighbors)
+    assert json.loads(meta["painn_export.units"])["forces"] == "eV/Angstrom"
+    assert json.loads(meta["painn_export.elements"])[-1] == 83
+    assert meta["painn_export.contract_version"] == "1"
+    assert meta["painn_export.package_version"]
+    graph = onnx.load(str(path)).graph
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert dims["positions"] == ["n_atoms", 3] and dims["edge_index"] == [2, "n_edges"]
+    assert dims["natoms"] == ["n_systems"]
+
+
+def test_runners_refuse_infer_before_activate(exported):
+    path = exported[torch.float32][1]
+    with pytest.raises(RuntimeError, match="activate"):
+        OnnxRuntimeRunner(path).infer({})
+
+
+def test_tensorrt_runner_without_tensorrt_says_what_to_install(tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("tensorrt is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(RuntimeUnavailableError, match="pip install"):
+        TensorRTRunner(tmp_path / "x.engine").activate()
+
+
+def test_cli_onnx_and_parity_smoke(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    from painn_export import save_model
+
+    save_model(make_model(SMALL, torch.float32), tmp_path / "small.pt")
+    result = runner.invoke(main, ["onnx", "--checkpoint", "small.pt", "-o", "small.onnx"])
+    assert result.exit_code == 0, result.output
+    assert "onnxruntime-cpu" in result.output and "FAIL" not in result.output
+    result = runner.invoke(main, ["parity", "--checkpoint", "small.pt", "--onnx", "small.onnx", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["passed"] and {r["runtime"] for r in report["rows"]} == {
+        "torch-cpu-float32",
+        "onnxruntime-cpu",
+    }
+    result = runner.invoke(main, ["check-ops", "small.onnx", "--table", str(TABLE)])
+    assert result.exit_code == 0 and "ok" in result.output
+
+
+def test_cli_trt_without_tensorrt_is_one_clear_line(tmp_path):
+    (tmp_path / "m.onnx").write_bytes(b"")
+    result = CliRunner().invoke(main, ["trt", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "m.engine")])
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        assert result.exit_code == 1
+        assert "pip install" in result.output and "Traceback" not in result.output
+
+
+def test_cli_without_model_is_a_usage_error():
+    result = CliRunner().invoke(main, ["onnx"])
+    assert result.exit_code == 2 and "--checkpoint" in result.output
