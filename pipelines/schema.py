@@ -1,0 +1,123 @@
+"""The HDF5 input schema: flat CSR-style arrays, one row range per structure.
+
+Input datasets (first axis chunked and resizable, so files stream and append):
+
+=================  =======  ============  ==========================================
+dataset            dtype    shape         meaning
+=================  =======  ============  ==========================================
+``atomic_numbers`` int      ``[Σn]``      all atoms of all structures, concatenated
+``positions``      float    ``[Σn, 3]``   Å (attribute ``units="Angstrom"``)
+``atom_offset``    int      ``[S+1]``     structure s owns atoms ``atom_offset[s]:atom_offset[s+1]``
+``cell``           float    ``[S, 3, 3]`` Å, rows are lattice vectors
+``pbc``            bool     ``[S, 3]``    periodicity along each lattice vector
+=================  =======  ============  ==========================================
+
+Optional: ``ids`` ``[S]`` strings, reference ``energy`` ``[S]`` eV and
+``forces`` ``[Σn, 3]`` eV/Å. A malformed file fails before any work, with a
+message naming the file and the dataset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REQUIRED = {
+    "atomic_numbers": ("i", 1),
+    "positions": ("f", 2),
+    "atom_offset": ("i", 1),
+    "cell": ("f", 3),
+    "pbc": ("b", 2),
+}
+
+
+class SchemaError(ValueError):
+    """The input file is not usable; the message names the file and dataset."""
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: Path
+    n_structures: int
+    n_atoms: int
+    has_reference: bool
+
+
+def validate_input(path: str | Path) -> InputFile:
+    """Open ``path`` and check every required dataset's presence, dtype and shape."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise SchemaError(f"{path}: no such file")
+    try:
+        fh = h5py.File(path, "r")
+    except OSError as exc:
+        raise SchemaError(f"{path}: not a readable HDF5 file ({exc})") from exc
+    with fh:
+        for name, (kind, ndim) in REQUIRED.items():
+            if name not in fh:
+                raise SchemaError(f"{path}: missing dataset '{name}'")
+            ds = fh[name]
+            ok_kind = ds.dtype.kind in ("i", "u") if kind == "i" else ds.dtype.kind in (kind, "u", "i")
+            if not ok_kind or ds.ndim != ndim:
+                raise SchemaError(
+                    f"{path}: dataset '{name}' has dtype {ds.dtype} and shape {ds.shape}, "
+                    f"expected {ndim}-d of kind '{kind}'"
+                )
+        n_atoms = fh["atomic_numbers"].shape[0]
+        offsets = fh["atom_offset"][...]
+        s = offsets.shape[0] - 1
+        checks = [
+            (fh["positions"].shape == (n_atoms, 3), "positions", f"[{n_atoms}, 3]"),
+            (
+                s >= 0 and offsets[0] == 0 and offsets[-1] == n_atoms and np.all(np.diff(offsets) >= 0),
+                "atom_offset",
+                f"non-decreasing from 0 to {n_atoms}",
+            ),
+            (fh["cell"].shape == (s, 3, 3), "cell", f"[{s}, 3, 3]"),
+            (fh["pbc"].shape == (s, 3), "pbc", f"[{s}, 3]"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise SchemaError(f"{path}: dataset '{name}' must be {expected}, got shape {fh[name].shape}")
+        has_ref = "energy" in fh and "forces" in fh
+        if has_ref and (fh["energy"].shape != (s,) or fh["forces"].shape != (n_atoms, 3)):
+            raise SchemaError(f"{path}: reference 'energy'/'forces' must be [{s}] and [{n_atoms}, 3]")
+    return InputFile(path, s, n_atoms, has_ref)
+
+
+def write_input(path: str | Path, structures, energies=None, forces=None, ids=None) -> Path:
+    """Write structures ``(Z, positions, cell, pbc)`` in this schema (chunked, resizable)."""
+    import h5py
+
+    z = [np.asarray(s[0], np.int64) for s in structures]
+    counts = np.array([len(a) for a in z], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    with h5py.File(path, "w") as fh:
+
+        def put(name, data, units=None):
+            data = np.asarray(data)
+            ds = fh.create_dataset(name, data=data, chunks=True, maxshape=(None, *data.shape[1:]))
+            if units:
+                ds.attrs["units"] = units
+
+        put("atomic_numbers", np.concatenate(z) if z else np.zeros(0, np.int64))
+        put(
+            "positions",
+            np.concatenate([np.asarray(s[1], float) for s in structures]).reshape(-1, 3),
+            "Angstrom",
+        )
+        put("atom_offset", offsets)
+        put("cell", np.array([s[2] for s in structures], float).reshape(-1, 3, 3), "Angstrom")
+        put("pbc", np.array([s[3] for s in structures], bool).reshape(-1, 3))
+        if energies is not None:
+            put("energy", np.asarray(energies, float), "eV")
+            put(
+                "forces", np.concatenate([np.asarray(f, float) for f in forces]).reshape(-1, 3), "eV/Angstrom"
+            )
+        if ids is not None:
+            fh.create_dataset("ids", data=np.array(ids, dtype=h5py.string_dtype()))
+    return Path(path)
