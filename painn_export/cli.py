@@ -157,9 +157,18 @@ def _profiles(ranges: dict) -> list:
 @with_model_options
 @click.option("--onnx", "onnx_path", type=click.Path(exists=True, dir_okay=False), help="Exported ONNX file.")
 @click.option("--engine", type=click.Path(exists=True, dir_okay=False), help="TensorRT engine.")
+@click.option(
+    "--input",
+    "input_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Structures in the painn-batch HDF5 schema (default: generated ones).",
+)
+@click.option("--limit", type=int, default=64, show_default=True, help="Structures read from --input.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated structures.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def parity_cmd(checkpoint, random_init, scale_file, trust_checkpoint, onnx_path, engine, seed, as_json):
+def parity_cmd(
+    checkpoint, random_init, scale_file, trust_checkpoint, onnx_path, engine, input_path, limit, seed, as_json
+):
     """Run every available runtime on the same structures against PyTorch float64."""
     from painn_export.parity import format_table, run_parity
     from painn_export.runners import OnnxRuntimeRunner, RuntimeUnavailableError, TensorRTRunner, TorchRunner
@@ -177,8 +186,17 @@ def parity_cmd(checkpoint, random_init, scale_file, trust_checkpoint, onnx_path,
         runners.append(
             (TensorRTRunner(engine), sidecar.get("precision", "float32").replace("fp32", "float32"))
         )
+    if input_path:
+        from pipelines.schema import SchemaError, read_structures
+
+        try:
+            samples = read_structures(input_path, limit)
+        except SchemaError as exc:
+            raise click.ClickException(str(exc)) from exc
+    else:
+        samples = example_set(seed=seed, num_elements=model.config.num_elements)
     try:
-        rows = run_parity(model, runners, example_set(seed=seed, num_elements=model.config.num_elements))
+        rows = run_parity(model, runners, samples)
     except RuntimeUnavailableError as exc:
         raise click.ClickException(str(exc)) from exc
     passed = all(r.comparison.passed for r in rows)

@@ -121,3 +121,24 @@ def write_input(path: str | Path, structures, energies=None, forces=None, ids=No
         if ids is not None:
             fh.create_dataset("ids", data=np.array(ids, dtype=h5py.string_dtype()))
     return Path(path)
+
+
+def read_structures(path: str | Path, limit: int | None = None) -> list:
+    """The first ``limit`` structures of a schema file as :class:`painn_export.samples.Sample`."""
+    import h5py
+
+    from painn_export.samples import Sample
+
+    info = validate_input(path)
+    count = info.n_structures if limit is None else min(limit, info.n_structures)
+    out = []
+    with h5py.File(path, "r") as fh:
+        offsets = fh["atom_offset"][: count + 1]
+        z = fh["atomic_numbers"][: offsets[-1]].astype(np.int64)
+        pos = fh["positions"][: offsets[-1]].astype(np.float64)
+        cells, pbcs = fh["cell"][:count].astype(np.float64), fh["pbc"][:count].astype(bool)
+        ids = fh["ids"][:count].astype(str) if "ids" in fh else [f"structure {s}" for s in range(count)]
+        for s in range(count):
+            a, b = offsets[s], offsets[s + 1]
+            out.append(Sample(str(ids[s]), z[a:b], pos[a:b], cells[s], pbcs[s]))
+    return out

@@ -63,34 +63,60 @@ def main():
     from painn_export.neighbors import neighbor_graph
 
     rng = np.random.default_rng(0)
-    print(f"machine: {platform.processor() or platform.machine()}, {platform.system()}, "
-          f"python {platform.python_version()}, vesin {vesin.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {platform.system()}, "
+        f"python {platform.python_version()}, vesin {vesin.__version__}"
+    )
     pos_a, cell_a = random_bulk(rng, 4096)
     n_b = 100 if args.quick else 1000
     b = [random_bulk(rng, int(rng.integers(20, 201)), density=rng.uniform(0.04, 0.09)) for _ in range(n_b)]
-    c = (np.array([[0.1, 0.1, 0.1], [1.3, 1.2, 1.4]]), np.array([[2.6, 0, 0], [0.4, 2.5, 0], [0.3, 0.2, 2.7]]))
+    c = (
+        np.array([[0.1, 0.1, 0.1], [1.3, 1.2, 1.4]]),
+        np.array([[2.6, 0, 0], [0.4, 2.5, 0], [0.3, 0.2, 2.7]]),
+    )
     cases = {"(a) 4096 atoms": [(pos_a, cell_a)], f"(b) {n_b} structures": b, "(c) 2-atom cell": [c]}
 
     def each(items, f):
         return lambda: [f(p, cl) for p, cl in items]
 
     for cutoff, cap in [(12.0, 50), (6.0, 50)]:
-        print(f"\ncutoff {cutoff} Å, max_neighbors {cap}; median of {args.repeats}, ms (ratio: vesin time / this time)")
-        print(f"{'case':<22}{'ours (cap+sym)':>16}{'vesin full':>12}{'matscipy':>12}{'ase':>12}{'torch O(N²)':>13}")
+        print(
+            f"\ncutoff {cutoff} Å, max_neighbors {cap}; median of {args.repeats}, ms (ratio: vesin time / this time)"
+        )
+        print(
+            f"{'case':<22}{'ours (cap+sym)':>16}{'vesin full':>12}{'matscipy':>12}{'ase':>12}{'torch O(N²)':>13}"
+        )
         for name, items in cases.items():
-            t_ours = timed(each(items, lambda p, cl: neighbor_graph(p, cl, [True] * 3, cutoff, cap)), args.repeats)
+            t_ours = timed(
+                each(items, lambda p, cl: neighbor_graph(p, cl, [True] * 3, cutoff, cap)), args.repeats
+            )
             nl = vesin.NeighborList(cutoff=cutoff, full_list=True)
             t_vesin = timed(each(items, lambda p, cl: nl.compute(p, cl, True, "ijS")), args.repeats)
-            t_mat = timed(each(items, lambda p, cl: matscipy_nl("ijS", positions=p, cell=cl, pbc=[True] * 3,
-                                                                 cutoff=cutoff)), 1)
-            t_ase = timed(each(items, lambda p, cl: ase_nl("ijS", Atoms(positions=p, cell=cl, pbc=True), cutoff)), 1)
+            t_mat = timed(
+                each(
+                    items,
+                    lambda p, cl: matscipy_nl("ijS", positions=p, cell=cl, pbc=[True] * 3, cutoff=cutoff),
+                ),
+                1,
+            )
+            t_ase = timed(
+                each(items, lambda p, cl: ase_nl("ijS", Atoms(positions=p, cell=cl, pbc=True), cutoff)), 1
+            )
             skip_torch = args.quick and name.startswith("(a)")
-            t_torch = float("nan") if skip_torch else timed(
-                each(items, lambda p, cl: torch_radius_graph_pbc(p, cl, cutoff)), 1)
+            t_torch = (
+                float("nan")
+                if skip_torch
+                else timed(each(items, lambda p, cl: torch_radius_graph_pbc(p, cl, cutoff)), 1)
+            )
             cells = [t_ours, t_vesin, t_mat, t_ase, t_torch]
-            print(f"{name:<22}" + "".join(f"{1e3 * t:>12.1f}" + "    "[: (4 if i == 0 else 0)] for i, t in enumerate(cells)))
-            print(f"{'  ratio vs vesin':<22}" + "".join(
-                f"{t_vesin / t:>12.2f}" + ("    " if i == 0 else "") for i, t in enumerate(cells)))
+            print(
+                f"{name:<22}"
+                + "".join(f"{1e3 * t:>12.1f}" + "    "[: (4 if i == 0 else 0)] for i, t in enumerate(cells))
+            )
+            print(
+                f"{'  ratio vs vesin':<22}"
+                + "".join(f"{t_vesin / t:>12.2f}" + ("    " if i == 0 else "") for i, t in enumerate(cells))
+            )
 
 
 if __name__ == "__main__":

@@ -157,6 +157,14 @@ def test_cli_onnx_and_parity_smoke(tmp_path, monkeypatch):
         "torch-cpu-float32",
         "onnxruntime-cpu",
     }
+    from pipelines.schema import write_input
+
+    samples = example_set(seed=5, sizes=(6,))
+    write_input(tmp_path / "s.h5", [(s.atomic_numbers, s.positions, s.cell, s.pbc) for s in samples])
+    result = runner.invoke(
+        main, ["parity", "--checkpoint", "small.pt", "--onnx", "small.onnx", "--input", "s.h5"]
+    )
+    assert result.exit_code == 0 and "structure" in result.output, result.output
     result = runner.invoke(main, ["check-ops", "small.onnx", "--table", str(TABLE)])
     assert result.exit_code == 0 and "ok" in result.output
 
