@@ -9,6 +9,7 @@ import torch
 
 from painn_export.batch import Graph, collate
 from painn_export.neighbors import neighbor_graph
+from painn_export.samples import _jittered_grid
 
 
 @dataclass(frozen=True)
@@ -50,28 +51,20 @@ def random_rotation(rng: np.random.Generator) -> np.ndarray:
 
 def bulk(rng, n=12, a=5.0, skew=0.4) -> Structure:
     cell = np.eye(3) * a + rng.uniform(-skew, skew, (3, 3))
-    pos = _spread(rng, n, 1.0) @ cell
+    pos = _jittered_grid(rng, n) @ cell
     return Structure("bulk", rng.integers(1, 84, n), pos, cell, np.array([True, True, True]))
-
-
-def _spread(rng, n, min_frac):
-    """Fractional coordinates on a jittered grid so that no two atoms nearly coincide."""
-    m = int(np.ceil(n ** (1 / 3)))
-    grid = np.stack(np.meshgrid(*[np.arange(m)] * 3, indexing="ij"), -1).reshape(-1, 3)
-    pick = rng.permutation(len(grid))[:n]
-    return (grid[pick] + 0.5 + rng.uniform(-0.25, 0.25, (n, 3))) / m * min_frac
 
 
 def slab(rng, n=10) -> Structure:
     cell = np.array([[5.3, 0.0, 0.0], [1.5, 4.8, 0.0], [0.0, 0.0, 18.0]])
-    frac = _spread(rng, n, 1.0) * np.array([1.0, 1.0, 0.35])
+    frac = _jittered_grid(rng, n) * np.array([1.0, 1.0, 0.35])
     pos = frac @ cell
     pos[0, 2] -= 2.0  # an atom outside the cell along the non-periodic axis
     return Structure("slab", rng.integers(1, 84, n), pos, cell, np.array([True, True, False]))
 
 
 def molecule(rng, n=7) -> Structure:
-    pos = _spread(rng, n, 1.0) * 6.0
+    pos = _jittered_grid(rng, n) * 6.0
     return Structure("molecule", rng.integers(1, 84, n), pos, np.eye(3) * 20.0, np.array([False] * 3))
 
 
