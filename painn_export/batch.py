@@ -28,6 +28,7 @@ class Graph:
     edge_index: np.ndarray  # [2, n_edges] int64, (sender j, receiver i)
     cell_shift: np.ndarray  # [n_edges, 3] int64, image offset of j
     edge_shift: np.ndarray  # [n_edges, 3] float64, Å
+    cell: np.ndarray | None = None  # [3, 3] float64, Å, rows = lattice vectors (stress only)
 
     @property
     def n_atoms(self) -> int:
@@ -47,7 +48,9 @@ def collate(graphs: Sequence[Graph], dtype: np.dtype | type = np.float32) -> dic
     """Pack graphs into one feed keyed by the model's input names.
 
     Atom indices in ``edge_index`` are offset by the atoms of earlier graphs;
-    ``system_index`` numbers the graphs; floats are cast to ``dtype``.
+    ``system_index`` numbers the graphs; floats are cast to ``dtype``. The
+    feed also holds ``cell`` ``[n_systems, 3, 3]`` (zeros for graphs without
+    one), the extra input of stress models; runtimes take the inputs they need.
     """
     dtype = np.dtype(dtype)
     natoms = np.array([g.n_atoms for g in graphs], dtype=np.int64)  # [n_systems]
@@ -71,4 +74,7 @@ def collate(graphs: Sequence[Graph], dtype: np.dtype | type = np.float32) -> dic
         "edge_shift": edge_shift.astype(dtype).reshape(-1, 3),
         "system_index": np.repeat(np.arange(len(graphs), dtype=np.int64), natoms),
         "natoms": natoms,
+        "cell": np.array(
+            [np.zeros((3, 3)) if g.cell is None else g.cell for g in graphs], dtype=dtype
+        ).reshape(-1, 3, 3),
     }

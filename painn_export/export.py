@@ -19,12 +19,19 @@ import numpy as np
 import torch
 
 from painn_export.batch import collate
-from painn_export.model import CONTRACT_VERSION, INPUT_NAMES, OUTPUT_NAMES, PaiNN
+from painn_export.model import CONTRACT_VERSION, PaiNN, input_names, output_names
 from painn_export.neighbors import neighbor_graph
 from painn_export.samples import example_set
 
 DEFAULT_OPSET = 18  # TensorRT 10's parser accepts opsets 9..20
-UNITS = {"positions": "Angstrom", "edge_shift": "Angstrom", "energy": "eV", "forces": "eV/Angstrom"}
+UNITS = {
+    "positions": "Angstrom",
+    "edge_shift": "Angstrom",
+    "cell": "Angstrom",
+    "energy": "eV",
+    "forces": "eV/Angstrom",
+    "stress": "eV/Angstrom^3",
+}
 
 
 def graphs_for(model: PaiNN, samples) -> list:
@@ -37,28 +44,69 @@ def graphs_for(model: PaiNN, samples) -> list:
     ]
 
 
-def _example_inputs(model: PaiNN, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """A batch of three systems of different sizes: no axis is 0 or 1, so none specialises."""
-    samples = example_set(seed=0, num_elements=model.config.num_elements, sizes=(5, 9))[:3]
+def _example_inputs(model: PaiNN, dtype: torch.dtype, stress: bool = False) -> tuple[torch.Tensor, ...]:
+    """A batch of five systems: no dynamic axis is 0, 1, 2 or 3, nor equal to another.
+
+    ``make_fx`` gives equal sizes one symbol and specialises sizes equal to a
+    static axis (3 for xyz, 2 for edge_index rows), so ``n_systems`` must be
+    none of those.
+    """
+    samples = example_set(seed=0, num_elements=model.config.num_elements, sizes=(5, 9))[:5]
     feed = collate(graphs_for(model, samples), np.float64 if dtype == torch.float64 else np.float32)
-    return tuple(torch.from_numpy(feed[name]) for name in INPUT_NAMES)
+    return tuple(torch.from_numpy(feed[name]) for name in input_names(stress))
 
 
-def _dynamic_shapes() -> dict[str, dict[int, object]]:
+def _dynamic_shapes(stress: bool = False) -> dict[str, dict[int, object]]:
     from torch.export import Dim
 
     atoms, edges, systems = Dim("n_atoms", min=1), Dim("n_edges", min=0), Dim("n_systems", min=1)
-    return {
+    shapes = {
         "atomic_numbers": {0: atoms},
         "positions": {0: atoms},
         "edge_index": {1: edges},
         "edge_shift": {0: edges},
         "system_index": {0: atoms},
         "natoms": {0: systems},
+        "cell": {0: systems},
     }
+    return {name: shapes[name] for name in input_names(stress)}
 
 
-def onnx_metadata(model: PaiNN, dtype: torch.dtype) -> dict[str, str]:
+def trace_gradient_graph(model: PaiNN, example: tuple[torch.Tensor, ...]) -> torch.fx.GraphModule:
+    """Trace a gradient-force model, backward pass included, into one aten graph.
+
+    ``torch.export`` cannot trace ``torch.autograd.grad``; ``make_fx`` runs the
+    autograd engine on symbolic tensors and records the backward's aten ops
+    next to the forward's (decomposed to core aten, which the ONNX exporter
+    knows). Inside :func:`~painn_export.layers.tracing_for_export` every
+    gather's backward is ``scatter_add``, so the graph's sums are all
+    ``ScatterElements(reduction="add")``.
+    """
+    from torch._decomp import core_aten_decompositions, get_decompositions
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from painn_export.layers import tracing_for_export
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def forward(*inputs):
+        return model(*inputs)
+
+    # native_layer_norm is decomposed too: its ONNX form (LayerNormalization)
+    # keeps the saved mean and 1/std, which the backward reads, in float32
+    # whatever the graph's dtype.
+    table = {**core_aten_decompositions(), **get_decompositions([torch.ops.aten.native_layer_norm])}
+    with tracing_for_export():
+        return make_fx(
+            forward,
+            tracing_mode="symbolic",
+            decomposition_table=table,
+            _allow_non_fake_inputs=True,  # the parameters are real tensors, captured as constants
+        )(*example)
+
+
+def onnx_metadata(model: PaiNN, dtype: torch.dtype, stress: bool = False) -> dict[str, str]:
     from painn_export import __version__
 
     cfg = model.config
@@ -73,8 +121,9 @@ def onnx_metadata(model: PaiNN, dtype: torch.dtype) -> dict[str, str]:
         "painn_export.elements": json.dumps(list(range(1, cfg.num_elements + 1))),
         "painn_export.units": json.dumps(UNITS),
         "painn_export.dtype": str(dtype).removeprefix("torch."),
-        "painn_export.inputs": json.dumps(list(INPUT_NAMES)),
-        "painn_export.outputs": json.dumps(list(OUTPUT_NAMES)),
+        "painn_export.inputs": json.dumps(list(input_names(stress))),
+        "painn_export.outputs": json.dumps(list(output_names(stress))),
+        "painn_export.forces": "direct" if model.config.direct_forces else "gradient",
         "painn_export.source_sha256": str(provenance.get("source_sha256", "")),
         "painn_export.source_format": str(provenance.get("source_format", "")),
     }
@@ -86,30 +135,51 @@ def export_onnx(
     *,
     opset: int = DEFAULT_OPSET,
     dtype: torch.dtype = torch.float32,
+    stress: bool = False,
 ) -> Path:
-    """Write ``model`` as ONNX at ``path`` (float32 or float64 graph) and check it."""
+    """Write ``model`` as ONNX at ``path`` (float32 or float64 graph) and check it.
+
+    A direct-force model exports its forward pass. A gradient-force model
+    (``direct_forces=False``) exports forward and backward: ``forces =
+    -∂E/∂positions`` and, with ``stress=True``, a ``cell`` input and a
+    ``stress`` output (see :func:`trace_gradient_graph`).
+    """
+    import copy
+
     import onnx
 
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    if stress and model.config.direct_forces:
+        raise ValueError(
+            "--stress needs a gradient-force model (direct_forces=False): the stress is the "
+            "strain derivative of the energy, which a direct-force head does not provide"
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.to(dtype).eval()
-    with warnings.catch_warnings(), torch.no_grad():
+    model = copy.deepcopy(model).to(dtype).eval()
+    example = _example_inputs(model, dtype, stress)
+    dynamic = _dynamic_shapes(stress)
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            model,
-            _example_inputs(model, dtype),
-            input_names=list(INPUT_NAMES),
-            output_names=list(OUTPUT_NAMES),
-            dynamic_shapes=_dynamic_shapes(),
-            opset_version=opset,
-            dynamo=True,
-            verbose=False,
-        )
+        if model.config.direct_forces:
+            traced, dynamic_shapes = model, dynamic
+        else:
+            traced, dynamic_shapes = trace_gradient_graph(model, example), tuple(dynamic.values())
+        with torch.no_grad():
+            program = torch.onnx.export(
+                traced,
+                example,
+                input_names=list(input_names(stress)),
+                output_names=list(output_names(stress)),
+                dynamic_shapes=dynamic_shapes,
+                opset_version=opset,
+                dynamo=True,
+                verbose=False,
+            )
     proto = program.model_proto
     _name_dynamic_outputs(proto)
-    for key, value in onnx_metadata(model, dtype).items():
+    for key, value in onnx_metadata(model, dtype, stress).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     tmp = path.with_name(path.name + ".tmp")
@@ -121,7 +191,7 @@ def export_onnx(
 
 def _name_dynamic_outputs(proto) -> None:
     """Give outputs the input axes' names (energy: n_systems, forces: n_atoms)."""
-    names = {"energy": ["n_systems"], "forces": ["n_atoms", None]}
+    names = {"energy": ["n_systems"], "forces": ["n_atoms", None], "stress": ["n_systems", None, None]}
     for out in proto.graph.output:
         for dim, name in zip(out.type.tensor_type.shape.dim, names.get(out.name, [])):
             if name is not None and not dim.HasField("dim_value"):

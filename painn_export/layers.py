@@ -7,12 +7,36 @@ load with ``strict=True``. Every constant is created with an explicit dtype.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 from torch import nn
 
 from painn_export.config import PaiNNConfig
+
+_TRACING_FOR_EXPORT = False
+
+
+@contextlib.contextmanager
+def tracing_for_export():
+    """Mark a trace (``make_fx``) whose graph will be exported to ONNX.
+
+    Inside it, and inside ``torch.onnx.export``, :func:`exporting` is true and
+    the model writes its export forms (tensor constants, ``scatter_add``
+    sums, gathers whose backward is a ``scatter_add``).
+    """
+    global _TRACING_FOR_EXPORT
+    previous, _TRACING_FOR_EXPORT = _TRACING_FOR_EXPORT, True
+    try:
+        yield
+    finally:
+        _TRACING_FOR_EXPORT = previous
+
+
+def exporting() -> bool:
+    """Whether the model is being traced for ONNX (see :func:`tracing_for_export`)."""
+    return _TRACING_FOR_EXPORT or torch.onnx.is_in_onnx_export()
 
 
 def const(value: float, like: torch.Tensor):
@@ -22,7 +46,7 @@ def const(value: float, like: torch.Tensor):
     ONNX it is a tensor of ``like``'s dtype, because the exporter otherwise
     stores Python scalars as float32, which loses digits in float64 graphs.
     """
-    if torch.onnx.is_in_onnx_export():
+    if exporting():
         return torch.tensor(value, dtype=like.dtype, device=like.device)
     return value
 

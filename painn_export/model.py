@@ -41,11 +41,14 @@ import torch
 from torch import nn
 
 from painn_export.config import PaiNNConfig, TargetNormalization
-from painn_export.layers import AtomEmbedding, RadialBasis, ScaledSiLU, ScaleFactor, const
+from painn_export.layers import AtomEmbedding, RadialBasis, ScaledSiLU, ScaleFactor, const, exporting
 
 CONTRACT_VERSION = 1
 INPUT_NAMES = ("atomic_numbers", "positions", "edge_index", "edge_shift", "system_index", "natoms")
 OUTPUT_NAMES = ("energy", "forces")
+# The stress variant (gradient-force models only) takes the cell and adds stress.
+STRESS_INPUT = "cell"
+STRESS_OUTPUT = "stress"
 
 # Upstream replaces edge lengths within this distance of zero by this value
 # before dividing by them (Å).
@@ -53,6 +56,16 @@ ZERO_DISTANCE_EPS = 1.0e-6
 # Added under the square root of |v|^2 in the update block, as upstream, so
 # that the norm has a finite gradient at zero.
 NORM_EPS = 1.0e-8
+# Cells with |det| below this (Å^3) have no volume: their stress is NaN.
+MIN_CELL_VOLUME = 1.0e-6
+
+
+def input_names(stress: bool = False) -> tuple[str, ...]:
+    return INPUT_NAMES + ((STRESS_INPUT,) if stress else ())
+
+
+def output_names(stress: bool = False) -> tuple[str, ...]:
+    return OUTPUT_NAMES + ((STRESS_OUTPUT,) if stress else ())
 
 
 def segment_sum(src: torch.Tensor, index: torch.Tensor, num_segments: int) -> torch.Tensor:
@@ -67,10 +80,44 @@ def segment_sum(src: torch.Tensor, index: torch.Tensor, num_segments: int) -> to
     TensorRT's parser rejects.
     """
     out = torch.zeros((num_segments, *src.shape[1:]), dtype=src.dtype, device=src.device)
-    if torch.onnx.is_in_onnx_export():
-        expanded = index.view((-1,) + (1,) * (src.dim() - 1)).expand_as(src)
-        return out.scatter_add(0, expanded, src)
+    if exporting():
+        return out.scatter_add(0, _broadcast_index(index, src), src)
     return out.index_add(0, index, src)
+
+
+def _broadcast_index(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``index`` ``[n]`` viewed and expanded to ``like``'s shape ``[n, ...]``."""
+    return index.view((-1,) + (1,) * (like.dim() - 1)).expand_as(like)
+
+
+class _GatherRows(torch.autograd.Function):
+    """``x[index]`` whose backward is ``scatter_add`` (export form, see :func:`gather_rows`)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.n_rows = x.shape[0]
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        out = torch.zeros((ctx.n_rows, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+        return out.scatter_add(0, _broadcast_index(index, grad), grad), None
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``x[index]`` ``[len(index), ...]``.
+
+    Its backward is a sum into rows. Eager autograd writes that as
+    ``index_put(accumulate=True)``, which would export as ``ScatterND`` with
+    a reduction (rejected by TensorRT); in a graph traced for export the
+    backward is ``scatter_add`` (``ScatterElements(reduction="add")``), like
+    :func:`segment_sum`. The forward is a plain ``Gather`` either way.
+    """
+    if exporting():
+        return _GatherRows.apply(x, index)
+    return x[index]
 
 
 class PaiNNMessage(nn.Module):
@@ -108,9 +155,11 @@ class PaiNNMessage(nn.Module):
         xh = self.x_proj(self.x_layernorm(x))  # [n_atoms, 3F]
         rbfh = self.rbf_proj(edge_rbf)  # [n_edges, 3F]
 
-        ds, a, b = torch.split(xh[src] * rbfh, F, dim=-1)  # [n_edges, F] each
+        ds, a, b = torch.split(gather_rows(xh, src) * rbfh, F, dim=-1)  # [n_edges, F] each
         a = a * const(self.inv_sqrt_3, a)
-        dv = vec[src] * a.unsqueeze(1) + b.unsqueeze(1) * edge_vector.unsqueeze(2)  # [n_edges, 3, F]
+        dv = gather_rows(vec, src) * a.unsqueeze(1) + b.unsqueeze(1) * edge_vector.unsqueeze(
+            2
+        )  # [n_edges, 3, F]
         dv = dv * const(self.inv_sqrt_h, dv)
 
         n_atoms = x.shape[0]
@@ -205,10 +254,13 @@ class PaiNNOutput(nn.Module):
 
 
 class PaiNN(nn.Module):
-    """PaiNN energy and direct-force model on a precomputed graph.
+    """PaiNN energy and force model on a precomputed graph.
 
-    See the module docstring for the input/output contract. Outputs are
-    de-normalised with ``normalization`` (eV, eV/Å).
+    Forces come from the direct, equivariant head (``direct_forces=True``,
+    upstream's default) or as ``-∂E/∂positions`` (``direct_forces=False``);
+    gradient models can also return the stress. See the module docstring for
+    the input/output contract. Outputs are de-normalised with
+    ``normalization`` (eV, eV/Å, eV/Å^3).
     """
 
     def __init__(
@@ -219,10 +271,10 @@ class PaiNN(nn.Module):
         super().__init__()
         config = config or PaiNNConfig()
         normalization = normalization or TargetNormalization()
-        if not (config.regress_forces and config.direct_forces):
+        if not config.regress_forces:
             raise NotImplementedError(
-                "only the direct-force head (regress_forces=True, direct_forces=True) "
-                "is implemented; gradient forces are tracked in their own issue"
+                "energy-only models (regress_forces=False) are not supported: every runtime "
+                "contract outputs forces"
             )
         refs = normalization.element_references
         if refs and len(refs) < config.num_elements + 1:
@@ -245,9 +297,15 @@ class PaiNN(nn.Module):
         for i in range(config.num_layers):
             self.add_module(f"upd_out_scalar_scale_{i}", ScaleFactor())
         self.out_energy = nn.Sequential(nn.Linear(F, F // 2), ScaledSiLU(), nn.Linear(F // 2, 1))
-        self.out_forces = PaiNNOutput(F)
+        # As upstream, the force head exists only in direct-force models.
+        self.out_forces = PaiNNOutput(F) if config.direct_forces else None
         self.inv_sqrt_2 = 1 / math.sqrt(2.0)
         self.reset_parameters()
+
+    @property
+    def gradient_forces(self) -> bool:
+        """Forces are ``-∂E/∂positions`` (and stress is available)."""
+        return not self.config.direct_forces
 
     def reset_parameters(self) -> None:
         """Upstream's initialisation (Xavier-uniform weights, zero biases)."""
@@ -256,8 +314,9 @@ class PaiNN(nn.Module):
             linears += [layer.x_proj[0], layer.x_proj[2], layer.rbf_proj]
         for layer in self.update_layers:
             linears += [layer.vec_proj, layer.xvec_proj[0], layer.xvec_proj[2]]
-        for block in self.out_forces.output_network:
-            linears += [block.vec1_proj, block.vec2_proj, block.update_net[0], block.update_net[2]]
+        if self.out_forces is not None:
+            for block in self.out_forces.output_network:
+                linears += [block.vec1_proj, block.vec2_proj, block.update_net[0], block.update_net[2]]
         for lin in linears:
             nn.init.xavier_uniform_(lin.weight)
             if lin.bias is not None:
@@ -274,13 +333,40 @@ class PaiNN(nn.Module):
         edge_shift: torch.Tensor,  # [n_edges, 3] Å
         system_index: torch.Tensor,  # [n_atoms] int64
         natoms: torch.Tensor,  # [n_systems] int64
+        cell: torch.Tensor | None = None,  # [n_systems, 3, 3] Å, rows = lattice vectors
+    ) -> tuple[torch.Tensor, ...]:
+        """``(energy [n_systems] eV, forces [n_atoms, 3] eV/Å)``, plus
+        ``stress [n_systems, 3, 3]`` eV/Å^3 when ``cell`` is given (gradient
+        models only)."""
+        n_systems = natoms.shape[0]
+        if self.config.direct_forces:
+            if cell is not None:
+                raise ValueError(
+                    "stress needs a gradient-force model (direct_forces=False); this model "
+                    "predicts forces with its direct head"
+                )
+            x, vec = self.representation(atomic_numbers, positions, edge_index, edge_shift)
+            energy = self.energy_head(x, system_index, n_systems)
+            forces = self.out_forces(x, vec)  # [n_atoms, 3]
+            return self._denormalize(energy, forces, atomic_numbers, system_index, n_systems)
+        return self._conservative(
+            atomic_numbers, positions, edge_index, edge_shift, system_index, n_systems, cell
+        )
+
+    def representation(
+        self,
+        atomic_numbers: torch.Tensor,  # [n_atoms]
+        positions: torch.Tensor,  # [n_atoms, 3] Å
+        edge_index: torch.Tensor,  # [2, n_edges]
+        edge_shift: torch.Tensor,  # [n_edges, 3] Å
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        n_atoms, n_systems = positions.shape[0], natoms.shape[0]
+        """Final scalar ``[n_atoms, F]`` and vector ``[n_atoms, 3, F]`` features."""
+        n_atoms = positions.shape[0]
         F = self.config.hidden_channels
 
         # Edge geometry: r_ij = x_j + shift - x_i, pointing from centre i to neighbour j.
         src, dst = edge_index[0], edge_index[1]  # [n_edges]
-        distance_vec = positions[src] + edge_shift - positions[dst]  # [n_edges, 3]
+        distance_vec = gather_rows(positions, src) + edge_shift - gather_rows(positions, dst)  # [n_edges, 3]
         distance = torch.linalg.vector_norm(distance_vec, dim=-1)  # [n_edges]
         distance = torch.where(
             distance <= ZERO_DISTANCE_EPS, torch.full_like(distance, ZERO_DISTANCE_EPS), distance
@@ -299,11 +385,61 @@ class PaiNN(nn.Module):
             dx, dvec = update(x, vec)
             x = scale(x + dx)
             vec = vec + dvec
+        return x, vec
 
+    def energy_head(self, x: torch.Tensor, system_index: torch.Tensor, n_systems: int) -> torch.Tensor:
+        """Normalised system energies ``[n_systems]``: a sum of atomic energies."""
         atom_energy = self.out_energy(x).squeeze(-1)  # [n_atoms]
-        energy = segment_sum(atom_energy, system_index, n_systems)  # [n_systems]
-        forces = self.out_forces(x, vec)  # [n_atoms, 3]
-        return self._denormalize(energy, forces, atomic_numbers, system_index, n_systems)
+        return segment_sum(atom_energy, system_index, n_systems)  # [n_systems]
+
+    def _conservative(
+        self,
+        atomic_numbers: torch.Tensor,  # [n_atoms]
+        positions: torch.Tensor,  # [n_atoms, 3] Å
+        edge_index: torch.Tensor,  # [2, n_edges]
+        edge_shift: torch.Tensor,  # [n_edges, 3] Å
+        system_index: torch.Tensor,  # [n_atoms]
+        n_systems: int,
+        cell: torch.Tensor | None,  # [n_systems, 3, 3] Å
+    ) -> tuple[torch.Tensor, ...]:
+        """Energy, ``F = -∂E/∂x`` and, with ``cell``, ``σ = (1/V) ∂E/∂ε``.
+
+        The strain ``ε`` ``[n_systems, 3, 3]`` is a symmetric deformation
+        ``x -> x (1 + ε)`` applied to positions and to the periodic shifts of
+        the edges (so to the cell), evaluated at ``ε = 0``.
+        """
+        with torch.enable_grad():
+            if not positions.requires_grad:
+                positions = positions.detach().requires_grad_(True)
+            wrt = [positions]
+            if cell is not None:
+                strain = torch.zeros(
+                    (n_systems, 3, 3), dtype=positions.dtype, device=positions.device, requires_grad=True
+                )
+                wrt.append(strain)
+                sym = (strain + strain.transpose(1, 2)) * const(0.5, strain)  # [n_systems, 3, 3]
+                atom_strain = gather_rows(sym, system_index)  # [n_atoms, 3, 3]
+                positions_e = positions + (positions.unsqueeze(-1) * atom_strain).sum(dim=1)  # [n_atoms, 3]
+                edge_strain = gather_rows(atom_strain, edge_index[1])  # [n_edges, 3, 3]
+                edge_shift = edge_shift + (edge_shift.unsqueeze(-1) * edge_strain).sum(dim=1)  # [n_edges, 3]
+            else:
+                positions_e = positions
+            x, _ = self.representation(atomic_numbers, positions_e, edge_index, edge_shift)
+            energy = self.energy_head(x, system_index, n_systems)  # [n_systems]
+            grads = torch.autograd.grad(energy.sum(), wrt, create_graph=self.training)
+        forces = -grads[0]  # [n_atoms, 3]
+        energy, forces = self._denormalize(energy, forces, atomic_numbers, system_index, n_systems)
+        if cell is None:
+            return energy, forces
+        # Stress of the physical energy: the normalised energy's times energy_std.
+        virial = grads[1] * const(self.normalization.energy_std, grads[1])  # [n_systems, 3, 3] eV
+        volume = cell_volume(cell)  # [n_systems] Å^3
+        has_volume = volume > const(MIN_CELL_VOLUME, volume)
+        safe = torch.where(has_volume, volume, torch.ones_like(volume))
+        stress = torch.where(
+            has_volume[:, None, None], virial / safe[:, None, None], torch.full_like(virial, math.nan)
+        )
+        return energy, forces, stress
 
     def _denormalize(
         self,
@@ -324,3 +460,20 @@ class PaiNN(nn.Module):
             ref = table[atomic_numbers]  # [n_atoms]
             energy = energy + segment_sum(ref, system_index, n_systems)
         return energy, forces
+
+
+def cell_volume(cell: torch.Tensor) -> torch.Tensor:
+    """``|a1 · (a2 × a3)|`` ``[n_systems]`` Å^3 of cells ``[n_systems, 3, 3]`` (rows a1, a2, a3).
+
+    Written with elementwise products (no ``Det``) so every runtime has it.
+    """
+    a, b, c = cell[:, 0], cell[:, 1], cell[:, 2]  # [n_systems, 3] each
+    cross = torch.stack(
+        [
+            b[:, 1] * c[:, 2] - b[:, 2] * c[:, 1],
+            b[:, 2] * c[:, 0] - b[:, 0] * c[:, 2],
+            b[:, 0] * c[:, 1] - b[:, 1] * c[:, 0],
+        ],
+        dim=-1,
+    )  # [n_systems, 3]
+    return (a * cross).sum(dim=-1).abs()

@@ -226,4 +226,5 @@ def neighbor_graph(
         edge_index=edge_index,
         cell_shift=S,
         edge_shift=S.astype(np.float64) @ cell,
+        cell=cell,
     )

@@ -74,7 +74,6 @@ def _gated(w, prefix: str, x: torch.Tensor, v: torch.Tensor, out: int):
     return _silu(x), gate.unsqueeze(1) * v2
 
 
-@torch.no_grad()
 def reference_forward(
     state_dict: Mapping[str, torch.Tensor],
     config: PaiNNConfig,
@@ -86,7 +85,34 @@ def reference_forward(
     system_index: torch.Tensor,  # [n_atoms]
     natoms: torch.Tensor,  # [n_systems]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Energy ``[n_systems]`` eV and forces ``[n_atoms, 3]`` eV/Å, in ``positions.dtype``."""
+    """Energy ``[n_systems]`` eV and forces ``[n_atoms, 3]`` eV/Å, in ``positions.dtype``.
+
+    Direct-force models evaluate the force head; gradient-force models
+    (``direct_forces=False``) differentiate the energy with autograd.
+    """
+    gradient = not config.direct_forces
+    with torch.enable_grad() if gradient else torch.no_grad():
+        if gradient:
+            positions = positions.detach().requires_grad_(True)
+        energy, forces = _reference(
+            state_dict, config, atomic_numbers, positions, edge_index, edge_shift, system_index, natoms
+        )
+        if gradient:
+            (grad,) = torch.autograd.grad(energy.sum(), [positions])
+            forces = -grad
+    energy, forces = energy.detach(), forces.detach()
+    scatter = _scatter()
+    nz = normalization
+    energy = energy * nz.energy_std + nz.energy_mean
+    forces = forces * nz.forces_std + nz.forces_mean
+    if any(nz.element_references):
+        refs = torch.tensor(nz.element_references, dtype=positions.dtype)[atomic_numbers]
+        energy = energy + scatter(refs, system_index, dim=0, dim_size=natoms.shape[0], reduce="sum")
+    return energy, forces
+
+
+def _reference(state_dict, config, atomic_numbers, positions, edge_index, edge_shift, system_index, natoms):
+    """Normalised energy ``[n_systems]`` and direct forces ``[n_atoms, 3]`` (None for gradient models)."""
     scatter = _scatter()
     dtype = positions.dtype
     w = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items()}
@@ -128,14 +154,8 @@ def reference_forward(
 
     e_atom = _mlp(w, "out_energy", x).squeeze(-1)
     energy = scatter(e_atom, system_index, dim=0, dim_size=natoms.shape[0], reduce="sum")
+    if not config.direct_forces:
+        return energy, None
     xo, vo = _gated(w, "out_forces.output_network.0", x, vec, H // 2)
     _, vo = _gated(w, "out_forces.output_network.1", xo, vo, 1)
-    forces = vo.squeeze(-1)
-
-    nz = normalization
-    energy = energy * nz.energy_std + nz.energy_mean
-    forces = forces * nz.forces_std + nz.forces_mean
-    if any(nz.element_references):
-        refs = torch.tensor(nz.element_references, dtype=dtype)[atomic_numbers]
-        energy = energy + scatter(refs, system_index, dim=0, dim_size=natoms.shape[0], reduce="sum")
-    return energy, forces
+    return energy, vo.squeeze(-1)

@@ -3,7 +3,9 @@
 A runner is a context manager: ``activate()`` imports the heavy library and
 allocates device resources (nothing touches a GPU before it), ``infer(feed)``
 takes the model contract's inputs as numpy arrays and returns ``{"energy",
-"forces"}`` as numpy arrays, ``deactivate()`` frees. Each records the wall time
+"forces"}`` (and ``"stress"`` for stress graphs) as numpy arrays,
+``deactivate()`` frees. ``input_names``/``output_names`` say which contract
+variant the runner serves; extra feed entries are ignored. Each records the wall time
 of its last inference in ``last_inference_s``.
 """
 
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from painn_export.model import INPUT_NAMES, OUTPUT_NAMES
+from painn_export.model import INPUT_NAMES, OUTPUT_NAMES, input_names, output_names
 
 
 class RuntimeUnavailableError(RuntimeError):
@@ -28,6 +30,12 @@ class Runner(ABC):
     def __init__(self) -> None:
         self.active = False
         self.last_inference_s = float("nan")
+        self.input_names: tuple[str, ...] = INPUT_NAMES
+        self.output_names: tuple[str, ...] = OUTPUT_NAMES
+
+    @property
+    def has_stress(self) -> bool:
+        return "stress" in self.output_names
 
     def __enter__(self) -> Runner:
         self.activate()
@@ -49,7 +57,7 @@ class Runner(ABC):
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not self.active:
             raise RuntimeError(f"{self.name}: call activate() (or use it as a context manager) first")
-        missing = [k for k in INPUT_NAMES if k not in feed]
+        missing = [k for k in self.input_names if k not in feed]
         if missing:
             raise KeyError(f"{self.name}: feed lacks {missing}")
         start = time.perf_counter()
@@ -68,12 +76,18 @@ class Runner(ABC):
 
 
 class TorchRunner(Runner):
-    """Eager PyTorch: the scatter-free model on CPU or CUDA, float32 or float64."""
+    """Eager PyTorch: the scatter-free model on CPU or CUDA, float32 or float64.
 
-    def __init__(self, model, device: str = "cpu", dtype: str = "float32") -> None:
+    ``stress=True`` (gradient-force models) feeds ``cell`` and returns stress.
+    """
+
+    def __init__(self, model, device: str = "cpu", dtype: str = "float32", stress: bool = False) -> None:
         super().__init__()
+        if stress and model.config.direct_forces:
+            raise ValueError("stress needs a gradient-force model (direct_forces=False)")
         self.model, self.device, self.dtype = model, device, dtype
         self.name = f"torch-{device.split(':')[0]}-{dtype}"
+        self.input_names, self.output_names = input_names(stress), output_names(stress)
 
     def _activate(self) -> None:
         import torch
@@ -87,16 +101,17 @@ class TorchRunner(Runner):
     def _infer(self, feed):
         torch = self._torch
         inputs = []
-        for name in INPUT_NAMES:
+        for name in self.input_names:
             t = torch.from_numpy(np.ascontiguousarray(feed[name]))
             if t.is_floating_point():
                 t = t.to(self._float)
             inputs.append(t.to(self.device))
-        with torch.inference_mode():
-            energy, forces = self.model(*inputs)
+        # Gradient forces need autograd: no inference mode for them.
+        with torch.inference_mode(self.model.config.direct_forces):
+            outputs = self.model(*inputs)
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
-        return {"energy": energy.cpu().numpy(), "forces": forces.cpu().numpy()}
+        return {name: t.detach().cpu().numpy() for name, t in zip(self.output_names, outputs)}
 
 
 class OnnxRuntimeRunner(Runner):
@@ -126,6 +141,8 @@ class OnnxRuntimeRunner(Runner):
                 f"onnxruntime lacks {absent} (has {available}); pip install onnxruntime-gpu"
             )
         self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
+        self.output_names = tuple(o.name for o in self.session.get_outputs())
         self._float = np.float64 if self.session.get_inputs()[1].type == "tensor(double)" else np.float32
         self.name = "onnxruntime-" + providers[0].removesuffix("ExecutionProvider").lower()
 
@@ -134,10 +151,10 @@ class OnnxRuntimeRunner(Runner):
             name: np.ascontiguousarray(
                 feed[name], dtype=self._float if feed[name].dtype.kind == "f" else np.int64
             )
-            for name in INPUT_NAMES
+            for name in self.input_names
         }
-        outputs = self.session.run(list(OUTPUT_NAMES), inputs)
-        return dict(zip(OUTPUT_NAMES, outputs))
+        outputs = self.session.run(list(self.output_names), inputs)
+        return dict(zip(self.output_names, outputs))
 
     def _deactivate(self) -> None:
         self.session = None
@@ -156,6 +173,10 @@ class TensorRTRunner(Runner):
 
         self.engine, self.context, self._torch = load_engine(self.engine_path)
         self.profiles = read_profiles(self.engine_path)
+        names = [self.engine.get_tensor_name(k) for k in range(self.engine.num_io_tensors)]
+        is_input = {n: self.engine.get_tensor_mode(n).name == "INPUT" for n in names}
+        self.input_names = tuple(n for n in names if is_input[n])
+        self.output_names = tuple(n for n in names if not is_input[n])
         self.stream = self._torch.cuda.Stream()
         self._profile = 0
 
@@ -176,7 +197,7 @@ class TensorRTRunner(Runner):
         torch = self._torch
         self._select_profile(feed)
         buffers = {}
-        for name in INPUT_NAMES:
+        for name in self.input_names:
             array = np.ascontiguousarray(feed[name])
             tensor = torch.from_numpy(array).to("cuda")
             if tensor.is_floating_point():
@@ -184,14 +205,14 @@ class TensorRTRunner(Runner):
             buffers[name] = tensor
             self.context.set_input_shape(name, tuple(tensor.shape))
             self.context.set_tensor_address(name, tensor.data_ptr())
-        for name in OUTPUT_NAMES:
+        for name in self.output_names:
             shape = tuple(self.context.get_tensor_shape(name))
             buffers[name] = torch.empty(shape, dtype=torch.float32, device="cuda")
             self.context.set_tensor_address(name, buffers[name].data_ptr())
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError("tensorrt: execute_async_v3 failed")
         self.stream.synchronize()
-        return {name: buffers[name].cpu().numpy() for name in OUTPUT_NAMES}
+        return {name: buffers[name].cpu().numpy() for name in self.output_names}
 
     def _deactivate(self) -> None:
         self.context = self.engine = None

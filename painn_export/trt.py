@@ -48,6 +48,7 @@ class Profile:
             "edge_shift": tuple((n, 3) for n in e),
             "system_index": tuple((n,) for n in a),
             "natoms": tuple((n,) for n in s),
+            "cell": tuple((n, 3, 3) for n in s),  # stress graphs only
         }
 
     def admits(self, n_atoms: int, n_edges: int, n_systems: int) -> bool:
@@ -135,8 +136,12 @@ def build_engine(
 
     for profile in profiles:
         opt_profile = builder.create_optimization_profile()
-        for name, (lo, opt, hi) in profile.input_shapes().items():
-            opt_profile.set_shape(name, lo, opt, hi)
+        shapes = profile.input_shapes()
+        for k in range(network.num_inputs):
+            name = network.get_input(k).name
+            if name not in shapes:
+                raise ValueError(f"{onnx_path}: unexpected graph input {name!r}; not a painn-export graph")
+            opt_profile.set_shape(name, *shapes[name])
         config.add_optimization_profile(opt_profile)
 
     start = time.perf_counter()

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from painn_export.batch import Graph, collate
+from painn_export.model import input_names
 from painn_export.neighbors import neighbor_graph
 from painn_export.samples import _jittered_grid
 
@@ -79,9 +80,11 @@ def all_kinds(rng) -> list[Structure]:
     return [bulk(rng), slab(rng), molecule(rng), tiny_cell(rng)]
 
 
-def feed(graphs, dtype=torch.float64) -> dict[str, torch.Tensor]:
+def feed(graphs, dtype=torch.float64, stress: bool = False) -> dict[str, torch.Tensor]:
+    """The model's keyword inputs for ``graphs`` (with ``cell`` when ``stress``)."""
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
-    return {k: torch.from_numpy(v) for k, v in collate(graphs, np_dtype).items()}
+    batch = collate(graphs, np_dtype)
+    return {k: torch.from_numpy(batch[k]) for k in input_names(stress)}
 
 
 def run(model, graphs, dtype=torch.float64):
