@@ -71,9 +71,19 @@ def main() -> None:
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="model.onnx", show_default=True)
 @click.option("--opset", type=int, default=18, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option(
+    "--stress",
+    is_flag=True,
+    help="Add a cell input and a stress output (eV/Å^3); gradient-force models only.",
+)
 @click.option("--skip-check", is_flag=True, help="Do not run the ONNX Runtime parity check after writing.")
-def onnx_cmd(checkpoint, random_init, scale_file, trust_checkpoint, output, opset, dtype, skip_check):
-    """Trace the model to ONNX (dynamic atoms/edges/systems), then check it in ONNX Runtime."""
+def onnx_cmd(checkpoint, random_init, scale_file, trust_checkpoint, output, opset, dtype, stress, skip_check):
+    """Trace the model to ONNX (dynamic atoms/edges/systems), then check it in ONNX Runtime.
+
+    The checkpoint decides the graph: a direct-force model exports its
+    forward pass; a gradient-force model (direct_forces=False) exports forward
+    and backward, forces = -dE/dx.
+    """
     import torch
 
     from painn_export.export import export_onnx
@@ -82,8 +92,18 @@ def onnx_cmd(checkpoint, random_init, scale_file, trust_checkpoint, output, opse
     from painn_export.samples import example_set
 
     model = _load(checkpoint, random_init, scale_file, trust_checkpoint)
-    path = export_onnx(model, output, opset=opset, dtype=getattr(torch, dtype))
-    click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, opset {opset}, {dtype})")
+    if stress and model.config.direct_forces:
+        raise click.UsageError(
+            "--stress needs a gradient-force model (direct_forces=False); "
+            "this checkpoint has a direct force head"
+        )
+    path = export_onnx(model, output, opset=opset, dtype=getattr(torch, dtype), stress=stress)
+    forces = "direct" if model.config.direct_forces else "gradient (-dE/dx)"
+    click.echo(
+        f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, opset {opset}, {dtype}, {forces} forces"
+        + (", stress" if stress else "")
+        + ")"
+    )
     if skip_check:
         return
     rows = run_parity(
@@ -175,7 +195,7 @@ def parity_cmd(
     from painn_export.samples import example_set
 
     model = _load(checkpoint, random_init, scale_file, trust_checkpoint)
-    runners = [(TorchRunner(model, dtype="float32"), "float32")]
+    runners = [(TorchRunner(model, dtype="float32", stress=model.gradient_forces), "float32")]
     if onnx_path:
         from painn_export.export import read_metadata
 

@@ -51,12 +51,16 @@ def _comparison_kind(runner: Runner) -> str:
 
 
 def run_parity(model: PaiNN, runners: list[tuple[Runner, str]], samples) -> list[ParityRow]:
-    """Run each ``(runner, precision)`` on ``samples`` and compare with float64 PyTorch."""
+    """Run each ``(runner, precision)`` on ``samples`` and compare with float64 PyTorch.
+
+    Energies per atom, forces per component, and the stress when the runner
+    returns one (eV/Å^3, NaN on both sides for cells without volume).
+    """
     truth_model = copy.deepcopy(model).to(torch.float64)
     graphs = graphs_for(truth_model, samples)
     feed = collate(graphs, np.float64)
     natoms = feed["natoms"].astype(np.float64)
-    with TorchRunner(truth_model, dtype="float64") as truth:
+    with TorchRunner(truth_model, dtype="float64", stress=truth_model.gradient_forces) as truth:
         expected = truth.infer(feed)
     names = [s.name for s in samples]
     system_of_atom = feed["system_index"]
@@ -79,6 +83,10 @@ def run_parity(model: PaiNN, runners: list[tuple[Runner, str]], samples) -> list
                 runner.name, precision, f, names[system_of_atom[worst_atom]] if worst_atom >= 0 else "-"
             )
         )
+        if "stress" in got:
+            st = compare("stress", got["stress"], expected["stress"], tolerance(kind, precision, "stress"))
+            worst = names[st.worst_index // 9] if st.worst_index >= 0 else "-"
+            rows.append(ParityRow(runner.name, precision, st, worst))
     return rows
 
 

@@ -1,5 +1,6 @@
 """ONNX export: parity with PyTorch across shapes, the TensorRT operator check, metadata, CLI."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -182,3 +183,69 @@ def test_cli_trt_without_tensorrt_is_one_clear_line(tmp_path):
 def test_cli_without_model_is_a_usage_error():
     result = CliRunner().invoke(main, ["onnx"])
     assert result.exit_code == 2 and "--checkpoint" in result.output
+
+
+GRADIENT = dataclasses.replace(SMALL, direct_forces=False)
+
+
+@pytest.fixture(scope="module")
+def gradient_exports(tmp_path_factory):
+    """A gradient-force checkpoint exported by the CLI (float32, with stress) and float64 by the API."""
+    from painn_export import save_model
+
+    model = make_model(GRADIENT, torch.float64)
+    tmp = tmp_path_factory.mktemp("gradient")
+    ckpt = save_model(model, tmp / "gradient.pt")
+    f32 = tmp / "gradient_f32.onnx"
+    result = CliRunner().invoke(main, ["onnx", "--checkpoint", str(ckpt), "-o", str(f32), "--stress"])
+    assert result.exit_code == 0, result.output
+    assert "gradient" in result.output and "stress" in result.output
+    f64 = export_onnx(model, tmp / "gradient_f64.onnx", dtype=torch.float64, stress=True)
+    return model, ckpt, {"float32": f32, "float64": f64}
+
+
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_gradient_graph_matches_torch_with_stress(gradient_exports, precision):
+    model, _, paths = gradient_exports
+    samples = [s for s in example_set(seed=5, num_elements=83) if s.name in ("bulk", "slab", "molecule")]
+    rows = run_parity(model, [(OnnxRuntimeRunner(paths[precision]), precision)], samples)
+    assert {r.comparison.quantity for r in rows} == {"energy_per_atom", "forces", "stress"}
+    failures = [r.as_dict() for r in rows if not r.comparison.passed]
+    assert not failures, failures
+    meta = read_metadata(paths[precision])
+    assert meta["painn_export.forces"] == "gradient"
+    assert json.loads(meta["painn_export.outputs"]) == ["energy", "forces", "stress"]
+
+
+def test_gradient_graph_passes_the_tensorrt_operator_check(gradient_exports):
+    """The backward of every gather is ScatterElements(add) too: never ScatterND."""
+    _, _, paths = gradient_exports
+    report = check_model(paths["float32"], TABLE)
+    assert report.ok, report.violations
+    assert "ScatterND" not in report.operators
+    assert report.operators.get("ScatterElements", 0) > 6  # forward sums plus backward of gathers
+    for node in onnx.load(str(paths["float32"])).graph.node:
+        if node.op_type == "ScatterElements":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            assert attrs.get("reduction") == b"add"
+
+
+def test_gradient_checkpoint_exports_without_flags(gradient_exports, tmp_path):
+    """No flag needed: the checkpoint's direct_forces=False selects the gradient graph."""
+    _, ckpt, _ = gradient_exports
+    out = tmp_path / "plain.onnx"
+    result = CliRunner().invoke(main, ["onnx", "--checkpoint", str(ckpt), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    meta = read_metadata(out)
+    assert meta["painn_export.forces"] == "gradient"
+    assert json.loads(meta["painn_export.outputs"]) == ["energy", "forces"]
+
+
+def test_stress_flag_is_refused_for_a_direct_force_model(tmp_path):
+    from painn_export import save_model
+
+    ckpt = save_model(make_model(SMALL, torch.float32), tmp_path / "direct.pt")
+    result = CliRunner().invoke(
+        main, ["onnx", "--checkpoint", str(ckpt), "-o", str(tmp_path / "x.onnx"), "--stress"]
+    )
+    assert result.exit_code == 2 and "gradient-force model" in result.output
