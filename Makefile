@@ -24,8 +24,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/painn-export onnx --random-init demo --output out/demo.onnx
-	$(VENV)/bin/painn-export parity --random-init demo --onnx out/demo.onnx
+	$(VENV)/bin/painn-batch run examples/emt_examples.h5 --output out/emt_examples.out.h5 --json
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -34,15 +34,17 @@ def _load(checkpoint: str | None, random_init: str | None, scale_file: str | Non
         model = PaiNN(PRESETS[random_init]).eval()
         model.provenance = {"source_format": f"random-init:{random_init}:seed0"}
         return model
-    raise click.UsageError(
-        "no model: pass --checkpoint PATH (OCP/fairchem or painn-export file), "
-        "or --random-init demo|ocp for randomly initialised weights"
-    )
+    from painn_export.demo import demo_model_path
+
+    click.echo("no --checkpoint: using the bundled demo model (PaiNN trained on EMT)", err=True)
+    return load_model(demo_model_path())
 
 
 model_options = [
     click.option(
-        "--checkpoint", type=click.Path(dir_okay=False), help="OCP/fairchem checkpoint or native model file."
+        "--checkpoint",
+        type=click.Path(dir_okay=False),
+        help="OCP/fairchem checkpoint or native model file (default: the bundled demo model).",
     ),
     click.option(
         "--random-init", type=click.Choice(["demo", "ocp"]), help="Random weights of a preset size (seed 0)."

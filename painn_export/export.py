@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -160,6 +162,8 @@ def export_onnx(
     model = copy.deepcopy(model).to(dtype).eval()
     example = _example_inputs(model, dtype, stress)
     dynamic = _dynamic_shapes(stress)
+    # torch.onnx logs a warning per torchvision op it cannot register: noise here.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if model.config.direct_forces:
@@ -182,7 +186,7 @@ def export_onnx(
     for key, value in onnx_metadata(model, dtype, stress).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent exports never share one
     onnx.save(proto, tmp)
     onnx.checker.check_model(str(tmp), full_check=True)
     tmp.replace(path)

@@ -216,8 +216,12 @@ def neighbor_graph(
     if pairs is None:
         pairs = _candidates(positions, cell, pbc, cutoff)
 
-    i, j, S, d2 = pairs
-    kept = _cap(i, j, S, d2, n, max_neighbors, strict)
+    return _graph_from_pairs(z, positions, cell, *pairs, max_neighbors, strict)
+
+
+def _graph_from_pairs(z, positions, cell, i, j, S, d2, max_neighbors: int, strict: bool) -> Graph:
+    """Cap and symmetrise the radius-graph pairs ``(i, j, S, d²)`` into a Graph."""
+    kept = _cap(i, j, S, d2, positions.shape[0], max_neighbors, strict)
     i, j, S = _symmetrize(i[kept], j[kept], S[kept])
     edge_index = np.stack([j, i]).astype(np.int64)  # [2, n_edges], (sender j, receiver i)
     return Graph(
@@ -228,3 +232,47 @@ def neighbor_graph(
         edge_shift=S.astype(np.float64) @ cell,
         cell=cell,
     )
+
+
+class SkinGraph:
+    """The graph of a moving structure (MD, relaxation), searched again only when needed.
+
+    Pairs within ``cutoff + skin`` are kept from the last search; each
+    :meth:`update` recomputes their distances at the new positions and
+    applies the cutoff, the cap and the symmetrisation, which gives exactly
+    :func:`neighbor_graph`'s graph as long as no atom has moved more than
+    ``skin / 2`` since the search (then no pair outside the list can be
+    within the cutoff). A new search happens when an atom has moved further,
+    or when the cell, pbc or atoms change. Positions must not be re-wrapped
+    into the cell between searches (ASE's dynamics do not wrap).
+    """
+
+    def __init__(self, cutoff: float, max_neighbors: int, skin: float = 0.5, strict: bool = True) -> None:
+        if skin < 0:
+            raise ValueError(f"skin must be >= 0 Å, got {skin}")
+        self.cutoff, self.max_neighbors, self.skin, self.strict = cutoff, max_neighbors, skin, strict
+        self.n_searches = 0
+        self._key = None
+        self._ref_positions = None
+        self._pairs = None
+
+    def update(self, atomic_numbers, positions, cell, pbc) -> Graph:
+        positions, cell, pbc = validate_structure(positions, cell, pbc)
+        z = np.asarray(atomic_numbers, dtype=np.int64)
+        key = (z.tobytes(), cell.tobytes(), pbc.tobytes())
+        moved = (
+            np.inf
+            if self._ref_positions is None or key != self._key
+            else np.sqrt(np.max(np.sum((positions - self._ref_positions) ** 2, axis=1), initial=0.0))
+        )
+        if moved > self.skin / 2:
+            i, j, S, _ = _candidates(positions, cell, pbc, self.cutoff + self.skin)
+            self._pairs, self._key, self._ref_positions = (i, j, S), key, positions.copy()
+            self.n_searches += 1
+        i, j, S = self._pairs
+        vec = positions[j] - positions[i] + S @ cell
+        d2 = np.einsum("ij,ij->i", vec, vec)
+        keep = (d2 <= self.cutoff * self.cutoff) & (d2 > MIN_DISTANCE_SQ)
+        return _graph_from_pairs(
+            z, positions, cell, i[keep], j[keep], S[keep], d2[keep], self.max_neighbors, self.strict
+        )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -216,3 +217,74 @@ class TensorRTRunner(Runner):
 
     def _deactivate(self) -> None:
         self.context = self.engine = None
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the graph builder needs to know about a model, from any of its files."""
+
+    cutoff: float  # Å
+    max_neighbors: int
+    num_elements: int  # atomic numbers 1..num_elements
+    gradient_forces: bool  # forces are -dE/dx (stress possible)
+
+
+def open_runner(
+    path: str | Path | None, runtime: str = "onnxruntime", device: str = "cpu"
+) -> tuple[Runner, ModelFacts]:
+    """A runner for ``path`` and the model facts, for any model file.
+
+    ``path`` is a checkpoint (OCP/fairchem or native; run with PyTorch, or
+    exported to a cached ONNX file when ``runtime="onnxruntime"``), an
+    ``.onnx`` file (ONNX Runtime), or an ``.engine`` (TensorRT). ``None`` is
+    the bundled demo model. Gradient-force models serve stress where the
+    file has it (checkpoints always do).
+    """
+    import json
+
+    from painn_export.export import read_metadata
+
+    if runtime not in ("torch", "onnxruntime", "tensorrt"):
+        raise ValueError(f"runtime must be torch, onnxruntime or tensorrt, got {runtime!r}")
+    if path is None:
+        from painn_export.demo import demo_model_path
+
+        path = demo_model_path()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model file")
+    if path.suffix == ".engine":
+        side = json.loads(Path(str(path) + ".json").read_text())
+        meta = read_metadata(side["onnx_path"])
+        runner: Runner = TensorRTRunner(path)
+    elif path.suffix == ".onnx":
+        if runtime == "tensorrt":
+            raise ValueError(f"{path}: --runtime tensorrt needs an engine (painn-export trt {path.name})")
+        if runtime == "torch":
+            raise ValueError(f"{path}: an ONNX file runs on onnxruntime, not torch; pass the checkpoint")
+        meta = read_metadata(path)
+        runner = OnnxRuntimeRunner(path)
+    else:
+        from painn_export.checkpoint import load_model
+
+        model = load_model(path)
+        if runtime == "tensorrt":
+            raise ValueError(f"{path}: --runtime tensorrt needs an engine built from an ONNX export")
+        if runtime == "onnxruntime":
+            from painn_export.demo import cached_onnx
+
+            return open_runner(cached_onnx(model, path), "onnxruntime")
+        facts = ModelFacts(
+            model.config.cutoff, model.config.max_neighbors, model.config.num_elements, model.gradient_forces
+        )
+        return TorchRunner(model, device=device, stress=model.gradient_forces), facts
+    if "painn_export.config" not in meta:
+        raise ValueError(f"{path}: not a painn-export graph (no painn_export.config metadata)")
+    config = json.loads(meta["painn_export.config"])
+    facts = ModelFacts(
+        float(config["cutoff"]),
+        int(config["max_neighbors"]),
+        int(config["num_elements"]),
+        meta.get("painn_export.forces") == "gradient",
+    )
+    return runner, facts

@@ -21,8 +21,8 @@ def main() -> None:
     "--model",
     "model_path",
     type=click.Path(exists=True, dir_okay=False),
-    required=True,
-    help="A checkpoint (PyTorch), an exported .onnx file (ONNX Runtime) or a .engine (TensorRT).",
+    default=None,
+    help="A checkpoint, an exported .onnx file or a TensorRT .engine (default: the bundled demo model).",
 )
 @click.option(
     "--runtime",

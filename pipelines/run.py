@@ -55,41 +55,10 @@ class Summary:
         }
 
 
-def _open_runner(model_path: Path, runtime: str):
-    """The runner and the model facts the graph needs: (runner, cutoff, max_neighbors, num_elements)."""
-    from painn_export.runners import OnnxRuntimeRunner, TensorRTRunner, TorchRunner
-
-    if model_path.suffix == ".onnx":
-        from painn_export.export import read_metadata
-
-        meta = read_metadata(model_path)
-        config = json.loads(meta["painn_export.config"])
-        runner = OnnxRuntimeRunner(model_path) if runtime != "tensorrt" else None
-    elif model_path.suffix == ".engine":
-        from painn_export.export import read_metadata
-
-        side = json.loads(Path(str(model_path) + ".json").read_text())
-        config = json.loads(read_metadata(side["onnx_path"])["painn_export.config"])
-        runner = TensorRTRunner(model_path)
-    else:
-        from painn_export.checkpoint import load_model
-
-        model = load_model(model_path)
-        config = {
-            "cutoff": model.config.cutoff,
-            "max_neighbors": model.config.max_neighbors,
-            "num_elements": model.config.num_elements,
-        }
-        runner = TorchRunner(model)
-    if runner is None:
-        raise ValueError("--runtime tensorrt needs an engine file (painn-export trt MODEL.onnx)")
-    return runner, float(config["cutoff"]), int(config["max_neighbors"]), int(config["num_elements"])
-
-
 def run_file(
     input_path: str | Path,
     output_path: str | Path,
-    model_path: str | Path,
+    model_path: str | Path | None = None,
     *,
     runtime: str = "onnxruntime",
     max_atoms: int = 4096,
@@ -102,7 +71,10 @@ def run_file(
     info = validate_input(input_path)
     output_path = Path(output_path)
     partial = output_path.with_name(output_path.stem + ".partial.h5")
-    runner, cutoff, max_neighbors, num_elements = _open_runner(Path(model_path), runtime)
+    from painn_export.runners import open_runner
+
+    runner, facts = open_runner(model_path, runtime)
+    cutoff, max_neighbors, num_elements = facts.cutoff, facts.max_neighbors, facts.num_elements
     summary = Summary(n_structures=info.n_structures)
     start = time.perf_counter()
     with h5py.File(input_path, "r") as src, h5py.File(partial, "w") as dst, runner:

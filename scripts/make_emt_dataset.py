@@ -14,7 +14,8 @@ eV, forces in eV/Å), written in painn-batch's HDF5 input schema:
 Seeded: the same arguments give the same file. Each structure gets a split
 ("train"/"test") by a seeded permutation, stored in the ``split`` dataset.
 
-    python scripts/make_emt_dataset.py --n 3000 --seed 0 --output out/emt.h5
+    python scripts/make_emt_dataset.py --n 4000 --seed 0 --output out/emt.h5 \
+        --examples examples/emt_examples.h5
 """
 
 from __future__ import annotations
@@ -162,10 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--n", type=int, default=3000, help="number of structures")
+    parser.add_argument("--n", type=int, default=4000, help="number of structures")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-fraction", type=float, default=0.1)
     parser.add_argument("--output", type=Path, default=Path("out/emt.h5"))
+    parser.add_argument(
+        "--examples", type=Path, default=None, help="also write the first 100 held-out structures here"
+    )
     args = parser.parse_args(argv)
 
     import h5py
@@ -190,6 +194,24 @@ def main(argv: list[str] | None = None) -> int:
     with h5py.File(args.output, "a") as fh:
         fh.create_dataset("split", data=split.astype(str).astype(h5py.string_dtype()))
         fh.attrs.update({"generator": "scripts/make_emt_dataset.py", "seed": args.seed, "labels": "ase EMT"})
+    if args.examples:
+        pick = [k for k in range(len(data)) if split[k] == "test"][:100]
+        args.examples.parent.mkdir(parents=True, exist_ok=True)
+        write_input(
+            args.examples,
+            [structures[k] for k in pick],
+            energies=[data[k][2] for k in pick],
+            forces=[data[k][3] for k in pick],
+            ids=[f"{data[k][1]}-{k:05d}" for k in pick],
+        )
+        with h5py.File(args.examples, "a") as fh:
+            fh.attrs.update(
+                {
+                    "generator": f"scripts/make_emt_dataset.py --n {args.n} --seed {args.seed}",
+                    "labels": "ase EMT (held-out test split of the demo model)",
+                }
+            )
+        print(f"wrote {args.examples}: {len(pick)} held-out structures")
     natoms = np.array([len(a) for a, _, _, _ in data])
     print(
         f"wrote {args.output}: {len(data)} structures ({n_test} test), atoms {natoms.min()}-{natoms.max()} "
