@@ -78,8 +78,18 @@ def main() -> None:
     is_flag=True,
     help="Add a cell input and a stress output (eV/Å^3); gradient-force models only.",
 )
+@click.option(
+    "--target",
+    type=click.Choice(["tensorrt", "onnxruntime"]),
+    default="tensorrt",
+    show_default=True,
+    help="tensorrt: sums as ScatterElements (TensorRT and ONNX Runtime run it); "
+    "onnxruntime: ScatterND sums, several times faster on ONNX Runtime, rejected by TensorRT.",
+)
 @click.option("--skip-check", is_flag=True, help="Do not run the ONNX Runtime parity check after writing.")
-def onnx_cmd(checkpoint, random_init, scale_file, trust_checkpoint, output, opset, dtype, stress, skip_check):
+def onnx_cmd(
+    checkpoint, random_init, scale_file, trust_checkpoint, output, opset, dtype, stress, target, skip_check
+):
     """Trace the model to ONNX (dynamic atoms/edges/systems), then check it in ONNX Runtime.
 
     The checkpoint decides the graph: a direct-force model exports its
@@ -99,12 +109,11 @@ def onnx_cmd(checkpoint, random_init, scale_file, trust_checkpoint, output, opse
             "--stress needs a gradient-force model (direct_forces=False); "
             "this checkpoint has a direct force head"
         )
-    path = export_onnx(model, output, opset=opset, dtype=getattr(torch, dtype), stress=stress)
+    path = export_onnx(model, output, opset=opset, dtype=getattr(torch, dtype), stress=stress, target=target)
     forces = "direct" if model.config.direct_forces else "gradient (-dE/dx)"
     click.echo(
-        f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, opset {opset}, {dtype}, {forces} forces"
-        + (", stress" if stress else "")
-        + ")"
+        f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, opset {opset}, {dtype}, {forces} forces, "
+        f"for {target}" + (", stress" if stress else "") + ")"
     )
     if skip_check:
         return

@@ -86,8 +86,8 @@ class TargetNormalization:
 
 # Named configurations for randomly initialised models (benchmarks, smoke runs).
 PRESETS: dict[str, PaiNNConfig] = {
-    # The demo size: small enough to train and run on a laptop CPU.
-    "demo": PaiNNConfig(hidden_channels=128, num_layers=3, num_rbf=32, cutoff=6.0, max_neighbors=50),
+    # The bundled demo model's size (painn_export/data/demo.pt): trains on a laptop CPU.
+    "demo": PaiNNConfig(hidden_channels=96, num_layers=3, num_rbf=32, cutoff=6.0, max_neighbors=50),
     # The OC20 S2EF PaiNN (painn_h512): upstream defaults.
     "ocp": PaiNNConfig(),
 }

@@ -36,15 +36,16 @@ def cache_dir() -> Path:
 
 
 def cached_onnx(model, source: str | Path) -> Path:
-    """An ONNX export of ``model`` (loaded from ``source``), made once and reused.
+    """An ONNX Runtime export of ``model`` (loaded from ``source``), made once and reused.
 
-    Gradient-force models are exported with the stress output.
+    Exported for the ``onnxruntime`` target (ScatterND sums: the fast form
+    there); gradient-force models with the stress output.
     """
     from painn_export import __version__
     from painn_export.export import export_onnx
 
     digest = hashlib.sha256(Path(source).read_bytes()).hexdigest()[:16]
-    path = cache_dir() / f"{Path(source).stem}-{digest}-v{__version__}.onnx"
+    path = cache_dir() / f"{Path(source).stem}-{digest}-v{__version__}-ort.onnx"
     if not path.is_file():
-        export_onnx(model, path, stress=model.gradient_forces)
+        export_onnx(model, path, stress=model.gradient_forces, target="onnxruntime")
     return path

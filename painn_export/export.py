@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from painn_export.batch import collate
+from painn_export.layers import tracing_for_export
 from painn_export.model import CONTRACT_VERSION, PaiNN, input_names, output_names
 from painn_export.neighbors import neighbor_graph
 from painn_export.samples import example_set
@@ -74,20 +75,19 @@ def _dynamic_shapes(stress: bool = False) -> dict[str, dict[int, object]]:
     return {name: shapes[name] for name in input_names(stress)}
 
 
-def trace_gradient_graph(model: PaiNN, example: tuple[torch.Tensor, ...]) -> torch.fx.GraphModule:
+def trace_gradient_graph(
+    model: PaiNN, example: tuple[torch.Tensor, ...], target: str = "tensorrt"
+) -> torch.fx.GraphModule:
     """Trace a gradient-force model, backward pass included, into one aten graph.
 
     ``torch.export`` cannot trace ``torch.autograd.grad``; ``make_fx`` runs the
     autograd engine on symbolic tensors and records the backward's aten ops
     next to the forward's (decomposed to core aten, which the ONNX exporter
-    knows). Inside :func:`~painn_export.layers.tracing_for_export` every
-    gather's backward is ``scatter_add``, so the graph's sums are all
-    ``ScatterElements(reduction="add")``.
+    knows). Traced for TensorRT, every gather's backward is ``scatter_add``,
+    so the graph's sums are all ``ScatterElements(reduction="add")``.
     """
     from torch._decomp import core_aten_decompositions, get_decompositions
     from torch.fx.experimental.proxy_tensor import make_fx
-
-    from painn_export.layers import tracing_for_export
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -99,7 +99,7 @@ def trace_gradient_graph(model: PaiNN, example: tuple[torch.Tensor, ...]) -> tor
     # keeps the saved mean and 1/std, which the backward reads, in float32
     # whatever the graph's dtype.
     table = {**core_aten_decompositions(), **get_decompositions([torch.ops.aten.native_layer_norm])}
-    with tracing_for_export():
+    with tracing_for_export(target):
         return make_fx(
             forward,
             tracing_mode="symbolic",
@@ -138,6 +138,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     dtype: torch.dtype = torch.float32,
     stress: bool = False,
+    target: str = "tensorrt",
 ) -> Path:
     """Write ``model`` as ONNX at ``path`` (float32 or float64 graph) and check it.
 
@@ -145,6 +146,12 @@ def export_onnx(
     (``direct_forces=False``) exports forward and backward: ``forces =
     -∂E/∂positions`` and, with ``stress=True``, a ``cell`` input and a
     ``stress`` output (see :func:`trace_gradient_graph`).
+
+    ``target="tensorrt"`` (default) writes every sum as
+    ``ScatterElements(reduction="add")``, which TensorRT's parser accepts and
+    ONNX Runtime runs too; ``target="onnxruntime"`` writes
+    ``ScatterND(reduction="add")``, several times faster on ONNX Runtime but
+    rejected by TensorRT (see :func:`painn_export.model.segment_sum`).
     """
     import copy
 
@@ -169,8 +176,8 @@ def export_onnx(
         if model.config.direct_forces:
             traced, dynamic_shapes = model, dynamic
         else:
-            traced, dynamic_shapes = trace_gradient_graph(model, example), tuple(dynamic.values())
-        with torch.no_grad():
+            traced, dynamic_shapes = trace_gradient_graph(model, example, target), tuple(dynamic.values())
+        with torch.no_grad(), tracing_for_export(target):
             program = torch.onnx.export(
                 traced,
                 example,
@@ -183,7 +190,8 @@ def export_onnx(
             )
     proto = program.model_proto
     _name_dynamic_outputs(proto)
-    for key, value in onnx_metadata(model, dtype, stress).items():
+    metadata = {**onnx_metadata(model, dtype, stress), "painn_export.target": target}
+    for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent exports never share one

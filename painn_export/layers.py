@@ -15,28 +15,42 @@ from torch import nn
 
 from painn_export.config import PaiNNConfig
 
-_TRACING_FOR_EXPORT = False
+# ONNX targets: which form the graph's sums take (see painn_export.model.segment_sum).
+EXPORT_TARGETS = ("tensorrt", "onnxruntime")
+_EXPORT_TARGET: str | None = None
 
 
 @contextlib.contextmanager
-def tracing_for_export():
-    """Mark a trace (``make_fx``) whose graph will be exported to ONNX.
+def tracing_for_export(target: str = "tensorrt"):
+    """Mark a trace whose graph will be exported to ONNX for ``target``.
 
-    Inside it, and inside ``torch.onnx.export``, :func:`exporting` is true and
-    the model writes its export forms (tensor constants, ``scatter_add``
-    sums, gathers whose backward is a ``scatter_add``).
+    Inside it (and inside any ``torch.onnx.export``) :func:`exporting` is
+    true: the model writes tensor constants of exact dtype. With
+    ``target="tensorrt"`` (also the default inside a bare
+    ``torch.onnx.export``) sums over edges and the backward of gathers are
+    ``ScatterElements(reduction="add")``, the only scatter with a reduction
+    TensorRT's parser takes; with ``"onnxruntime"`` they are
+    ``ScatterND(reduction="add")`` with a ``[n, 1]`` index, which ONNX
+    Runtime runs far faster (no index of the updates' full shape).
     """
-    global _TRACING_FOR_EXPORT
-    previous, _TRACING_FOR_EXPORT = _TRACING_FOR_EXPORT, True
+    global _EXPORT_TARGET
+    if target not in EXPORT_TARGETS:
+        raise ValueError(f"export target must be one of {EXPORT_TARGETS}, got {target!r}")
+    previous, _EXPORT_TARGET = _EXPORT_TARGET, target
     try:
         yield
     finally:
-        _TRACING_FOR_EXPORT = previous
+        _EXPORT_TARGET = previous
 
 
 def exporting() -> bool:
     """Whether the model is being traced for ONNX (see :func:`tracing_for_export`)."""
-    return _TRACING_FOR_EXPORT or torch.onnx.is_in_onnx_export()
+    return _EXPORT_TARGET is not None or torch.onnx.is_in_onnx_export()
+
+
+def scatter_elements_form() -> bool:
+    """Whether sums must be written as ``scatter_add`` (TensorRT-compatible export)."""
+    return exporting() and (_EXPORT_TARGET or "tensorrt") == "tensorrt"
 
 
 def const(value: float, like: torch.Tensor):

@@ -41,7 +41,14 @@ import torch
 from torch import nn
 
 from painn_export.config import PaiNNConfig, TargetNormalization
-from painn_export.layers import AtomEmbedding, RadialBasis, ScaledSiLU, ScaleFactor, const, exporting
+from painn_export.layers import (
+    AtomEmbedding,
+    RadialBasis,
+    ScaledSiLU,
+    ScaleFactor,
+    const,
+    scatter_elements_form,
+)
 
 CONTRACT_VERSION = 1
 INPUT_NAMES = ("atomic_numbers", "positions", "edge_index", "edge_shift", "system_index", "natoms")
@@ -72,15 +79,16 @@ def segment_sum(src: torch.Tensor, index: torch.Tensor, num_segments: int) -> to
     """Sum rows of ``src`` ``[n, ...]`` into ``[num_segments, ...]`` by ``index`` ``[n]``.
 
     The scatter-free aggregation: ``index_add`` into zeros of ``src``'s dtype.
-    While exporting to ONNX it is written as ``scatter_add`` with the index
+    Exported for TensorRT it is written as ``scatter_add`` with the index
     broadcast to ``src``'s shape instead, which lowers to
     ``ScatterElements(reduction="add")`` with int64 indices of the updates'
     shape: exact, and accepted by TensorRT (its ScatterElements plugin).
-    ``index_add`` would lower to ``ScatterND(reduction="add")``, which
-    TensorRT's parser rejects.
+    ``index_add`` lowers to ``ScatterND(reduction="add")``, which TensorRT's
+    parser rejects but ONNX Runtime runs several times faster (its index is
+    ``[n, 1]``, not ``src``'s shape): the ``onnxruntime`` export target keeps it.
     """
     out = torch.zeros((num_segments, *src.shape[1:]), dtype=src.dtype, device=src.device)
-    if exporting():
+    if scatter_elements_form():
         return out.scatter_add(0, _broadcast_index(index, src), src)
     return out.index_add(0, index, src)
 
@@ -115,7 +123,7 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     backward is ``scatter_add`` (``ScatterElements(reduction="add")``), like
     :func:`segment_sum`. The forward is a plain ``Gather`` either way.
     """
-    if exporting():
+    if scatter_elements_form():
         return _GatherRows.apply(x, index)
     return x[index]
 

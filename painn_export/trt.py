@@ -109,6 +109,14 @@ def build_engine(
     timing_cache: str | Path | None = None,
 ) -> Path:
     """Parse ``onnx_path``, build a serialized engine with ``profiles``, write it and its sidecar."""
+    from painn_export.export import read_metadata
+
+    target = read_metadata(onnx_path).get("painn_export.target", "tensorrt")
+    if target != "tensorrt":
+        raise ValueError(
+            f"{onnx_path} was exported for {target} (ScatterND sums, which TensorRT rejects); "
+            "export again with painn-export onnx --target tensorrt"
+        )
     trt, torch = _import_tensorrt()
     if not profiles:
         raise ValueError("at least one optimisation profile is needed")

@@ -180,9 +180,25 @@ def test_cli_trt_without_tensorrt_is_one_clear_line(tmp_path):
         assert "pip install" in result.output and "Traceback" not in result.output
 
 
-def test_cli_without_model_is_a_usage_error():
-    result = CliRunner().invoke(main, ["onnx"])
-    assert result.exit_code == 2 and "--checkpoint" in result.output
+def test_cli_refuses_two_models():
+    result = CliRunner().invoke(main, ["onnx", "--checkpoint", "x.pt", "--random-init", "demo"])
+    assert result.exit_code == 2 and "not both" in result.output
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_onnxruntime_target_uses_scatternd_and_matches(tmp_path, direct):
+    """The ORT-only form: ScatterND sums with an [n, 1] index, same numbers; TensorRT refuses it."""
+    from painn_export.trt import Profile, build_engine
+
+    model = make_model(dataclasses.replace(SMALL, direct_forces=direct), torch.float32)
+    path = export_onnx(model, tmp_path / "ort.onnx", target="onnxruntime", stress=not direct)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "ScatterND" in ops and "ScatterElements" not in ops
+    assert read_metadata(path)["painn_export.target"] == "onnxruntime"
+    rows = run_parity(model, [(OnnxRuntimeRunner(path), "float32")], example_set(seed=2, num_elements=83))
+    assert all(r.comparison.passed for r in rows), [r.as_dict() for r in rows]
+    with pytest.raises(ValueError, match="--target tensorrt"):
+        build_engine(path, tmp_path / "x.engine", [Profile()])
 
 
 GRADIENT = dataclasses.replace(SMALL, direct_forces=False)
