@@ -197,8 +197,19 @@ def _profiles(ranges: dict) -> list:
 @click.option("--limit", type=int, default=64, show_default=True, help="Structures read from --input.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated structures.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@click.option("--cuda", is_flag=True, help="Also run PyTorch on the GPU (float32 and float64).")
 def parity_cmd(
-    checkpoint, random_init, scale_file, trust_checkpoint, onnx_path, engine, input_path, limit, seed, as_json
+    checkpoint,
+    random_init,
+    scale_file,
+    trust_checkpoint,
+    onnx_path,
+    engine,
+    input_path,
+    limit,
+    seed,
+    as_json,
+    cuda,
 ):
     """Run every available runtime on the same structures against PyTorch float64."""
     from painn_export.parity import format_table, run_parity
@@ -207,6 +218,10 @@ def parity_cmd(
 
     model = _load(checkpoint, random_init, scale_file, trust_checkpoint)
     runners = [(TorchRunner(model, dtype="float32", stress=model.gradient_forces), "float32")]
+    if cuda:
+        for precision in ("float32", "float64"):
+            runner = TorchRunner(model, device="cuda", dtype=precision, stress=model.gradient_forces)
+            runners.append((runner, precision))
     if onnx_path:
         from painn_export.export import read_metadata
 

@@ -60,6 +60,11 @@ TOLERANCES: dict[tuple[str, str], dict[str, Tolerance]] = {
         "forces": Tolerance(1e-9, 1e-9, "float64 kernels; fused ops reorder sums"),
         "stress": Tolerance(1e-11, 1e-9, "float64 kernels; fused ops reorder sums"),
     },
+    ("torch_vs_torch", "float64"): {
+        "energy": Tolerance(1e-10, 1e-10, "float64 on another device: different reduction order"),
+        "forces": Tolerance(1e-10, 1e-10, "float64 on another device: different reduction order"),
+        "stress": Tolerance(1e-12, 1e-10, "float64 on another device: different reduction order"),
+    },
     ("torch_vs_torch", "float32"): {
         "energy": Tolerance(2e-5, 1e-4, "float32 eager vs float64 truth"),
         "forces": Tolerance(1e-4, 1e-3, "float32 eager vs float64 truth"),

@@ -1,16 +1,24 @@
-"""``painn-batch``: evaluate a PaiNN on every structure of an HDF5 file."""
+"""``painn-batch``: evaluate a PaiNN on every structure of an HDF5 file.
+
+Exit codes: 0 every structure ok; 3 finished but some structures failed
+(see the output's ``status``); 1 fatal (unusable input, model or partial
+file); 2 usage; 130 interrupted (what was done is kept: rerun with --resume).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import click
 
 EXIT_SOME_FAILED = 3
+EXIT_INTERRUPTED = 130
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="painn-export")
 def main() -> None:
     """Batch evaluation of PaiNN models over HDF5 structure files."""
 
@@ -32,28 +40,57 @@ def main() -> None:
 )
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Default: INPUT with .out.h5.")
 @click.option(
-    "--max-atoms",
-    type=click.IntRange(min=1),
-    default=4096,
-    show_default=True,
-    help="Atom budget of one batch.",
+    "--max-atoms", type=click.IntRange(min=1), default=4096, show_default=True, help="Atoms per batch."
 )
+@click.option(
+    "--max-edges", type=click.IntRange(min=1), default=None, help="Edges per batch (default: no limit)."
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Neighbour-list worker processes (0: in the main process). Default: spare cores, 1 to 4.",
+)
+@click.option("--resume", is_flag=True, help="Continue OUT.partial.h5 (same input, model and runtime).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
-def run_cmd(input_path, model_path, runtime, output, max_atoms, as_json):
+@click.option("-v", "--verbose", count=True, help="More log output (-vv: debug).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, only errors.")
+def run_cmd(
+    input_path, model_path, runtime, output, max_atoms, max_edges, workers, resume, as_json, verbose, quiet
+):
     """Compute energies and forces of every structure in INPUT_PATH."""
-    from pipelines.run import run_file
+    from pipelines.output import ResumeError
+    from pipelines.run import RunInterruptedError, default_workers, run_file
     from pipelines.schema import SchemaError
 
+    level = logging.ERROR if quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     output = output or str(input_path).removesuffix(".h5") + ".out.h5"
     try:
-        summary = run_file(input_path, output, model_path, runtime=runtime, max_atoms=max_atoms)
-    except (SchemaError, ValueError, FileNotFoundError) as exc:
+        summary = run_file(
+            input_path,
+            output,
+            model_path,
+            runtime=runtime,
+            max_atoms=max_atoms,
+            max_edges=max_edges,
+            workers=default_workers() if workers is None else workers,
+            resume=resume,
+            progress=False if quiet else None,
+        )
+    except RunInterruptedError as exc:
+        click.echo(f"painn-batch: {exc}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except (SchemaError, ResumeError, ValueError, FileNotFoundError, ImportError) as exc:
         raise click.ClickException(str(exc)) from exc
     report = summary.as_dict()
     if as_json:
         click.echo(json.dumps(report))
-    else:
-        click.echo(f"wrote {output}: {report['status_counts']} in {report['seconds']} s", err=True)
-    ok = report["status_counts"].get("ok", 0)
-    if ok != summary.n_structures:
+    elif not quiet:
+        click.echo(
+            f"wrote {output}: {report['status_counts']} in {report['seconds']} s "
+            f"({report['structures_per_s']} structures/s)",
+            err=True,
+        )
+    if not summary.all_ok:
         sys.exit(EXIT_SOME_FAILED)

@@ -1,58 +1,90 @@
 """``painn-batch run``: structures from HDF5 -> graphs -> batches -> runtime -> HDF5.
 
-This first version runs in one process: it reads the input in chunks of
-structures, builds each graph (a structure that cannot be evaluated gets a
-status code and the run goes on), packs graphs into batches under an atom
-budget, runs them, and writes each batch's energies and forces, then its
-statuses, into ``OUT.partial.h5``, renamed to ``OUT`` at the end.
+Stages, each bounded so that memory does not grow with the file:
+
+1. **Neighbour workers** (``--workers N`` processes; 0 = in the main process)
+   read ranges of pending structures straight from the input and return
+   their graphs, or a status for a structure that cannot be evaluated
+   (:mod:`pipelines.graphs`). At most ``2 N + 1`` ranges are in flight, so
+   reading and neighbour search run ahead of inference by a bounded amount.
+2. **Batcher** packs graphs in input order up to ``--max-atoms`` /
+   ``--max-edges`` (and a TensorRT engine's largest profile).
+3. **Runner** (PyTorch, ONNX Runtime or TensorRT) evaluates a batch; a batch
+   that fails (out of memory, no engine profile fits) is split in halves down
+   to single structures before one is marked ``too_large``.
+4. **Writer** commits each batch, data then status, into ``OUT.partial.h5``
+   (:mod:`pipelines.output`), renamed to ``OUT`` when nothing is pending.
+
+``--resume`` reopens the partial file, checks its fingerprints and computes
+only what is still pending. Ctrl-C flushes what is done and exits 130.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from painn_export.batch import collate
-from painn_export.neighbors import StructureError, neighbor_graph
+from pipelines.graphs import GraphSettings, Item, build_items, init_worker
+from pipelines.output import (
+    STATUS,
+    SUCCESS,
+    Fingerprint,
+    ResumeError,
+    Writer,
+    check_resumable,
+    create,
+    file_sha256,
+    input_sha256,
+)
+from pipelines.progress import Progress
 from pipelines.schema import validate_input
 
-# Per-structure status codes written to the output's `status` dataset.
-STATUS = {
-    "pending": 0,
-    "ok": 1,
-    "nonfinite_positions": 2,
-    "bad_cell": 3,
-    "unknown_element": 4,
-    "empty_structure": 5,
-    "atoms_too_close": 6,
-    "nonfinite_output": 7,
-    "bad_shape": 8,
-}
-MIN_SEPARATION = 0.5  # Å; closer atoms are physically meaningless for these models
-READ_CHUNK = 512  # structures read from the input at a time
+__all__ = ["STATUS", "ResumeError", "RunInterruptedError", "Summary", "run_file"]
+
+CHUNK = 128  # structures per neighbour-worker task
+
+
+class RunInterruptedError(RuntimeError):
+    """Ctrl-C: what was done is flushed to the partial file; ``--resume`` continues."""
 
 
 @dataclass
 class Summary:
+    output: str = ""
+    runtime: str = ""
     n_structures: int = 0
+    computed: int = 0  # structures given a final status by this run
+    already_done: int = 0  # structures final before this run (--resume)
     counts: dict[str, int] = field(default_factory=dict)
+    atoms: int = 0
     seconds: float = 0.0
     energy_mae_per_atom: float | None = None
     forces_mae: float | None = None
 
     def as_dict(self) -> dict:
         return {
+            "output": self.output,
+            "runtime": self.runtime,
             "n_structures": self.n_structures,
+            "computed": self.computed,
+            "already_done": self.already_done,
             "status_counts": self.counts,
             "seconds": round(self.seconds, 3),
-            "structures_per_s": round(self.n_structures / self.seconds, 2) if self.seconds else None,
+            "structures_per_s": round(self.computed / self.seconds, 2) if self.seconds else None,
+            "atoms_per_s": round(self.atoms / self.seconds, 1) if self.seconds else None,
             "energy_mae_eV_per_atom": self.energy_mae_per_atom,
             "forces_mae_eV_per_A": self.forces_mae,
         }
+
+    @property
+    def all_ok(self) -> bool:
+        return sum(n for k, n in self.counts.items() if k in SUCCESS) == self.n_structures
 
 
 def run_file(
@@ -62,115 +94,215 @@ def run_file(
     *,
     runtime: str = "onnxruntime",
     max_atoms: int = 4096,
+    max_edges: int | None = None,
+    workers: int = 1,
+    resume: bool = False,
+    progress: bool | None = None,
 ) -> Summary:
     """Evaluate every structure of ``input_path``; write results to ``output_path``."""
-    import h5py
-
     from painn_export import __version__
-
-    info = validate_input(input_path)
-    output_path = Path(output_path)
-    partial = output_path.with_name(output_path.stem + ".partial.h5")
+    from painn_export.demo import demo_model_path
     from painn_export.runners import open_runner
 
-    runner, facts = open_runner(model_path, runtime)
-    cutoff, max_neighbors, num_elements = facts.cutoff, facts.max_neighbors, facts.num_elements
-    summary = Summary(n_structures=info.n_structures)
     start = time.perf_counter()
-    with h5py.File(input_path, "r") as src, h5py.File(partial, "w") as dst, runner:
-        dst.create_dataset("energy", data=np.full(info.n_structures, np.nan))
-        dst.create_dataset("forces", data=np.full((info.n_atoms, 3), np.nan))
-        dst.create_dataset("status", data=np.zeros(info.n_structures, np.int8))
-        dst.create_dataset("message", shape=(info.n_structures,), dtype=h5py.string_dtype())
-        dst.attrs.update(
-            {
-                "package_version": __version__,
-                "model": str(model_path),
-                "runtime": runner.name,
-                "input": str(input_path),
-                "status_codes": json.dumps(STATUS),
-                "units_energy": "eV",
-                "units_forces": "eV/Angstrom",
-            }
+    info = validate_input(input_path)
+    output_path = Path(output_path)
+    partial = output_path.with_name(output_path.name.removesuffix(".h5") + ".partial.h5")
+    runner, facts = open_runner(model_path, runtime)
+    runner.activate()
+    try:
+        fingerprint = Fingerprint(
+            input_sha256=input_sha256(input_path),
+            n_structures=info.n_structures,
+            n_atoms=info.n_atoms,
+            model_sha256=file_sha256(model_path or demo_model_path()),
+            runtime=runner.name,
+            precision="float32",
+            stress=runner.has_stress,
+            package_version=__version__,
         )
-        offsets = src["atom_offset"][...]
-        pending: list[tuple[int, object]] = []
-        pending_atoms = 0
+        if resume and not partial.exists() and output_path.exists():
+            check_resumable(output_path, fingerprint)
+            output_path.replace(partial)  # a finished output resumes to itself
+        elif resume and partial.exists():
+            check_resumable(partial, fingerprint)
+        else:
+            create(partial, fingerprint)
 
-        def flush():
-            nonlocal pending, pending_atoms
-            if pending:
-                _run_batch(runner, pending, offsets, dst)
-                dst.flush()
-            pending, pending_atoms = [], 0
+        import h5py
 
-        for lo in range(0, info.n_structures, READ_CHUNK):
-            hi = min(lo + READ_CHUNK, info.n_structures)
-            a0, a1 = offsets[lo], offsets[hi]
-            z_all, pos_all = src["atomic_numbers"][a0:a1], src["positions"][a0:a1]
-            cells, pbcs = src["cell"][lo:hi], src["pbc"][lo:hi]
-            for s in range(lo, hi):
-                z = z_all[offsets[s] - a0 : offsets[s + 1] - a0].astype(np.int64)
-                pos = pos_all[offsets[s] - a0 : offsets[s + 1] - a0]
-                kind, message, graph = _graph_or_status(
-                    z, pos, cells[s - lo], pbcs[s - lo], cutoff, max_neighbors, num_elements
-                )
-                if graph is None:
-                    dst["status"][s], dst["message"][s] = STATUS[kind], message
-                    continue
-                if pending_atoms + graph.n_atoms > max_atoms:
-                    flush()
-                pending.append((s, graph))
-                pending_atoms += graph.n_atoms
-        flush()
-        status = dst["status"][...]
-        names = {v: k for k, v in STATUS.items()}
-        summary.counts = {names[c]: int(n) for c, n in zip(*np.unique(status, return_counts=True))}
-        if info.has_reference:
-            _add_mae(summary, src, dst, offsets, status == STATUS["ok"])
-    partial.replace(output_path)
+        with h5py.File(input_path, "r") as fh:
+            offsets = fh["atom_offset"][...]
+        writer = Writer(partial, offsets)
+        summary = Summary(output=str(output_path), runtime=runner.name, n_structures=info.n_structures)
+        try:
+            pending = writer.pending()
+            summary.already_done = info.n_structures - len(pending)
+            limits = _limits(runner, max_atoms, max_edges)
+            settings = GraphSettings(facts.cutoff, facts.max_neighbors, facts.num_elements)
+            bar = Progress(len(pending), enabled=progress)
+            try:
+                _evaluate(str(input_path), pending, settings, workers, runner, writer, limits, summary, bar)
+            except KeyboardInterrupt as exc:
+                raise RunInterruptedError(
+                    f"interrupted; rerun with --resume to continue from {partial}"
+                ) from exc
+            finally:
+                bar.close()
+            summary.counts = writer.status_counts()
+            if info.has_reference:
+                _add_mae(summary, input_path, writer)
+            finished = len(writer.pending()) == 0
+        finally:
+            writer.close()
+        if finished:
+            partial.replace(output_path)
+    finally:
+        runner.deactivate()
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def _graph_or_status(z, pos, cell, pbc, cutoff, max_neighbors, num_elements):
-    if len(z) == 0:
-        return "empty_structure", "structure has no atoms", None
-    if z.min() < 1 or z.max() > num_elements:
-        return "unknown_element", f"atomic numbers outside 1..{num_elements}: {sorted(set(z.tolist()))}", None
-    try:
-        graph = neighbor_graph(pos, cell, pbc, cutoff, max_neighbors, atomic_numbers=z)
-    except StructureError as exc:
-        return exc.kind, str(exc), None
-    # Each atom keeps its nearest neighbours through the cap, so the graph
-    # already holds every pair closer than MIN_SEPARATION: no second search.
-    if len(z) > 1 and graph.n_edges and graph.distances().min() < MIN_SEPARATION:
-        return "atoms_too_close", f"atoms closer than {MIN_SEPARATION} Å", None
-    if len(z) > 1 and np.unique(np.round(pos, 4), axis=0).shape[0] < len(z):
-        return "atoms_too_close", "coincident atoms", None
-    return "ok", "", graph
+def _limits(runner, max_atoms: int, max_edges: int | None) -> tuple[int, float, float]:
+    """(atoms, edges, systems) per batch, within a TensorRT engine's largest profile."""
+    edges, systems = float(max_edges or np.inf), np.inf
+    profiles = getattr(runner, "profiles", None) or []
+    if profiles:
+        max_atoms = min(max_atoms, max(p.atoms[2] for p in profiles))
+        edges = min(edges, max(p.edges[2] for p in profiles))
+        systems = min(systems, max(p.systems[2] for p in profiles))
+    return max_atoms, edges, systems
 
 
-def _run_batch(runner, pending, offsets, dst) -> None:
-    feed = collate([g for _, g in pending], np.float32)
-    out = runner.infer(feed)
-    atom = 0
-    for k, (s, g) in enumerate(pending):
-        e, f = out["energy"][k], out["forces"][atom : atom + g.n_atoms]
-        atom += g.n_atoms
-        if not (np.isfinite(e) and np.isfinite(f).all()):
-            dst["status"][s], dst["message"][s] = STATUS["nonfinite_output"], "model output is not finite"
-            continue
-        dst["energy"][s] = e
-        dst["forces"][offsets[s] : offsets[s + 1]] = f
-        dst["status"][s] = STATUS["ok"]
+def _chunks(pending: np.ndarray):
+    """Runs of pending structure indices, at most CHUNK each."""
+    for lo in range(0, len(pending), CHUNK):
+        yield pending[lo : lo + CHUNK]
 
 
-def _add_mae(summary, src, dst, offsets, ok) -> None:
-    if not ok.any():
+def _items(input_path: str, pending: np.ndarray, settings: GraphSettings, workers: int):
+    """Items of every pending structure, in order, from a bounded window of worker tasks."""
+    if workers <= 0:
+        init_worker(input_path, settings)
+        for chunk in _chunks(pending):
+            yield from build_items(chunk)
         return
-    natoms = np.diff(offsets)
-    e_err = np.abs(dst["energy"][...] - src["energy"][...]) / np.maximum(natoms, 1)
-    summary.energy_mae_per_atom = float(np.mean(e_err[ok]))
-    atom_ok = np.repeat(ok, natoms)
-    summary.forces_mae = float(np.mean(np.abs(dst["forces"][...][atom_ok] - src["forces"][...][atom_ok])))
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn: the workers never inherit the runtime's threads or open HDF5 handles.
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=init_worker, initargs=(input_path, settings)
+    ) as pool:
+        window: deque = deque()
+        chunks = _chunks(pending)
+        try:
+            for chunk in chunks:
+                window.append(pool.submit(build_items, chunk))
+                if len(window) > 2 * workers:
+                    yield from window.popleft().result()
+            while window:
+                yield from window.popleft().result()
+        finally:
+            for future in window:
+                future.cancel()
+
+
+def _evaluate(input_path, pending, settings, workers, runner, writer, limits, summary, bar) -> None:
+    max_atoms, max_edges, max_systems = limits
+    batch: list[Item] = []
+    atoms = edges = 0
+    failed: list[tuple[int, str, str]] = []
+
+    def flush_failed():
+        nonlocal failed
+        writer.commit_status(failed)
+        summary.computed += len(failed)
+        bar.update(len(failed), 0)
+        failed = []
+
+    for item in _items(input_path, pending, settings, workers):
+        if item.graph is None:
+            failed.append((item.index, item.status, item.message))
+            if len(failed) >= CHUNK:
+                flush_failed()
+            continue
+        g = item.graph
+        if batch and (
+            atoms + g.n_atoms > max_atoms or edges + g.n_edges > max_edges or len(batch) >= max_systems
+        ):
+            _run_batch(runner, batch, writer, summary, bar)
+            batch, atoms, edges = [], 0, 0
+        batch.append(item)
+        atoms += g.n_atoms
+        edges += g.n_edges
+    if batch:
+        _run_batch(runner, batch, writer, summary, bar)
+    flush_failed()
+
+
+def _run_batch(runner, batch: list[Item], writer: Writer, summary: Summary, bar: Progress) -> None:
+    """Evaluate ``batch`` and commit it; split it in halves when the runtime fails on it."""
+    try:
+        out = runner.infer(collate([it.graph for it in batch], np.float32))
+    except (RuntimeError, MemoryError, ValueError) as exc:
+        if len(batch) == 1:
+            message = f"failed alone in a batch: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+            writer.commit_status([(batch[0].index, "too_large", message)])
+            summary.computed += 1
+            bar.update(1, 0)
+            return
+        half = len(batch) // 2
+        _run_batch(runner, batch[:half], writer, summary, bar)
+        _run_batch(runner, batch[half:], writer, summary, bar)
+        return
+    rows, bad = [], []
+    atom = 0
+    for k, it in enumerate(batch):
+        n = it.graph.n_atoms
+        e, f = float(out["energy"][k]), out["forces"][atom : atom + n]
+        atom += n
+        stress = out["stress"][k] if "stress" in out else None
+        if not (np.isfinite(e) and np.isfinite(f).all()):
+            bad.append((it.index, "nonfinite_output", "model output is not finite"))
+            continue
+        kind = "ok" if stress is None or np.isfinite(stress).all() else "ok_no_stress"
+        rows.append((it.index, e, f, stress, kind))
+        summary.atoms += n
+    writer.commit_results(rows)
+    writer.commit_status(bad)
+    summary.computed += len(batch)
+    bar.update(len(batch), sum(it.graph.n_atoms for it in batch))
+
+
+def _add_mae(summary: Summary, input_path, writer: Writer, block: int = 4096) -> None:
+    """MAE against the input's reference labels over successful structures, in blocks."""
+    import h5py
+
+    ok_codes = [STATUS[k] for k in SUCCESS]
+    e_sum = f_sum = 0.0
+    n_s = n_f = 0
+    offsets = writer.offsets
+    with h5py.File(input_path, "r") as src:
+        for lo in range(0, summary.n_structures, block):
+            hi = min(lo + block, summary.n_structures)
+            ok = np.isin(writer.fh["status"][lo:hi], ok_codes)
+            if not ok.any():
+                continue
+            natoms = np.diff(offsets[lo : hi + 1])
+            e_err = np.abs(writer.fh["energy"][lo:hi] - src["energy"][lo:hi]) / np.maximum(natoms, 1)
+            e_sum += float(e_err[ok].sum())
+            n_s += int(ok.sum())
+            a0, a1 = offsets[lo], offsets[hi]
+            atom_ok = np.repeat(ok, natoms)
+            f_err = np.abs(writer.fh["forces"][a0:a1] - src["forces"][a0:a1])[atom_ok]
+            f_sum += float(f_err.sum())
+            n_f += f_err.size
+    summary.energy_mae_per_atom = e_sum / n_s if n_s else None
+    summary.forces_mae = f_sum / n_f if n_f else None
+
+
+def default_workers() -> int:
+    """One neighbour worker per spare core, at least one."""
+    return max(1, min(4, (os.cpu_count() or 2) - 1))

@@ -90,7 +90,7 @@ def machine() -> str:
     return text
 
 
-def runtimes(model, onnx_paths: dict[str, Path], device: str):
+def runtimes(model, onnx_paths, device: str):
     """(name, callable factory) pairs; a factory returns fn(feed) or raises RuntimeError."""
     import torch
 
@@ -122,7 +122,7 @@ def runtimes(model, onnx_paths: dict[str, Path], device: str):
 
     def ort(providers, target):
         def make():
-            runner = OnnxRuntimeRunner(onnx_paths[target], providers=providers)
+            runner = OnnxRuntimeRunner(onnx_paths(target), providers=providers)
             runner.activate()
             return runner.infer
 
@@ -150,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--max-edges", type=int, default=3_000_000, help="skip batches with more edges")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument(
+        "--only", nargs="+", default=None, help="run only runtimes whose label contains one of these words"
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -170,10 +173,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         model = PaiNN(config).eval()
         with tempfile.TemporaryDirectory() as tmp:
-            onnx_paths = {
-                target: export_onnx(model, Path(tmp) / f"{name}-{target}.onnx", target=target)
-                for target in ("tensorrt", "onnxruntime")
-            }
+            exported: dict[str, Path] = {}
+
+            def onnx_paths(target, model=model, tmp=tmp, name=name, exported=exported):
+                """Exported on first use (an ORT row), once per target."""
+                if target not in exported:
+                    exported[target] = export_onnx(model, Path(tmp) / f"{name}-{target}.onnx", target=target)
+                return exported[target]
+
             for n_atoms in args.atoms:
                 feed = make_batch(config, n_atoms)
                 n_edges, n_sys = feed["edge_index"].shape[1], len(feed["natoms"])
@@ -184,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 times = {}
                 for label, factory in runtimes(model, onnx_paths, args.device):
+                    if args.only and not any(word in label for word in args.only):
+                        continue
                     try:
                         fn = factory()
                         times[label] = timed(lambda: fn(feed), args.repeats, sync)

@@ -1,6 +1,13 @@
 """painn-batch run end to end through the CLI, with every bad-input kind mixed in."""
 
+import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -126,3 +133,216 @@ def test_malformed_files_fail_before_work(tmp_path):
         validate_input(inp)
     result = CliRunner().invoke(main, ["run", str(bad), "--model", str(bad)])
     assert result.exit_code == 1 and "not a readable HDF5" in result.output
+
+
+# --- workers, resume, interruption, memory -------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = "import sys; from pipelines.cli import main; sys.exit(main())"
+
+
+def _many(n: int, seed: int = 0):
+    """``n`` small periodic and molecular structures (8-30 atoms)."""
+    from painn_export.samples import bulk, molecule
+
+    rng = np.random.default_rng(seed)
+    elements = np.arange(1, 30)
+    out = []
+    for k in range(n):
+        make = bulk if k % 3 else molecule
+        s = make(rng, int(rng.integers(8, 31)), elements)
+        out.append((s.atomic_numbers, s.positions, s.cell, s.pbc))
+    return out
+
+
+def _cli(args, **kw):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PAINN_EXPORT_CACHE": kw.pop("cache", "")}
+    return subprocess.Popen([sys.executable, "-c", CLI, *args], env=env, cwd=ROOT, **kw)
+
+
+def _read(path):
+    with h5py.File(path) as fh:
+        return {k: fh[k][...] for k in ("energy", "forces", "status")}
+
+
+def test_workers_give_the_in_process_result(tmp_path):
+    model_path = save_model(make_model(SMALL, torch.float32), tmp_path / "m.pt")
+    inp = write_input(tmp_path / "in.h5", _many(60))
+    outs = []
+    for workers in ("0", "2"):
+        out = tmp_path / f"out{workers}.h5"
+        result = CliRunner().invoke(
+            main,
+            [
+                "run",
+                str(inp),
+                "--model",
+                str(model_path),
+                "--runtime",
+                "torch",
+                "-o",
+                str(out),
+                "--workers",
+                workers,
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        outs.append(_read(out))
+    for key in ("energy", "forces", "status"):
+        np.testing.assert_array_equal(outs[0][key], outs[1][key])
+
+
+def _done(partial: Path) -> int:
+    """Structures with a final status in a partial file another process is writing."""
+    try:
+        with h5py.File(partial, "r", locking=False) as fh:
+            return int((fh["status"][...] != STATUS["pending"]).sum())
+    except (OSError, KeyError):
+        return 0
+
+
+def _interrupt_when(proc, partial: Path, done: int, sig) -> bool:
+    """Send ``sig`` once ``partial`` holds ``done`` final statuses; False if the run ended first."""
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if partial.exists() and _done(partial) >= done:
+            proc.send_signal(sig)
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_sigkill_and_ctrl_c_then_resume_equal_an_uninterrupted_run(tmp_path):
+    n = 1500
+    model_path = save_model(make_model(SMALL, torch.float32), tmp_path / "m.pt")
+    inp = write_input(tmp_path / "in.h5", _many(n, seed=1))
+    base = [
+        "run",
+        str(inp),
+        "--model",
+        str(model_path),
+        "--runtime",
+        "torch",
+        "--max-atoms",
+        "48",
+        "--json",
+        "-q",
+    ]
+    ref = tmp_path / "ref.h5"
+    assert _cli([*base, "-o", str(ref)]).wait(timeout=300) == 0
+
+    out, partial = tmp_path / "out.h5", tmp_path / "out.partial.h5"
+    rng = np.random.default_rng(0)
+    # A Ctrl-C first: what was done is flushed, exit 130, the partial file stays.
+    proc = _cli([*base, "-o", str(out)], stderr=subprocess.PIPE)
+    assert _interrupt_when(proc, partial, int(rng.integers(50, 200)), signal.SIGINT), "the run ended too soon"
+    assert proc.wait(timeout=60) == 130, proc.stderr.read().decode()
+    assert partial.exists() and not out.exists()
+    # Then SIGKILL at random points, each time resuming.
+    for _ in range(3):
+        target = _done(partial) + int(rng.integers(50, 300))
+        proc = _cli([*base, "-o", str(out), "--resume"], stdout=subprocess.PIPE)
+        killed = _interrupt_when(proc, partial, target, signal.SIGKILL)
+        proc.wait(timeout=60)
+        assert killed and not out.exists(), "the run ended before the kill"
+    done_before = _done(partial)
+    assert 0 < done_before < n
+    proc = _cli([*base, "-o", str(out), "--resume"], stdout=subprocess.PIPE)
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    summary = json.loads(stdout.decode().strip().splitlines()[-1])
+    # Nothing computed twice, nothing lost: the last run did exactly what was pending.
+    assert summary["already_done"] == done_before and summary["computed"] == n - done_before
+    assert out.exists() and not partial.exists()
+    got, want = _read(out), _read(ref)
+    np.testing.assert_array_equal(got["status"], want["status"])
+    assert (got["status"] == STATUS["ok"]).all()
+    np.testing.assert_allclose(got["energy"], want["energy"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got["forces"], want["forces"], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_refuses_another_model(tmp_path):
+    inp = write_input(tmp_path / "in.h5", _many(10))
+    a = save_model(make_model(SMALL, torch.float32, seed=1), tmp_path / "a.pt")
+    b = save_model(make_model(SMALL, torch.float32, seed=2), tmp_path / "b.pt")
+    args = ["run", str(inp), "--runtime", "torch", "-o", str(tmp_path / "o.h5"), "--workers", "0"]
+    assert CliRunner().invoke(main, [*args, "--model", str(a)]).exit_code == 0
+    result = CliRunner().invoke(main, [*args, "--model", str(b), "--resume"])
+    assert result.exit_code == 1 and "model_sha256" in result.output
+
+
+def test_failing_batches_are_split_down_to_one_structure(tmp_path):
+    """A runtime that fails above 40 atoms (as on out-of-memory): small ones run, a big one is too_large."""
+    from painn_export.samples import _jittered_grid
+    from pipelines.graphs import GraphSettings, structure_item
+    from pipelines.output import Fingerprint, Writer, create
+    from pipelines.progress import Progress
+    from pipelines.run import Summary, _run_batch
+
+    class SmallBatchesOnly:
+        def infer(self, feed):
+            if len(feed["positions"]) > 40:
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return {"energy": np.zeros(len(feed["natoms"])), "forces": np.zeros((len(feed["positions"]), 3))}
+
+    big = (np.ones(60, int), _jittered_grid(np.random.default_rng(0), 60) * 12, np.eye(3) * 12, [True] * 3)
+    rows = [*_many(6), big]
+    settings = GraphSettings(cutoff=5.0, max_neighbors=20, num_elements=83)
+    items = [
+        structure_item(k, np.asarray(z), np.asarray(p), np.asarray(c), np.asarray(b), settings)
+        for k, (z, p, c, b) in enumerate(rows)
+    ]
+    assert all(it.graph is not None for it in items)
+    offsets = np.concatenate([[0], np.cumsum([len(r[0]) for r in rows])])
+    path = tmp_path / "o.h5"
+    create(path, Fingerprint("x", len(rows), int(offsets[-1]), "m", "fake", "float32", False, "0"))
+    writer = Writer(path, offsets)
+    summary = Summary(n_structures=len(rows))
+    _run_batch(SmallBatchesOnly(), items, writer, summary, Progress(len(rows), enabled=False))
+    status, message = writer.fh["status"][...], writer.fh["message"][...]
+    writer.close()
+    assert summary.computed == len(rows)
+    assert all(status[k] == STATUS["ok"] for k in range(6))
+    assert status[-1] == STATUS["too_large"] and b"out of memory" in message[-1]
+
+
+def test_gradient_model_writes_stress(tmp_path):
+    """Stress is carried through; a cell without volume gives ok_no_stress, not a failure."""
+    model = make_model(dataclasses.replace(SMALL, direct_forces=False), torch.float32)
+    model_path = save_model(model, tmp_path / "g.pt")
+    rows = _many(6)
+    inp = write_input(tmp_path / "in.h5", rows)
+    out = tmp_path / "o.h5"
+    result = CliRunner().invoke(
+        main,
+        ["run", str(inp), "--model", str(model_path), "--runtime", "torch", "-o", str(out), "--workers", "0"],
+    )
+    assert result.exit_code == 0, result.output
+    with h5py.File(out) as fh:
+        stress, status = fh["stress"][...], fh["status"][...]
+        assert fh["stress"].attrs["units"] == "eV/Angstrom^3"
+    periodic = np.array([bool(np.any(r[3])) for r in rows])
+    assert np.isfinite(stress[periodic]).all() and (status[periodic] == STATUS["ok"]).all()
+    assert np.isnan(stress[~periodic]).all() and (status[~periodic] == STATUS["ok_no_stress"]).all()
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_on_a_ten_times_larger_file(tmp_path):
+    model_path = save_model(make_model(SMALL, torch.float32), tmp_path / "m.pt")
+    peak = {}
+    probe = (
+        "import resource, sys\n"
+        "from pipelines.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    )
+    for n in (300, 3000):
+        inp = write_input(tmp_path / f"in{n}.h5", _many(n, seed=n))
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        args = ["run", str(inp), "--model", str(model_path), "--runtime", "torch", "-q", "--workers", "1"]
+        proc = subprocess.run(
+            [sys.executable, "-c", probe, *args], env=env, cwd=ROOT, capture_output=True, timeout=600
+        )
+        line = [x for x in proc.stderr.decode().splitlines() if x.startswith("MAXRSS")][-1]
+        peak[n] = int(line.split()[1])  # KiB
+    assert peak[3000] < 1.15 * peak[300] + 30_000, peak

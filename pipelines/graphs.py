@@ -1,0 +1,82 @@
+"""The neighbour-list stage: read a range of structures, build each graph or say why not.
+
+Runs in worker processes (or in the main one with ``--workers 0``). A worker
+opens the input once and reads the structure ranges it is given, so only
+graphs, never the raw input, travel between processes. Imports stay light
+(numpy, h5py, vesin): no torch or ONNX Runtime in the workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from painn_export.batch import Graph
+from painn_export.neighbors import StructureError, neighbor_graph
+
+MIN_SEPARATION = 0.5  # Å; closer atoms are physically meaningless for these models
+
+
+@dataclass(frozen=True)
+class GraphSettings:
+    cutoff: float  # Å
+    max_neighbors: int
+    num_elements: int
+
+
+@dataclass(frozen=True)
+class Item:
+    """One structure after the neighbour stage: a graph, or a status and message."""
+
+    index: int
+    graph: Graph | None
+    status: str
+    message: str
+
+
+_state: dict = {}
+
+
+def init_worker(input_path: str, settings: GraphSettings) -> None:
+    import h5py
+
+    _state["file"] = h5py.File(input_path, "r")
+    _state["settings"] = settings
+    _state["offsets"] = _state["file"]["atom_offset"][...]
+
+
+def build_items(indices: np.ndarray) -> list[Item]:
+    """Graphs (or statuses) of the structures ``indices`` (sorted) of the open input."""
+    fh, settings, offsets = _state["file"], _state["settings"], _state["offsets"]
+    lo, hi = int(indices[0]), int(indices[-1]) + 1
+    a0, a1 = int(offsets[lo]), int(offsets[hi])
+    z_all = fh["atomic_numbers"][a0:a1]
+    pos_all = fh["positions"][a0:a1]
+    cells, pbcs = fh["cell"][lo:hi], fh["pbc"][lo:hi]
+    out = []
+    for s in indices:
+        s = int(s)
+        z = z_all[offsets[s] - a0 : offsets[s + 1] - a0].astype(np.int64)
+        pos = pos_all[offsets[s] - a0 : offsets[s + 1] - a0]
+        out.append(structure_item(s, z, pos, cells[s - lo], pbcs[s - lo], settings))
+    return out
+
+
+def structure_item(s: int, z, pos, cell, pbc, settings: GraphSettings) -> Item:
+    if len(z) == 0:
+        return Item(s, None, "empty_structure", "structure has no atoms")
+    if z.min() < 1 or z.max() > settings.num_elements:
+        bad = sorted({int(v) for v in z if not 1 <= v <= settings.num_elements})
+        return Item(s, None, "unknown_element", f"atomic numbers outside 1..{settings.num_elements}: {bad}")
+    try:
+        graph = neighbor_graph(pos, cell, pbc, settings.cutoff, settings.max_neighbors, atomic_numbers=z)
+    except StructureError as exc:
+        return Item(s, None, exc.kind, str(exc))
+    # Each atom keeps its nearest neighbours through the cap, so the graph
+    # already holds every pair closer than MIN_SEPARATION: no second search.
+    if len(z) > 1 and graph.n_edges and graph.distances().min() < MIN_SEPARATION:
+        return Item(s, None, "atoms_too_close", f"atoms closer than {MIN_SEPARATION} Å")
+    if len(z) > 1 and np.unique(np.round(graph.positions, 4), axis=0).shape[0] < len(z):
+        return Item(s, None, "atoms_too_close", "coincident atoms")
+    return Item(s, graph, "ok", "")

@@ -1,0 +1,180 @@
+"""The output HDF5 file: preallocated, crash-safe, fingerprinted, resumable.
+
+==============  =========  ===============  ==========================================
+dataset         dtype      shape            meaning
+==============  =========  ===============  ==========================================
+``energy``      float64    ``[S]``          eV; NaN until computed
+``forces``      float64    ``[Σn, 3]``      eV/Å, rows as the input's atoms; NaN until computed
+``stress``      float64    ``[S, 3, 3]``    eV/Å^3 (gradient-force models with stress only)
+``status``      int8       ``[S]``          :data:`STATUS` code; 0 = pending
+``message``     ``S160``   ``[S]``          why a structure failed (empty when ok)
+==============  =========  ===============  ==========================================
+
+Every dataset is contiguous and written in full (NaN, pending) when the file
+is created, so later writes only touch raw data, never HDF5's metadata: a
+process killed at any moment leaves a readable file. A batch is committed
+data first, then status, each followed by a flush, so a structure whose
+status says ``ok`` has its numbers on disk. The run writes ``OUT.partial.h5``
+and renames it to ``OUT`` when every structure has a final status.
+
+Attributes fingerprint the input (SHA-256 of its arrays), the model file,
+the runtime and its precision, and the package version: ``--resume`` refuses a
+partial file written for anything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Per-structure status codes written to the output's `status` dataset.
+STATUS = {
+    "pending": 0,
+    "ok": 1,
+    "nonfinite_positions": 2,
+    "bad_cell": 3,
+    "unknown_element": 4,
+    "empty_structure": 5,
+    "atoms_too_close": 6,
+    "nonfinite_output": 7,
+    "bad_shape": 8,
+    "ok_no_stress": 9,  # energy and forces ok; stress undefined (cell without volume)
+    "too_large": 10,  # failed alone in a batch (memory, engine profile)
+}
+SUCCESS = {"ok", "ok_no_stress"}
+MESSAGE_BYTES = 160
+_FILL_ROWS = 1 << 20  # rows written per block when preallocating
+
+
+class ResumeError(ValueError):
+    """A partial output that cannot be resumed for this run; the message says why."""
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    input_sha256: str
+    n_structures: int
+    n_atoms: int
+    model_sha256: str
+    runtime: str
+    precision: str
+    stress: bool
+    package_version: str
+
+
+def input_sha256(path: str | Path) -> str:
+    """SHA-256 over the input's structure arrays (streamed in blocks)."""
+    import h5py
+
+    digest = hashlib.sha256()
+    with h5py.File(path, "r") as fh:
+        for name in ("atom_offset", "cell", "pbc", "atomic_numbers", "positions"):
+            ds = fh[name]
+            for lo in range(0, ds.shape[0], _FILL_ROWS):
+                digest.update(np.ascontiguousarray(ds[lo : lo + _FILL_ROWS]).tobytes())
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def create(path: Path, fp: Fingerprint, status_codes: dict[str, int] = STATUS) -> None:
+    """Write a new output file with every dataset allocated and filled (NaN, pending)."""
+    import h5py
+
+    tmp = path.with_name(path.name + ".creating")
+    with h5py.File(tmp, "w") as fh:
+        shapes = {"energy": (fp.n_structures,), "forces": (fp.n_atoms, 3)}
+        if fp.stress:
+            shapes["stress"] = (fp.n_structures, 3, 3)
+        for name, shape in shapes.items():
+            ds = fh.create_dataset(name, shape=shape, dtype=np.float64)
+            for lo in range(0, shape[0], _FILL_ROWS):
+                hi = min(lo + _FILL_ROWS, shape[0])
+                ds[lo:hi] = np.full((hi - lo, *shape[1:]), np.nan)
+        fh.create_dataset("status", data=np.zeros(fp.n_structures, np.int8))
+        fh.create_dataset("message", data=np.zeros(fp.n_structures, f"S{MESSAGE_BYTES}"))
+        fh["energy"].attrs["units"] = "eV"
+        fh["forces"].attrs["units"] = "eV/Angstrom"
+        if fp.stress:
+            fh["stress"].attrs["units"] = "eV/Angstrom^3"
+        fh.attrs.update({f"fingerprint_{k}": v for k, v in asdict(fp).items()})
+        fh.attrs["status_codes"] = json.dumps(status_codes)
+    tmp.replace(path)  # only a fully created file ever has the partial name
+
+
+def check_resumable(path: Path, fp: Fingerprint) -> None:
+    """Raise ResumeError unless ``path`` was created for exactly this input, model and runtime."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as fh:
+            stored = {
+                k.removeprefix("fingerprint_"): v for k, v in fh.attrs.items() if k.startswith("fingerprint_")
+            }
+    except OSError as exc:
+        raise ResumeError(f"{path}: unreadable ({exc}); delete it to start over") from exc
+    for key, value in asdict(fp).items():
+        got = stored.get(key)
+        got = got.item() if hasattr(got, "item") else got
+        if got != value:
+            raise ResumeError(
+                f"{path} was written for {key}={got!r}, this run has {value!r}: "
+                "resume with the same input, model and runtime, or delete it to start over"
+            )
+
+
+class Writer:
+    """Commits batches into an open output file: data, flush, status, flush."""
+
+    def __init__(self, path: Path, offsets: np.ndarray) -> None:
+        import h5py
+
+        self.fh = h5py.File(path, "r+")
+        self.offsets = offsets
+        self.has_stress = "stress" in self.fh
+
+    def pending(self) -> np.ndarray:
+        """Indices of the structures without a final status."""
+        return np.flatnonzero(self.fh["status"][...] == STATUS["pending"])
+
+    def commit_results(self, rows: list[tuple[int, float, np.ndarray, np.ndarray | None, str]]) -> None:
+        """``rows``: (structure, energy, forces [n, 3], stress [3, 3] or None, status name)."""
+        if not rows:
+            return
+        energy, forces = self.fh["energy"], self.fh["forces"]
+        for s, e, f, st, _ in rows:
+            energy[s] = e
+            forces[self.offsets[s] : self.offsets[s + 1]] = f
+            if self.has_stress and st is not None:
+                self.fh["stress"][s] = st
+        self.fh.flush()
+        self.commit_status([(s, kind, "") for s, _, _, _, kind in rows])
+
+    def commit_status(self, rows: list[tuple[int, str, str]]) -> None:
+        """``rows``: (structure, status name, message)."""
+        if not rows:
+            return
+        status, message = self.fh["status"], self.fh["message"]
+        for s, kind, text in rows:
+            if text:
+                message[s] = text.encode("utf-8", "replace")[:MESSAGE_BYTES]
+            status[s] = STATUS[kind]
+        self.fh.flush()
+
+    def status_counts(self) -> dict[str, int]:
+        names = {v: k for k, v in STATUS.items()}
+        codes, counts = np.unique(self.fh["status"][...], return_counts=True)
+        return {names[int(c)]: int(n) for c, n in zip(codes, counts)}
+
+    def close(self) -> None:
+        self.fh.close()
