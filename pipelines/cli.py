@@ -94,3 +94,43 @@ def run_cmd(
         )
     if not summary.all_ok:
         sys.exit(EXIT_SOME_FAILED)
+
+
+@main.command("convert")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="Schema file to write.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["auto", "ase", "ani", "spice"]),
+    default="auto",
+    show_default=True,
+    help="ase: any file ASE reads; ani/spice: those HDF5 layouts (hartree, bohr converted).",
+)
+@click.option("--energy-key", help="ASE: atoms.info key; ANI/SPICE: dataset name in each group.")
+@click.option("--forces-key", help="ASE: atoms.arrays key; ANI: forces dataset; SPICE: gradient dataset.")
+def convert_cmd(source, output, fmt, energy_key, forces_key):
+    """Convert SOURCE (extxyz, traj, ASE db, ANI or SPICE HDF5) into the painn-batch input schema."""
+    from pipelines.convert import ConvertError, convert
+
+    try:
+        n = convert(source, output, fmt=fmt, energy_key=energy_key, forces_key=forces_key)
+    except (ConvertError, ImportError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"wrote {output}: {n} structures", err=True)
+
+
+@main.command("export")
+@click.argument("result", type=click.Path(exists=True, dir_okay=False))
+@click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False), required=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="extxyz file to write.")
+@click.option("--prefix", default="painn_", show_default=True, help="Prefix of the result keys.")
+def export_cmd(result, input_path, output, prefix):
+    """Write RESULT (a painn-batch output) with its input structures as extxyz."""
+    from pipelines.convert import ConvertError, export_extxyz
+
+    try:
+        n = export_extxyz(result, input_path, output, prefix)
+    except (ConvertError, ImportError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"wrote {output}: {n} structures", err=True)

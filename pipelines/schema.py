@@ -123,6 +123,92 @@ def write_input(path: str | Path, structures, energies=None, forces=None, ids=No
     return Path(path)
 
 
+class SchemaWriter:
+    """Appends structures to a new schema file, block by block (chunked, resizable datasets).
+
+    ``append`` takes records ``(Z, positions, cell, pbc, energy, forces, id)``
+    (energy/forces may be None); reference labels are written when every
+    structure has them.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        import h5py
+
+        self.path = Path(path)
+        self.fh = h5py.File(self.path.with_name(self.path.name + ".writing"), "w")
+        self.attrs = self.fh.attrs
+        self.n_structures = self.n_atoms = 0
+        self.labelled = True
+        f = self.fh
+        f.create_dataset("atomic_numbers", (0,), np.int64, maxshape=(None,), chunks=(65536,))
+        f.create_dataset("positions", (0, 3), np.float64, maxshape=(None, 3), chunks=(65536, 3))
+        f.create_dataset("atom_offset", data=np.zeros(1, np.int64), maxshape=(None,), chunks=(16384,))
+        f.create_dataset("cell", (0, 3, 3), np.float64, maxshape=(None, 3, 3), chunks=(4096, 3, 3))
+        f.create_dataset("pbc", (0, 3), bool, maxshape=(None, 3), chunks=(16384, 3))
+        f.create_dataset("energy", (0,), np.float64, maxshape=(None,), chunks=(16384,))
+        f.create_dataset("forces", (0, 3), np.float64, maxshape=(None, 3), chunks=(65536, 3))
+        f.create_dataset("ids", (0,), h5py.string_dtype(), maxshape=(None,), chunks=(16384,))
+        for name, units in (
+            ("positions", "Angstrom"),
+            ("cell", "Angstrom"),
+            ("energy", "eV"),
+            ("forces", "eV/Angstrom"),
+        ):
+            f[name].attrs["units"] = units
+
+    def append(self, records) -> None:
+        if not records:
+            return
+        f = self.fh
+        counts = np.array([len(r[0]) for r in records], dtype=np.int64)
+        s0, s1 = self.n_structures, self.n_structures + len(records)
+        a0, a1 = self.n_atoms, self.n_atoms + int(counts.sum())
+
+        def put(name, lo, hi, data):
+            f[name].resize(hi, axis=0)
+            f[name][lo:hi] = data
+
+        put("atomic_numbers", a0, a1, np.concatenate([np.asarray(r[0], np.int64) for r in records]))
+        put(
+            "positions",
+            a0,
+            a1,
+            np.concatenate([np.asarray(r[1], np.float64).reshape(-1, 3) for r in records]),
+        )
+        put("atom_offset", s0 + 1, s1 + 1, a0 + np.cumsum(counts))
+        put("cell", s0, s1, np.array([np.asarray(r[2], np.float64) for r in records]))
+        put("pbc", s0, s1, np.array([np.asarray(r[3], bool) for r in records]))
+        put("ids", s0, s1, np.array([str(r[6]) for r in records], dtype=object))
+        self.labelled &= all(r[4] is not None and r[5] is not None for r in records)
+        if self.labelled:
+            put("energy", s0, s1, np.array([r[4] for r in records], np.float64))
+            put(
+                "forces",
+                a0,
+                a1,
+                np.concatenate([np.asarray(r[5], np.float64).reshape(-1, 3) for r in records]),
+            )
+        self.n_structures, self.n_atoms = s1, a1
+
+    def close(self) -> None:
+        if not self.labelled:  # labels only when every structure has them
+            del self.fh["energy"], self.fh["forces"]
+        tmp = Path(self.fh.filename)
+        self.fh.close()
+        tmp.replace(self.path)
+
+    def __enter__(self) -> SchemaWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            tmp = Path(self.fh.filename)
+            self.fh.close()
+            tmp.unlink(missing_ok=True)
+
+
 def read_structures(path: str | Path, limit: int | None = None) -> list:
     """The first ``limit`` structures of a schema file as :class:`painn_export.samples.Sample`."""
     import h5py

@@ -1,0 +1,254 @@
+"""Bringing structures into the input schema, and results back out.
+
+``painn-batch convert`` reads, streaming, and appends to a schema file
+(:class:`pipelines.schema.SchemaWriter`):
+
+- any file ASE reads (extxyz, traj, ASE db, ...): energies and forces from
+  ``--energy-key`` / ``--forces-key`` (``atoms.info`` / ``atoms.arrays``), or
+  by default from the calculator results the file carries;
+- ANI-style HDF5 (ANI-1, ANI-1x): a group per formula with ``coordinates``
+  ``[C, N, 3]`` Å, ``species`` (symbols) or ``atomic_numbers`` ``[N]``, and
+  energies ``[C]`` in hartree (``energies``, ``wb97x_dz.energy``, ...),
+  forces in hartree/Å when present;
+- SPICE-style HDF5: a group per molecule with ``atomic_numbers`` ``[N]``,
+  ``conformations`` ``[C, N, 3]`` in bohr, ``dft_total_energy`` ``[C]`` in
+  hartree and ``dft_total_gradient`` ``[C, N, 3]`` in hartree/bohr (forces are
+  its negative).
+
+Molecular datasets are non-periodic: zero cell, pbc false. Everything is
+converted to Å, eV and eV/Å (CODATA 2018 constants).
+
+``painn-batch export`` writes a run's results with the input structures as
+extxyz, under prefixed keys (``painn_energy``, ``painn_forces``,
+``painn_stress``, ``painn_status``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+HARTREE_EV = 27.211386245988  # eV per hartree (CODATA 2018)
+BOHR_ANGSTROM = 0.529177210903  # Å per bohr (CODATA 2018)
+
+ANI_ENERGY_KEYS = ("energies", "wb97x_dz.energy", "wb97x_tz.energy", "ccsd(t)_cbs.energy", "energy")
+ANI_FORCES_KEYS = ("forces", "wb97x_dz.forces", "wb97x_tz.forces")
+SPICE_ENERGY_KEY = "dft_total_energy"
+SPICE_GRADIENT_KEY = "dft_total_gradient"
+
+# One converted structure: (Z [n], positions [n, 3] Å, cell [3, 3] Å, pbc [3], energy eV or None,
+# forces [n, 3] eV/Å or None, id)
+Record = tuple
+
+
+class ConvertError(ValueError):
+    """The source cannot be converted; the message names the file and the key."""
+
+
+def detect_format(path: Path) -> str:
+    """``ani``, ``spice`` or ``ase`` from the file's content."""
+    import h5py
+
+    if not h5py.is_hdf5(path):
+        return "ase"
+    with h5py.File(path, "r") as fh:
+        found = {"spice": False, "ani": False}
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Group):
+                if "conformations" in obj and "atomic_numbers" in obj:
+                    found["spice"] = True
+                if "coordinates" in obj:
+                    found["ani"] = True
+            return None
+
+        fh.visititems(visit)
+    if found["spice"]:
+        return "spice"
+    if found["ani"]:
+        return "ani"
+    raise ConvertError(
+        f"{path}: an HDF5 file, but neither ANI-style (coordinates) nor SPICE-style (conformations)"
+    )
+
+
+def read_ase(
+    path: Path, energy_key: str | None, forces_key: str | None, index: str = ":"
+) -> Iterator[Record]:
+    try:
+        import ase.io
+    except ImportError as exc:
+        raise ImportError("converting ASE-readable files needs ASE: pip install painn-export[ase]") from exc
+    for k, atoms in enumerate(ase.io.iread(str(path), index=index)):
+        energy = forces = None
+        if energy_key:
+            if energy_key not in atoms.info:
+                raise ConvertError(f"{path}: structure {k} has no info key {energy_key!r}")
+            energy = float(atoms.info[energy_key])
+        elif atoms.calc is not None and "energy" in atoms.calc.results:
+            energy = float(atoms.calc.results["energy"])
+        if forces_key:
+            if forces_key not in atoms.arrays:
+                raise ConvertError(f"{path}: structure {k} has no per-atom array {forces_key!r}")
+            forces = np.asarray(atoms.arrays[forces_key], dtype=np.float64)
+        elif atoms.calc is not None and "forces" in atoms.calc.results:
+            forces = np.asarray(atoms.calc.results["forces"], dtype=np.float64)
+        yield (atoms.numbers, atoms.positions, np.asarray(atoms.cell[:]), atoms.pbc, energy, forces, f"{k}")
+
+
+def _atomic_numbers(group, path: Path, name: str) -> np.ndarray:
+    if "atomic_numbers" in group:
+        return np.asarray(group["atomic_numbers"][...], dtype=np.int64).reshape(-1)
+    if "species" in group:
+        symbols = [s.decode() if isinstance(s, bytes) else str(s) for s in group["species"][...]]
+        return np.array([_Z[s] for s in symbols], dtype=np.int64)
+    raise ConvertError(f"{path}: group {name!r} has neither 'atomic_numbers' nor 'species'")
+
+
+def read_ani(path: Path, energy_key: str | None, forces_key: str | None) -> Iterator[Record]:
+    """ANI-style groups; coordinates Å, energies hartree, forces hartree/Å."""
+    import h5py
+
+    with h5py.File(path, "r") as fh:
+        groups: list[str] = []
+        fh.visititems(
+            lambda name, obj: (
+                groups.append(name) if isinstance(obj, h5py.Group) and "coordinates" in obj else None
+            )
+        )
+        for name in groups:
+            g = fh[name]
+            z = _atomic_numbers(g, path, name)
+            coords = g["coordinates"][...]
+            if coords.ndim != 3 or coords.shape[1:] != (len(z), 3):
+                raise ConvertError(f"{path}: {name}/coordinates must be [C, {len(z)}, 3], got {coords.shape}")
+            e_key = energy_key or next((k for k in ANI_ENERGY_KEYS if k in g), None)
+            f_key = forces_key or next((k for k in ANI_FORCES_KEYS if k in g), None)
+            if energy_key and energy_key not in g:
+                raise ConvertError(f"{path}: group {name!r} has no {energy_key!r}")
+            energies = g[e_key][...] * HARTREE_EV if e_key else None
+            forces = g[f_key][...] * HARTREE_EV if f_key else None
+            for c in range(coords.shape[0]):
+                yield (
+                    z,
+                    coords[c].astype(np.float64),
+                    np.zeros((3, 3)),
+                    np.zeros(3, bool),
+                    None if energies is None else float(energies[c]),
+                    None if forces is None else forces[c].astype(np.float64),
+                    f"{name}/{c}",
+                )
+
+
+def read_spice(path: Path, energy_key: str | None, forces_key: str | None) -> Iterator[Record]:
+    """SPICE-style groups; conformations bohr, energy hartree, gradient hartree/bohr (forces = -gradient)."""
+    import h5py
+
+    e_key = energy_key or SPICE_ENERGY_KEY
+    g_key = forces_key or SPICE_GRADIENT_KEY
+    with h5py.File(path, "r") as fh:
+        for name in fh:
+            g = fh[name]
+            if not isinstance(g, h5py.Group) or "conformations" not in g:
+                continue
+            z = _atomic_numbers(g, path, name)
+            coords = g["conformations"][...] * BOHR_ANGSTROM
+            energies = g[e_key][...] * HARTREE_EV if e_key in g else None
+            forces = -g[g_key][...] * (HARTREE_EV / BOHR_ANGSTROM) if g_key in g else None
+            for c in range(coords.shape[0]):
+                yield (
+                    z,
+                    coords[c].astype(np.float64),
+                    np.zeros((3, 3)),
+                    np.zeros(3, bool),
+                    None if energies is None else float(energies[c]),
+                    None if forces is None else forces[c].astype(np.float64),
+                    f"{name}/{c}",
+                )
+
+
+def convert(
+    source: str | Path,
+    output: str | Path,
+    *,
+    fmt: str = "auto",
+    energy_key: str | None = None,
+    forces_key: str | None = None,
+    chunk: int = 1024,
+) -> int:
+    """Convert ``source`` into the input schema at ``output``; returns the number of structures."""
+    from pipelines.schema import SchemaWriter
+
+    source = Path(source)
+    if not source.is_file():
+        raise ConvertError(f"{source}: no such file")
+    fmt = detect_format(source) if fmt == "auto" else fmt
+    reader = {"ase": read_ase, "ani": read_ani, "spice": read_spice}[fmt]
+    count = 0
+    with SchemaWriter(output) as writer:
+        block: list[Record] = []
+        for record in reader(source, energy_key, forces_key):
+            block.append(record)
+            if len(block) >= chunk:
+                writer.append(block)
+                count += len(block)
+                block = []
+        writer.append(block)
+        count += len(block)
+        writer.attrs["source"] = str(source)
+        writer.attrs["source_format"] = fmt
+    return count
+
+
+def export_extxyz(
+    result: str | Path, input_path: str | Path, output: str | Path, prefix: str = "painn_"
+) -> int:
+    """Write the input structures with a run's results under ``prefix`` keys as extxyz."""
+    import h5py
+
+    try:
+        import ase.io
+        from ase import Atoms
+    except ImportError as exc:
+        raise ImportError("painn-batch export needs ASE: pip install painn-export[ase]") from exc
+    from pipelines.output import STATUS
+    from pipelines.schema import read_structures
+
+    names = {v: k for k, v in STATUS.items()}
+    frames = []
+    with h5py.File(input_path, "r") as fh:
+        offsets = fh["atom_offset"][...]
+    with h5py.File(result, "r") as res:
+        if "status" not in res or "energy" not in res:
+            raise ConvertError(f"{result}: not a painn-batch output (no 'status'/'energy')")
+        if res["status"].shape[0] != len(offsets) - 1:
+            raise ConvertError(
+                f"{result}: {res['status'].shape[0]} structures, {input_path} has {len(offsets) - 1}"
+            )
+        for s, sample in enumerate(read_structures(input_path)):
+            atoms = Atoms(
+                numbers=sample.atomic_numbers, positions=sample.positions, cell=sample.cell, pbc=sample.pbc
+            )
+            atoms.info[f"{prefix}energy"] = float(res["energy"][s])
+            atoms.info[f"{prefix}status"] = names.get(int(res["status"][s]), str(res["status"][s]))
+            atoms.info["id"] = sample.name
+            atoms.arrays[f"{prefix}forces"] = res["forces"][offsets[s] : offsets[s + 1]]
+            if "stress" in res:
+                atoms.info[f"{prefix}stress"] = res["stress"][s].reshape(-1)
+            frames.append(atoms)
+    ase.io.write(str(output), frames, format="extxyz")
+    return len(frames)
+
+
+def _element_table() -> dict[str, int]:
+    symbols = (
+        "X H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As Se Br Kr "
+        "Rb Sr Y Zr Nb Mo Tc Ru Rh Pd Ag Cd In Sn Sb Te I Xe Cs Ba La Ce Pr Nd Pm Sm Eu Gd Tb Dy Ho Er Tm Yb "
+        "Lu Hf Ta W Re Os Ir Pt Au Hg Tl Pb Bi Po At Rn Fr Ra Ac Th Pa U Np Pu Am Cm Bk Cf Es Fm Md No Lr"
+    ).split()
+    return {s: z for z, s in enumerate(symbols)}
+
+
+_Z = _element_table()
