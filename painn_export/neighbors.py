@@ -31,7 +31,9 @@ reproduces that graph for one structure:
    reverse ``(i, j, -S)`` of each kept pair. A pair kept by the cap only from
    the higher-index side is therefore dropped in both directions.
 
-Output edges are ordered by ``(i, j, S)``. The two-pass build (a small radius
+Output edges are the kept one-sided pairs in neighbour-search order, then
+their reverses: deterministic for a given input, not sorted (the model does
+not care, and sorting was the slowest step). The two-pass build (a small radius
 first, the full cutoff only when some centre has too few neighbours there)
 returns the identical graph; it only avoids enumerating pairs the cap would
 discard anyway.
@@ -117,14 +119,53 @@ def _candidates(
 def _cap(
     i: np.ndarray, j: np.ndarray, S: np.ndarray, d2: np.ndarray, n_atoms: int, k: int, strict: bool
 ) -> np.ndarray:
-    """Indices of the pairs kept by the per-centre cap (sorted by i, d², j, S).
+    """Indices of the pairs kept by the per-centre cap (in no particular order).
 
-    Squared distances within ``TIE_RTOL`` of the previous one (same centre)
-    count as equal, so that a tie stays a tie after rotating the structure.
+    Vectorised: the centres with more than ``k`` pairs get their squared
+    distances in one padded ``[centres, max_count]`` matrix, and a row-wise
+    partition finds each one's k-th and (k+1)-th nearest. A centre whose k-th
+    and (k+1)-th nearest are further apart than ``TIE_RTOL`` keeps exactly its
+    pairs up to the k-th; a centre with a tie across that boundary goes
+    through :func:`_cap_exact`, the (d², j, S) ordering.
     """
     counts = np.bincount(i, minlength=n_atoms)
     if k <= 0 or counts.max(initial=0) <= k:
-        return np.lexsort((S[:, 2], S[:, 1], S[:, 0], j, d2, i))
+        return np.arange(i.size)
+    if i.size > 1 and np.any(i[1:] < i[:-1]):  # vesin groups pairs by centre; make sure
+        order = np.argsort(i, kind="stable")
+        return order[_cap(i[order], j[order], S[order], d2[order], n_atoms, k, strict)]
+    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    over = np.flatnonzero(counts > k)  # centres to cap
+    width = int(counts[over].max())
+    # Padded matrix of the capped centres' pair indices and squared distances.
+    col = np.arange(width)
+    valid = col[None, :] < counts[over][:, None]  # [n_over, width]
+    pair = np.where(valid, start[over][:, None] + col[None, :], 0)
+    dmat = np.where(valid, d2[pair], np.inf)
+    part = np.partition(dmat, (k - 1, k), axis=1)
+    d_k, d_k1 = part[:, k - 1], part[:, k]  # k-th and (k+1)-th nearest, squared
+    if strict:
+        clear = d_k1 - d_k > TIE_RTOL * d_k1
+        keep_mat = valid & (dmat <= d_k[:, None]) & clear[:, None]
+    else:
+        clear = np.ones(over.size, dtype=bool)
+        keep_mat = valid & (dmat <= d_k1[:, None] + DEGENERACY_TOLERANCE)
+    keep = np.ones(i.size, dtype=bool)
+    keep[pair[valid]] = False  # capped centres keep only what the matrix says
+    keep[pair[keep_mat]] = True
+    if not clear.all():
+        tied = np.isin(i, over[~clear])
+        idx = np.flatnonzero(tied)
+        keep[idx] = False
+        keep[idx[_cap_exact(i[idx], j[idx], S[idx], d2[idx], n_atoms, k)]] = True
+    return np.flatnonzero(keep)
+
+
+def _cap_exact(
+    i: np.ndarray, j: np.ndarray, S: np.ndarray, d2: np.ndarray, n_atoms: int, k: int
+) -> np.ndarray:
+    """Strict cap by sorting (i, d², j, S), squared distances within ``TIE_RTOL`` counting as equal."""
+    counts = np.bincount(i, minlength=n_atoms)
     order = np.lexsort((d2, i))
     d2_sorted, i_sorted = d2[order], i[order]
     new_group = np.ones(order.size, dtype=bool)
@@ -136,28 +177,15 @@ def _cap(
     order = order[tie_order]
     start = np.concatenate([[0], np.cumsum(counts)[:-1]])
     rank = np.arange(order.size) - np.repeat(start, counts)  # rank within centre
-    i_sorted = i[order]
-    over = counts > k
-    if strict:
-        keep = rank < k
-    else:
-        pivot = np.full(n_atoms, np.inf)
-        pivot[over] = d2[order][start[over] + k]
-        keep = d2[order] <= pivot[i_sorted] + DEGENERACY_TOLERANCE
-    keep |= ~over[i_sorted]
-    return order[keep]
+    return order[(rank < k) | (counts[i[order]] <= k)]
 
 
 def _symmetrize(i: np.ndarray, j: np.ndarray, S: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Upstream's one-sided symmetrisation; returns (i, j, S) sorted by (i, j, S)."""
+    """Upstream's one-sided symmetrisation: the kept one-sided pairs, then their reverses."""
     s_negative = (S[:, 0] < 0) | ((S[:, 0] == 0) & ((S[:, 1] < 0) | ((S[:, 1] == 0) & (S[:, 2] < 0))))
     mask = (j < i) | ((j == i) & s_negative)
     i, j, S = i[mask], j[mask], S[mask]
-    i2 = np.concatenate([i, j])
-    j2 = np.concatenate([j, i])
-    S2 = np.concatenate([S, -S])
-    order = np.lexsort((S2[:, 2], S2[:, 1], S2[:, 0], j2, i2))
-    return i2[order], j2[order], S2[order]
+    return np.concatenate([i, j]), np.concatenate([j, i]), np.concatenate([S, -S])
 
 
 def _density_radius(n_atoms: int, cell: np.ndarray, pbc: np.ndarray, k: int) -> float | None:

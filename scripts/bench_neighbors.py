@@ -3,7 +3,8 @@
     python scripts/bench_neighbors.py [--repeats 5] [--quick]
 
 Cases: (a) 4096 random atoms at 0.08 Å⁻³, (b) 1000 structures of 20-200
-atoms in random triclinic cells, one after another, (c) a 2-atom cell.
+atoms in random triclinic cells, one after another, (c) a 2-atom cell, (d)
+512-2048 atoms against the O(N²) torch radius graph.
 Prints the median of repeats in ms and ratios against vesin's plain full list.
 """
 
@@ -117,6 +118,14 @@ def main():
                 f"{'  ratio vs vesin':<22}"
                 + "".join(f"{t_vesin / t:>12.2f}" + ("    " if i == 0 else "") for i, t in enumerate(cells))
             )
+
+    print("\n(d) ours against the O(N²) torch radius graph (upstream's approach), 12 Å, cap 50")
+    print(f"{'atoms':>8}{'ours ms':>12}{'O(N²) ms':>12}{'speed-up':>10}")
+    for n in (512, 1024, 2048):
+        p, cl = random_bulk(rng, n)
+        t_ours = timed(lambda: neighbor_graph(p, cl, [True] * 3, 12.0, 50), args.repeats)
+        t_torch = timed(lambda: torch_radius_graph_pbc(p, cl, 12.0), 1)
+        print(f"{n:>8}{1e3 * t_ours:>12.1f}{1e3 * t_torch:>12.1f}{t_torch / t_ours:>9.0f}x")
 
 
 if __name__ == "__main__":

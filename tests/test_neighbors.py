@@ -133,8 +133,8 @@ def test_two_pass_equals_single_pass(rng):
     for strict in (True, False):
         a = neighbor_graph(pos, cell, [True] * 3, 8.0, 30, strict=strict, two_pass=True)
         b = neighbor_graph(pos, cell, [True] * 3, 8.0, 30, strict=strict, two_pass=False)
-        assert edge_set(a) == edge_set(b)
-        np.testing.assert_array_equal(a.edge_index, b.edge_index)
+        assert edge_set(a) == edge_set(b)  # same graph; edge order follows each search
+        assert a.n_edges == b.n_edges
 
 
 def test_symmetric_with_negated_shifts(rng):

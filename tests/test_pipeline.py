@@ -346,3 +346,22 @@ def test_memory_stays_flat_on_a_ten_times_larger_file(tmp_path):
         line = [x for x in proc.stderr.decode().splitlines() if x.startswith("MAXRSS")][-1]
         peak[n] = int(line.split()[1])  # KiB
     assert peak[3000] < 1.15 * peak[300] + 30_000, peak
+
+
+def test_progress_bar_draws_on_a_terminal_only():
+    import io
+
+    from pipelines.progress import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty, pipe = Tty(), io.StringIO()
+    for stream in (tty, pipe):
+        bar = Progress(10, stream=stream, interval=0.0)
+        bar.update(4, 400)
+        bar.update(6, 600)
+        bar.close()
+    assert "10/10 structures" in tty.getvalue() and "atoms/s" in tty.getvalue() and "ETA" in tty.getvalue()
+    assert pipe.getvalue() == ""

@@ -1,0 +1,192 @@
+"""End-to-end ``painn-batch run`` against model-only throughput, and peak memory vs file size.
+
+    python scripts/bench_pipeline.py [--structures 2000] [--memory-factor 10] [--model PATH]
+                                     [--runtime onnxruntime] [--workers N] [--repeats 3]
+
+1. Generates a file of periodic bulk, slab and molecular structures of 20-100
+   atoms (the demo model's elements; seeded).
+2. Model-only: the same structures' graphs built beforehand, packed by the
+   pipeline's batcher rule (``--max-atoms``), only ``runner.infer`` timed.
+3. End-to-end: ``run_file`` on the file (read, neighbour workers, batching,
+   inference, crash-safe writes), wall time.
+4. Efficiency = model-only time / end-to-end time (1.0: reading, neighbour
+   lists and writing are completely hidden behind inference).
+5. Peak resident memory of ``painn-batch run`` in a subprocess on the file
+   and on one ``--memory-factor`` times larger (its workers included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ELEMENTS = np.array([13, 28, 29, 46, 47, 78, 79])
+
+
+def generate(path: Path, n: int, seed: int = 0) -> Path:
+    from painn_export.samples import bulk, molecule, slab
+    from pipelines.schema import SchemaWriter
+
+    rng = np.random.default_rng(seed)
+    makers = (bulk, bulk, slab, molecule)
+    with SchemaWriter(path) as writer:
+        block = []
+        for k in range(n):
+            s = makers[k % 4](rng, int(rng.integers(20, 101)), ELEMENTS, spacing=2.5)
+            block.append((s.atomic_numbers, s.positions, s.cell, s.pbc, None, None, f"{s.name}-{k}"))
+            if len(block) == 1000:
+                writer.append(block)
+                block = []
+        writer.append(block)
+    return path
+
+
+def model_only(path: Path, model: str | None, runtime: str, max_atoms: int, repeats: int) -> float:
+    """Median seconds of runner.infer over all batches (graphs and feeds built beforehand)."""
+    from painn_export.batch import collate
+    from painn_export.runners import open_runner
+    from pipelines.graphs import GraphSettings, build_items, init_worker
+    from pipelines.schema import validate_input
+
+    runner, facts = open_runner(model, runtime)
+    n = validate_input(path).n_structures
+    init_worker(str(path), GraphSettings(facts.cutoff, facts.max_neighbors, facts.num_elements))
+    graphs = [it.graph for it in build_items(np.arange(n)) if it.graph is not None]
+    feeds, batch, atoms = [], [], 0
+    for g in graphs:
+        if batch and atoms + g.n_atoms > max_atoms:
+            feeds.append(collate(batch, np.float32))
+            batch, atoms = [], 0
+        batch.append(g)
+        atoms += g.n_atoms
+    feeds.append(collate(batch, np.float32))
+    times = []
+    with runner:
+        runner.infer(feeds[0])  # warm-up
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for feed in feeds:
+                runner.infer(feed)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def end_to_end(path: Path, model, runtime: str, max_atoms: int, workers: int, repeats: int) -> float:
+    from pipelines.run import run_file
+
+    times = []
+    for k in range(repeats):
+        out = path.with_name(f"{path.stem}.out{k}.h5")
+        t = time.perf_counter()
+        summary = run_file(
+            path, out, model, runtime=runtime, max_atoms=max_atoms, workers=workers, progress=False
+        )
+        times.append(time.perf_counter() - t)
+        assert summary.all_ok, summary.as_dict()
+        out.unlink()
+    return statistics.median(times)
+
+
+def peak_rss_mib(path: Path, model, runtime: str, workers: int) -> float:
+    """Peak RSS of `painn-batch run` (MiB): the main process plus its largest worker."""
+    probe = (
+        "import resource, sys\n"
+        "from pipelines.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
+        " resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
+    )
+    args = [
+        "run",
+        str(path),
+        "-q",
+        "--runtime",
+        runtime,
+        "--workers",
+        str(workers),
+        "-o",
+        str(path) + ".mem.h5",
+    ]
+    if model:
+        args += ["--model", str(model)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, *args], env=env, capture_output=True, text=True, check=False
+    )
+    line = [x for x in proc.stderr.splitlines() if x.startswith("RSS")][-1]
+    main_kib, child_kib = (int(v) for v in line.split()[1:])
+    return (main_kib + child_kib) / 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--structures", type=int, default=2000)
+    parser.add_argument("--memory-factor", type=int, default=10)
+    parser.add_argument("--model", default=None, help="default: the bundled demo model")
+    parser.add_argument("--runtime", default="onnxruntime")
+    parser.add_argument("--max-atoms", type=int, default=4096)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    from pipelines.run import default_workers
+
+    workers = default_workers() if args.workers is None else args.workers
+    print(
+        f"# {time.strftime('%Y-%m-%d')} | {os.cpu_count()} cores | python scripts/bench_pipeline.py "
+        + " ".join(argv if argv is not None else sys.argv[1:])
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        small = generate(Path(tmp) / "small.h5", args.structures)
+        from pipelines.schema import validate_input
+
+        n_atoms = validate_input(small).n_atoms
+        t_model = model_only(small, args.model, args.runtime, args.max_atoms, args.repeats)
+        t_e2e = end_to_end(small, args.model, args.runtime, args.max_atoms, workers, args.repeats)
+        rows = {
+            "structures": args.structures,
+            "atoms": n_atoms,
+            "workers": workers,
+            "model_only_s": t_model,
+            "end_to_end_s": t_e2e,
+            "model_only_structures_per_s": args.structures / t_model,
+            "end_to_end_structures_per_s": args.structures / t_e2e,
+            "efficiency": t_model / t_e2e,
+        }
+        print(
+            f"{args.structures} structures ({n_atoms} atoms), {args.runtime}, {workers} neighbour worker(s)"
+        )
+        print(f"  model only : {t_model:8.2f} s  {args.structures / t_model:8.1f} structures/s")
+        print(f"  end to end : {t_e2e:8.2f} s  {args.structures / t_e2e:8.1f} structures/s")
+        print(f"  efficiency : {t_model / t_e2e:8.2f}")
+        if args.memory_factor > 1:
+            big = generate(Path(tmp) / "big.h5", args.structures * args.memory_factor, seed=1)
+            rss_small = peak_rss_mib(small, args.model, args.runtime, workers)
+            rss_big = peak_rss_mib(big, args.model, args.runtime, workers)
+            rows.update({"peak_rss_mib": rss_small, f"peak_rss_mib_x{args.memory_factor}": rss_big})
+            print(
+                f"  peak RSS   : {rss_small:8.0f} MiB for {args.structures} structures, "
+                f"{rss_big:.0f} MiB for {args.structures * args.memory_factor}"
+            )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
