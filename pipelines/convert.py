@@ -130,16 +130,21 @@ def read_ani(path: Path, energy_key: str | None, forces_key: str | None) -> Iter
                 raise ConvertError(f"{path}: group {name!r} has no {energy_key!r}")
             energies = g[e_key][...] * HARTREE_EV if e_key else None
             forces = g[f_key][...] * HARTREE_EV if f_key else None
-            for c in range(coords.shape[0]):
-                yield (
-                    z,
-                    coords[c].astype(np.float64),
-                    np.zeros((3, 3)),
-                    np.zeros(3, bool),
-                    None if energies is None else float(energies[c]),
-                    None if forces is None else forces[c].astype(np.float64),
-                    f"{name}/{c}",
-                )
+            yield from _molecule_records(name, z, coords, energies, forces)
+
+
+def _molecule_records(name: str, z, coords, energies, forces) -> Iterator[Record]:
+    """One non-periodic record per conformation ``c`` of ``coords`` ``[C, n, 3]`` (Å, eV, eV/Å)."""
+    for c in range(coords.shape[0]):
+        yield (
+            z,
+            coords[c].astype(np.float64),
+            np.zeros((3, 3)),
+            np.zeros(3, bool),
+            None if energies is None else float(energies[c]),
+            None if forces is None else forces[c].astype(np.float64),
+            f"{name}/{c}",
+        )
 
 
 def read_spice(path: Path, energy_key: str | None, forces_key: str | None) -> Iterator[Record]:
@@ -157,16 +162,7 @@ def read_spice(path: Path, energy_key: str | None, forces_key: str | None) -> It
             coords = g["conformations"][...] * BOHR_ANGSTROM
             energies = g[e_key][...] * HARTREE_EV if e_key in g else None
             forces = -g[g_key][...] * (HARTREE_EV / BOHR_ANGSTROM) if g_key in g else None
-            for c in range(coords.shape[0]):
-                yield (
-                    z,
-                    coords[c].astype(np.float64),
-                    np.zeros((3, 3)),
-                    np.zeros(3, bool),
-                    None if energies is None else float(energies[c]),
-                    None if forces is None else forces[c].astype(np.float64),
-                    f"{name}/{c}",
-                )
+            yield from _molecule_records(name, z, coords, energies, forces)
 
 
 def convert(
