@@ -25,6 +25,7 @@ partial file written for anything else.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -133,6 +134,15 @@ def check_resumable(path: Path, fp: Fingerprint) -> None:
             )
 
 
+def _contiguous_runs(indices: list[int]) -> list[slice]:
+    """Slices of ``indices`` (sorted) over which they increase by one: one HDF5 write each."""
+    if not indices:
+        return []
+    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+    bounds = [0, *breaks.tolist(), len(indices)]
+    return [slice(a, b) for a, b in itertools.pairwise(bounds)]
+
+
 class Writer:
     """Commits batches into an open output file: data, flush, status, flush."""
 
@@ -151,12 +161,14 @@ class Writer:
         """``rows``: (structure, energy, forces [n, 3], stress [3, 3] or None, status name)."""
         if not rows:
             return
-        energy, forces = self.fh["energy"], self.fh["forces"]
-        for s, e, f, st, _ in rows:
-            energy[s] = e
-            forces[self.offsets[s] : self.offsets[s + 1]] = f
-            if self.has_stress and st is not None:
-                self.fh["stress"][s] = st
+        rows = sorted(rows, key=lambda r: r[0])
+        for run in _contiguous_runs([r[0] for r in rows]):
+            part = rows[run.start : run.stop]
+            s0, s1 = part[0][0], part[-1][0] + 1
+            self.fh["energy"][s0:s1] = [r[1] for r in part]
+            self.fh["forces"][self.offsets[s0] : self.offsets[s1]] = np.concatenate([r[2] for r in part])
+            if self.has_stress and all(r[3] is not None for r in part):
+                self.fh["stress"][s0:s1] = np.stack([r[3] for r in part])
         self.fh.flush()
         self.commit_status([(s, kind, "") for s, _, _, _, kind in rows])
 
@@ -164,11 +176,14 @@ class Writer:
         """``rows``: (structure, status name, message)."""
         if not rows:
             return
-        status, message = self.fh["status"], self.fh["message"]
-        for s, kind, text in rows:
+        rows = sorted(rows, key=lambda r: r[0])
+        message = self.fh["message"]
+        for s, _, text in rows:
             if text:
                 message[s] = text.encode("utf-8", "replace")[:MESSAGE_BYTES]
-            status[s] = STATUS[kind]
+        for run in _contiguous_runs([r[0] for r in rows]):
+            part = rows[run.start : run.stop]
+            self.fh["status"][part[0][0] : part[-1][0] + 1] = np.array([STATUS[r[1]] for r in part], np.int8)
         self.fh.flush()
 
     def status_counts(self) -> dict[str, int]:
