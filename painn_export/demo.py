@@ -12,7 +12,6 @@ checkpoint's SHA-256 and the package version.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -42,9 +41,12 @@ def cached_onnx(model, source: str | Path) -> Path:
     there); gradient-force models with the stress output.
     """
     from painn_export import __version__
+    from painn_export.checkpoint import file_sha256
     from painn_export.export import export_onnx
 
-    digest = hashlib.sha256(Path(source).read_bytes()).hexdigest()[:16]
+    # load_model records the source file's hash; hash it here only for other callers.
+    digest = (getattr(model, "provenance", {}) or {}).get("source_sha256") or file_sha256(source)
+    digest = digest[:16]
     path = cache_dir() / f"{Path(source).stem}-{digest}-v{__version__}-ort.onnx"
     if not path.is_file():
         export_onnx(model, path, stress=model.gradient_forces, target="onnxruntime")

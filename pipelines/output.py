@@ -80,14 +80,6 @@ def input_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def create(path: Path, fp: Fingerprint, status_codes: dict[str, int] = STATUS) -> None:
     """Write a new output file with every dataset allocated and filled (NaN, pending)."""
     import h5py

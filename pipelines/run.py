@@ -39,7 +39,6 @@ from pipelines.output import (
     Writer,
     check_resumable,
     create,
-    file_sha256,
     input_sha256,
 )
 from pipelines.progress import Progress
@@ -101,6 +100,7 @@ def run_file(
 ) -> Summary:
     """Evaluate every structure of ``input_path``; write results to ``output_path``."""
     from painn_export import __version__
+    from painn_export.checkpoint import file_sha256
     from painn_export.demo import demo_model_path
     from painn_export.runners import open_runner
 
