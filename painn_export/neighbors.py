@@ -57,6 +57,10 @@ TIE_RTOL = 1.0e-9
 DEGENERACY_TOLERANCE = 0.01
 # vesin excludes d == cutoff; it is asked for a little more and we filter.
 _CANDIDATE_SKIN = 1.0e-6
+# vesin's distances are recomputed this close (relative) to the bounds.
+_RECOMPUTE_RTOL = 1.0e-8
+# Size budget of the cap's per-centre d² histogram (centres x bins).
+_HIST_CELLS = 1 << 22
 # The first pass aims for this many candidates per centre, relative to k + 1.
 _FIRST_PASS_MARGIN = 1.6
 
@@ -97,95 +101,178 @@ def validate_structure(
     return positions, cell, pbc
 
 
-def _candidates(
+def _pairs(
     positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, radius: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """All pairs with ``MIN_DISTANCE_SQ < d² <= radius²``: (i, j, S, d²), float64 d²."""
+    """Each pair with ``MIN_DISTANCE_SQ < d² <= radius²`` once: ``(a, b, S, d²)``.
+
+    vesin's half list: ``a``, ``b`` int64 ``[P]``, ``S`` int32 ``[P, 3]`` with
+    ``d² = |x_b + S @ cell - x_a|²`` (float64, Å²); the reverse ``(b, a, -S)``
+    is implied. A self-image pair ``(a, a, S)`` appears once for ``±S``.
+    vesin's distances are used as they are, except within a relative 1e-8 of
+    the two bounds, where ``d²`` is recomputed from the positions (our exact
+    definition) so the inclusive cutoff does not depend on vesin's rounding.
+    """
     from vesin import NeighborList
 
     box = cell if pbc.any() else np.zeros((3, 3))
-    nl = NeighborList(cutoff=radius * (1 + _CANDIDATE_SKIN) + _CANDIDATE_SKIN, full_list=True)
-    i, j, S = nl.compute(positions, box, pbc.tolist(), quantities="ijS", copy=True)
-    i = i.astype(np.int64)
-    j = j.astype(np.int64)
-    S = S.astype(np.int64).reshape(-1, 3)
-    S[:, ~pbc] = 0  # never shift along a non-periodic axis (vesin gives 0 there too)
-    vec = positions[j] - positions[i] + S @ cell
-    d2 = np.einsum("ij,ij->i", vec, vec)
-    keep = (d2 <= radius * radius) & (d2 > MIN_DISTANCE_SQ)
-    return i[keep], j[keep], S[keep], d2[keep]
+    nl = NeighborList(cutoff=radius * (1 + _CANDIDATE_SKIN) + _CANDIDATE_SKIN, full_list=False)
+    a, b, S, d = nl.compute(positions, box, pbc.tolist(), quantities="ijSd", copy=True)
+    a, b = a.view(np.int64), b.view(np.int64)  # uint64 indices, always < 2**63
+    if not pbc.all():
+        S[:, ~pbc] = 0  # never shift along a non-periodic axis (vesin gives 0 there too)
+    d2 = d * d
+    r2 = radius * radius
+    near = (d2 > r2 * (1 - _RECOMPUTE_RTOL)) | (d2 < MIN_DISTANCE_SQ * (1 + _RECOMPUTE_RTOL))
+    if near.any():
+        idx = np.flatnonzero(near)
+        d2[idx] = _distance_sq(positions, cell, a[idx], b[idx], S[idx])
+        keep = (d2 <= r2) & (d2 > MIN_DISTANCE_SQ)
+        if not keep.all():
+            a, b, S, d2 = a[keep], b[keep], S[keep], d2[keep]
+    return a, b, S, d2
 
 
-def _cap(
-    i: np.ndarray, j: np.ndarray, S: np.ndarray, d2: np.ndarray, n_atoms: int, k: int, strict: bool
-) -> np.ndarray:
-    """Indices of the pairs kept by the per-centre cap (in no particular order).
+def _distance_sq(positions, cell, a, b, S) -> np.ndarray:
+    """``|x_b + S @ cell - x_a|²`` in float64, Å²: the definition every bound is applied to."""
+    vec = positions[b] - positions[a] + S.astype(np.float64) @ cell
+    return np.einsum("ij,ij->i", vec, vec)
 
-    Vectorised: the centres with more than ``k`` pairs get their squared
-    distances in one padded ``[centres, max_count]`` matrix, and a row-wise
-    partition finds each one's k-th and (k+1)-th nearest. A centre whose k-th
-    and (k+1)-th nearest are further apart than ``TIE_RTOL`` keeps exactly its
-    pairs up to the k-th; a centre with a tie across that boundary goes
-    through :func:`_cap_exact`, the (d², j, S) ordering.
+
+def _lex_positive(S: np.ndarray) -> np.ndarray:
+    """``S > (0, 0, 0)`` lexicographically, row-wise."""
+    s0, s1, s2 = S[:, 0], S[:, 1], S[:, 2]
+    return (s0 > 0) | ((s0 == 0) & ((s1 > 0) | ((s1 == 0) & (s2 > 0))))
+
+
+def _orient(a, b, S) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each half-list pair as seen from the side upstream's symmetrisation keeps.
+
+    ``symmetrize_edges`` keeps a capped pair ``(i, j, S)`` when ``j < i``, or
+    ``j == i`` with ``S`` lexicographically negative. Returns that side's
+    centre ``i``, neighbour ``j``, shift and ``flip`` (True where it is the
+    reverse ``(b, a, -S)`` of the listed pair).
     """
-    counts = np.bincount(i, minlength=n_atoms)
-    if k <= 0 or counts.max(initial=0) <= k:
-        return np.arange(i.size)
-    if i.size > 1 and np.any(i[1:] < i[:-1]):  # vesin groups pairs by centre; make sure
-        order = np.argsort(i, kind="stable")
-        return order[_cap(i[order], j[order], S[order], d2[order], n_atoms, k, strict)]
-    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    over = np.flatnonzero(counts > k)  # centres to cap
-    width = int(counts[over].max())
-    # Padded matrix of the capped centres' pair indices and squared distances.
-    col = np.arange(width)
-    valid = col[None, :] < counts[over][:, None]  # [n_over, width]
-    pair = np.where(valid, start[over][:, None] + col[None, :], 0)
-    dmat = np.where(valid, d2[pair], np.inf)
-    part = np.partition(dmat, (k - 1, k), axis=1)
-    d_k, d_k1 = part[:, k - 1], part[:, k]  # k-th and (k+1)-th nearest, squared
-    if strict:
-        clear = d_k1 - d_k > TIE_RTOL * d_k1
-        keep_mat = valid & (dmat <= d_k[:, None]) & clear[:, None]
-    else:
-        clear = np.ones(over.size, dtype=bool)
-        keep_mat = valid & (dmat <= d_k1[:, None] + DEGENERACY_TOLERANCE)
-    keep = np.ones(i.size, dtype=bool)
-    keep[pair[valid]] = False  # capped centres keep only what the matrix says
-    keep[pair[keep_mat]] = True
-    if not clear.all():
-        tied = np.isin(i, over[~clear])
-        idx = np.flatnonzero(tied)
-        keep[idx] = False
-        keep[idx[_cap_exact(i[idx], j[idx], S[idx], d2[idx], n_atoms, k)]] = True
-    return np.flatnonzero(keep)
+    flip = b > a
+    self_image = a == b
+    if self_image.any():
+        idx = np.flatnonzero(self_image)
+        flip[idx] = _lex_positive(S[idx])
+    shift = S.copy()
+    shift[flip] *= -1
+    return np.maximum(a, b), np.minimum(a, b), shift, flip
 
 
-def _cap_exact(
-    i: np.ndarray, j: np.ndarray, S: np.ndarray, d2: np.ndarray, n_atoms: int, k: int
-) -> np.ndarray:
-    """Strict cap by sorting (i, d², j, S), squared distances within ``TIE_RTOL`` counting as equal."""
-    counts = np.bincount(i, minlength=n_atoms)
-    order = np.lexsort((d2, i))
-    d2_sorted, i_sorted = d2[order], i[order]
+def _kth_nearest(a, b, d2, over, n_atoms, k, r2):
+    """Squared distances of the k-th and (k+1)-th nearest neighbour of each centre in ``over``.
+
+    No sort of the pair list: a per-centre histogram of d² (``bins`` equal
+    bins over ``[0, r²]``; ``bincount`` of ``centre * bins + bin`` for both
+    ends of every pair) tells, for each centre, which bins hold its k-th and
+    (k+1)-th nearest; only pairs in those bins are sorted, by (centre, d²),
+    and ranked from the histogram's count of the bins before. Returns
+    ``d2_k``, ``d2_k1`` ``[len(over)]``.
+    """
+    mean = 2 * a.size / max(n_atoms, 1)
+    bins = int(min(max(16, 2 * mean), 512, max(16, _HIST_CELLS // max(n_atoms, 1))))
+    row = np.full(n_atoms, -1, dtype=np.int64)
+    row[over] = np.arange(over.size)
+    scale = bins * (1 - 1e-9) / r2  # d² <= r² lands in bin bins - 1 at most
+    bin_ = (d2 * scale).astype(np.int64)
+    ra, rb = row[a], row[b]
+    ka = np.where(ra >= 0, ra * bins + bin_, -1)
+    kb = np.where(rb >= 0, rb * bins + bin_, -1)
+    cells = over.size * bins
+    hist = np.bincount(ka[ka >= 0], minlength=cells) + np.bincount(kb[kb >= 0], minlength=cells)
+    cum = hist.reshape(over.size, bins).cumsum(axis=1)  # [n_over, bins]
+    lo = (cum < k).sum(axis=1)  # bin of the k-th nearest (rank k - 1)
+    hi = (cum < k + 1).sum(axis=1)  # bin of the (k+1)-th nearest (rank k)
+    before = np.where(lo > 0, cum[np.arange(over.size), np.maximum(lo - 1, 0)], 0)
+    # Bins lo..hi of each capped centre, flagged in the flat [n_over * bins] histogram.
+    mark = np.zeros((over.size, bins + 1), dtype=np.int8)
+    mark[np.arange(over.size), lo] = 1
+    mark[np.arange(over.size), hi + 1] = -1  # hi >= lo
+    window = np.concatenate([mark.cumsum(axis=1, dtype=np.int8)[:, :bins].ravel() > 0, [False]])
+    sa, sb = window[ka], window[kb]  # ka == -1 reads the trailing False
+    c = np.concatenate([ra[sa], rb[sb]])
+    d = np.concatenate([d2[sa], d2[sb]])
+    order = np.lexsort((d, c))
+    c, d = c[order], d[order]
+    m = np.bincount(c, minlength=over.size)
+    first = np.cumsum(m) - m
+    rank = before[c] + np.arange(c.size) - first[c]
+    d2_k = np.empty(over.size)
+    d2_k1 = np.empty(over.size)
+    at_k = rank == k - 1
+    d2_k[c[at_k]] = d[at_k]
+    at_k1 = rank == k
+    d2_k1[c[at_k1]] = d[at_k1]
+    return d2_k, d2_k1
+
+
+def _cap_exact(centre, nbr, shift, d2, k) -> np.ndarray:
+    """Mask of the entries kept by the strict cap, by sorting (centre, d², j, S).
+
+    Entries are (centre, neighbour, shift, d²) of complete centres; squared
+    distances within ``TIE_RTOL`` count as equal, then the lower neighbour
+    index, then the lexicographically smaller shift, comes first.
+    """
+    order = np.lexsort((d2, centre))
+    d_sorted, c_sorted = d2[order], centre[order]
     new_group = np.ones(order.size, dtype=bool)
-    new_group[1:] = (i_sorted[1:] != i_sorted[:-1]) | (
-        d2_sorted[1:] - d2_sorted[:-1] > TIE_RTOL * d2_sorted[1:]
-    )
-    group = np.cumsum(new_group)  # increasing along (i, d²): ties share a group
-    tie_order = np.lexsort((S[order, 2], S[order, 1], S[order, 0], j[order], group))
-    order = order[tie_order]
-    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.arange(order.size) - np.repeat(start, counts)  # rank within centre
-    return order[(rank < k) | (counts[i[order]] <= k)]
+    new_group[1:] = (c_sorted[1:] != c_sorted[:-1]) | (d_sorted[1:] - d_sorted[:-1] > TIE_RTOL * d_sorted[1:])
+    group = np.cumsum(new_group)  # increasing along (centre, d²): ties share a group
+    s = shift[order]
+    order = order[np.lexsort((s[:, 2], s[:, 1], s[:, 0], nbr[order], group))]
+    c_sorted = centre[order]
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = c_sorted[1:] != c_sorted[:-1]
+    start = np.maximum.accumulate(np.where(first, np.arange(order.size), 0))
+    kept = np.zeros(order.size, dtype=bool)
+    kept[order[np.arange(order.size) - start < k]] = True
+    return kept
 
 
-def _symmetrize(i: np.ndarray, j: np.ndarray, S: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Upstream's one-sided symmetrisation: the kept one-sided pairs, then their reverses."""
-    s_negative = (S[:, 0] < 0) | ((S[:, 0] == 0) & ((S[:, 1] < 0) | ((S[:, 1] == 0) & (S[:, 2] < 0))))
-    mask = (j < i) | ((j == i) & s_negative)
-    i, j, S = i[mask], j[mask], S[mask]
-    return np.concatenate([i, j]), np.concatenate([j, i]), np.concatenate([S, -S])
+def _capped(a, b, S, d2, n_atoms: int, k: int, strict: bool, r2: float):
+    """The one-sided pairs that survive the cap and symmetrisation: (i, j, shift), j <= i.
+
+    A pair is kept when it is within the cap of the centre on its kept side
+    (:func:`_orient`); the other side's cap does not matter, which is how a
+    pair capped away only from the higher-index side disappears entirely.
+    """
+    centre, nbr, shift, flip = _orient(a, b, S)
+    if k <= 0 or 2 * a.size <= k:  # a centre has at most 2P entries
+        return centre, nbr, shift
+    counts = np.bincount(a, minlength=n_atoms) + np.bincount(b, minlength=n_atoms)
+    over = np.flatnonzero(counts > k)
+    if over.size == 0:
+        return centre, nbr, shift
+    d2_k, d2_k1 = _kth_nearest(a, b, d2, over, n_atoms, k, r2)
+    threshold = np.full(n_atoms, np.inf)  # keep d² <= threshold[centre]
+    if strict:
+        tied = d2_k1 - d2_k <= TIE_RTOL * d2_k1  # the cap cuts through equally distant pairs
+        threshold[over] = d2_k
+        threshold[over[tied]] = -np.inf  # decided below, pair by pair
+    else:
+        threshold[over] = d2_k1 + DEGENERACY_TOLERANCE
+    keep = d2 <= threshold[centre]
+    if strict and tied.any():
+        is_tied = np.zeros(n_atoms, dtype=bool)
+        is_tied[over[tied]] = True
+        pa, pb = np.flatnonzero(is_tied[a]), np.flatnonzero(is_tied[b])
+        # Every entry of the tied centres: (a, b, S) from a's side, (b, a, -S) from b's.
+        kept = _cap_exact(
+            np.concatenate([a[pa], b[pb]]),
+            np.concatenate([b[pa], a[pb]]),
+            np.concatenate([S[pa], -S[pb]]),
+            np.concatenate([d2[pa], d2[pb]]),
+            k,
+        )
+        kept_a, kept_b = kept[: pa.size], kept[pa.size :]
+        # A pair whose kept side is a tied centre follows that side's entry.
+        keep[pa[~flip[pa]]] = kept_a[~flip[pa]]
+        keep[pb[flip[pb]]] = kept_b[flip[pb]]
+    return centre[keep], nbr[keep], shift[keep]
 
 
 def _density_radius(n_atoms: int, cell: np.ndarray, pbc: np.ndarray, k: int) -> float | None:
@@ -228,7 +315,7 @@ def neighbor_graph(
     if z.shape != (n,):
         raise StructureError("bad_shape", f"atomic_numbers must be [{n}], got {z.shape}")
 
-    pairs = None
+    pairs, r2 = None, cutoff * cutoff
     radius = _density_radius(n, cell, pbc, max_neighbors) if (two_pass and max_neighbors > 0) else None
     if radius is not None:
         # A centre with > k pairs within r0 has its k nearest (and, non-strict,
@@ -236,28 +323,31 @@ def neighbor_graph(
         r0 = radius
         r1 = r0 if strict else math.sqrt(r0 * r0 + DEGENERACY_TOLERANCE)
         if r1 < cutoff:
-            cand = _candidates(positions, cell, pbc, r1)
-            within_r0 = cand[3] <= r0 * r0
-            counts = np.bincount(cand[0][within_r0], minlength=n)
+            cand = _pairs(positions, cell, pbc, r1)
+            a, b, _, d2 = cand
+            within = d2 <= r0 * r0
+            counts = np.bincount(a[within], minlength=n) + np.bincount(b[within], minlength=n)
             if n and counts.min() > max_neighbors:
-                pairs = cand
+                pairs, r2 = cand, r1 * r1
     if pairs is None:
-        pairs = _candidates(positions, cell, pbc, cutoff)
+        pairs = _pairs(positions, cell, pbc, cutoff)
 
-    return _graph_from_pairs(z, positions, cell, *pairs, max_neighbors, strict)
+    return _graph_from_pairs(z, positions, cell, *pairs, max_neighbors, strict, r2)
 
 
-def _graph_from_pairs(z, positions, cell, i, j, S, d2, max_neighbors: int, strict: bool) -> Graph:
-    """Cap and symmetrise the radius-graph pairs ``(i, j, S, d²)`` into a Graph."""
-    kept = _cap(i, j, S, d2, positions.shape[0], max_neighbors, strict)
-    i, j, S = _symmetrize(i[kept], j[kept], S[kept])
-    edge_index = np.stack([j, i]).astype(np.int64)  # [2, n_edges], (sender j, receiver i)
+def _graph_from_pairs(z, positions, cell, a, b, S, d2, max_neighbors: int, strict: bool, r2: float) -> Graph:
+    """Cap and symmetrise the half-list pairs ``(a, b, S, d²)`` (all ``d² <= r2``) into a Graph."""
+    i, j, s = _capped(a, b, S, d2, positions.shape[0], max_neighbors, strict, r2)
+    # Kept one-sided edges (sender j, receiver i, shift s), then their reverses.
+    edge_index = np.stack([np.concatenate([j, i]), np.concatenate([i, j])])  # [2, n_edges] int64
+    cell_shift = np.concatenate([s, -s]).astype(np.int64)  # [n_edges, 3]
+    half_shift = s.astype(np.float64) @ cell  # Å
     return Graph(
         atomic_numbers=z,
         positions=positions,
         edge_index=edge_index,
-        cell_shift=S,
-        edge_shift=S.astype(np.float64) @ cell,
+        cell_shift=cell_shift,
+        edge_shift=np.concatenate([half_shift, -half_shift]),
         cell=cell,
     )
 
@@ -294,13 +384,13 @@ class SkinGraph:
             else np.sqrt(np.max(np.sum((positions - self._ref_positions) ** 2, axis=1), initial=0.0))
         )
         if moved > self.skin / 2:
-            i, j, S, _ = _candidates(positions, cell, pbc, self.cutoff + self.skin)
-            self._pairs, self._key, self._ref_positions = (i, j, S), key, positions.copy()
+            a, b, S, _ = _pairs(positions, cell, pbc, self.cutoff + self.skin)
+            self._pairs, self._key, self._ref_positions = (a, b, S), key, positions.copy()
             self.n_searches += 1
-        i, j, S = self._pairs
-        vec = positions[j] - positions[i] + S @ cell
-        d2 = np.einsum("ij,ij->i", vec, vec)
-        keep = (d2 <= self.cutoff * self.cutoff) & (d2 > MIN_DISTANCE_SQ)
+        a, b, S = self._pairs
+        d2 = _distance_sq(positions, cell, a, b, S)
+        r2 = self.cutoff * self.cutoff
+        keep = (d2 <= r2) & (d2 > MIN_DISTANCE_SQ)
         return _graph_from_pairs(
-            z, positions, cell, i[keep], j[keep], S[keep], d2[keep], self.max_neighbors, self.strict
+            z, positions, cell, a[keep], b[keep], S[keep], d2[keep], self.max_neighbors, self.strict, r2
         )
