@@ -42,6 +42,7 @@ discard anyway.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -101,7 +102,7 @@ def validate_structure(
     return positions, cell, pbc
 
 
-def _pairs(
+def _search(
     positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, radius: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Each pair with ``MIN_DISTANCE_SQ < d² <= radius²`` once: ``(a, b, S, d²)``.
@@ -111,16 +112,20 @@ def _pairs(
     is implied. A self-image pair ``(a, a, S)`` appears once for ``±S``.
     vesin's distances are used as they are, except within a relative 1e-8 of
     the two bounds, where ``d²`` is recomputed from the positions (our exact
-    definition) so the inclusive cutoff does not depend on vesin's rounding.
-    """
-    from vesin import NeighborList
+    definition, :func:`_distance_sq`) so the inclusive cutoff does not depend
+    on vesin's rounding.
 
+    ``a``, ``b`` and ``S`` may be views into this thread's vesin buffers,
+    valid until its next search: copy what must outlive that.
+    """
+    nl = _half_list(radius * (1 + _CANDIDATE_SKIN) + _CANDIDATE_SKIN)
     box = cell if pbc.any() else np.zeros((3, 3))
-    nl = NeighborList(cutoff=radius * (1 + _CANDIDATE_SKIN) + _CANDIDATE_SKIN, full_list=False)
-    a, b, S, d = nl.compute(positions, box, pbc.tolist(), quantities="ijSd", copy=True)
-    a, b = a.view(np.int64), b.view(np.int64)  # uint64 indices, always < 2**63
-    if not pbc.all():
-        S[:, ~pbc] = 0  # never shift along a non-periodic axis (vesin gives 0 there too)
+    P, S, d = nl.compute(positions, box, pbc.tolist(), quantities="PSd", copy=False)
+    P = P.view(np.int64)  # size_t indices, always < 2**63
+    a, b = P[:, 0], P[:, 1]
+    if not pbc.all() and S.size and S[:, ~pbc].any():  # vesin never shifts there; make sure
+        S = S.copy()
+        S[:, ~pbc] = 0
     d2 = d * d
     r2 = radius * radius
     near = (d2 > r2 * (1 - _RECOMPUTE_RTOL)) | (d2 < MIN_DISTANCE_SQ * (1 + _RECOMPUTE_RTOL))
@@ -131,6 +136,20 @@ def _pairs(
         if not keep.all():
             a, b, S, d2 = a[keep], b[keep], S[keep], d2[keep]
     return a, b, S, d2
+
+
+_local = threading.local()
+
+
+def _half_list(cutoff: float):
+    """This thread's vesin half neighbour list, set to ``cutoff`` (reused: vesin keeps its buffers)."""
+    nl = getattr(_local, "half_list", None)
+    if nl is None:
+        from vesin import NeighborList
+
+        nl = _local.half_list = NeighborList(cutoff=cutoff, full_list=False)
+    nl.cutoff = float(cutoff)  # read by every compute() (vesin 0.6)
+    return nl
 
 
 def _distance_sq(positions, cell, a, b, S) -> np.ndarray:
@@ -145,69 +164,72 @@ def _lex_positive(S: np.ndarray) -> np.ndarray:
     return (s0 > 0) | ((s0 == 0) & ((s1 > 0) | ((s1 == 0) & (s2 > 0))))
 
 
-def _orient(a, b, S) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Each half-list pair as seen from the side upstream's symmetrisation keeps.
+def _kept_side(a, b, S) -> np.ndarray:
+    """``flip`` ``[P]`` bool: True where symmetrisation keeps the reverse ``(b, a, -S)``.
 
     ``symmetrize_edges`` keeps a capped pair ``(i, j, S)`` when ``j < i``, or
-    ``j == i`` with ``S`` lexicographically negative. Returns that side's
-    centre ``i``, neighbour ``j``, shift and ``flip`` (True where it is the
-    reverse ``(b, a, -S)`` of the listed pair).
+    ``j == i`` with ``S`` lexicographically negative. The kept side's centre
+    is ``max(a, b)``.
     """
     flip = b > a
-    self_image = a == b
-    if self_image.any():
-        idx = np.flatnonzero(self_image)
-        flip[idx] = _lex_positive(S[idx])
-    shift = S.copy()
-    shift[flip] *= -1
-    return np.maximum(a, b), np.minimum(a, b), shift, flip
+    self_image = np.flatnonzero(a == b)
+    if self_image.size:
+        flip[self_image] = _lex_positive(S[self_image])
+    return flip
 
 
 def _kth_nearest(a, b, d2, over, n_atoms, k, r2):
-    """Squared distances of the k-th and (k+1)-th nearest neighbour of each centre in ``over``.
+    """Squared distances of the k-th and (k+1)-th nearest neighbour of the centres ``over``.
 
     No sort of the pair list: a per-centre histogram of d² (``bins`` equal
     bins over ``[0, r²]``; ``bincount`` of ``centre * bins + bin`` for both
     ends of every pair) tells, for each centre, which bins hold its k-th and
     (k+1)-th nearest; only pairs in those bins are sorted, by (centre, d²),
     and ranked from the histogram's count of the bins before. Returns
-    ``d2_k``, ``d2_k1`` ``[len(over)]``.
+    ``d2_k``, ``d2_k1`` ``[n_atoms]`` (meaningful at ``over``).
     """
-    mean = 2 * a.size / max(n_atoms, 1)
-    bins = int(min(max(16, 2 * mean), 512, max(16, _HIST_CELLS // max(n_atoms, 1))))
-    row = np.full(n_atoms, -1, dtype=np.int64)
-    row[over] = np.arange(over.size)
-    scale = bins * (1 - 1e-9) / r2  # d² <= r² lands in bin bins - 1 at most
-    bin_ = (d2 * scale).astype(np.int64)
-    ra, rb = row[a], row[b]
-    ka = np.where(ra >= 0, ra * bins + bin_, -1)
-    kb = np.where(rb >= 0, rb * bins + bin_, -1)
-    cells = over.size * bins
-    hist = np.bincount(ka[ka >= 0], minlength=cells) + np.bincount(kb[kb >= 0], minlength=cells)
-    cum = hist.reshape(over.size, bins).cumsum(axis=1)  # [n_over, bins]
-    lo = (cum < k).sum(axis=1)  # bin of the k-th nearest (rank k - 1)
-    hi = (cum < k + 1).sum(axis=1)  # bin of the (k+1)-th nearest (rank k)
-    before = np.where(lo > 0, cum[np.arange(over.size), np.maximum(lo - 1, 0)], 0)
-    # Bins lo..hi of each capped centre, flagged in the flat [n_over * bins] histogram.
-    mark = np.zeros((over.size, bins + 1), dtype=np.int8)
-    mark[np.arange(over.size), lo] = 1
-    mark[np.arange(over.size), hi + 1] = -1  # hi >= lo
-    window = np.concatenate([mark.cumsum(axis=1, dtype=np.int8)[:, :bins].ravel() > 0, [False]])
-    sa, sb = window[ka], window[kb]  # ka == -1 reads the trailing False
-    c = np.concatenate([ra[sa], rb[sb]])
-    d = np.concatenate([d2[sa], d2[sb]])
-    order = np.lexsort((d, c))
+    bins = int(min(max(8, a.size / max(n_atoms, 1)), 256, max(8, _HIST_CELLS // max(n_atoms, 1))))
+    bin_ = (d2 * (bins * (1 - 1e-9) / r2)).astype(np.int64)  # d² <= r² lands in bins - 1 at most
+    ka = a * bins
+    ka += bin_
+    kb = b * bins
+    kb += bin_
+    cells = n_atoms * bins
+    hist = np.bincount(ka, minlength=cells)
+    hist += np.bincount(kb, minlength=cells)
+    cum = hist.reshape(n_atoms, bins).cumsum(axis=1)  # [n_atoms, bins]
+    lo = (cum[over] < k).sum(axis=1)  # bin of the k-th nearest (rank k - 1)
+    hi = (cum[over] < k + 1).sum(axis=1)  # bin of the (k+1)-th nearest (rank k)
+    before = np.zeros(n_atoms, dtype=np.int64)  # pairs of the centre in bins before lo
+    before[over] = np.where(lo > 0, cum[over, np.maximum(lo - 1, 0)], 0)
+    # Bins lo..hi of each capped centre, flagged in the flat [n_atoms * bins] histogram.
+    mark = np.zeros((n_atoms, bins + 1), dtype=np.int8)
+    mark[over, lo] = 1
+    mark[over, hi + 1] = -1  # hi >= lo
+    window = (mark.cumsum(axis=1, dtype=np.int8)[:, :bins] > 0).ravel()
+    ia, ib = np.flatnonzero(window[ka]), np.flatnonzero(window[kb])
+    c = np.concatenate([a[ia], b[ib]])
+    d = np.concatenate([d2[ia], d2[ib]])
+    order = _order_by_centre_then_d2(c, d, n_atoms)
     c, d = c[order], d[order]
-    m = np.bincount(c, minlength=over.size)
+    m = np.bincount(c, minlength=n_atoms)
     first = np.cumsum(m) - m
     rank = before[c] + np.arange(c.size) - first[c]
-    d2_k = np.empty(over.size)
-    d2_k1 = np.empty(over.size)
+    d2_k = np.full(n_atoms, np.nan)
+    d2_k1 = np.full(n_atoms, np.nan)
     at_k = rank == k - 1
     d2_k[c[at_k]] = d[at_k]
     at_k1 = rank == k
     d2_k1[c[at_k1]] = d[at_k1]
     return d2_k, d2_k1
+
+
+def _order_by_centre_then_d2(c: np.ndarray, d2: np.ndarray, n_atoms: int) -> np.ndarray:
+    """Exact ``lexsort((d2, c))``; with fewer than 2**16 atoms, a d² sort then numpy's radix sort of c."""
+    if n_atoms > np.iinfo(np.uint16).max:
+        return np.lexsort((d2, c))
+    order = np.argsort(d2)
+    return order[np.argsort(c[order].astype(np.uint16), kind="stable")]
 
 
 def _cap_exact(centre, nbr, shift, d2, k) -> np.ndarray:
@@ -233,32 +255,33 @@ def _cap_exact(centre, nbr, shift, d2, k) -> np.ndarray:
     return kept
 
 
-def _capped(a, b, S, d2, n_atoms: int, k: int, strict: bool, r2: float):
-    """The one-sided pairs that survive the cap and symmetrisation: (i, j, shift), j <= i.
+def _capped(a, b, S, d2, flip, n_atoms: int, k: int, strict: bool, r2: float) -> np.ndarray:
+    """Indices of the half-list pairs that survive the cap and the symmetrisation.
 
     A pair is kept when it is within the cap of the centre on its kept side
-    (:func:`_orient`); the other side's cap does not matter, which is how a
-    pair capped away only from the higher-index side disappears entirely.
+    (``max(a, b)``, see :func:`_kept_side`); the other side's cap does not
+    matter, which is how a pair capped away only from the higher-index side
+    disappears entirely.
     """
-    centre, nbr, shift, flip = _orient(a, b, S)
     if k <= 0 or 2 * a.size <= k:  # a centre has at most 2P entries
-        return centre, nbr, shift
-    counts = np.bincount(a, minlength=n_atoms) + np.bincount(b, minlength=n_atoms)
+        return np.arange(a.size)
+    counts = np.bincount(a, minlength=n_atoms)
+    counts += np.bincount(b, minlength=n_atoms)
     over = np.flatnonzero(counts > k)
     if over.size == 0:
-        return centre, nbr, shift
+        return np.arange(a.size)
     d2_k, d2_k1 = _kth_nearest(a, b, d2, over, n_atoms, k, r2)
     threshold = np.full(n_atoms, np.inf)  # keep d² <= threshold[centre]
     if strict:
-        tied = d2_k1 - d2_k <= TIE_RTOL * d2_k1  # the cap cuts through equally distant pairs
-        threshold[over] = d2_k
-        threshold[over[tied]] = -np.inf  # decided below, pair by pair
+        tied = over[d2_k1[over] - d2_k[over] <= TIE_RTOL * d2_k1[over]]  # cap cuts through a tie
+        threshold[over] = d2_k[over]
+        threshold[tied] = -np.inf  # decided below, pair by pair
     else:
-        threshold[over] = d2_k1 + DEGENERACY_TOLERANCE
-    keep = d2 <= threshold[centre]
-    if strict and tied.any():
+        threshold[over] = d2_k1[over] + DEGENERACY_TOLERANCE
+    keep = d2 <= threshold[np.maximum(a, b)]
+    if strict and tied.size:
         is_tied = np.zeros(n_atoms, dtype=bool)
-        is_tied[over[tied]] = True
+        is_tied[tied] = True
         pa, pb = np.flatnonzero(is_tied[a]), np.flatnonzero(is_tied[b])
         # Every entry of the tied centres: (a, b, S) from a's side, (b, a, -S) from b's.
         kept = _cap_exact(
@@ -272,7 +295,7 @@ def _capped(a, b, S, d2, n_atoms: int, k: int, strict: bool, r2: float):
         # A pair whose kept side is a tied centre follows that side's entry.
         keep[pa[~flip[pa]]] = kept_a[~flip[pa]]
         keep[pb[flip[pb]]] = kept_b[flip[pb]]
-    return centre[keep], nbr[keep], shift[keep]
+    return np.flatnonzero(keep)
 
 
 def _density_radius(n_atoms: int, cell: np.ndarray, pbc: np.ndarray, k: int) -> float | None:
@@ -323,31 +346,42 @@ def neighbor_graph(
         r0 = radius
         r1 = r0 if strict else math.sqrt(r0 * r0 + DEGENERACY_TOLERANCE)
         if r1 < cutoff:
-            cand = _pairs(positions, cell, pbc, r1)
+            cand = _search(positions, cell, pbc, r1)
             a, b, _, d2 = cand
             within = d2 <= r0 * r0
             counts = np.bincount(a[within], minlength=n) + np.bincount(b[within], minlength=n)
             if n and counts.min() > max_neighbors:
                 pairs, r2 = cand, r1 * r1
     if pairs is None:
-        pairs = _pairs(positions, cell, pbc, cutoff)
+        pairs = _search(positions, cell, pbc, cutoff)
 
     return _graph_from_pairs(z, positions, cell, *pairs, max_neighbors, strict, r2)
 
 
 def _graph_from_pairs(z, positions, cell, a, b, S, d2, max_neighbors: int, strict: bool, r2: float) -> Graph:
     """Cap and symmetrise the half-list pairs ``(a, b, S, d²)`` (all ``d² <= r2``) into a Graph."""
-    i, j, s = _capped(a, b, S, d2, positions.shape[0], max_neighbors, strict, r2)
-    # Kept one-sided edges (sender j, receiver i, shift s), then their reverses.
-    edge_index = np.stack([np.concatenate([j, i]), np.concatenate([i, j])])  # [2, n_edges] int64
-    cell_shift = np.concatenate([s, -s]).astype(np.int64)  # [n_edges, 3]
-    half_shift = s.astype(np.float64) @ cell  # Å
+    flip = _kept_side(a, b, S)
+    idx = _capped(a, b, S, d2, flip, positions.shape[0], max_neighbors, strict, r2)
+    # Kept one-sided edges (sender j, receiver i, shift s; j <= i), then their reverses.
+    ai, bi, fi = a[idx], b[idx], flip[idx]
+    m = idx.size
+    edge_index = np.empty((2, 2 * m), dtype=np.int64)  # (sender, receiver)
+    np.minimum(ai, bi, out=edge_index[0, :m])
+    np.maximum(ai, bi, out=edge_index[1, :m])
+    edge_index[0, m:] = edge_index[1, :m]
+    edge_index[1, m:] = edge_index[0, :m]
+    cell_shift = np.empty((2 * m, 3), dtype=np.int64)
+    np.multiply(S[idx], (1 - 2 * fi.astype(np.int32))[:, None], out=cell_shift[:m])
+    np.negative(cell_shift[:m], out=cell_shift[m:])
+    edge_shift = np.empty((2 * m, 3), dtype=np.float64)  # Å
+    np.matmul(cell_shift[:m].astype(np.float64), cell, out=edge_shift[:m])
+    np.negative(edge_shift[:m], out=edge_shift[m:])
     return Graph(
         atomic_numbers=z,
         positions=positions,
         edge_index=edge_index,
         cell_shift=cell_shift,
-        edge_shift=np.concatenate([half_shift, -half_shift]),
+        edge_shift=edge_shift,
         cell=cell,
     )
 
@@ -384,8 +418,9 @@ class SkinGraph:
             else np.sqrt(np.max(np.sum((positions - self._ref_positions) ** 2, axis=1), initial=0.0))
         )
         if moved > self.skin / 2:
-            a, b, S, _ = _pairs(positions, cell, pbc, self.cutoff + self.skin)
-            self._pairs, self._key, self._ref_positions = (a, b, S), key, positions.copy()
+            a, b, S, _ = _search(positions, cell, pbc, self.cutoff + self.skin)
+            self._pairs = (a.copy(), b.copy(), S.copy())  # own copies: vesin reuses its buffers
+            self._key, self._ref_positions = key, positions.copy()
             self.n_searches += 1
         a, b, S = self._pairs
         d2 = _distance_sq(positions, cell, a, b, S)
