@@ -8,8 +8,9 @@ reproduces that graph for one structure:
    ``d² = |x_j + S @ cell - x_i|² <= cutoff²`` (inclusive) and ``d² > 1e-4``
    Å² (drops self-pairs and coincident atoms), over every periodic image that
    can be within the cutoff, never shifting along a non-periodic axis. The
-   candidate pairs come from vesin's cell list; ``d²`` is recomputed here in
-   float64 and the bounds applied exactly as above.
+   pairs come from vesin's half list (each pair once); its float64 distances
+   are used, except within 1e-8 (relative) of either bound, where ``d²`` is
+   recomputed from the positions so both bounds are applied exactly.
 2. **Per-centre cap** (``get_max_neighbors_mask``), for centres with more
    than ``max_neighbors`` pairs, in one of upstream's two modes:
 
@@ -33,10 +34,17 @@ reproduces that graph for one structure:
 
 Output edges are the kept one-sided pairs in neighbour-search order, then
 their reverses: deterministic for a given input, not sorted (the model does
-not care, and sorting was the slowest step). The two-pass build (a small radius
-first, the full cutoff only when some centre has too few neighbours there)
-returns the identical graph; it only avoids enumerating pairs the cap would
-discard anyway.
+not care). The two-pass build (a small radius first, the full cutoff only when
+some centre has too few neighbours there) returns the identical graph; it only
+avoids enumerating pairs the cap would discard anyway.
+
+How: steps 2 and 3 run as one compiled pass over the half list
+(:mod:`painn_export._neighbors_kernel`, numba): entries grouped by centre with
+a counting sort, each capped centre's k-th and (k+1)-th nearest found through
+a small histogram of its d², the exact (d², j, S) order only for centres whose
+cap cuts through a tie. Vectorised numpy needed about ten full-size
+temporaries for the same work and cost 2-4x vesin's own search at 6 Å
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -60,8 +68,6 @@ DEGENERACY_TOLERANCE = 0.01
 _CANDIDATE_SKIN = 1.0e-6
 # vesin's distances are recomputed this close (relative) to the bounds.
 _RECOMPUTE_RTOL = 1.0e-8
-# Size budget of the cap's per-centre d² histogram (centres x bins).
-_HIST_CELLS = 1 << 22
 # The first pass aims for this many candidates per centre, relative to k + 1.
 _FIRST_PASS_MARGIN = 1.6
 
@@ -158,146 +164,6 @@ def _distance_sq(positions, cell, a, b, S) -> np.ndarray:
     return np.einsum("ij,ij->i", vec, vec)
 
 
-def _lex_positive(S: np.ndarray) -> np.ndarray:
-    """``S > (0, 0, 0)`` lexicographically, row-wise."""
-    s0, s1, s2 = S[:, 0], S[:, 1], S[:, 2]
-    return (s0 > 0) | ((s0 == 0) & ((s1 > 0) | ((s1 == 0) & (s2 > 0))))
-
-
-def _kept_side(a, b, S) -> np.ndarray:
-    """``flip`` ``[P]`` bool: True where symmetrisation keeps the reverse ``(b, a, -S)``.
-
-    ``symmetrize_edges`` keeps a capped pair ``(i, j, S)`` when ``j < i``, or
-    ``j == i`` with ``S`` lexicographically negative. The kept side's centre
-    is ``max(a, b)``.
-    """
-    flip = b > a
-    self_image = np.flatnonzero(a == b)
-    if self_image.size:
-        flip[self_image] = _lex_positive(S[self_image])
-    return flip
-
-
-def _kth_nearest(a, b, d2, over, n_atoms, k, r2):
-    """Squared distances of the k-th and (k+1)-th nearest neighbour of the centres ``over``.
-
-    No sort of the pair list: a per-centre histogram of d² (``bins`` equal
-    bins over ``[0, r²]``; ``bincount`` of ``centre * bins + bin`` for both
-    ends of every pair) tells, for each centre, which bins hold its k-th and
-    (k+1)-th nearest; only pairs in those bins are sorted, by (centre, d²),
-    and ranked from the histogram's count of the bins before. Returns
-    ``d2_k``, ``d2_k1`` ``[n_atoms]`` (meaningful at ``over``).
-    """
-    bins = int(min(max(8, a.size / max(n_atoms, 1)), 256, max(8, _HIST_CELLS // max(n_atoms, 1))))
-    bin_ = (d2 * (bins * (1 - 1e-9) / r2)).astype(np.int64)  # d² <= r² lands in bins - 1 at most
-    ka = a * bins
-    ka += bin_
-    kb = b * bins
-    kb += bin_
-    cells = n_atoms * bins
-    hist = np.bincount(ka, minlength=cells)
-    hist += np.bincount(kb, minlength=cells)
-    cum = hist.reshape(n_atoms, bins).cumsum(axis=1)  # [n_atoms, bins]
-    lo = (cum[over] < k).sum(axis=1)  # bin of the k-th nearest (rank k - 1)
-    hi = (cum[over] < k + 1).sum(axis=1)  # bin of the (k+1)-th nearest (rank k)
-    before = np.zeros(n_atoms, dtype=np.int64)  # pairs of the centre in bins before lo
-    before[over] = np.where(lo > 0, cum[over, np.maximum(lo - 1, 0)], 0)
-    # Bins lo..hi of each capped centre, flagged in the flat [n_atoms * bins] histogram.
-    mark = np.zeros((n_atoms, bins + 1), dtype=np.int8)
-    mark[over, lo] = 1
-    mark[over, hi + 1] = -1  # hi >= lo
-    window = (mark.cumsum(axis=1, dtype=np.int8)[:, :bins] > 0).ravel()
-    ia, ib = np.flatnonzero(window[ka]), np.flatnonzero(window[kb])
-    c = np.concatenate([a[ia], b[ib]])
-    d = np.concatenate([d2[ia], d2[ib]])
-    order = _order_by_centre_then_d2(c, d, n_atoms)
-    c, d = c[order], d[order]
-    m = np.bincount(c, minlength=n_atoms)
-    first = np.cumsum(m) - m
-    rank = before[c] + np.arange(c.size) - first[c]
-    d2_k = np.full(n_atoms, np.nan)
-    d2_k1 = np.full(n_atoms, np.nan)
-    at_k = rank == k - 1
-    d2_k[c[at_k]] = d[at_k]
-    at_k1 = rank == k
-    d2_k1[c[at_k1]] = d[at_k1]
-    return d2_k, d2_k1
-
-
-def _order_by_centre_then_d2(c: np.ndarray, d2: np.ndarray, n_atoms: int) -> np.ndarray:
-    """Exact ``lexsort((d2, c))``; with fewer than 2**16 atoms, a d² sort then numpy's radix sort of c."""
-    if n_atoms > np.iinfo(np.uint16).max:
-        return np.lexsort((d2, c))
-    order = np.argsort(d2)
-    return order[np.argsort(c[order].astype(np.uint16), kind="stable")]
-
-
-def _cap_exact(centre, nbr, shift, d2, k) -> np.ndarray:
-    """Mask of the entries kept by the strict cap, by sorting (centre, d², j, S).
-
-    Entries are (centre, neighbour, shift, d²) of complete centres; squared
-    distances within ``TIE_RTOL`` count as equal, then the lower neighbour
-    index, then the lexicographically smaller shift, comes first.
-    """
-    order = np.lexsort((d2, centre))
-    d_sorted, c_sorted = d2[order], centre[order]
-    new_group = np.ones(order.size, dtype=bool)
-    new_group[1:] = (c_sorted[1:] != c_sorted[:-1]) | (d_sorted[1:] - d_sorted[:-1] > TIE_RTOL * d_sorted[1:])
-    group = np.cumsum(new_group)  # increasing along (centre, d²): ties share a group
-    s = shift[order]
-    order = order[np.lexsort((s[:, 2], s[:, 1], s[:, 0], nbr[order], group))]
-    c_sorted = centre[order]
-    first = np.ones(order.size, dtype=bool)
-    first[1:] = c_sorted[1:] != c_sorted[:-1]
-    start = np.maximum.accumulate(np.where(first, np.arange(order.size), 0))
-    kept = np.zeros(order.size, dtype=bool)
-    kept[order[np.arange(order.size) - start < k]] = True
-    return kept
-
-
-def _capped(a, b, S, d2, flip, n_atoms: int, k: int, strict: bool, r2: float) -> np.ndarray:
-    """Indices of the half-list pairs that survive the cap and the symmetrisation.
-
-    A pair is kept when it is within the cap of the centre on its kept side
-    (``max(a, b)``, see :func:`_kept_side`); the other side's cap does not
-    matter, which is how a pair capped away only from the higher-index side
-    disappears entirely.
-    """
-    if k <= 0 or 2 * a.size <= k:  # a centre has at most 2P entries
-        return np.arange(a.size)
-    counts = np.bincount(a, minlength=n_atoms)
-    counts += np.bincount(b, minlength=n_atoms)
-    over = np.flatnonzero(counts > k)
-    if over.size == 0:
-        return np.arange(a.size)
-    d2_k, d2_k1 = _kth_nearest(a, b, d2, over, n_atoms, k, r2)
-    threshold = np.full(n_atoms, np.inf)  # keep d² <= threshold[centre]
-    if strict:
-        tied = over[d2_k1[over] - d2_k[over] <= TIE_RTOL * d2_k1[over]]  # cap cuts through a tie
-        threshold[over] = d2_k[over]
-        threshold[tied] = -np.inf  # decided below, pair by pair
-    else:
-        threshold[over] = d2_k1[over] + DEGENERACY_TOLERANCE
-    keep = d2 <= threshold[np.maximum(a, b)]
-    if strict and tied.size:
-        is_tied = np.zeros(n_atoms, dtype=bool)
-        is_tied[tied] = True
-        pa, pb = np.flatnonzero(is_tied[a]), np.flatnonzero(is_tied[b])
-        # Every entry of the tied centres: (a, b, S) from a's side, (b, a, -S) from b's.
-        kept = _cap_exact(
-            np.concatenate([a[pa], b[pb]]),
-            np.concatenate([b[pa], a[pb]]),
-            np.concatenate([S[pa], -S[pb]]),
-            np.concatenate([d2[pa], d2[pb]]),
-            k,
-        )
-        kept_a, kept_b = kept[: pa.size], kept[pa.size :]
-        # A pair whose kept side is a tied centre follows that side's entry.
-        keep[pa[~flip[pa]]] = kept_a[~flip[pa]]
-        keep[pb[flip[pb]]] = kept_b[flip[pb]]
-    return np.flatnonzero(keep)
-
-
 def _density_radius(n_atoms: int, cell: np.ndarray, pbc: np.ndarray, k: int) -> float | None:
     """Radius expected to hold ``_FIRST_PASS_MARGIN * (k + 1)`` neighbours (bulk estimate)."""
     if not pbc.all() or n_atoms == 0:
@@ -360,22 +226,11 @@ def neighbor_graph(
 
 def _graph_from_pairs(z, positions, cell, a, b, S, d2, max_neighbors: int, strict: bool, r2: float) -> Graph:
     """Cap and symmetrise the half-list pairs ``(a, b, S, d²)`` (all ``d² <= r2``) into a Graph."""
-    flip = _kept_side(a, b, S)
-    idx = _capped(a, b, S, d2, flip, positions.shape[0], max_neighbors, strict, r2)
-    # Kept one-sided edges (sender j, receiver i, shift s; j <= i), then their reverses.
-    ai, bi, fi = a[idx], b[idx], flip[idx]
-    m = idx.size
-    edge_index = np.empty((2, 2 * m), dtype=np.int64)  # (sender, receiver)
-    np.minimum(ai, bi, out=edge_index[0, :m])
-    np.maximum(ai, bi, out=edge_index[1, :m])
-    edge_index[0, m:] = edge_index[1, :m]
-    edge_index[1, m:] = edge_index[0, :m]
-    cell_shift = np.empty((2 * m, 3), dtype=np.int64)
-    np.multiply(S[idx], (1 - 2 * fi.astype(np.int32))[:, None], out=cell_shift[:m])
-    np.negative(cell_shift[:m], out=cell_shift[m:])
-    edge_shift = np.empty((2 * m, 3), dtype=np.float64)  # Å
-    np.matmul(cell_shift[:m].astype(np.float64), cell, out=edge_shift[:m])
-    np.negative(edge_shift[:m], out=edge_shift[m:])
+    from painn_export._neighbors_kernel import cap_and_symmetrize
+
+    edge_index, cell_shift, edge_shift = cap_and_symmetrize(
+        a, b, S, d2, positions.shape[0], max_neighbors, strict, TIE_RTOL, DEGENERACY_TOLERANCE, cell
+    )
     return Graph(
         atomic_numbers=z,
         positions=positions,
