@@ -10,7 +10,7 @@ from structures import Structure, all_kinds, random_rotation
 
 
 def brute_force(positions, cell, pbc, cutoff, max_neighbors, strict=True):
-    """Upstream semantics written plainly: per-centre loops, images from face distances."""
+    """Upstream semantics written plainly: every (j, image) per centre, images from face distances."""
     positions = np.asarray(positions, float)
     n = len(positions)
     reps = np.zeros(3, int)
@@ -29,14 +29,14 @@ def brute_force(positions, cell, pbc, cutoff, max_neighbors, strict=True):
             for c in range(-reps[2], reps[2] + 1)
         ]
     )
+    shift_cart = shifts @ cell  # [n_shifts, 3] Å
     kept = []
     for i in range(n):
-        cand = []
-        for j in range(n):
-            for S in shifts:
-                d2 = float(np.sum((positions[j] + S @ cell - positions[i]) ** 2))
-                if 1e-4 < d2 <= cutoff**2:
-                    cand.append((d2, j, tuple(int(x) for x in S)))
+        d2 = np.sum((positions[None, :, :] + shift_cart[:, None, :] - positions[i]) ** 2, axis=-1)
+        inside = (d2 > 1e-4) & (d2 <= cutoff**2)  # [n_shifts, n]
+        cand = [
+            (float(d2[s, j]), int(j), tuple(int(x) for x in shifts[s])) for s, j in zip(*np.nonzero(inside))
+        ]
         cand = _sort_with_ties(cand)  # (d², j, S): our documented deterministic tie-break
         if max_neighbors > 0 and len(cand) > max_neighbors:
             if strict:
@@ -208,3 +208,68 @@ def test_collate_offsets_indices(rng):
         feed["edge_index"][:, start : start + graphs[1].n_edges], graphs[1].edge_index + graphs[0].n_atoms
     )
     assert np.all(feed["system_index"][feed["edge_index"][0]] == feed["system_index"][feed["edge_index"][1]])
+
+
+def _fcc(a=3.6, reps=2):
+    """Conventional fcc cells: shells of 12, 6, 24, ... equally distant neighbours."""
+    base = np.array([[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]])
+    grid = np.array([(x, y, z) for x in range(reps) for y in range(reps) for z in range(reps)])
+    frac = (base[None, :, :] + grid[:, None, :]).reshape(-1, 3) / reps
+    cell = np.eye(3) * a * reps
+    return frac @ cell, cell
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("cap", [8, 12, 15, 30])
+def test_crystal_shells_cut_by_the_cap(strict, cap, rng):
+    """Perfect crystals: the cap cuts through shells of exactly tied neighbours."""
+    pos, cell = _fcc()
+    slab_cell = cell.copy()
+    slab_cell[2, 2] += 10.0  # vacuum along the third axis
+    for c, pbc in [(cell, [True] * 3), (slab_cell, [True, True, False])]:
+        for trial in range(2):
+            R = np.eye(3) if trial == 0 else random_rotation(rng)
+            p, cl = pos @ R.T, c @ R.T
+            ours = neighbor_graph(p, cl, pbc, 5.5, cap, strict=strict)
+            truth = brute_force(p, cl, pbc, 5.5, cap, strict=strict)
+            assert edge_set(ours) == truth, (cap, strict, pbc, trial)
+
+
+def test_many_neighbours_per_centre(rng):
+    """Hundreds of pairs per centre (the k-th nearest is searched among many), capped and not."""
+    L = 7.0
+    cell = np.eye(3) * L + rng.uniform(-0.5, 0.5, (3, 3))
+    pos = rng.uniform(0, L, (40, 3))
+    for cap, strict in [(150, True), (150, False), (7, True), (0, True)]:
+        ours = neighbor_graph(pos, cell, [True] * 3, 7.5, cap, strict=strict)
+        truth = brute_force(pos, cell, [True] * 3, 7.5, cap, strict=strict)
+        assert edge_set(ours) == truth, (cap, strict)
+        assert ours.n_edges == len(truth)
+
+
+def test_successive_searches_do_not_leak_into_each_other(rng):
+    """One vesin list per thread is reused with a new cutoff: results stay independent."""
+    s = _wire_fix(cases(rng)[0])
+    first = edge_set(neighbor_graph(s.positions, s.cell, s.pbc, 6.0, 0))
+    neighbor_graph(s.positions, s.cell, s.pbc, 3.0, 0)
+    small = edge_set(neighbor_graph(s.positions, s.cell, s.pbc, 3.0, 0))
+    assert edge_set(neighbor_graph(s.positions, s.cell, s.pbc, 6.0, 0)) == first
+    assert small < first and small == brute_force(s.positions, s.cell, s.pbc, 3.0, 0)
+
+
+def test_skin_graph_equals_fresh_graph(rng):
+    """The Verlet-skin graph is exactly the fresh graph while atoms move less than skin / 2."""
+    from painn_export.neighbors import SkinGraph
+
+    L = (120 / 0.08) ** (1 / 3)
+    cell = np.eye(3) * L + rng.uniform(-1, 1, (3, 3))
+    pos = rng.uniform(0, 1, (120, 3)) @ cell
+    z = np.ones(120, dtype=np.int64)
+    skin = SkinGraph(cutoff=5.0, max_neighbors=20, skin=0.6)
+    for _ in range(6):
+        g = skin.update(z, pos, cell, [True] * 3)
+        fresh = neighbor_graph(pos, cell, [True] * 3, 5.0, 20)
+        assert edge_set(g) == edge_set(fresh)
+        np.testing.assert_allclose(g.edge_shift, g.cell_shift @ cell)
+        pos = pos + rng.normal(0, 0.05, pos.shape)
+    assert 1 <= skin.n_searches < 6
