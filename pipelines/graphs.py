@@ -8,6 +8,7 @@ graphs, never the raw input, travel between processes. Imports stay light
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,9 +42,30 @@ _state: dict = {}
 def init_worker(input_path: str, settings: GraphSettings) -> None:
     import h5py
 
+    _exit_with_parent()
     _state["file"] = h5py.File(input_path, "r")
     _state["settings"] = settings
     _state["offsets"] = _state["file"]["atom_offset"][...]
+
+
+def _exit_with_parent(poll_s: float = 0.5) -> None:
+    """End this worker when the run that spawned it is gone (SIGKILL, OOM kill).
+
+    A killed parent cannot shut its pool down, and an idle worker would wait
+    on the task queue forever, holding the input file and its memory. A
+    daemon thread notices the re-parenting instead.
+    """
+    import os
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def build_items(indices: np.ndarray) -> list[Item]:

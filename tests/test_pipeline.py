@@ -202,14 +202,42 @@ def _done(partial: Path) -> int:
 
 
 def _interrupt_when(proc, partial: Path, done: int, sig) -> bool:
-    """Send ``sig`` once ``partial`` holds ``done`` final statuses; False if the run ended first."""
+    """Send ``sig`` once ``partial`` holds ``done`` final statuses; False if the run ended first.
+
+    The run's child processes at that moment are left in ``proc.workers_seen``.
+    """
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if partial.exists() and _done(partial) >= done:
+            proc.workers_seen = _children(proc.pid)
             proc.send_signal(sig)
             return True
         time.sleep(0.02)
     return False
+
+
+def _children(pid: int) -> list[int]:
+    """Child process ids of ``pid`` (Linux /proc)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _assert_gone(pids: list[int], timeout: float) -> None:
+    deadline = time.time() + timeout
+    alive = pids
+    while alive and time.time() < deadline:
+        time.sleep(0.1)
+        alive = [p for p in alive if Path(f"/proc/{p}").exists() and "Z" not in _proc_state(p)]
+    assert not alive, f"worker processes {alive} outlived their killed parent"
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "Z"
 
 
 def test_sigkill_and_ctrl_c_then_resume_equal_an_uninterrupted_run(tmp_path):
@@ -245,6 +273,7 @@ def test_sigkill_and_ctrl_c_then_resume_equal_an_uninterrupted_run(tmp_path):
         killed = _interrupt_when(proc, partial, target, signal.SIGKILL)
         proc.wait(timeout=60)
         assert killed and not out.exists(), "the run ended before the kill"
+        _assert_gone(proc.workers_seen, timeout=10)  # no orphaned graph workers
     done_before = _done(partial)
     assert 0 < done_before < n
     proc = _cli([*base, "-o", str(out), "--resume"], stdout=subprocess.PIPE)
