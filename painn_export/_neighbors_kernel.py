@@ -3,9 +3,17 @@
 Imported on the first graph, not with the package: numba's import and the
 first compilation (cached on disk afterwards) cost about a second once per
 process. The semantics are those documented in :mod:`painn_export.neighbors`;
-this module only does them in one pass over the half list, without the
+this module does them in a few passes over the half list, without the
 temporaries a numpy formulation needs (which cost more than the neighbour
 search itself at 6 Å).
+
+Finding each capped centre's k-th nearest without grouping pairs by centre:
+a ``[n_atoms, bins]`` histogram of d² (one pass over the pairs, both ends)
+says which bins hold each centre's k-th and (k+1)-th nearest; a second pass
+collects only the pairs in those bins (a handful per centre), which are
+sorted to read the two values exactly. A third pass keeps each pair by the
+threshold of the centre on its kept side. Only centres whose cap cuts
+through a tie gather all their entries, for the (d², j, S) order.
 
 Half-list convention: pair ``p`` is ``(a[p], b[p], S[p])`` with squared
 distance ``d2[p]``, standing for the two entries "centre a, neighbour b,
@@ -15,10 +23,25 @@ shift S" and "centre b, neighbour a, shift -S". A self-image pair
 
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 
 _JIT = {"nogil": True, "cache": True}
+
+
+@numba.njit(**_JIT)
+def squared_distances(a, b, S, positions, cell, out) -> None:
+    """``out[p] = |(x_b - x_a) + S @ cell|²`` (float64, Å²), always in this order of operations."""
+    for p in range(a.shape[0]):
+        total = 0.0
+        for x in range(3):
+            v = (positions[b[p], x] - positions[a[p], x]) + (
+                S[p, 0] * cell[0, x] + S[p, 1] * cell[1, x] + S[p, 2] * cell[2, x]
+            )
+            total += v * v
+        out[p] = total
 
 
 @numba.njit(**_JIT)
@@ -45,82 +68,50 @@ def _lex_less(j1: int, s1, j2: int, s2) -> bool:
 
 
 _BINS = 64  # d² bins per centre when looking for its k-th nearest
+_HIST_CELLS = 1 << 22  # fewer bins for structures with more than 65536 atoms
 
 
 @numba.njit(**_JIT)
-def _kth_pair(dist, m: int, k: int, r2: float, hist, buf):
-    """The k-th and (k+1)-th smallest of ``dist[:m]`` (all in ``[0, r2]``), exactly.
-
-    A 64-bin histogram of the centre's d² says which bins hold ranks k-1 and
-    k; only those bins' values are sorted (insertion sort: a handful). About
-    three passes over the centre's entries, without the mispredicted
-    branches of a quickselect.
-    """
-    scale = _BINS * (1.0 - 1e-9) / r2
-    hist[:] = 0
-    for e in range(m):
-        hist[int(dist[e] * scale)] += 1
-    below = 0  # entries in bins before lo
-    lo = 0
-    while below + hist[lo] < k:  # bin of rank k - 1
-        below += hist[lo]
-        lo += 1
-    hi = lo
-    upto = below + hist[lo]
-    while upto < k + 1:  # bin of rank k
-        hi += 1
-        upto += hist[hi]
-    n = 0
-    for e in range(m):
-        bin_ = int(dist[e] * scale)
-        if lo <= bin_ <= hi:
-            x = dist[e]
-            t = n
-            while t > 0 and buf[t - 1] > x:
-                buf[t] = buf[t - 1]
-                t -= 1
-            buf[t] = x
-            n += 1
-    return buf[k - 1 - below], buf[k - below]
+def _sort_small(x) -> None:
+    """Sort ``x`` in place: insertion sort (the slices here hold a handful of values)."""
+    if x.size > 32:
+        x[:] = np.sort(x)
+        return
+    for t in range(1, x.size):
+        v = x[t]
+        u = t
+        while u > 0 and x[u - 1] > v:
+            x[u] = x[u - 1]
+            u -= 1
+        x[u] = v
 
 
 @numba.njit(**_JIT)
-def _strict_tied(dist, m: int, k: int, tie_rtol: float, entry_pair, entry_side, lo: int, a, b, S, inside):
-    """Strict cap of one centre whose k-th and (k+1)-th nearest are tied: sets ``inside[:m]``.
+def _strict_tied(dist, k: int, tie_rtol: float, nbr, shift, inside) -> None:
+    """Strict cap of one centre whose k-th and (k+1)-th nearest are tied: sets ``inside``.
 
-    Sorted by d², a chain of gaps within ``tie_rtol`` is one tie group; the
-    entries before the k-th's group are kept, and of the group the smallest by
-    (j, S) up to k in all (selection sort: groups are small).
+    ``dist``, ``nbr``, ``shift``: all the centre's entries. Sorted by d², a
+    chain of gaps within ``tie_rtol`` is one tie group; the entries before
+    the k-th's group are kept, and of the group the smallest by (j, S) up to
+    k in all (selection sort: groups are small).
     """
-    order = np.argsort(dist[:m])
+    order = np.argsort(dist)
     g0 = k - 1
     while g0 > 0 and dist[order[g0]] - dist[order[g0 - 1]] <= tie_rtol * dist[order[g0]]:
         g0 -= 1
     g1 = k - 1
-    while g1 + 1 < m and dist[order[g1 + 1]] - dist[order[g1]] <= tie_rtol * dist[order[g1 + 1]]:
+    while g1 + 1 < dist.size and dist[order[g1 + 1]] - dist[order[g1]] <= tie_rtol * dist[order[g1 + 1]]:
         g1 += 1
-    for e in range(m):
-        inside[e] = False
+    inside[:] = False
     for r in range(g0):
         inside[order[r]] = True
     group = order[g0 : g1 + 1].copy()
-    nbr = np.empty(group.size, dtype=np.int64)
-    shift = np.empty((group.size, 3), dtype=np.int64)
-    for t in range(group.size):
-        p = entry_pair[lo + group[t]]
-        sign = 1 if entry_side[lo + group[t]] & 1 == 0 else -1
-        nbr[t] = b[p] if sign == 1 else a[p]
-        for x in range(3):
-            shift[t, x] = sign * S[p, x]
     for t in range(k - g0):
         best = t
         for u in range(t + 1, group.size):
-            if _lex_less(nbr[u], shift[u], nbr[best], shift[best]):
+            if _lex_less(nbr[group[u]], shift[group[u]], nbr[group[best]], shift[group[best]]):
                 best = u
         group[t], group[best] = group[best], group[t]
-        nbr[t], nbr[best] = nbr[best], nbr[t]
-        for x in range(3):
-            shift[t, x], shift[best, x] = shift[best, x], shift[t, x]
         inside[group[t]] = True
 
 
@@ -146,26 +137,16 @@ def cap_and_symmetrize(
 
     Large arrays are allocated here, in numpy, and filled by the compiled
     loops: numba's own allocations of them are not reused between calls and
-    cost page faults several times the loops' time.
+    cost page faults several times the loops' time. The scratch arrays are
+    kept per thread for the same reason.
     """
     n_pairs = a.shape[0]
-    keep = np.ones(n_pairs, dtype=np.bool_)
+    keep, values = _scratch(n_pairs)
+    keep[:] = True
     if k > 0 and 2 * n_pairs > k:
-        _cap(
-            a,
-            b,
-            S,
-            d2,
-            n_atoms,
-            k,
-            strict,
-            tie_rtol,
-            tolerance,
-            keep,
-            np.empty(2 * n_pairs, dtype=np.int64),
-            np.empty(2 * n_pairs, dtype=np.int8),
-            np.empty(2 * n_pairs, dtype=np.float64),
-        )
+        bins = max(8, min(_BINS, _HIST_CELLS // max(n_atoms, 1)))
+        hist = _scratch_hist(n_atoms * bins)
+        _cap(a, b, S, d2, n_atoms, k, strict, tie_rtol, tolerance, keep, hist, bins, values)
     n_kept = int(np.count_nonzero(keep))
     edge_index = np.empty((2, 2 * n_kept), dtype=np.int64)
     cell_shift = np.empty((2 * n_kept, 3), dtype=np.int64)
@@ -174,63 +155,150 @@ def cap_and_symmetrize(
     return edge_index, cell_shift, edge_shift
 
 
+_local = threading.local()
+
+
+def _scratch(n_pairs: int):
+    """This thread's scratch arrays: keep ``[P]`` bool, values ``[2P]`` float64.
+
+    Kept between calls (grown, never shrunk): fresh arrays of this size cost
+    more in page faults than the work done in them.
+    """
+    held = getattr(_local, "scratch", None)
+    if held is None or held[0].size < n_pairs:
+        size = max(n_pairs + n_pairs // 4, 1024)
+        held = _local.scratch = (np.empty(size, dtype=np.bool_), np.empty(2 * size, dtype=np.float64))
+    return held[0][:n_pairs], held[1][: 2 * n_pairs]
+
+
+def _scratch_hist(cells: int):
+    """This thread's int32 histogram scratch, zeroed, ``[cells]``."""
+    held = getattr(_local, "hist", None)
+    if held is None or held.size < cells:
+        held = _local.hist = np.empty(max(cells, 1024), dtype=np.int32)
+    hist = held[:cells]
+    hist[:] = 0
+    return hist
+
+
 @numba.njit(**_JIT)
-def _cap(a, b, S, d2, n_atoms, k, strict, tie_rtol, tolerance, keep, entry_pair, entry_side, entry_d2):
+def _cap(a, b, S, d2, n_atoms, k, strict, tie_rtol, tolerance, keep, hist, bins, values):
     """Clear ``keep[p]`` for the pairs the cap removes from the side symmetrisation keeps.
 
-    ``entry_pair``, ``entry_side`` and ``entry_d2`` (``[2P]`` scratch) receive
-    the entries of the capped centres grouped by centre (counting sort): pair
-    index, side and squared distance.
+    ``hist`` ``[n_atoms * bins]`` int32 (zeroed) and ``values`` ``[2P]``
+    float64 are scratch.
     """
     n_pairs = a.shape[0]
-    counts = np.zeros(n_atoms, dtype=np.int64)
-    r2 = 0.0  # largest d², the histograms' range
+    r2 = 0.0  # largest d²: the histogram's range
     for p in range(n_pairs):
-        counts[a[p]] += 1
-        counts[b[p]] += 1
         r2 = max(r2, d2[p])
-    width = 0
+    scale = bins * (1.0 - 1e-9) / r2 if r2 > 0 else 0.0
+    # Pass 1: per-centre histogram of d², both ends of every pair.
+    for p in range(n_pairs):
+        bin_ = int(d2[p] * scale)
+        hist[a[p] * bins + bin_] += 1
+        hist[b[p] * bins + bin_] += 1
+    # Per centre: bins lo..hi hold its ranks k-1 and k; `below` entries come before lo.
+    lo = np.full(n_atoms, bins, dtype=np.int64)  # bins: not capped
+    hi = np.zeros(n_atoms, dtype=np.int64)
+    below = np.zeros(n_atoms, dtype=np.int64)
+    start = np.zeros(n_atoms + 1, dtype=np.int64)  # of each centre's candidates in `values`
     for c in range(n_atoms):
-        width = max(width, counts[c])
-    if width <= k:
-        return
-    start = np.zeros(n_atoms + 1, dtype=np.int64)
-    for c in range(n_atoms):
-        start[c + 1] = start[c] + (counts[c] if counts[c] > k else 0)
+        row = c * bins
+        total = 0
+        for t in range(bins):
+            total += hist[row + t]
+        start[c + 1] = start[c]
+        if total <= k:
+            continue
+        cum = 0
+        t = 0
+        while cum + hist[row + t] < k:
+            cum += hist[row + t]
+            t += 1
+        lo[c], below[c] = t, cum
+        upto = cum + hist[row + t]
+        while upto < k + 1:
+            t += 1
+            upto += hist[row + t]
+        hi[c] = t
+        start[c + 1] = start[c] + upto - cum
+    # Pass 2: the candidates (pairs in bins lo..hi), grouped by centre.
     fill = start[:-1].copy()
     for p in range(n_pairs):
-        kept_b = _kept_side_is_b(a[p], b[p], S[p, 0], S[p, 1], S[p, 2])
+        bin_ = int(d2[p] * scale)
+        for c in (a[p], b[p]):
+            if lo[c] <= bin_ <= hi[c]:
+                values[fill[c]] = d2[p]
+                fill[c] += 1
+    threshold = np.full(n_atoms, np.inf)  # keep d² <= threshold[centre]
+    tied = np.zeros(n_atoms, dtype=np.bool_)
+    n_tied = 0
+    for c in range(n_atoms):
+        if lo[c] == bins:
+            continue
+        cand = values[start[c] : start[c + 1]]
+        _sort_small(cand)
+        d_k, d_k1 = cand[k - 1 - below[c]], cand[k - below[c]]  # k-th, (k+1)-th nearest
+        if not strict:
+            threshold[c] = d_k1 + tolerance
+        elif d_k1 - d_k > tie_rtol * d_k1:
+            threshold[c] = d_k
+        else:
+            tied[c] = True
+            n_tied += 1
+    # Pass 3: each pair by the centre on the side symmetrisation keeps.
+    for p in range(n_pairs):
+        centre = max(a[p], b[p])
+        if not tied[centre]:
+            keep[p] = d2[p] <= threshold[centre]
+    if n_tied:
+        _cap_tied(a, b, S, d2, n_atoms, k, tie_rtol, tied, keep)
+
+
+@numba.njit(**_JIT)
+def _cap_tied(a, b, S, d2, n_atoms, k, tie_rtol, tied, keep) -> None:
+    """Strict cap of the centres whose cap cuts through a tie, from all their entries."""
+    n_pairs = a.shape[0]
+    counts = np.zeros(n_atoms + 1, dtype=np.int64)
+    for p in range(n_pairs):
+        if tied[a[p]]:
+            counts[a[p] + 1] += 1
+        if tied[b[p]]:
+            counts[b[p] + 1] += 1
+    start = np.cumsum(counts)
+    fill = start[:-1].copy()
+    entry_pair = np.empty(start[-1], dtype=np.int64)
+    entry_side = np.empty(start[-1], dtype=np.int8)  # 0: the a-side entry (b, S); 1: (a, -S)
+    for p in range(n_pairs):
         for side in range(2):
             c = a[p] if side == 0 else b[p]
-            if counts[c] > k:
+            if tied[c]:
                 entry_pair[fill[c]] = p
-                # bit 0: the b-side entry; bit 1: the side symmetrisation keeps
-                entry_side[fill[c]] = side + 2 * (kept_b == (side == 1))
-                entry_d2[fill[c]] = d2[p]
+                entry_side[fill[c]] = side
                 fill[c] += 1
-    hist = np.empty(_BINS, dtype=np.int64)
-    buf = np.empty(width, dtype=np.float64)
-    inside = np.empty(width, dtype=np.bool_)
     for c in range(n_atoms):
-        m = counts[c]
-        if m <= k:
+        if not tied[c]:
             continue
-        lo = start[c]
-        dist = entry_d2[lo : lo + m]
-        d_k, d_k1 = _kth_pair(dist, m, k, r2, hist, buf)  # k-th and (k+1)-th nearest, squared
-        if not strict:
-            limit = d_k1 + tolerance
-            for e in range(m):
-                inside[e] = dist[e] <= limit
-        elif d_k1 - d_k > tie_rtol * d_k1:
-            for e in range(m):
-                inside[e] = dist[e] <= d_k
-        else:
-            _strict_tied(dist, m, k, tie_rtol, entry_pair, entry_side, lo, a, b, S, inside)
+        m = start[c + 1] - start[c]
+        dist = np.empty(m, dtype=np.float64)
+        nbr = np.empty(m, dtype=np.int64)
+        shift = np.empty((m, 3), dtype=np.int64)
+        for e in range(m):
+            p = entry_pair[start[c] + e]
+            sign = 1 if entry_side[start[c] + e] == 0 else -1
+            dist[e] = d2[p]
+            nbr[e] = b[p] if sign == 1 else a[p]
+            for x in range(3):
+                shift[e, x] = sign * S[p, x]
+        inside = np.empty(m, dtype=np.bool_)
+        _strict_tied(dist, k, tie_rtol, nbr, shift, inside)
         # The pair follows the entry on the side symmetrisation keeps.
         for e in range(m):
-            if entry_side[lo + e] >= 2:
-                keep[entry_pair[lo + e]] = inside[e]
+            p = entry_pair[start[c] + e]
+            kept_b = _kept_side_is_b(a[p], b[p], S[p, 0], S[p, 1], S[p, 2])
+            if kept_b == (entry_side[start[c] + e] == 1):
+                keep[p] = inside[e]
 
 
 @numba.njit(**_JIT)

@@ -66,8 +66,6 @@ TIE_RTOL = 1.0e-9
 DEGENERACY_TOLERANCE = 0.01
 # vesin excludes d == cutoff; it is asked for a little more and we filter.
 _CANDIDATE_SKIN = 1.0e-6
-# vesin's distances are recomputed this close (relative) to the bounds.
-_RECOMPUTE_RTOL = 1.0e-8
 # The first pass aims for this many candidates per centre, relative to k + 1.
 _FIRST_PASS_MARGIN = 1.6
 
@@ -116,31 +114,25 @@ def _search(
     vesin's half list: ``a``, ``b`` int64 ``[P]``, ``S`` int32 ``[P, 3]`` with
     ``d² = |x_b + S @ cell - x_a|²`` (float64, Å²); the reverse ``(b, a, -S)``
     is implied. A self-image pair ``(a, a, S)`` appears once for ``±S``.
-    vesin's distances are used as they are, except within a relative 1e-8 of
-    the two bounds, where ``d²`` is recomputed from the positions (our exact
-    definition, :func:`_distance_sq`) so the inclusive cutoff does not depend
-    on vesin's rounding.
+    ``d²`` is computed here from the positions (:func:`_distance_sq`, the one
+    definition every bound is applied to), not taken from vesin, so the
+    inclusive cutoff does not depend on vesin's rounding.
 
     ``a``, ``b`` and ``S`` may be views into this thread's vesin buffers,
     valid until its next search: copy what must outlive that.
     """
     nl = _half_list(radius * (1 + _CANDIDATE_SKIN) + _CANDIDATE_SKIN)
     box = cell if pbc.any() else np.zeros((3, 3))
-    P, S, d = nl.compute(positions, box, pbc.tolist(), quantities="PSd", copy=False)
+    P, S = nl.compute(positions, box, pbc.tolist(), quantities="PS", copy=False)
     P = P.view(np.int64)  # size_t indices, always < 2**63
     a, b = P[:, 0], P[:, 1]
     if not pbc.all() and S.size and S[:, ~pbc].any():  # vesin never shifts there; make sure
         S = S.copy()
         S[:, ~pbc] = 0
-    d2 = d * d
-    r2 = radius * radius
-    near = (d2 > r2 * (1 - _RECOMPUTE_RTOL)) | (d2 < MIN_DISTANCE_SQ * (1 + _RECOMPUTE_RTOL))
-    if near.any():
-        idx = np.flatnonzero(near)
-        d2[idx] = _distance_sq(positions, cell, a[idx], b[idx], S[idx])
-        keep = (d2 <= r2) & (d2 > MIN_DISTANCE_SQ)
-        if not keep.all():
-            a, b, S, d2 = a[keep], b[keep], S[keep], d2[keep]
+    d2 = _distance_sq(positions, cell, a, b, S)
+    keep = (d2 <= radius * radius) & (d2 > MIN_DISTANCE_SQ)
+    if not keep.all():
+        a, b, S, d2 = a[keep], b[keep], S[keep], d2[keep]
     return a, b, S, d2
 
 
@@ -159,9 +151,12 @@ def _half_list(cutoff: float):
 
 
 def _distance_sq(positions, cell, a, b, S) -> np.ndarray:
-    """``|x_b + S @ cell - x_a|²`` in float64, Å²: the definition every bound is applied to."""
-    vec = positions[b] - positions[a] + S.astype(np.float64) @ cell
-    return np.einsum("ij,ij->i", vec, vec)
+    """``|(x_b - x_a) + S @ cell|²`` ``[P]`` float64, Å²: the definition every bound is applied to."""
+    from painn_export._neighbors_kernel import squared_distances
+
+    d2 = np.empty(a.shape[0], dtype=np.float64)
+    squared_distances(a, b, S, positions, cell, d2)
+    return d2
 
 
 def _density_radius(n_atoms: int, cell: np.ndarray, pbc: np.ndarray, k: int) -> float | None:
