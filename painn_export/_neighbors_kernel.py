@@ -141,12 +141,12 @@ def cap_and_symmetrize(
     kept per thread for the same reason.
     """
     n_pairs = a.shape[0]
-    keep, values = _scratch(n_pairs)
+    keep = _scratch_keep(n_pairs)
     keep[:] = True
     if k > 0 and 2 * n_pairs > k:
         bins = max(8, min(_BINS, _HIST_CELLS // max(n_atoms, 1)))
         hist = _scratch_hist(n_atoms * bins)
-        _cap(a, b, S, d2, n_atoms, k, strict, tie_rtol, tolerance, keep, hist, bins, values)
+        _cap(a, b, S, d2, n_atoms, k, strict, tie_rtol, tolerance, keep, hist, bins)
     n_kept = int(np.count_nonzero(keep))
     edge_index = np.empty((2, 2 * n_kept), dtype=np.int64)
     cell_shift = np.empty((2 * n_kept, 3), dtype=np.int64)
@@ -158,17 +158,16 @@ def cap_and_symmetrize(
 _local = threading.local()
 
 
-def _scratch(n_pairs: int):
-    """This thread's scratch arrays: keep ``[P]`` bool, values ``[2P]`` float64.
+def _scratch_keep(n_pairs: int):
+    """This thread's ``[P]`` bool scratch (one byte per pair).
 
     Kept between calls (grown, never shrunk): fresh arrays of this size cost
     more in page faults than the work done in them.
     """
-    held = getattr(_local, "scratch", None)
-    if held is None or held[0].size < n_pairs:
-        size = max(n_pairs + n_pairs // 4, 1024)
-        held = _local.scratch = (np.empty(size, dtype=np.bool_), np.empty(2 * size, dtype=np.float64))
-    return held[0][:n_pairs], held[1][: 2 * n_pairs]
+    held = getattr(_local, "keep", None)
+    if held is None or held.size < n_pairs:
+        held = _local.keep = np.empty(max(n_pairs + n_pairs // 4, 1024), dtype=np.bool_)
+    return held[:n_pairs]
 
 
 def _scratch_hist(cells: int):
@@ -182,11 +181,10 @@ def _scratch_hist(cells: int):
 
 
 @numba.njit(**_JIT)
-def _cap(a, b, S, d2, n_atoms, k, strict, tie_rtol, tolerance, keep, hist, bins, values):
+def _cap(a, b, S, d2, n_atoms, k, strict, tie_rtol, tolerance, keep, hist, bins):
     """Clear ``keep[p]`` for the pairs the cap removes from the side symmetrisation keeps.
 
-    ``hist`` ``[n_atoms * bins]`` int32 (zeroed) and ``values`` ``[2P]``
-    float64 are scratch.
+    ``hist`` ``[n_atoms * bins]`` int32 (zeroed) is scratch.
     """
     n_pairs = a.shape[0]
     r2 = 0.0  # largest d²: the histogram's range
@@ -224,6 +222,7 @@ def _cap(a, b, S, d2, n_atoms, k, strict, tie_rtol, tolerance, keep, hist, bins,
         hi[c] = t
         start[c + 1] = start[c] + upto - cum
     # Pass 2: the candidates (pairs in bins lo..hi), grouped by centre.
+    values = np.empty(start[n_atoms], dtype=np.float64)
     fill = start[:-1].copy()
     for p in range(n_pairs):
         bin_ = int(d2[p] * scale)
