@@ -12,8 +12,11 @@ a ``[n_atoms, bins]`` histogram of d² (one pass over the pairs, both ends)
 says which bins hold each centre's k-th and (k+1)-th nearest; a second pass
 collects only the pairs in those bins (a handful per centre), which are
 sorted to read the two values exactly. A third pass keeps each pair by the
-threshold of the centre on its kept side. Only centres whose cap cuts
-through a tie gather all their entries, for the (d², j, S) order.
+threshold of the centre on its kept side. Where the cap cuts through a tie
+(perfect crystals: whole shells are equally distant), only the tie group is
+gathered and ordered by (j, S); the group is read from the sorted candidates,
+and only when it may reach past them (within the tie tolerance of a bin
+edge) does the centre gather all its entries.
 
 Half-list convention: pair ``p`` is ``(a[p], b[p], S[p])`` with squared
 distance ``d2[p]``, standing for the two entries "centre a, neighbour b,
@@ -201,13 +204,13 @@ def _cap(a, b, S, d2, n_atoms, k, strict, tie_rtol, tolerance, keep, hist, bins)
     hi = np.zeros(n_atoms, dtype=np.int64)
     below = np.zeros(n_atoms, dtype=np.int64)
     start = np.zeros(n_atoms + 1, dtype=np.int64)  # of each centre's candidates in `values`
+    total = np.zeros(n_atoms, dtype=np.int64)  # entries per centre
     for c in range(n_atoms):
         row = c * bins
-        total = 0
         for t in range(bins):
-            total += hist[row + t]
+            total[c] += hist[row + t]
         start[c + 1] = start[c]
-        if total <= k:
+        if total[c] <= k:
             continue
         cum = 0
         t = 0
@@ -231,28 +234,111 @@ def _cap(a, b, S, d2, n_atoms, k, strict, tie_rtol, tolerance, keep, hist, bins)
                 values[fill[c]] = d2[p]
                 fill[c] += 1
     threshold = np.full(n_atoms, np.inf)  # keep d² <= threshold[centre]
+    # Centres whose cap cuts a tie: keep d² < group_lo, choose `need` of the
+    # entries with group_lo <= d² <= group_hi (the tie group) by (j, S).
     tied = np.zeros(n_atoms, dtype=np.bool_)
-    n_tied = 0
+    group_lo = np.zeros(n_atoms)
+    group_hi = np.zeros(n_atoms)
+    need = np.zeros(n_atoms, dtype=np.int64)
+    group_start = np.zeros(n_atoms + 1, dtype=np.int64)
+    slow = np.zeros(n_atoms, dtype=np.bool_)  # tie group may reach outside the candidates
+    n_slow = 0
     for c in range(n_atoms):
+        group_start[c + 1] = group_start[c]
         if lo[c] == bins:
             continue
         cand = values[start[c] : start[c + 1]]
         _sort_small(cand)
-        d_k, d_k1 = cand[k - 1 - below[c]], cand[k - below[c]]  # k-th, (k+1)-th nearest
+        i_k = k - 1 - below[c]
+        d_k, d_k1 = cand[i_k], cand[i_k + 1]  # k-th, (k+1)-th nearest
         if not strict:
             threshold[c] = d_k1 + tolerance
         elif d_k1 - d_k > tie_rtol * d_k1:
             threshold[c] = d_k
         else:
+            # The tie group: the chain of gaps within tie_rtol through the k-th.
+            g0 = i_k
+            while g0 > 0 and cand[g0] - cand[g0 - 1] <= tie_rtol * cand[g0]:
+                g0 -= 1
+            g1 = i_k + 1
+            while g1 + 1 < cand.size and cand[g1 + 1] - cand[g1] <= tie_rtol * cand[g1 + 1]:
+                g1 += 1
+            # The chain can go on outside the candidates only where its end is
+            # within tie_rtol (twice, for rounding) of the edge of bins lo..hi.
+            open_below = g0 == 0 and below[c] > 0 and int(cand[0] * (1.0 - 2 * tie_rtol) * scale) < lo[c]
+            open_above = (
+                g1 == cand.size - 1
+                and below[c] + cand.size < total[c]
+                and int(cand[g1] * (1.0 + 2 * tie_rtol) * scale) > hi[c]
+            )
+            if open_below or open_above:
+                slow[c] = True
+                n_slow += 1
+                continue
             tied[c] = True
-            n_tied += 1
+            group_lo[c], group_hi[c] = cand[g0], cand[g1]
+            need[c] = k - below[c] - g0
+            group_start[c + 1] = group_start[c] + g1 - g0 + 1
     # Pass 3: each pair by the centre on the side symmetrisation keeps.
     for p in range(n_pairs):
         centre = max(a[p], b[p])
-        if not tied[centre]:
+        if tied[centre]:
+            keep[p] = d2[p] < group_lo[centre]  # tie group members: below
+        elif not slow[centre]:
             keep[p] = d2[p] <= threshold[centre]
-    if n_tied:
-        _cap_tied(a, b, S, d2, n_atoms, k, tie_rtol, tied, keep)
+    if group_start[n_atoms]:
+        _choose_in_groups(a, b, S, d2, n_atoms, tied, group_lo, group_hi, need, group_start, keep)
+    if n_slow:
+        _cap_tied(a, b, S, d2, n_atoms, k, tie_rtol, slow, keep)
+
+
+@numba.njit(**_JIT)
+def _choose_in_groups(a, b, S, d2, n_atoms, tied, group_lo, group_hi, need, group_start, keep) -> None:
+    """Of each tied centre's tie group, keep the ``need[c]`` smallest entries by (j, S).
+
+    The group members of centre ``c`` are its entries with ``group_lo[c] <= d²
+    <= group_hi[c]``; ``group_start`` gives their slots (counted exactly from
+    the sorted candidates).
+    """
+    n_members = group_start[n_atoms]
+    member_pair = np.empty(n_members, dtype=np.int64)
+    member_side = np.empty(n_members, dtype=np.int8)  # 0: the a-side entry (b, S); 1: (a, -S)
+    member_nbr = np.empty(n_members, dtype=np.int64)
+    member_shift = np.empty((n_members, 3), dtype=np.int64)
+    fill = group_start[:-1].copy()
+    for p in range(a.shape[0]):
+        for side in range(2):
+            c = a[p] if side == 0 else b[p]
+            if tied[c] and group_lo[c] <= d2[p] <= group_hi[c]:
+                m = fill[c]
+                sign = 1 if side == 0 else -1
+                member_pair[m], member_side[m] = p, side
+                member_nbr[m] = b[p] if side == 0 else a[p]
+                for x in range(3):
+                    member_shift[m, x] = sign * S[p, x]
+                fill[c] += 1
+    for c in range(n_atoms):
+        if not tied[c]:
+            continue
+        # Selection of the need[c] smallest by (j, S), in place over the slots.
+        g0, g1 = group_start[c], group_start[c + 1]
+        for t in range(g0, g1):
+            best = t
+            if t < g0 + need[c]:
+                for u in range(t + 1, g1):
+                    if _lex_less(member_nbr[u], member_shift[u], member_nbr[best], member_shift[best]):
+                        best = u
+                if best != t:
+                    member_pair[t], member_pair[best] = member_pair[best], member_pair[t]
+                    member_side[t], member_side[best] = member_side[best], member_side[t]
+                    member_nbr[t], member_nbr[best] = member_nbr[best], member_nbr[t]
+                    for x in range(3):
+                        member_shift[t, x], member_shift[best, x] = member_shift[best, x], member_shift[t, x]
+            # The pair follows the entry on the side symmetrisation keeps.
+            p = member_pair[t]
+            kept_b = _kept_side_is_b(a[p], b[p], S[p, 0], S[p, 1], S[p, 2])
+            if kept_b == (member_side[t] == 1):
+                keep[p] = t < g0 + need[c]
 
 
 @numba.njit(**_JIT)

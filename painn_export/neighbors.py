@@ -8,9 +8,9 @@ reproduces that graph for one structure:
    ``d² = |x_j + S @ cell - x_i|² <= cutoff²`` (inclusive) and ``d² > 1e-4``
    Å² (drops self-pairs and coincident atoms), over every periodic image that
    can be within the cutoff, never shifting along a non-periodic axis. The
-   pairs come from vesin's half list (each pair once); its float64 distances
-   are used, except within 1e-8 (relative) of either bound, where ``d²`` is
-   recomputed from the positions so both bounds are applied exactly.
+   pairs come from vesin's half list (each pair once), asked for a slightly
+   larger radius; ``d²`` is computed here in float64, in one fixed order of
+   operations, and both bounds are applied to that value.
 2. **Per-centre cap** (``get_max_neighbors_mask``), for centres with more
    than ``max_neighbors`` pairs, in one of upstream's two modes:
 
@@ -38,12 +38,12 @@ not care). The two-pass build (a small radius first, the full cutoff only when
 some centre has too few neighbours there) returns the identical graph; it only
 avoids enumerating pairs the cap would discard anyway.
 
-How: steps 2 and 3 run as one compiled pass over the half list
-(:mod:`painn_export._neighbors_kernel`, numba): entries grouped by centre with
-a counting sort, each capped centre's k-th and (k+1)-th nearest found through
-a small histogram of its d², the exact (d², j, S) order only for centres whose
-cap cuts through a tie. Vectorised numpy needed about ten full-size
-temporaries for the same work and cost 2-4x vesin's own search at 6 Å
+How: steps 2 and 3 run as a few compiled passes over the half list
+(:mod:`painn_export._neighbors_kernel`, numba), without grouping pairs by
+centre: each capped centre's k-th and (k+1)-th nearest are read from a small
+histogram of its d², and the (d², j, S) order is applied only to the tie group
+a cap cuts through. Vectorised numpy needed about ten full-size temporaries
+for the same work and cost 2-4x vesin's own search at 6 Å
 (docs/benchmarks.md).
 """
 

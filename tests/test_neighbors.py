@@ -30,13 +30,23 @@ def brute_force(positions, cell, pbc, cutoff, max_neighbors, strict=True):
         ]
     )
     shift_cart = shifts @ cell  # [n_shifts, 3] Å
-    kept = []
+    entries = []
     for i in range(n):
         d2 = np.sum((positions[None, :, :] + shift_cart[:, None, :] - positions[i]) ** 2, axis=-1)
         inside = (d2 > 1e-4) & (d2 <= cutoff**2)  # [n_shifts, n]
-        cand = [
-            (float(d2[s, j]), int(j), tuple(int(x) for x in shifts[s])) for s, j in zip(*np.nonzero(inside))
-        ]
+        entries.append(
+            [(float(d2[s, j]), int(j), tuple(int(x) for x in shifts[s])) for s, j in zip(*np.nonzero(inside))]
+        )
+    return cap_and_symmetrize_reference(entries, max_neighbors, strict)
+
+
+def cap_and_symmetrize_reference(entries, max_neighbors, strict=True):
+    """Upstream's cap and symmetrisation on ``entries[i]``: centre i's ``(d², j, S)`` list.
+
+    Returns the edge set ``{(sender, receiver, shift of sender)}``.
+    """
+    kept = []
+    for i, cand in enumerate(entries):
         cand = _sort_with_ties(cand)  # (d², j, S): our documented deterministic tie-break
         if max_neighbors > 0 and len(cand) > max_neighbors:
             if strict:
@@ -273,3 +283,75 @@ def test_skin_graph_equals_fresh_graph(rng):
         np.testing.assert_allclose(g.edge_shift, g.cell_shift @ cell)
         pos = pos + rng.normal(0, 0.05, pos.shape)
     assert 1 <= skin.n_searches < 6
+
+
+def _kernel_edges(pairs, d2, n_atoms, cap, strict):
+    """Run the compiled cap + symmetrisation on a hand-made half list ``[(a, b, S)]``."""
+    from painn_export._neighbors_kernel import cap_and_symmetrize
+    from painn_export.neighbors import DEGENERACY_TOLERANCE, TIE_RTOL
+
+    a = np.array([p[0] for p in pairs], dtype=np.int64)
+    b = np.array([p[1] for p in pairs], dtype=np.int64)
+    S = np.array([p[2] for p in pairs], dtype=np.int32).reshape(-1, 3)
+    cell = np.diag([3.0, 4.0, 5.0])
+    edge_index, cell_shift, edge_shift = cap_and_symmetrize(
+        a, b, S, np.asarray(d2, dtype=np.float64), n_atoms, cap, strict, TIE_RTOL, DEGENERACY_TOLERANCE, cell
+    )
+    np.testing.assert_array_equal(edge_shift, cell_shift @ cell)
+    edges = [(int(j), int(i), tuple(int(x) for x in s)) for j, i, s in zip(*edge_index, cell_shift)]
+    assert len(edges) == len(set(edges))
+    return set(edges)
+
+
+def _entries(pairs, d2, n_atoms):
+    """Both entries of every half-list pair, per centre: ``entries[i] = [(d², j, S)]``."""
+    entries = [[] for _ in range(n_atoms)]
+    for (a, b, S), d in zip(pairs, d2):
+        entries[a].append((float(d), b, tuple(S)))
+        entries[b].append((float(d), a, tuple(-x for x in S)))
+    return entries
+
+
+def _random_half_list(rng, n_atoms, n_pairs):
+    """Distinct pairs ``(a, b, S)`` with ``a < b``, or ``a == b`` and ``S`` lexicographically positive."""
+    pairs = set()
+    while len(pairs) < n_pairs:
+        a, b = sorted(int(x) for x in rng.integers(0, n_atoms, 2))
+        S = tuple(int(x) for x in rng.integers(-2, 3, 3))
+        if a == b and S <= (0, 0, 0):
+            continue
+        pairs.add((a, b, S))
+    return sorted(pairs)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_kernel_tie_chains_against_reference(strict, rng):
+    """Shells of exact, near (within TIE_RTOL, chained) and almost (2e-9 apart) ties, every cap."""
+    shells = np.array([1.0, 2.0, 2.5, 4.0, 7.0])
+    for trial in range(6):
+        n_atoms = 3 + trial
+        pairs = _random_half_list(rng, n_atoms, 40 * n_atoms)
+        d2 = rng.choice(shells, len(pairs)) * (1 + rng.choice([0.0, 3e-10, -3e-10, 2e-9], len(pairs)))
+        entries = _entries(pairs, d2, n_atoms)
+        for cap in [1, 2, 5, 11, 20, 37, 60, 79, 200]:
+            assert _kernel_edges(pairs, d2, n_atoms, cap, strict) == cap_and_symmetrize_reference(
+                entries, cap, strict
+            ), (trial, cap)
+
+
+def test_kernel_tie_group_across_histogram_bins():
+    """A tie group straddling a boundary of the kernel's d² histogram, cut by the cap on each side of it."""
+    from painn_export import _neighbors_kernel as kernel
+
+    n_atoms, r2 = 2, 64.0
+    bins = min(kernel._BINS, kernel._HIST_CELLS // n_atoms)
+    scale = bins * (1.0 - 1e-9) / r2  # as the kernel bins d²
+    boundary = 40 / scale
+    group = boundary * (1 + np.array([-4e-10, -1e-10, 2e-10, 5e-10] * 2))  # one chain of ties
+    assert len({int(v * scale) for v in group}) == 2  # the premise: it straddles bins 39 and 40
+    d2 = np.concatenate([np.linspace(10.0, 20.0, 10), group, np.linspace(50.0, r2, 9)])
+    shifts = [(x, y, z) for x in range(-1, 2) for y in range(-1, 2) for z in range(-1, 2)]
+    pairs = [(0, 1, s) for s in shifts[: len(d2)]]
+    entries = _entries(pairs, d2, n_atoms)
+    for cap in range(9, 21):  # k-th and (k+1)-th: below, astride, inside, above the group
+        assert _kernel_edges(pairs, d2, n_atoms, cap, True) == cap_and_symmetrize_reference(entries, cap), cap
