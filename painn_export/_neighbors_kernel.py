@@ -1,10 +1,11 @@
 """Compiled per-centre cap and symmetrisation for :mod:`painn_export.neighbors` (numba).
 
-Imported on the first graph, not with the package: numba's import and the
-first compilation (cached on disk afterwards) cost about a second once per
-process. The semantics are those documented in :mod:`painn_export.neighbors`;
-this module does them in a few passes over the half list, without the
-temporaries a numpy formulation needs (which cost more than the neighbour
+Imported on the first graph, not with the package: numba's import and
+loading the compiled code from numba's on-disk cache cost about a second once
+per process (the first compilation, about 10 s, happens once per install).
+The semantics are those documented in :mod:`painn_export.neighbors`; this
+module does them in a few passes over the half list, without the temporaries
+a numpy formulation needs (which cost more than the neighbour
 search itself at 6 Å).
 
 Finding each capped centre's k-th nearest without grouping pairs by centre:
@@ -31,10 +32,21 @@ import threading
 import numba
 import numpy as np
 
-_JIT = {"nogil": True, "cache": True}
+
+def _jit(function):
+    """Compile ``function`` with numba (nogil), cached on disk where numba finds a writable place.
+
+    Without one (a read-only install and no writable user cache directory;
+    ``NUMBA_CACHE_DIR`` sets one) numba refuses ``cache=True`` at decoration:
+    the kernel is then compiled in each process (~10 s) instead of failing.
+    """
+    try:
+        return numba.njit(nogil=True, cache=True)(function)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return numba.njit(nogil=True)(function)
 
 
-@numba.njit(**_JIT)
+@_jit
 def squared_distances(a, b, S, positions, cell, out) -> None:
     """``out[p] = |(x_b - x_a) + S @ cell|²`` (float64, Å²), always in this order of operations."""
     for p in range(a.shape[0]):
@@ -47,7 +59,7 @@ def squared_distances(a, b, S, positions, cell, out) -> None:
         out[p] = total
 
 
-@numba.njit(**_JIT)
+@_jit
 def _kept_side_is_b(a: int, b: int, s0: int, s1: int, s2: int) -> bool:
     """True where upstream's symmetrisation keeps the entry of centre ``b`` (``max(a, b)``).
 
@@ -59,7 +71,7 @@ def _kept_side_is_b(a: int, b: int, s0: int, s1: int, s2: int) -> bool:
     return s0 > 0 or (s0 == 0 and (s1 > 0 or (s1 == 0 and s2 > 0)))
 
 
-@numba.njit(**_JIT)
+@_jit
 def _lex_less(j1: int, s1, j2: int, s2) -> bool:
     """(j1, S1) < (j2, S2) lexicographically: our tie-break among equal distances."""
     if j1 != j2:
@@ -74,7 +86,7 @@ _BINS = 64  # d² bins per centre when looking for its k-th nearest
 _HIST_CELLS = 1 << 22  # fewer bins for structures with more than 65536 atoms
 
 
-@numba.njit(**_JIT)
+@_jit
 def _sort_small(x) -> None:
     """Sort ``x`` in place: insertion sort (the slices here hold a handful of values)."""
     if x.size > 32:
@@ -89,7 +101,7 @@ def _sort_small(x) -> None:
         x[u] = v
 
 
-@numba.njit(**_JIT)
+@_jit
 def _strict_tied(dist, k: int, tie_rtol: float, nbr, shift, inside) -> None:
     """Strict cap of one centre whose k-th and (k+1)-th nearest are tied: sets ``inside``.
 
@@ -183,7 +195,7 @@ def _scratch_hist(cells: int):
     return hist
 
 
-@numba.njit(**_JIT)
+@_jit
 def _cap(a, b, S, d2, n_atoms, k, strict, tie_rtol, tolerance, keep, hist, bins):
     """Clear ``keep[p]`` for the pairs the cap removes from the side symmetrisation keeps.
 
@@ -292,7 +304,7 @@ def _cap(a, b, S, d2, n_atoms, k, strict, tie_rtol, tolerance, keep, hist, bins)
         _cap_tied(a, b, S, d2, n_atoms, k, tie_rtol, slow, keep)
 
 
-@numba.njit(**_JIT)
+@_jit
 def _choose_in_groups(a, b, S, d2, n_atoms, tied, group_lo, group_hi, need, group_start, keep) -> None:
     """Of each tied centre's tie group, keep the ``need[c]`` smallest entries by (j, S).
 
@@ -341,7 +353,7 @@ def _choose_in_groups(a, b, S, d2, n_atoms, tied, group_lo, group_hi, need, grou
                 keep[p] = t < g0 + need[c]
 
 
-@numba.njit(**_JIT)
+@_jit
 def _cap_tied(a, b, S, d2, n_atoms, k, tie_rtol, tied, keep) -> None:
     """Strict cap of the centres whose cap cuts through a tie, from all their entries."""
     n_pairs = a.shape[0]
@@ -386,7 +398,7 @@ def _cap_tied(a, b, S, d2, n_atoms, k, tie_rtol, tied, keep) -> None:
                 keep[p] = inside[e]
 
 
-@numba.njit(**_JIT)
+@_jit
 def _write_edges(a, b, S, keep, cell, edge_index, cell_shift, edge_shift):
     """The kept pairs as one-sided edges (j <= i) into the first half, their reverses into the second."""
     n_kept = edge_index.shape[1] // 2

@@ -355,3 +355,30 @@ def test_kernel_tie_group_across_histogram_bins():
     entries = _entries(pairs, d2, n_atoms)
     for cap in range(9, 21):  # k-th and (k+1)-th: below, astride, inside, above the group
         assert _kernel_edges(pairs, d2, n_atoms, cap, True) == cap_and_symmetrize_reference(entries, cap), cap
+
+
+@pytest.mark.slow  # compiles the kernel from scratch in a subprocess (~10 s)
+def test_graph_without_a_writable_numba_cache(tmp_path, rng):
+    """Where numba has nowhere to cache (read-only install, no user cache), it compiles in each process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pos, cell = rng.uniform(0, 6, (20, 3)), np.eye(3) * 6.0
+    np.save(tmp_path / "pos.npy", pos)
+    code = (
+        "import json, sys, numpy as np\n"
+        "from painn_export.neighbors import neighbor_graph\n"
+        f"g = neighbor_graph(np.load({str(tmp_path / 'pos.npy')!r}), np.eye(3) * 6.0, [True] * 3, 5.0, 12)\n"
+        "print(json.dumps(sorted(map(str, zip(g.edge_index[0].tolist(), g.edge_index[1].tolist(),"
+        " g.cell_shift.tolist())))))\n"
+    )
+    # No locator numba can use for a source file: it refuses cache=True at decoration.
+    env = dict(os.environ, NUMBA_CACHE_LOCATOR_CLASSES="ZipCacheLocator")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    g = neighbor_graph(pos, cell, [True] * 3, 5.0, 12)
+    edges = zip(g.edge_index[0].tolist(), g.edge_index[1].tolist(), g.cell_shift.tolist())
+    expected = sorted(map(str, edges))
+    assert json.loads(out.stdout) == expected
