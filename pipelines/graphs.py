@@ -3,11 +3,12 @@
 Runs in worker processes (or in the main one with ``--workers 0``). A worker
 opens the input once and reads the structure ranges it is given, so only
 graphs, never the raw input, travel between processes. Imports stay light
-(numpy, h5py, vesin): no torch or ONNX Runtime in the workers.
+(numpy, h5py, vesin, numba): no torch or ONNX Runtime in the workers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -28,7 +29,13 @@ class GraphSettings:
 
 @dataclass(frozen=True)
 class Item:
-    """One structure after the neighbour stage: a graph, or a status and message."""
+    """One structure after the neighbour stage: a graph, or a status and message.
+
+    The graph travels in the dtypes of the pipeline's float32 feed (int32
+    ``edge_index`` and ``cell_shift``, float32 ``edge_shift``; see
+    :func:`for_float32_feed`): half the bytes of the float64 graph, which
+    the workers would otherwise pickle and the main process unpickle.
+    """
 
     index: int
     graph: Graph | None
@@ -40,12 +47,32 @@ _state: dict = {}
 
 
 def init_worker(input_path: str, settings: GraphSettings) -> None:
+    """Open the input for :func:`build_items` in this process (a worker, or the main one)."""
     import h5py
 
-    _exit_with_parent()
     _state["file"] = h5py.File(input_path, "r")
     _state["settings"] = settings
     _state["offsets"] = _state["file"]["atom_offset"][...]
+
+
+def init_worker_process(input_path: str, settings: GraphSettings) -> None:
+    """Initialiser of a neighbour worker process: :func:`init_worker`, kept light and tied to its run."""
+    _keep_torch_out()
+    _exit_with_parent()
+    init_worker(input_path, settings)
+
+
+def _keep_torch_out() -> None:
+    """Make ``import torch`` fail in this worker, unless something already imported it.
+
+    vesin imports torch (and cupy) whenever installed, only to accept their
+    tensors; a worker passes numpy arrays, and torch would cost it ~0.9 s of
+    start-up and ~190 MB of memory.
+    """
+    import sys
+
+    for name in ("torch", "cupy"):
+        sys.modules.setdefault(name, None)  # None: ImportError on import
 
 
 def _exit_with_parent(poll_s: float = 0.5) -> None:
@@ -97,8 +124,27 @@ def structure_item(s: int, z, pos, cell, pbc, settings: GraphSettings) -> Item:
         return Item(s, None, exc.kind, str(exc))
     # Each atom keeps its nearest neighbours through the cap, so the graph
     # already holds every pair closer than MIN_SEPARATION: no second search.
-    if len(z) > 1 and graph.n_edges and graph.distances().min() < MIN_SEPARATION:
+    # Its first half holds each pair once (neighbor_graph: then the reverses).
+    if len(z) > 1 and graph.n_edges and _min_pair_distance(graph) < MIN_SEPARATION:
         return Item(s, None, "atoms_too_close", f"atoms closer than {MIN_SEPARATION} Å")
     if len(z) > 1 and np.unique(np.round(graph.positions, 4), axis=0).shape[0] < len(z):
         return Item(s, None, "atoms_too_close", "coincident atoms")
-    return Item(s, graph, "ok", "")
+    return Item(s, for_float32_feed(graph), "ok", "")
+
+
+def _min_pair_distance(graph: Graph) -> float:
+    """Shortest edge (Å) of a graph from :func:`neighbor_graph`, from the first half of its edges."""
+    half = graph.n_edges // 2
+    j, i = graph.edge_index[:, :half]
+    vec = graph.positions[j] + graph.edge_shift[:half] - graph.positions[i]
+    return float(np.sqrt(np.min(np.einsum("ex,ex->e", vec, vec))))
+
+
+def for_float32_feed(graph: Graph) -> Graph:
+    """``graph`` with int32 indices and shifts and float32 edge shifts (what a float32 feed keeps)."""
+    return dataclasses.replace(
+        graph,
+        edge_index=graph.edge_index.astype(np.int32),
+        cell_shift=graph.cell_shift.astype(np.int32),
+        edge_shift=graph.edge_shift.astype(np.float32),
+    )

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from painn_export.batch import collate
-from pipelines.graphs import GraphSettings, Item, build_items, init_worker
+from pipelines.graphs import GraphSettings, Item, build_items, init_worker, init_worker_process
 from pipelines.output import (
     STATUS,
     SUCCESS,
@@ -192,21 +192,21 @@ def _items(input_path: str, pending: np.ndarray, settings: GraphSettings, worker
 
     # spawn: the workers never inherit the runtime's threads or open HDF5 handles.
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=init_worker, initargs=(input_path, settings)
-    ) as pool:
-        window: deque = deque()
-        chunks = _chunks(pending)
-        try:
-            for chunk in chunks:
-                window.append(pool.submit(build_items, chunk))
-                if len(window) > 2 * workers:
-                    yield from window.popleft().result()
-            while window:
+    pool = ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=init_worker_process, initargs=(input_path, settings)
+    )
+    window: deque = deque()
+    try:
+        for chunk in _chunks(pending):
+            window.append(pool.submit(build_items, chunk))
+            if len(window) > 2 * workers:
                 yield from window.popleft().result()
-        finally:
-            for future in window:
-                future.cancel()
+        while window:
+            yield from window.popleft().result()
+    finally:
+        # Without waiting: the workers exit in the background while the last
+        # batch runs (they are joined at interpreter exit at the latest).
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _evaluate(input_path, pending, settings, workers, runner, writer, limits, summary, bar) -> None:

@@ -394,3 +394,32 @@ def test_progress_bar_draws_on_a_terminal_only():
         bar.close()
     assert "10/10 structures" in tty.getvalue() and "atoms/s" in tty.getvalue() and "ETA" in tty.getvalue()
     assert pipe.getvalue() == ""
+
+
+def test_neighbour_workers_import_no_torch(tmp_path):
+    """A neighbour worker builds graphs without loading torch or onnxruntime (vesin would load torch)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from pipelines.graphs import GraphSettings, build_items, init_worker_process
+
+    path = tmp_path / "in.h5"
+    write_input(
+        path, [(s.atomic_numbers, s.positions, s.cell, s.pbc) for s in example_set(seed=3, sizes=(4, 8))]
+    )
+    settings = GraphSettings(cutoff=5.0, max_neighbors=20, num_elements=100)
+    probe = "sorted(m for m in ('torch', 'onnxruntime') if __import__('sys').modules.get(m) is not None)"
+    with ProcessPoolExecutor(
+        1,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=init_worker_process,
+        initargs=(str(path), settings),
+    ) as pool:
+        items = pool.submit(build_items, np.arange(8)).result(timeout=300)
+        loaded = pool.submit(eval, probe).result(timeout=60)
+    assert [it.status for it in items] == ["ok"] * 8 and sum(it.graph.n_edges for it in items) > 0
+    assert loaded == []
+    import painn_export
+
+    assert sorted(painn_export.__all__) == sorted(["__version__", *painn_export._LAZY])
+    assert painn_export.PaiNN.__module__ == "painn_export.model"
