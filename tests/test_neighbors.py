@@ -153,6 +153,11 @@ def test_symmetric_with_negated_shifts(rng):
         edges = edge_set(g)
         assert all((i, j, tuple(-x for x in S)) in edges for j, i, S in edges), s.name
         np.testing.assert_allclose(g.edge_shift, g.cell_shift @ s.cell)
+        # Documented order (the pipeline's too-close check relies on it): each
+        # pair once in the first half, their reverses in the same order after.
+        half = g.n_edges // 2
+        np.testing.assert_array_equal(g.edge_index[:, half:], g.edge_index[::-1, :half])
+        np.testing.assert_array_equal(g.cell_shift[half:], -g.cell_shift[:half])
 
 
 def test_cutoff_is_inclusive_unlike_ase():
