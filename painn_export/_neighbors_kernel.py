@@ -87,6 +87,22 @@ _HIST_CELLS = 1 << 22  # fewer bins for structures with more than 65536 atoms
 
 
 @_jit
+def _tie_chain(values, i: int, tie_rtol: float):
+    """``(g0, g1)``: the tie group through ``values[i]`` (sorted ascending), bounds inclusive.
+
+    A chain: neighbours in sorted order closer than ``tie_rtol`` (relative)
+    belong to one group, so it may span more than ``tie_rtol`` in all.
+    """
+    g0 = i
+    while g0 > 0 and values[g0] - values[g0 - 1] <= tie_rtol * values[g0]:
+        g0 -= 1
+    g1 = i
+    while g1 + 1 < values.size and values[g1 + 1] - values[g1] <= tie_rtol * values[g1 + 1]:
+        g1 += 1
+    return g0, g1
+
+
+@_jit
 def _sort_small(x) -> None:
     """Sort ``x`` in place: insertion sort (the slices here hold a handful of values)."""
     if x.size > 32:
@@ -99,35 +115,6 @@ def _sort_small(x) -> None:
             x[u] = x[u - 1]
             u -= 1
         x[u] = v
-
-
-@_jit
-def _strict_tied(dist, k: int, tie_rtol: float, nbr, shift, inside) -> None:
-    """Strict cap of one centre whose k-th and (k+1)-th nearest are tied: sets ``inside``.
-
-    ``dist``, ``nbr``, ``shift``: all the centre's entries. Sorted by d², a
-    chain of gaps within ``tie_rtol`` is one tie group; the entries before
-    the k-th's group are kept, and of the group the smallest by (j, S) up to
-    k in all (selection sort: groups are small).
-    """
-    order = np.argsort(dist)
-    g0 = k - 1
-    while g0 > 0 and dist[order[g0]] - dist[order[g0 - 1]] <= tie_rtol * dist[order[g0]]:
-        g0 -= 1
-    g1 = k - 1
-    while g1 + 1 < dist.size and dist[order[g1 + 1]] - dist[order[g1]] <= tie_rtol * dist[order[g1 + 1]]:
-        g1 += 1
-    inside[:] = False
-    for r in range(g0):
-        inside[order[r]] = True
-    group = order[g0 : g1 + 1].copy()
-    for t in range(k - g0):
-        best = t
-        for u in range(t + 1, group.size):
-            if _lex_less(nbr[group[u]], shift[group[u]], nbr[group[best]], shift[group[best]]):
-                best = u
-        group[t], group[best] = group[best], group[t]
-        inside[group[t]] = True
 
 
 def cap_and_symmetrize(
@@ -252,11 +239,10 @@ def _cap(a, b, S, d2, n_atoms, k, strict, tie_rtol, tolerance, keep, hist, bins)
     group_lo = np.zeros(n_atoms)
     group_hi = np.zeros(n_atoms)
     need = np.zeros(n_atoms, dtype=np.int64)
-    group_start = np.zeros(n_atoms + 1, dtype=np.int64)
+    group_size = np.zeros(n_atoms, dtype=np.int64)
     slow = np.zeros(n_atoms, dtype=np.bool_)  # tie group may reach outside the candidates
     n_slow = 0
     for c in range(n_atoms):
-        group_start[c + 1] = group_start[c]
         if lo[c] == bins:
             continue
         cand = values[start[c] : start[c + 1]]
@@ -268,13 +254,7 @@ def _cap(a, b, S, d2, n_atoms, k, strict, tie_rtol, tolerance, keep, hist, bins)
         elif d_k1 - d_k > tie_rtol * d_k1:
             threshold[c] = d_k
         else:
-            # The tie group: the chain of gaps within tie_rtol through the k-th.
-            g0 = i_k
-            while g0 > 0 and cand[g0] - cand[g0 - 1] <= tie_rtol * cand[g0]:
-                g0 -= 1
-            g1 = i_k + 1
-            while g1 + 1 < cand.size and cand[g1 + 1] - cand[g1] <= tie_rtol * cand[g1 + 1]:
-                g1 += 1
+            g0, g1 = _tie_chain(cand, i_k, tie_rtol)
             # The chain can go on outside the candidates only where its end is
             # within tie_rtol (twice, for rounding) of the edge of bins lo..hi.
             open_below = g0 == 0 and below[c] > 0 and int(cand[0] * (1.0 - 2 * tie_rtol) * scale) < lo[c]
@@ -283,25 +263,27 @@ def _cap(a, b, S, d2, n_atoms, k, strict, tie_rtol, tolerance, keep, hist, bins)
                 and below[c] + cand.size < total[c]
                 and int(cand[g1] * (1.0 + 2 * tie_rtol) * scale) > hi[c]
             )
+            tied[c] = True
             if open_below or open_above:
-                slow[c] = True
+                slow[c] = True  # its group is read from all its entries below
                 n_slow += 1
                 continue
-            tied[c] = True
             group_lo[c], group_hi[c] = cand[g0], cand[g1]
             need[c] = k - below[c] - g0
-            group_start[c + 1] = group_start[c] + g1 - g0 + 1
+            group_size[c] = g1 - g0 + 1
+    if n_slow:
+        _groups_from_all_entries(a, b, d2, n_atoms, k, tie_rtol, slow, group_lo, group_hi, need, group_size)
     # Pass 3: each pair by the centre on the side symmetrisation keeps.
     for p in range(n_pairs):
         centre = max(a[p], b[p])
         if tied[centre]:
             keep[p] = d2[p] < group_lo[centre]  # tie group members: below
-        elif not slow[centre]:
+        else:
             keep[p] = d2[p] <= threshold[centre]
-    if group_start[n_atoms]:
+    if tied.any():
+        group_start = np.zeros(n_atoms + 1, dtype=np.int64)
+        group_start[1:] = np.cumsum(group_size)
         _choose_in_groups(a, b, S, d2, n_atoms, tied, group_lo, group_hi, need, group_start, keep)
-    if n_slow:
-        _cap_tied(a, b, S, d2, n_atoms, k, tie_rtol, slow, keep)
 
 
 @_jit
@@ -309,8 +291,8 @@ def _choose_in_groups(a, b, S, d2, n_atoms, tied, group_lo, group_hi, need, grou
     """Of each tied centre's tie group, keep the ``need[c]`` smallest entries by (j, S).
 
     The group members of centre ``c`` are its entries with ``group_lo[c] <= d²
-    <= group_hi[c]``; ``group_start`` gives their slots (counted exactly from
-    the sorted candidates).
+    <= group_hi[c]``; ``group_start`` gives their slots (sizes counted when the groups
+    were found).
     """
     n_members = group_start[n_atoms]
     member_pair = np.empty(n_members, dtype=np.int64)
@@ -354,48 +336,37 @@ def _choose_in_groups(a, b, S, d2, n_atoms, tied, group_lo, group_hi, need, grou
 
 
 @_jit
-def _cap_tied(a, b, S, d2, n_atoms, k, tie_rtol, tied, keep) -> None:
-    """Strict cap of the centres whose cap cuts through a tie, from all their entries."""
+def _groups_from_all_entries(a, b, d2, n_atoms, k, tie_rtol, slow, group_lo, group_hi, need, group_size):
+    """Tie groups of the ``slow`` centres, whose group may reach past their candidate bins.
+
+    Sorts all of each such centre's d² and follows the chain of gaps within
+    ``tie_rtol`` through its k-th nearest, as :func:`_cap` does on the
+    candidates; sets the centre's ``group_lo``, ``group_hi``, ``need`` and
+    ``group_size``.
+    """
     n_pairs = a.shape[0]
-    counts = np.zeros(n_atoms + 1, dtype=np.int64)
+    start = np.zeros(n_atoms + 1, dtype=np.int64)
     for p in range(n_pairs):
-        if tied[a[p]]:
-            counts[a[p] + 1] += 1
-        if tied[b[p]]:
-            counts[b[p] + 1] += 1
-    start = np.cumsum(counts)
+        if slow[a[p]]:
+            start[a[p] + 1] += 1
+        if slow[b[p]]:
+            start[b[p] + 1] += 1
+    start = np.cumsum(start)
+    values = np.empty(start[n_atoms], dtype=np.float64)
     fill = start[:-1].copy()
-    entry_pair = np.empty(start[-1], dtype=np.int64)
-    entry_side = np.empty(start[-1], dtype=np.int8)  # 0: the a-side entry (b, S); 1: (a, -S)
     for p in range(n_pairs):
-        for side in range(2):
-            c = a[p] if side == 0 else b[p]
-            if tied[c]:
-                entry_pair[fill[c]] = p
-                entry_side[fill[c]] = side
+        for c in (a[p], b[p]):
+            if slow[c]:
+                values[fill[c]] = d2[p]
                 fill[c] += 1
     for c in range(n_atoms):
-        if not tied[c]:
+        if not slow[c]:
             continue
-        m = start[c + 1] - start[c]
-        dist = np.empty(m, dtype=np.float64)
-        nbr = np.empty(m, dtype=np.int64)
-        shift = np.empty((m, 3), dtype=np.int64)
-        for e in range(m):
-            p = entry_pair[start[c] + e]
-            sign = 1 if entry_side[start[c] + e] == 0 else -1
-            dist[e] = d2[p]
-            nbr[e] = b[p] if sign == 1 else a[p]
-            for x in range(3):
-                shift[e, x] = sign * S[p, x]
-        inside = np.empty(m, dtype=np.bool_)
-        _strict_tied(dist, k, tie_rtol, nbr, shift, inside)
-        # The pair follows the entry on the side symmetrisation keeps.
-        for e in range(m):
-            p = entry_pair[start[c] + e]
-            kept_b = _kept_side_is_b(a[p], b[p], S[p, 0], S[p, 1], S[p, 2])
-            if kept_b == (entry_side[start[c] + e] == 1):
-                keep[p] = inside[e]
+        dist = np.sort(values[start[c] : start[c + 1]])
+        g0, g1 = _tie_chain(dist, k - 1, tie_rtol)
+        group_lo[c], group_hi[c] = dist[g0], dist[g1]
+        need[c] = k - g0
+        group_size[c] = g1 - g0 + 1
 
 
 @_jit

@@ -38,10 +38,10 @@ class Graph:
     def n_edges(self) -> int:
         return int(self.edge_index.shape[1])
 
-    def distances(self) -> np.ndarray:
-        """Edge lengths ``[n_edges]`` Å, in float64."""
-        j, i = self.edge_index
-        return np.linalg.norm(self.positions[j] + self.edge_shift - self.positions[i], axis=1)
+    def distances(self, edges: slice = slice(None)) -> np.ndarray:
+        """Lengths of the edges ``edges`` (all by default), Å, in float64."""
+        j, i = self.edge_index[:, edges]
+        return np.linalg.norm(self.positions[j] + self.edge_shift[edges] - self.positions[i], axis=1)
 
 
 def collate(graphs: Sequence[Graph], dtype: np.dtype | type = np.float32) -> dict[str, np.ndarray]:

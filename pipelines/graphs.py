@@ -125,19 +125,11 @@ def structure_item(s: int, z, pos, cell, pbc, settings: GraphSettings) -> Item:
     # Each atom keeps its nearest neighbours through the cap, so the graph
     # already holds every pair closer than MIN_SEPARATION: no second search.
     # Its first half holds each pair once (neighbor_graph: then the reverses).
-    if len(z) > 1 and graph.n_edges and _min_pair_distance(graph) < MIN_SEPARATION:
+    if len(z) > 1 and graph.n_edges and graph.distances(slice(graph.n_edges // 2)).min() < MIN_SEPARATION:
         return Item(s, None, "atoms_too_close", f"atoms closer than {MIN_SEPARATION} Å")
     if len(z) > 1 and np.unique(np.round(graph.positions, 4), axis=0).shape[0] < len(z):
         return Item(s, None, "atoms_too_close", "coincident atoms")
     return Item(s, for_float32_feed(graph), "ok", "")
-
-
-def _min_pair_distance(graph: Graph) -> float:
-    """Shortest edge (Å) of a graph from :func:`neighbor_graph`, from the first half of its edges."""
-    half = graph.n_edges // 2
-    j, i = graph.edge_index[:, :half]
-    vec = graph.positions[j] + graph.edge_shift[:half] - graph.positions[i]
-    return float(np.sqrt(np.min(np.einsum("ex,ex->e", vec, vec))))
 
 
 def for_float32_feed(graph: Graph) -> Graph:
