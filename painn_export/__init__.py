@@ -22,30 +22,31 @@ _LAZY = {
     "save_model": "painn_export.checkpoint",
     "PaiNNConfig": "painn_export.config",
     "TargetNormalization": "painn_export.config",
-    "CONTRACT_VERSION": "painn_export.model",
-    "INPUT_NAMES": "painn_export.model",
-    "OUTPUT_NAMES": "painn_export.model",
+    "CONTRACT_VERSION": "painn_export.contract",
+    "input_names": "painn_export.contract",
+    "output_names": "painn_export.contract",
     "PaiNN": "painn_export.model",
 }
 
 __all__ = [  # the names of _LAZY, and the version
     "CONTRACT_VERSION",
-    "INPUT_NAMES",
-    "OUTPUT_NAMES",
     "CheckpointError",
     "PaiNN",
     "PaiNNConfig",
     "TargetNormalization",
     "__version__",
+    "input_names",
     "load_checkpoint",
     "load_model",
+    "output_names",
     "save_model",
 ]
 
 if TYPE_CHECKING:
     from painn_export.checkpoint import CheckpointError, load_checkpoint, load_model, save_model
     from painn_export.config import PaiNNConfig, TargetNormalization
-    from painn_export.model import CONTRACT_VERSION, INPUT_NAMES, OUTPUT_NAMES, PaiNN
+    from painn_export.contract import CONTRACT_VERSION, input_names, output_names
+    from painn_export.model import PaiNN
 
 
 def __getattr__(name: str):

@@ -9,6 +9,13 @@ Geometry conventions, written once:
   image of ``j``; ``edge_shift[e] = cell_shift[e] @ cell`` (Å), so the edge
   vector ``x_j + edge_shift - x_i`` points from ``i`` to ``j``.
 - Graphs are symmetric: every edge ``(j, i, S)`` has its reverse ``(i, j, -S)``.
+
+The model does not take the edge list: it takes the neighbour-major ("slot",
+ELL) layout of :mod:`painn_export.contract`, which :func:`collate` builds from
+each graph's edge list. Each edge ``e`` goes to slot ``edge_slot[e]`` of its
+receiver's row (its rank among the receiver's incoming edges, in edge
+order); ``edge_reverse[e]`` is the index of its reverse edge, which the
+gradient of a gather reads (:func:`painn_export.model.gather_neighbors`).
 """
 
 from __future__ import annotations
@@ -17,6 +24,66 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+# The slot axis is padded to a multiple of this, so that a run sees few shapes
+# (ONNX Runtime's arena, TensorRT's profiles) at a cost of < SLOT_MULTIPLE
+# padded slots per atom.
+SLOT_MULTIPLE = 8
+
+
+class AsymmetricGraphError(ValueError):
+    """An edge list without the reverse ``(i, j, -S)`` of some edge ``(j, i, S)``."""
+
+
+def reverse_edges(edge_index: np.ndarray, cell_shift: np.ndarray) -> np.ndarray:
+    """``[n_edges]`` index of each edge's reverse ``(i, j, -S)``; raises if one is missing.
+
+    Graphs from :func:`painn_export.neighbors.neighbor_graph` list their
+    one-sided pairs and then the reverses in the same order, so the reverse
+    of ``e`` is ``(e + n_edges / 2) mod n_edges``: checked in one pass, the
+    general matching (a sort of both key sets) runs only when that fails.
+    """
+    n = edge_index.shape[1]
+    edge_index = np.asarray(edge_index, dtype=np.int64)
+    cell_shift = np.asarray(cell_shift, dtype=np.int64).reshape(n, 3)
+    if n % 2 == 0:
+        half = n // 2
+        if np.array_equal(edge_index[:, :half], edge_index[::-1, half:]) and np.array_equal(
+            cell_shift[:half], -cell_shift[half:]
+        ):
+            return np.concatenate([np.arange(half, n), np.arange(half)]).astype(np.int64)
+    # General case: match each edge's key (j, i, S) with the keys (i, j, -S).
+    keys = np.ascontiguousarray(np.concatenate([edge_index.T, cell_shift], axis=1))  # [n, 5]
+    wanted = np.ascontiguousarray(np.concatenate([edge_index[::-1].T, -cell_shift], axis=1))  # [n, 5]
+    order_keys = np.lexsort(keys.T[::-1])
+    order_wanted = np.lexsort(wanted.T[::-1])
+    if not np.array_equal(keys[order_keys], wanted[order_wanted]):
+        row = np.dtype((np.void, 5 * 8))
+        missing = np.flatnonzero(~np.isin(wanted.view(row).ravel(), keys.view(row).ravel()))
+        what = (
+            f"edge {int(missing[0])} (j={keys[missing[0], 0]}, i={keys[missing[0], 1]}, "
+            f"S={keys[missing[0], 2:].tolist()}) has no reverse (i, j, -S)"
+            if missing.size
+            else "some edge appears more often than its reverse"
+        )
+        raise AsymmetricGraphError(
+            f"the graph is not symmetric: {what}; the model needs every edge's reverse, "
+            "as painn_export.neighbors.neighbor_graph builds"
+        )
+    reverse = np.empty(n, dtype=np.int64)
+    reverse[order_wanted] = order_keys
+    return reverse
+
+
+def slots_within_receiver(receivers: np.ndarray, n_atoms: int) -> np.ndarray:
+    """``[n_edges]`` rank of each edge among its receiver's edges, in edge order."""
+    receivers = np.asarray(receivers, dtype=np.int64)
+    order = np.argsort(receivers, kind="stable")
+    degree = np.bincount(receivers, minlength=n_atoms)
+    start = np.concatenate([[0], np.cumsum(degree)[:-1]])
+    slot = np.empty(len(receivers), dtype=np.int64)
+    slot[order] = np.arange(len(receivers)) - start[receivers[order]]
+    return slot
 
 
 @dataclass(frozen=True)
@@ -29,6 +96,15 @@ class Graph:
     cell_shift: np.ndarray  # [n_edges, 3] int64, image offset of j
     edge_shift: np.ndarray  # [n_edges, 3] float64, Å
     cell: np.ndarray | None = None  # [3, 3] float64, Å, rows = lattice vectors (stress only)
+    edge_slot: np.ndarray | None = None  # [n_edges] slot of each edge in its receiver's row
+    edge_reverse: np.ndarray | None = None  # [n_edges] index of the reverse edge
+
+    def __post_init__(self) -> None:
+        # Derived once where the graph is built (a neighbour worker), never per batch.
+        if self.edge_slot is None:
+            object.__setattr__(self, "edge_slot", slots_within_receiver(self.edge_index[1], self.n_atoms))
+        if self.edge_reverse is None:
+            object.__setattr__(self, "edge_reverse", reverse_edges(self.edge_index, self.cell_shift))
 
     @property
     def n_atoms(self) -> int:
@@ -38,43 +114,85 @@ class Graph:
     def n_edges(self) -> int:
         return int(self.edge_index.shape[1])
 
+    @property
+    def max_degree(self) -> int:
+        """Most incoming edges of any atom: the slots this graph needs."""
+        return int(self.edge_slot.max()) + 1 if self.n_edges else 0
+
     def distances(self, edges: slice = slice(None)) -> np.ndarray:
         """Lengths of the edges ``edges`` (all by default), Å, in float64."""
         j, i = self.edge_index[:, edges]
         return np.linalg.norm(self.positions[j] + self.edge_shift[edges] - self.positions[i], axis=1)
 
 
-def collate(graphs: Sequence[Graph], dtype: np.dtype | type = np.float32) -> dict[str, np.ndarray]:
-    """Pack graphs into one feed keyed by the model's input names.
+def slot_count(max_degree: int) -> int:
+    """Slots per atom for a batch whose busiest atom has ``max_degree`` edges."""
+    return max(SLOT_MULTIPLE, -(-max_degree // SLOT_MULTIPLE) * SLOT_MULTIPLE)
 
-    Atom indices in ``edge_index`` are offset by the atoms of earlier graphs;
-    ``system_index`` numbers the graphs; floats are cast to ``dtype``. The
-    feed also holds ``cell`` ``[n_systems, 3, 3]`` (zeros for graphs without
-    one), the extra input of stress models; runtimes take the inputs they need.
+
+def collate(
+    graphs: Sequence[Graph], dtype: np.dtype | type = np.float32, n_slots: int | None = None
+) -> dict[str, np.ndarray]:
+    """Pack graphs into one feed keyed by the contract's input names.
+
+    The slot layout has ``n_slots`` slots per atom (default
+    :func:`slot_count` of the busiest atom). Padding slots point at the
+    centre itself with a zero shift, a zero mask, and a reverse index to
+    themselves. ``system_index`` numbers the graphs; floats are cast to
+    ``dtype``. The feed also holds ``cell`` ``[n_systems, 3, 3]`` (zeros for
+    graphs without one) and the flat edge list (``edge_index``, atom indices
+    offset by the atoms of earlier graphs, and ``edge_shift``) that the
+    torch_scatter reference takes; runtimes take the inputs they need.
     """
     dtype = np.dtype(dtype)
     natoms = np.array([g.n_atoms for g in graphs], dtype=np.int64)  # [n_systems]
     nedges = np.array([g.n_edges for g in graphs], dtype=np.int64)
+    n_atoms, n_edges = int(natoms.sum()), int(nedges.sum())
     atom_offset = np.concatenate([[0], np.cumsum(natoms)[:-1]]).astype(np.int64)
+    edge_offset = np.concatenate([[0], np.cumsum(nedges)[:-1]]).astype(np.int64)
+    need = max((g.max_degree for g in graphs), default=0)
+    K = slot_count(need) if n_slots is None else int(n_slots)
+    if K < need:
+        raise ValueError(f"n_slots={K} is fewer than the {need} edges of the busiest atom")
     if graphs:
         edge_index = np.concatenate(
-            [g.edge_index + off for g, off in zip(graphs, atom_offset)], axis=1
+            [g.edge_index.astype(np.int64) + off for g, off in zip(graphs, atom_offset)], axis=1
         )  # [2, n_edges]
+        edge_slot = np.concatenate([g.edge_slot for g in graphs]).astype(np.int64)  # [n_edges]
+        reverse = np.concatenate(
+            [g.edge_reverse.astype(np.int64) + off for g, off in zip(graphs, edge_offset)]
+        )  # [n_edges]
         positions = np.concatenate([g.positions for g in graphs])
-        edge_shift = np.concatenate([g.edge_shift for g in graphs])
+        edge_shift = np.concatenate([g.edge_shift for g in graphs]).reshape(-1, 3)
         atomic_numbers = np.concatenate([g.atomic_numbers for g in graphs])
     else:
         edge_index = np.zeros((2, 0), dtype=np.int64)
+        edge_slot = reverse = np.zeros(0, dtype=np.int64)
         positions = edge_shift = np.zeros((0, 3))
         atomic_numbers = np.zeros(0, dtype=np.int64)
+    send, recv = edge_index
+    flat = recv * K + edge_slot  # [n_edges] flat slot of each edge
+
+    neighbors = np.repeat(np.arange(n_atoms, dtype=np.int64), K)  # [n_atoms * K], padding: the centre
+    neighbors[flat] = send
+    shift = np.zeros((n_atoms * K, 3), dtype=dtype)
+    shift[flat] = edge_shift
+    mask = np.zeros(n_atoms * K, dtype=dtype)
+    mask[flat] = 1
+    neighbor_reverse = np.arange(n_atoms * K, dtype=np.int64)  # padding: the slot itself
+    neighbor_reverse[flat] = flat[reverse]
     return {
         "atomic_numbers": atomic_numbers.astype(np.int64),
         "positions": positions.astype(dtype),
-        "edge_index": edge_index.astype(np.int64).reshape(2, int(nedges.sum())),
-        "edge_shift": edge_shift.astype(dtype).reshape(-1, 3),
+        "neighbors": neighbors.reshape(n_atoms, K),
+        "neighbor_shift": shift.reshape(n_atoms, K, 3),
+        "neighbor_mask": mask.reshape(n_atoms, K),
+        "neighbor_reverse": neighbor_reverse.reshape(n_atoms, K),
         "system_index": np.repeat(np.arange(len(graphs), dtype=np.int64), natoms),
         "natoms": natoms,
         "cell": np.array(
             [np.zeros((3, 3)) if g.cell is None else g.cell for g in graphs], dtype=dtype
         ).reshape(-1, 3, 3),
+        "edge_index": edge_index.reshape(2, n_edges),
+        "edge_shift": edge_shift.astype(dtype).reshape(n_edges, 3),
     }

@@ -37,17 +37,19 @@ def cache_dir() -> Path:
 def cached_onnx(model, source: str | Path) -> Path:
     """An ONNX Runtime export of ``model`` (loaded from ``source``), made once and reused.
 
-    Exported for the ``onnxruntime`` target (ScatterND sums: the fast form
-    there); gradient-force models with the stress output.
+    Gradient-force models are exported with the stress output. The file name
+    holds the contract version, so a cache written for another layout is
+    never read.
     """
     from painn_export import __version__
     from painn_export.checkpoint import file_sha256
+    from painn_export.contract import CONTRACT_VERSION
     from painn_export.export import export_onnx
 
     # load_model records the source file's hash; hash it here only for other callers.
     digest = (getattr(model, "provenance", {}) or {}).get("source_sha256") or file_sha256(source)
     digest = digest[:16]
-    path = cache_dir() / f"{Path(source).stem}-{digest}-v{__version__}-ort.onnx"
+    path = cache_dir() / f"{Path(source).stem}-{digest}-v{__version__}-c{CONTRACT_VERSION}.onnx"
     if not path.is_file():
-        export_onnx(model, path, stress=model.gradient_forces, target="onnxruntime")
+        export_onnx(model, path, stress=model.gradient_forces)
     return path

@@ -7,7 +7,6 @@ load with ``strict=True``. Every constant is created with an explicit dtype.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -15,54 +14,17 @@ from torch import nn
 
 from painn_export.config import PaiNNConfig
 
-# ONNX targets: which form the graph's sums take (see painn_export.model.segment_sum).
-EXPORT_TARGETS = ("tensorrt", "onnxruntime")
-_EXPORT_TARGET: str | None = None
 
+def const(value: float, like: torch.Tensor) -> torch.Tensor:
+    """``value`` as a 0-d CPU tensor of ``like``'s dtype, for arithmetic with ``like``.
 
-@contextlib.contextmanager
-def tracing_for_export(target: str = "tensorrt"):
-    """Mark a trace whose graph will be exported to ONNX for ``target``.
-
-    Inside it (and inside any ``torch.onnx.export``) :func:`exporting` is
-    true: the model writes tensor constants of exact dtype. With
-    ``target="tensorrt"`` (also the default inside a bare
-    ``torch.onnx.export``) sums over edges and the backward of gathers are
-    ``ScatterElements(reduction="add")``, the only scatter with a reduction
-    TensorRT's parser takes; with ``"onnxruntime"`` they are
-    ``ScatterND(reduction="add")`` with a ``[n, 1]`` index, which ONNX
-    Runtime runs far faster (no index of the updates' full shape).
+    A 0-d CPU tensor acts as a scalar on any device (no host-to-device copy)
+    and rounds exactly as a Python float would in ``like``'s dtype. Unlike a
+    Python float, it keeps its dtype through tracing: torch.onnx (2.13)
+    stores Python scalars as float32 constants, which loses digits in float64
+    graphs.
     """
-    global _EXPORT_TARGET
-    if target not in EXPORT_TARGETS:
-        raise ValueError(f"export target must be one of {EXPORT_TARGETS}, got {target!r}")
-    previous, _EXPORT_TARGET = _EXPORT_TARGET, target
-    try:
-        yield
-    finally:
-        _EXPORT_TARGET = previous
-
-
-def exporting() -> bool:
-    """Whether the model is being traced for ONNX (see :func:`tracing_for_export`)."""
-    return _EXPORT_TARGET is not None or torch.onnx.is_in_onnx_export()
-
-
-def scatter_elements_form() -> bool:
-    """Whether sums must be written as ``scatter_add`` (TensorRT-compatible export)."""
-    return exporting() and (_EXPORT_TARGET or "tensorrt") == "tensorrt"
-
-
-def const(value: float, like: torch.Tensor):
-    """``value`` as a scalar for arithmetic with ``like``, exact in its dtype.
-
-    Eager mode uses the Python float (exact in float64). While exporting to
-    ONNX it is a tensor of ``like``'s dtype, because the exporter otherwise
-    stores Python scalars as float32, which loses digits in float64 graphs.
-    """
-    if exporting():
-        return torch.tensor(value, dtype=like.dtype, device=like.device)
-    return value
+    return torch.tensor(value, dtype=like.dtype)
 
 
 # ScaledSiLU divides SiLU by 0.6 so that its output has roughly unit variance

@@ -1,36 +1,27 @@
 """Scatter-free PaiNN (Schütt et al. 2021, arXiv:2102.03150) with OCP numerics.
 
 This is upstream OCP/fairchem PaiNN (``ocpmodels.models.painn.painn``) written
-as a pure function of a precomputed graph: no torch_scatter, no
-torch_geometric, no neighbour search inside ``forward``. Every sum over edges
-or atoms is ``index_add`` (see :func:`segment_sum`). Parameter and buffer
-names are upstream's, so an upstream state_dict loads with ``strict=True``.
+as a pure function of a precomputed graph in the neighbour-major ("slot")
+layout of :mod:`painn_export.contract`: no torch_scatter, no torch_geometric,
+no neighbour search inside ``forward``, and no scatter of any kind. Parameter
+and buffer names are upstream's, so an upstream state_dict loads with
+``strict=True``.
 
-Model I/O contract (version :data:`CONTRACT_VERSION`)
--------------------------------------------------------
-Inputs, in this order (the ONNX graph uses the same names):
+How each sum is written (so that every runtime gets the same numbers every
+run, and TensorRT parses the graph with no plugin):
 
-==================  ========  ===============  =========================================
-name                dtype     shape            meaning
-==================  ========  ===============  =========================================
-``atomic_numbers``  int64     ``[n_atoms]``    Z in ``1..num_elements``
-``positions``       float     ``[n_atoms, 3]`` Cartesian positions, Å
-``edge_index``      int64     ``[2, n_edges]`` row 0: neighbour j (sender), row 1: centre
-                                               i (receiver); indices into the batch
-``edge_shift``      float     ``[n_edges, 3]`` periodic shift of j, Å: ``S @ cell`` for the
-                                               integer image offset ``S``
-``system_index``    int64     ``[n_atoms]``    system each atom belongs to, ``0..n_systems-1``
-``natoms``          int64     ``[n_systems]``  atoms per system (its length sets n_systems)
-==================  ========  ===============  =========================================
+- over the edges into a centre ``i`` (messages): a ``Gather`` of the
+  senders' rows into ``[n_atoms, n_slots, ...]``, then ``ReduceSum`` over
+  the slot axis (:func:`gather_neighbors`);
+- over the edges out of a sender ``j`` (the backward of that gather, which
+  gradient forces and stress need): the same, through the reverse-edge index
+  of the symmetric graph;
+- over the atoms of a system (energies, element references, the stress's
+  strain): a ``MatMul`` with the ``[n_atoms, n_systems]`` one-hot system
+  matrix (:func:`system_matrix`). Exact (products with 0 and 1), a fixed
+  summation order on every runtime, and small: one column per system.
 
-The edge vector is computed inside the model, ``r_ij = x_j + edge_shift - x_i``:
-it points from the centre ``i = edge_index[1]`` to the neighbour
-``j = edge_index[0]``, as upstream's ``distance_vec``. Messages flow from
-``j`` to ``i``. "float" is float32 or float64, the same for both float inputs
-and the model's parameters.
-
-Outputs: ``energy`` ``[n_systems]`` eV and ``forces`` ``[n_atoms, 3]`` eV/Å
-(the direct, equivariant force head, upstream's default).
+Inputs and outputs are those of :mod:`painn_export.contract`.
 """
 
 from __future__ import annotations
@@ -41,21 +32,8 @@ import torch
 from torch import nn
 
 from painn_export.config import PaiNNConfig, TargetNormalization
-from painn_export.layers import (
-    AtomEmbedding,
-    RadialBasis,
-    ScaledSiLU,
-    ScaleFactor,
-    const,
-    scatter_elements_form,
-)
-
-CONTRACT_VERSION = 1
-INPUT_NAMES = ("atomic_numbers", "positions", "edge_index", "edge_shift", "system_index", "natoms")
-OUTPUT_NAMES = ("energy", "forces")
-# The stress variant (gradient-force models only) takes the cell and adds stress.
-STRESS_INPUT = "cell"
-STRESS_OUTPUT = "stress"
+from painn_export.contract import STRESS_NEEDS_GRADIENT
+from painn_export.layers import AtomEmbedding, RadialBasis, ScaledSiLU, ScaleFactor, const
 
 # Upstream replaces edge lengths within this distance of zero by this value
 # before dividing by them (Å).
@@ -67,65 +45,52 @@ NORM_EPS = 1.0e-8
 MIN_CELL_VOLUME = 1.0e-6
 
 
-def input_names(stress: bool = False) -> tuple[str, ...]:
-    return INPUT_NAMES + ((STRESS_INPUT,) if stress else ())
-
-
-def output_names(stress: bool = False) -> tuple[str, ...]:
-    return OUTPUT_NAMES + ((STRESS_OUTPUT,) if stress else ())
-
-
-def segment_sum(src: torch.Tensor, index: torch.Tensor, num_segments: int) -> torch.Tensor:
-    """Sum rows of ``src`` ``[n, ...]`` into ``[num_segments, ...]`` by ``index`` ``[n]``.
-
-    The scatter-free aggregation: ``index_add`` into zeros of ``src``'s dtype.
-    Exported for TensorRT it is written as ``scatter_add`` with the index
-    broadcast to ``src``'s shape instead, which lowers to
-    ``ScatterElements(reduction="add")`` with int64 indices of the updates'
-    shape: exact, and accepted by TensorRT (its ScatterElements plugin).
-    ``index_add`` lowers to ``ScatterND(reduction="add")``, which TensorRT's
-    parser rejects but ONNX Runtime runs several times faster (its index is
-    ``[n, 1]``, not ``src``'s shape): the ``onnxruntime`` export target keeps it.
-    """
-    out = torch.zeros((num_segments, *src.shape[1:]), dtype=src.dtype, device=src.device)
-    if scatter_elements_form():
-        return out.scatter_add(0, _broadcast_index(index, src), src)
-    return out.index_add(0, index, src)
-
-
-def _broadcast_index(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``index`` ``[n]`` viewed and expanded to ``like``'s shape ``[n, ...]``."""
-    return index.view((-1,) + (1,) * (like.dim() - 1)).expand_as(like)
-
-
-class _GatherRows(torch.autograd.Function):
-    """``x[index]`` whose backward is ``scatter_add`` (export form, see :func:`gather_rows`)."""
+class _GatherNeighbors(torch.autograd.Function):
+    """``x[neighbors]`` whose backward is a gather through the reverse edges and a slot sum."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(index)
-        ctx.n_rows = x.shape[0]
-        return x.index_select(0, index)
+    def forward(ctx, x: torch.Tensor, neighbors: torch.Tensor, reverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(reverse)
+        n, k = neighbors.shape
+        return x.index_select(0, neighbors.reshape(-1)).view(n, k, *x.shape[1:])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (index,) = ctx.saved_tensors
-        out = torch.zeros((ctx.n_rows, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
-        return out.scatter_add(0, _broadcast_index(index, grad), grad), None
+        (reverse,) = ctx.saved_tensors
+        n, k = reverse.shape
+        flat = grad.reshape(n * k, *grad.shape[2:])  # [n_atoms * n_slots, ...]
+        # Row j, slot k' holds edge i -> j; its reverse j -> i is the slot that
+        # read x_j. Padding slots point at themselves, whose gradient is zero.
+        return flat.index_select(0, reverse.reshape(-1)).view(n, k, *grad.shape[2:]).sum(dim=1), None, None
 
 
-def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows ``x[index]`` ``[len(index), ...]``.
+def gather_neighbors(
+    x: torch.Tensor,  # [n_atoms, ...]
+    neighbors: torch.Tensor,  # [n_atoms, n_slots] int64
+    reverse: torch.Tensor | None = None,  # [n_atoms, n_slots] int64
+) -> torch.Tensor:
+    """Rows of the neighbours, ``x[neighbors]`` ``[n_atoms, n_slots, ...]``.
 
-    Its backward is a sum into rows. Eager autograd writes that as
-    ``index_put(accumulate=True)``, which would export as ``ScatterND`` with
-    a reduction (rejected by TensorRT); in a graph traced for export the
-    backward is ``scatter_add`` (``ScatterElements(reduction="add")``), like
-    :func:`segment_sum`. The forward is a plain ``Gather`` either way.
+    Its gradient is a sum over the slots where each atom is the *sender*.
+    With ``reverse`` (the symmetric graph's reverse-edge slots) that sum is a
+    gather through ``reverse`` and a sum over the slot axis: deterministic,
+    and no scatter in a traced backward. Without it, autograd's own backward
+    (``index_add``) is used: fine for inference, not for export.
+
+    The gradient read through a padding slot must be zero (the model masks
+    every message of a padding slot), since padding slots reverse onto
+    themselves.
     """
-    if scatter_elements_form():
-        return _GatherRows.apply(x, index)
-    return x[index]
+    if reverse is None:
+        n, k = neighbors.shape
+        return x.index_select(0, neighbors.reshape(-1)).view(n, k, *x.shape[1:])
+    return _GatherNeighbors.apply(x, neighbors, reverse)
+
+
+def system_matrix(system_index: torch.Tensor, n_systems: int, like: torch.Tensor) -> torch.Tensor:
+    """One-hot ``[n_atoms, n_systems]`` in ``like``'s dtype: 1 where the atom is in the system."""
+    systems = torch.arange(n_systems, dtype=system_index.dtype, device=system_index.device)
+    return (system_index[:, None] == systems[None, :]).to(like.dtype)
 
 
 class PaiNNMessage(nn.Module):
@@ -154,24 +119,25 @@ class PaiNNMessage(nn.Module):
         self,
         x: torch.Tensor,  # [n_atoms, F]
         vec: torch.Tensor,  # [n_atoms, 3, F]
-        edge_index: torch.Tensor,  # [2, n_edges]
-        edge_rbf: torch.Tensor,  # [n_edges, K]
-        edge_vector: torch.Tensor,  # [n_edges, 3] unit vectors i -> j
+        neighbors: torch.Tensor,  # [n_atoms, K] senders j
+        reverse: torch.Tensor | None,  # [n_atoms, K] reverse-edge slots
+        edge_rbf: torch.Tensor,  # [n_atoms, K, R] radial basis of r_ij
+        edge_vector: torch.Tensor,  # [n_atoms, K, 3] unit vectors i -> j
+        mask: torch.Tensor,  # [n_atoms, K, 1] 1 for an edge, 0 for padding
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        src, dst = edge_index[0], edge_index[1]  # [n_edges] each
+        """``(Δs [n_atoms, F], Δv [n_atoms, 3, F])``, sums over each centre's slots."""
         F = self.hidden_channels
         xh = self.x_proj(self.x_layernorm(x))  # [n_atoms, 3F]
-        rbfh = self.rbf_proj(edge_rbf)  # [n_edges, 3F]
+        # W(r_ij); masked, since the projection's bias would give padding a message.
+        filters = self.rbf_proj(edge_rbf) * mask  # [n_atoms, K, 3F]
 
-        ds, a, b = torch.split(gather_rows(xh, src) * rbfh, F, dim=-1)  # [n_edges, F] each
+        ds, a, b = torch.split(gather_neighbors(xh, neighbors, reverse) * filters, F, dim=-1)  # [n, K, F]
         a = a * const(self.inv_sqrt_3, a)
-        dv = gather_rows(vec, src) * a.unsqueeze(1) + b.unsqueeze(1) * edge_vector.unsqueeze(
+        dv = gather_neighbors(vec, neighbors, reverse) * a.unsqueeze(2) + b.unsqueeze(
             2
-        )  # [n_edges, 3, F]
+        ) * edge_vector.unsqueeze(3)  # [n_atoms, K, 3, F]
         dv = dv * const(self.inv_sqrt_h, dv)
-
-        n_atoms = x.shape[0]
-        return segment_sum(ds, dst, n_atoms), segment_sum(dv, dst, n_atoms)
+        return ds.sum(dim=1), dv.sum(dim=1)
 
 
 class PaiNNUpdate(nn.Module):
@@ -337,57 +303,73 @@ class PaiNN(nn.Module):
         self,
         atomic_numbers: torch.Tensor,  # [n_atoms] int64
         positions: torch.Tensor,  # [n_atoms, 3] Å
-        edge_index: torch.Tensor,  # [2, n_edges] int64, (j, i)
-        edge_shift: torch.Tensor,  # [n_edges, 3] Å
+        neighbors: torch.Tensor,  # [n_atoms, K] int64 senders j
+        neighbor_shift: torch.Tensor,  # [n_atoms, K, 3] Å
+        neighbor_mask: torch.Tensor,  # [n_atoms, K] 1 edge / 0 padding
         system_index: torch.Tensor,  # [n_atoms] int64
         natoms: torch.Tensor,  # [n_systems] int64
+        neighbor_reverse: torch.Tensor | None = None,  # [n_atoms, K] int64 (gradient forces)
         cell: torch.Tensor | None = None,  # [n_systems, 3, 3] Å, rows = lattice vectors
     ) -> tuple[torch.Tensor, ...]:
         """``(energy [n_systems] eV, forces [n_atoms, 3] eV/Å)``, plus
         ``stress [n_systems, 3, 3]`` eV/Å^3 when ``cell`` is given (gradient
-        models only)."""
+        models only). Inputs as :mod:`painn_export.contract`."""
         n_systems = natoms.shape[0]
+        graph = (neighbors, neighbor_shift, neighbor_mask)
         if self.config.direct_forces:
             if cell is not None:
-                raise ValueError(
-                    "stress needs a gradient-force model (direct_forces=False); this model "
-                    "predicts forces with its direct head"
-                )
-            x, vec = self.representation(atomic_numbers, positions, edge_index, edge_shift)
-            energy = self.energy_head(x, system_index, n_systems)
+                raise ValueError(STRESS_NEEDS_GRADIENT + "; this model has a direct force head")
+            x, vec = self.representation(atomic_numbers, positions, *graph, None)
+            members = system_matrix(system_index, n_systems, x)  # [n_atoms, n_systems]
+            energy = self.energy_head(x, members)
             forces = self.out_forces(x, vec)  # [n_atoms, 3]
-            return self._denormalize(energy, forces, atomic_numbers, system_index, n_systems)
+            return self._denormalize(energy, forces, atomic_numbers, members)
+        if neighbor_reverse is None:
+            raise ValueError(
+                "a gradient-force model needs neighbor_reverse (the reverse-edge slots; "
+                "painn_export.batch.collate builds it)"
+            )
         return self._conservative(
-            atomic_numbers, positions, edge_index, edge_shift, system_index, n_systems, cell
+            atomic_numbers, positions, *graph, neighbor_reverse, system_index, n_systems, cell
         )
 
     def representation(
         self,
         atomic_numbers: torch.Tensor,  # [n_atoms]
         positions: torch.Tensor,  # [n_atoms, 3] Å
-        edge_index: torch.Tensor,  # [2, n_edges]
-        edge_shift: torch.Tensor,  # [n_edges, 3] Å
+        neighbors: torch.Tensor,  # [n_atoms, K]
+        neighbor_shift: torch.Tensor,  # [n_atoms, K, 3] Å
+        neighbor_mask: torch.Tensor,  # [n_atoms, K]
+        reverse: torch.Tensor | None,  # [n_atoms, K]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Final scalar ``[n_atoms, F]`` and vector ``[n_atoms, 3, F]`` features."""
         n_atoms = positions.shape[0]
         F = self.config.hidden_channels
 
         # Edge geometry: r_ij = x_j + shift - x_i, pointing from centre i to neighbour j.
-        src, dst = edge_index[0], edge_index[1]  # [n_edges]
-        distance_vec = gather_rows(positions, src) + edge_shift - gather_rows(positions, dst)  # [n_edges, 3]
-        distance = torch.linalg.vector_norm(distance_vec, dim=-1)  # [n_edges]
+        x_j = gather_neighbors(positions, neighbors, reverse)  # [n_atoms, K, 3]
+        distance_vec = x_j + neighbor_shift - positions.unsqueeze(1)  # [n_atoms, K, 3]
+        # Padding slots get a unit stand-in, so that |r| and its gradient stay finite there.
+        edge = (neighbor_mask > const(0.0, neighbor_mask)).unsqueeze(-1)  # [n_atoms, K, 1]
+        distance_vec = torch.where(edge, distance_vec, torch.ones_like(distance_vec))
+        distance = torch.linalg.vector_norm(distance_vec, dim=-1)  # [n_atoms, K]
         distance = torch.where(
-            distance <= ZERO_DISTANCE_EPS, torch.full_like(distance, ZERO_DISTANCE_EPS), distance
+            distance <= const(ZERO_DISTANCE_EPS, distance),
+            torch.full_like(distance, ZERO_DISTANCE_EPS),
+            distance,
         )
-        edge_vector = distance_vec / distance[:, None]  # [n_edges, 3]
-        edge_rbf = self.radial_basis(distance)  # [n_edges, K]
+        edge_vector = distance_vec / distance.unsqueeze(-1)  # [n_atoms, K, 3]
+        edge_rbf = self.radial_basis(distance.reshape(-1)).view(
+            n_atoms, neighbors.shape[1], -1
+        )  # [n_atoms, K, R]
+        mask = neighbor_mask.unsqueeze(-1)  # [n_atoms, K, 1]
 
         # Features: scalars s [n_atoms, F], vectors v [n_atoms, 3, F] start at zero.
         x = self.atom_emb(atomic_numbers)  # [n_atoms, F]
         vec = torch.zeros((n_atoms, 3, F), dtype=x.dtype, device=x.device)
 
         for message, update, scale in zip(self.message_layers, self.update_layers, self.layer_scales()):
-            dx, dvec = message(x, vec, edge_index, edge_rbf, edge_vector)
+            dx, dvec = message(x, vec, neighbors, reverse, edge_rbf, edge_vector, mask)
             x = (x + dx) * const(self.inv_sqrt_2, x)  # [n_atoms, F]
             vec = vec + dvec  # [n_atoms, 3, F]
             dx, dvec = update(x, vec)
@@ -395,17 +377,22 @@ class PaiNN(nn.Module):
             vec = vec + dvec
         return x, vec
 
-    def energy_head(self, x: torch.Tensor, system_index: torch.Tensor, n_systems: int) -> torch.Tensor:
-        """Normalised system energies ``[n_systems]``: a sum of atomic energies."""
+    def energy_head(self, x: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+        """Normalised system energies ``[n_systems]``: a sum of atomic energies.
+
+        ``members`` is the ``[n_atoms, n_systems]`` :func:`system_matrix`.
+        """
         atom_energy = self.out_energy(x).squeeze(-1)  # [n_atoms]
-        return segment_sum(atom_energy, system_index, n_systems)  # [n_systems]
+        return atom_energy @ members  # [n_systems]
 
     def _conservative(
         self,
         atomic_numbers: torch.Tensor,  # [n_atoms]
         positions: torch.Tensor,  # [n_atoms, 3] Å
-        edge_index: torch.Tensor,  # [2, n_edges]
-        edge_shift: torch.Tensor,  # [n_edges, 3] Å
+        neighbors: torch.Tensor,  # [n_atoms, K]
+        neighbor_shift: torch.Tensor,  # [n_atoms, K, 3] Å
+        neighbor_mask: torch.Tensor,  # [n_atoms, K]
+        reverse: torch.Tensor,  # [n_atoms, K]
         system_index: torch.Tensor,  # [n_atoms]
         n_systems: int,
         cell: torch.Tensor | None,  # [n_systems, 3, 3] Å
@@ -419,6 +406,7 @@ class PaiNN(nn.Module):
         with torch.enable_grad():
             if not positions.requires_grad:
                 positions = positions.detach().requires_grad_(True)
+            members = system_matrix(system_index, n_systems, positions)  # [n_atoms, n_systems]
             wrt = [positions]
             if cell is not None:
                 strain = torch.zeros(
@@ -426,17 +414,20 @@ class PaiNN(nn.Module):
                 )
                 wrt.append(strain)
                 sym = (strain + strain.transpose(1, 2)) * const(0.5, strain)  # [n_systems, 3, 3]
-                atom_strain = gather_rows(sym, system_index)  # [n_atoms, 3, 3]
+                atom_strain = (members @ sym.reshape(n_systems, 9)).view(-1, 3, 3)  # [n_atoms, 3, 3]
                 positions_e = positions + (positions.unsqueeze(-1) * atom_strain).sum(dim=1)  # [n_atoms, 3]
-                edge_strain = gather_rows(atom_strain, edge_index[1])  # [n_edges, 3, 3]
-                edge_shift = edge_shift + (edge_shift.unsqueeze(-1) * edge_strain).sum(dim=1)  # [n_edges, 3]
+                neighbor_shift = neighbor_shift + (
+                    neighbor_shift.unsqueeze(-1) * atom_strain.unsqueeze(1)
+                ).sum(dim=2)  # [n_atoms, K, 3]
             else:
                 positions_e = positions
-            x, _ = self.representation(atomic_numbers, positions_e, edge_index, edge_shift)
-            energy = self.energy_head(x, system_index, n_systems)  # [n_systems]
+            x, _ = self.representation(
+                atomic_numbers, positions_e, neighbors, neighbor_shift, neighbor_mask, reverse
+            )
+            energy = self.energy_head(x, members)  # [n_systems]
             grads = torch.autograd.grad(energy.sum(), wrt, create_graph=self.training)
         forces = -grads[0]  # [n_atoms, 3]
-        energy, forces = self._denormalize(energy, forces, atomic_numbers, system_index, n_systems)
+        energy, forces = self._denormalize(energy, forces, atomic_numbers, members)
         if cell is None:
             return energy, forces
         # Stress of the physical energy: the normalised energy's times energy_std.
@@ -454,8 +445,7 @@ class PaiNN(nn.Module):
         energy: torch.Tensor,  # [n_systems]
         forces: torch.Tensor,  # [n_atoms, 3]
         atomic_numbers: torch.Tensor,  # [n_atoms]
-        system_index: torch.Tensor,  # [n_atoms]
-        n_systems: int,
+        members: torch.Tensor,  # [n_atoms, n_systems]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         norm = self.normalization
         energy = energy * const(norm.energy_std, energy) + const(norm.energy_mean, energy)
@@ -465,8 +455,7 @@ class PaiNN(nn.Module):
             table = torch.tensor(
                 norm.element_references, dtype=energy.dtype, device=energy.device
             )  # [Z_max + 1] eV
-            ref = table[atomic_numbers]  # [n_atoms]
-            energy = energy + segment_sum(ref, system_index, n_systems)
+            energy = energy + table[atomic_numbers] @ members.to(energy.dtype)
         return energy, forces
 
 

@@ -1,25 +1,31 @@
-"""Checks an ONNX graph against TensorRT's ONNX-parser operator table.
+"""Checks an ONNX graph against TensorRT's ONNX-parser operator facts.
 
-The table is onnx-tensorrt's ``docs/operators.md`` (a copy of the 10.1 one
-lives in ``shared/reference/``). For every node it checks: the operator is
-listed as supported; its input and output element types are among the
-listed types; and the listed restrictions that can be read off a graph:
+The facts (which operators the parser supports, with which element types,
+and the restrictions that can be read off a graph) ship with the package:
+``painn_export/data/tensorrt-10.1-operators.json``, made by
+``scripts/make_trt_operator_facts.py`` from onnx-tensorrt's
+``docs/operators.md`` of that release (source and version are recorded in
+the file). An ``operators.md`` of another release can be given instead; it is
+parsed the same way. For every node the check reads:
 
+- the operator is listed as supported, with its input and output element types;
 - "``reduction`` is not supported" -> the node has no ``reduction`` (or "none");
-- "``X`` must be an initializer" / "must be a constant tensor" -> that input
-  comes from an initializer or a Constant node;
-- "Only the first output ``Y`` is supported" -> no other output is used;
+- "``X`` must be an initializer" / "a constant tensor" -> that input is constant;
+- "only the first output" -> no other output is used;
 
-plus the ScatterElements plugin's own rules for ``reduction`` != none: int64
-indices of the same rank as the updates. Restrictions it cannot read are
-reported as unchecked rather than silently passed.
+plus, for ``ScatterElements`` with a reduction (TensorRT's plugin), int64
+indices and no bfloat16. Restrictions the facts do not capture are reported
+as unchecked rather than silently passed.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+FACTS_FILE = "tensorrt-10.1-operators.json"
 
 # ONNX TensorProto element types as the table names them.
 _ELEM_NAMES = {
@@ -61,7 +67,19 @@ class OperatorRule:
     name: str
     supported: bool
     types: frozenset[str]
-    restrictions: str
+    no_reduction: bool = False  # a `reduction` attribute other than "none" is rejected
+    constant_inputs: tuple[str, ...] = ()  # named inputs that must be initializers
+    first_output_only: bool = False
+    other_limits: bool = False  # restrictions beyond the ones above (not checked)
+
+    def as_facts(self) -> dict:
+        facts: dict = {"supported": self.supported, "types": sorted(self.types)}
+        for key in ("no_reduction", "first_output_only", "other_limits"):
+            if getattr(self, key):
+                facts[key] = True
+        if self.constant_inputs:
+            facts["constant_inputs"] = list(self.constant_inputs)
+        return facts
 
 
 @dataclass
@@ -75,12 +93,24 @@ class OpCheckReport:
         return not self.violations
 
 
+def _rule_from_row(name: str, supported: bool, types: frozenset[str], text: str) -> OperatorRule:
+    """Read the restrictions a graph can show from a row's free text."""
+    no_reduction = bool(re.search(r"`reduction` is not supported", text))
+    constant = tuple(re.findall(r"`(\w+)` must be (?:an initializer|a constant tensor)", text))
+    first_only = "Only the first output" in text
+    rest = re.sub(
+        r"`reduction` is not supported|`\w+` must be (?:an initializer|a constant tensor)", "", text
+    )
+    rest = re.sub(r"Only the first output `?\w*`? is supported\.?", "", rest)
+    return OperatorRule(name, supported, types, no_reduction, constant, first_only, bool(rest.strip(" .")))
+
+
 def parse_operator_table(path: str | Path) -> tuple[dict[str, OperatorRule], tuple[int, int]]:
-    """Rules by operator name, and the supported opset range, from operators.md."""
+    """Rules by operator name, and the supported opset range, from onnx-tensorrt's operators.md."""
     text = Path(path).read_text()
     match = re.search(r"opset (\d+) to opset (\d+)", text)
     if not match:
-        raise ValueError(f"{path}: no 'opset N to opset M' range found")
+        raise ValueError(f"{path}: no 'opset N to opset M' range found; is it onnx-tensorrt's operators.md?")
     rules: dict[str, OperatorRule] = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -89,20 +119,58 @@ def parse_operator_table(path: str | Path) -> tuple[dict[str, OperatorRule], tup
         types = (
             frozenset(t.strip() for t in cells[2].split(",") if t.strip()) if len(cells) > 2 else frozenset()
         )
-        restrictions = cells[3] if len(cells) > 3 else ""
-        rules[cells[0]] = OperatorRule(cells[0], cells[1] == "Y", types, restrictions)
+        rules[cells[0]] = _rule_from_row(cells[0], cells[1] == "Y", types, cells[3] if len(cells) > 3 else "")
     if not rules:
         raise ValueError(f"{path}: no operator rows found")
     return rules, (int(match.group(1)), int(match.group(2)))
 
 
-def check_model(model, table: str | Path) -> OpCheckReport:
-    """Check an ``onnx.ModelProto`` (or a path to one) against the table at ``table``."""
+def default_facts_path() -> Path:
+    from importlib.resources import files
+
+    return Path(str(files("painn_export") / "data" / FACTS_FILE))
+
+
+def load_facts(path: str | Path | None = None) -> tuple[dict[str, OperatorRule], tuple[int, int], str]:
+    """Rules, opset range and a one-line source.
+
+    From a facts JSON (default: the bundled one) or an onnx-tensorrt operators.md.
+    """
+    path = Path(path) if path is not None else default_facts_path()
+    if path.suffix == ".md":
+        rules, opsets = parse_operator_table(path)
+        return rules, opsets, str(path)
+    try:
+        data = json.loads(path.read_text())
+        rules = {
+            name: OperatorRule(
+                name,
+                bool(f["supported"]),
+                frozenset(f.get("types", ())),
+                bool(f.get("no_reduction", False)),
+                tuple(f.get("constant_inputs", ())),
+                bool(f.get("first_output_only", False)),
+                bool(f.get("other_limits", False)),
+            )
+            for name, f in data["operators"].items()
+        }
+        opsets = tuple(data["opset_range"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a TensorRT operator facts file ({type(exc).__name__}: {exc})") from exc
+    return rules, (int(opsets[0]), int(opsets[1])), f"{data.get('source', '?')} ({data.get('tensorrt', '?')})"
+
+
+def check_model(model, facts: str | Path | None = None) -> OpCheckReport:
+    """Check an ``onnx.ModelProto`` (or a path to one) against TensorRT's operator facts.
+
+    ``facts``: a facts JSON or an onnx-tensorrt ``operators.md``; default the
+    bundled TensorRT 10.1 facts.
+    """
     import onnx
 
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model))
-    rules, (lo, hi) = parse_operator_table(table)
+    rules, (lo, hi), _ = load_facts(facts)
     report = OpCheckReport()
     for opset in model.opset_import:
         if opset.domain in ("", "ai.onnx") and not lo <= opset.version <= hi:
@@ -149,22 +217,23 @@ def _attr(node, name):
     return None
 
 
-def _check_restrictions(node, rule, constants, consumed, types, label, report) -> None:
-    text = rule.restrictions
+def _check_restrictions(node, rule: OperatorRule, constants, consumed, types, label, report) -> None:
     reduction = _attr(node, "reduction")
     reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
-    if re.search(r"`reduction` is not supported", text) and reduction not in (None, "none"):
+    if rule.no_reduction and reduction not in (None, "none"):
         report.violations.append(f"{label}: reduction={reduction!r}, which TensorRT does not support here")
-    for arg in re.findall(r"`(\w+)` must be (?:an initializer|a constant tensor)", text):
+    for arg in rule.constant_inputs:
         position = _NAMED_INPUTS.get(arg, {}).get(node.op_type)
         if position is None:
             report.unchecked.append(f"{label}: restriction on `{arg}`")
         elif len(node.input) > position and node.input[position] and node.input[position] not in constants:
             report.violations.append(f"{label}: input `{arg}` ({node.input[position]}) is not an initializer")
-    if "Only the first output" in text and any(o in consumed for o in node.output[1:] if o):
+    if rule.first_output_only and any(o in consumed for o in node.output[1:] if o):
         report.violations.append(f"{label}: uses an output other than the first")
+    if rule.other_limits:
+        report.unchecked.append(f"{label}: further restrictions in TensorRT's operator table")
     if node.op_type == "ScatterElements" and reduction not in (None, "none"):
-        # The ScatterElements plugin: int64 indices, same rank (and shape) as updates.
+        # TensorRT's ScatterElements plugin: int64 indices, no bfloat16.
         indices, updates = node.input[1], node.input[2]
         if types.get(indices) != 7:
             report.violations.append(

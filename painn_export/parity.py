@@ -1,7 +1,11 @@
-"""Parity between runtimes: every runtime against PyTorch float64 as truth.
+"""Parity between runtimes: every runtime against PyTorch float64 as truth, and against itself.
 
 Energies are compared per atom (eV/atom), forces per component (eV/Å),
-against :mod:`painn_export.tolerances`. A failure names the structure.
+against :mod:`painn_export.tolerances`. Each runtime also runs the same feed
+a second time, and any difference between its two answers is reported as
+non-determinism (quantity ``repeat:<name>``, tolerance zero): a racy sum
+passes a single comparison against truth now and then, never this one. A
+failure names the structure.
 """
 
 from __future__ import annotations
@@ -50,11 +54,13 @@ def _comparison_kind(runner: Runner) -> str:
     return "torch_vs_torch"
 
 
-def run_parity(model: PaiNN, runners: list[tuple[Runner, str]], samples) -> list[ParityRow]:
+def run_parity(model: PaiNN, runners: list[tuple[Runner, str]], samples, repeats: int = 2) -> list[ParityRow]:
     """Run each ``(runner, precision)`` on ``samples`` and compare with float64 PyTorch.
 
     Energies per atom, forces per component, and the stress when the runner
-    returns one (eV/Å^3, NaN on both sides for cells without volume).
+    returns one (eV/Å^3, NaN on both sides for cells without volume). Each
+    runner evaluates the feed ``repeats`` times; later runs must equal the
+    first bit for bit.
     """
     truth_model = copy.deepcopy(model).to(torch.float64)
     graphs = graphs_for(truth_model, samples)
@@ -64,30 +70,50 @@ def run_parity(model: PaiNN, runners: list[tuple[Runner, str]], samples) -> list
         expected = truth.infer(feed)
     names = [s.name for s in samples]
     system_of_atom = feed["system_index"]
+
+    def worst(quantity: str, index: int) -> str:
+        if index < 0:
+            return "-"
+        if quantity.endswith("forces"):
+            return names[system_of_atom[index // 3]]
+        return names[index // 9] if quantity.endswith("stress") else names[index]
+
     rows = []
     for runner, precision in runners:
         with runner:
-            got = runner.infer(feed)
+            runs = [runner.infer(feed) for _ in range(max(1, repeats))]
+        got = runs[0]
         kind = _comparison_kind(runner)
-        e = compare(
-            "energy_per_atom",
-            got["energy"] / natoms,
-            expected["energy"] / natoms,
-            tolerance(kind, precision, "energy"),
-        )
-        f = compare("forces", got["forces"], expected["forces"], tolerance(kind, precision, "forces"))
-        rows.append(ParityRow(runner.name, precision, e, names[e.worst_index] if e.worst_index >= 0 else "-"))
-        worst_atom = f.worst_index // 3 if f.worst_index >= 0 else -1
-        rows.append(
-            ParityRow(
-                runner.name, precision, f, names[system_of_atom[worst_atom]] if worst_atom >= 0 else "-"
-            )
-        )
+        comparisons = [
+            compare(
+                "energy_per_atom",
+                got["energy"] / natoms,
+                expected["energy"] / natoms,
+                tolerance(kind, precision, "energy"),
+            ),
+            compare("forces", got["forces"], expected["forces"], tolerance(kind, precision, "forces")),
+        ]
         if "stress" in got:
-            st = compare("stress", got["stress"], expected["stress"], tolerance(kind, precision, "stress"))
-            worst = names[st.worst_index // 9] if st.worst_index >= 0 else "-"
-            rows.append(ParityRow(runner.name, precision, st, worst))
+            comparisons.append(
+                compare("stress", got["stress"], expected["stress"], tolerance(kind, precision, "stress"))
+            )
+        for again in runs[1:]:
+            for quantity in got:
+                comparisons.append(
+                    compare(
+                        f"repeat:{quantity}",
+                        again[quantity],
+                        got[quantity],
+                        tolerance("repeat", "any", quantity),
+                    )
+                )
+        rows += [ParityRow(runner.name, precision, c, worst(c.quantity, c.worst_index)) for c in comparisons]
     return rows
+
+
+def nondeterministic(rows: list[ParityRow]) -> list[ParityRow]:
+    """The rows that show a runtime giving two answers to one input."""
+    return [r for r in rows if r.comparison.quantity.startswith("repeat:") and not r.comparison.passed]
 
 
 def format_table(rows: list[ParityRow]) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from painn_export.model import INPUT_NAMES, OUTPUT_NAMES, input_names, output_names
+from painn_export.contract import BASE_INPUTS, OUTPUTS, input_names, output_names
 
 
 class RuntimeUnavailableError(RuntimeError):
@@ -31,8 +31,8 @@ class Runner(ABC):
     def __init__(self) -> None:
         self.active = False
         self.last_inference_s = float("nan")
-        self.input_names: tuple[str, ...] = INPUT_NAMES
-        self.output_names: tuple[str, ...] = OUTPUT_NAMES
+        self.input_names: tuple[str, ...] = BASE_INPUTS
+        self.output_names: tuple[str, ...] = OUTPUTS
 
     @property
     def has_stress(self) -> bool:
@@ -80,24 +80,29 @@ class TorchRunner(Runner):
     """Eager PyTorch: the scatter-free model on CPU or CUDA, float32 or float64.
 
     ``stress=True`` (gradient-force models) feeds ``cell`` and returns stress.
+    The caller's model is left as it is: the runner casts its own copy.
     """
 
     def __init__(self, model, device: str = "cpu", dtype: str = "float32", stress: bool = False) -> None:
         super().__init__()
-        if stress and model.config.direct_forces:
-            raise ValueError("stress needs a gradient-force model (direct_forces=False)")
-        self.model, self.device, self.dtype = model, device, dtype
+        self.source, self.device, self.dtype = model, device, dtype
         self.name = f"torch-{device.split(':')[0]}-{dtype}"
-        self.input_names, self.output_names = input_names(stress), output_names(stress)
+        self.input_names = input_names(model.gradient_forces, stress)
+        self.output_names = output_names(stress)
 
     def _activate(self) -> None:
+        import copy
+
         import torch
 
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeUnavailableError("torch: no CUDA device available")
         self._torch = torch
         self._float = getattr(torch, self.dtype)
-        self.model = self.model.to(device=self.device, dtype=self._float).eval()
+        self.model = copy.deepcopy(self.source).to(device=self.device, dtype=self._float).eval()
+
+    def _deactivate(self) -> None:
+        self.model = None
 
     def _infer(self, feed):
         torch = self._torch
@@ -144,7 +149,8 @@ class OnnxRuntimeRunner(Runner):
         self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_names = tuple(o.name for o in self.session.get_outputs())
-        self._float = np.float64 if self.session.get_inputs()[1].type == "tensor(double)" else np.float32
+        types = {i.name: i.type for i in self.session.get_inputs()}
+        self._float = np.float64 if types.get("positions") == "tensor(double)" else np.float32
         self.name = "onnxruntime-" + providers[0].removesuffix("ExecutionProvider").lower()
 
     def _infer(self, feed):
@@ -182,15 +188,16 @@ class TensorRTRunner(Runner):
         self._profile = 0
 
     def _select_profile(self, feed) -> None:
-        n_atoms, n_edges, n_systems = len(feed["positions"]), feed["edge_index"].shape[1], len(feed["natoms"])
+        n_atoms, n_slots = feed["neighbors"].shape
+        n_systems = len(feed["natoms"])
         for index, profile in enumerate(self.profiles):
-            if profile.admits(n_atoms, n_edges, n_systems):
+            if profile.admits(n_atoms, n_slots, n_systems):
                 if index != self._profile:
                     self.context.set_optimization_profile_async(index, self.stream.cuda_stream)
                     self._profile = index
                 return
         raise ValueError(
-            f"tensorrt: a batch of {n_atoms} atoms, {n_edges} edges, {n_systems} systems fits no "
+            f"tensorrt: a batch of {n_atoms} atoms, {n_slots} slots, {n_systems} systems fits no "
             "optimisation profile of this engine; split the batch or rebuild with larger --max-*"
         )
 

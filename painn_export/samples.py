@@ -70,12 +70,21 @@ def isolated_atom(rng: np.random.Generator, elements: np.ndarray) -> Sample:
     return Sample("isolated_atom", rng.choice(elements, 3), pos, np.zeros((3, 3)), np.zeros(3, bool))
 
 
-def example_set(seed: int = 0, num_elements: int = 83, sizes: tuple[int, ...] = (8, 24)) -> list[Sample]:
-    """Every kind above at a few sizes: what parity checks run on by default."""
+def example_set(
+    seed: int = 0, num_elements: int = 83, sizes: tuple[int, ...] = (8, 24), large: int = 0
+) -> list[Sample]:
+    """Every kind above at a few sizes: what parity checks run on by default.
+
+    ``large > 0`` adds a bulk cell of that many atoms (256 atoms at 5 Å hold
+    thousands of edges): where a runtime that sums in a racy order shows it.
+    """
     rng = np.random.default_rng(seed)
     elements = np.arange(1, num_elements + 1)
     out: list[Sample] = []
     for n in sizes:
         out += [bulk(rng, n, elements), slab(rng, n, elements), molecule(rng, n, elements)]
     out += [tiny_cell(rng, elements), single_atom(rng, elements), isolated_atom(rng, elements)]
+    if large:
+        big = bulk(rng, large, elements)
+        out.append(Sample(f"bulk_{large}", big.atomic_numbers, big.positions, big.cell, big.pbc))
     return out

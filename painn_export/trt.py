@@ -1,5 +1,6 @@
 """TensorRT engines from the exported ONNX file (TensorRT 10 Python API).
 
+The graph has no scatter (contract version 2), so no plugin is needed.
 ``tensorrt`` is imported only here, lazily; without it (or without a GPU)
 :class:`~painn_export.runners.RuntimeUnavailableError` says what to install. Each
 engine gets a JSON sidecar (TensorRT version, GPU and compute capability,
@@ -16,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from painn_export.checkpoint import file_sha256
+from painn_export.contract import AXES, BASE_INPUTS, REVERSE_INPUT, STATIC, STRESS_INPUT
 from painn_export.runners import RuntimeUnavailableError
 
 INSTALL_HINT = (
@@ -26,35 +28,34 @@ INSTALL_HINT = (
 
 @dataclass(frozen=True)
 class Profile:
-    """One optimisation profile: (min, opt, max) for atoms, edges and systems."""
+    """One optimisation profile: (min, opt, max) for atoms, neighbour slots per atom, and systems."""
 
     atoms: tuple[int, int, int] = (1, 2048, 16384)
-    edges: tuple[int, int, int] = (0, 65536, 1048576)
+    slots: tuple[int, int, int] = (8, 64, 128)
     systems: tuple[int, int, int] = (1, 32, 1024)
 
     def __post_init__(self) -> None:
-        for name in ("atoms", "edges", "systems"):
+        for name in ("atoms", "slots", "systems"):
             lo, opt, hi = getattr(self, name)
-            if not 0 <= lo <= opt <= hi:
-                raise ValueError(f"profile {name}: need 0 <= min <= opt <= max, got {(lo, opt, hi)}")
+            if not 1 <= lo <= opt <= hi:
+                raise ValueError(f"profile {name}: need 1 <= min <= opt <= max, got {(lo, opt, hi)}")
 
     def input_shapes(self) -> dict[str, tuple[tuple[int, ...], ...]]:
-        """Per input: its (min, opt, max) shapes."""
-        a, e, s = self.atoms, self.edges, self.systems
-        return {
-            "atomic_numbers": tuple((n,) for n in a),
-            "positions": tuple((n, 3) for n in a),
-            "edge_index": tuple((2, n) for n in e),
-            "edge_shift": tuple((n, 3) for n in e),
-            "system_index": tuple((n,) for n in a),
-            "natoms": tuple((n,) for n in s),
-            "cell": tuple((n, 3, 3) for n in s),  # stress graphs only
-        }
+        """Per contract input: its (min, opt, max) shapes."""
+        sizes = {"n_atoms": self.atoms, "n_slots": self.slots, "n_systems": self.systems}
+        shapes = {}
+        for name in (*BASE_INPUTS, REVERSE_INPUT, STRESS_INPUT):
+            static = STATIC.get(name, (None,) * len(AXES[name]))
+            shapes[name] = tuple(
+                tuple(sizes[axis][k] if axis else static[d] for d, axis in enumerate(AXES[name]))
+                for k in range(3)
+            )
+        return shapes
 
-    def admits(self, n_atoms: int, n_edges: int, n_systems: int) -> bool:
+    def admits(self, n_atoms: int, n_slots: int, n_systems: int) -> bool:
         return (
             self.atoms[0] <= n_atoms <= self.atoms[2]
-            and self.edges[0] <= n_edges <= self.edges[2]
+            and self.slots[0] <= n_slots <= self.slots[2]
             and self.systems[0] <= n_systems <= self.systems[2]
         )
 
@@ -109,19 +110,19 @@ def build_engine(
     timing_cache: str | Path | None = None,
 ) -> Path:
     """Parse ``onnx_path``, build a serialized engine with ``profiles``, write it and its sidecar."""
+    from painn_export.contract import CONTRACT_VERSION
     from painn_export.export import read_metadata
 
-    target = read_metadata(onnx_path).get("painn_export.target", "tensorrt")
-    if target != "tensorrt":
-        raise ValueError(
-            f"{onnx_path} was exported for {target} (ScatterND sums, which TensorRT rejects); "
-            "export again with painn-export onnx --target tensorrt"
-        )
     trt, torch = _import_tensorrt()
+    version = read_metadata(onnx_path).get("painn_export.contract_version")
+    if version != str(CONTRACT_VERSION):
+        raise ValueError(
+            f"{onnx_path} has model contract version {version} (this painn-export writes "
+            f"{CONTRACT_VERSION}: the scatter-free slot layout); export it again with painn-export onnx"
+        )
     if not profiles:
         raise ValueError("at least one optimisation profile is needed")
     logger = trt.Logger(trt.Logger.WARNING)
-    trt.init_libnvinfer_plugins(logger, "")  # registers the ScatterElements plugin
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
     parser = trt.OnnxParser(network, logger)

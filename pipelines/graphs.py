@@ -32,7 +32,7 @@ class Item:
     """One structure after the neighbour stage: a graph, or a status and message.
 
     The graph travels in the dtypes of the pipeline's float32 feed (int32
-    ``edge_index`` and ``cell_shift``, float32 ``edge_shift``; see
+    ``edge_index``, ``cell_shift``, ``edge_slot`` and ``edge_reverse``, float32 ``edge_shift``; see
     :func:`for_float32_feed`): half the bytes of the float64 graph, which
     the workers would otherwise pickle and the main process unpickle.
     """
@@ -139,4 +139,6 @@ def for_float32_feed(graph: Graph) -> Graph:
         edge_index=graph.edge_index.astype(np.int32),
         cell_shift=graph.cell_shift.astype(np.int32),
         edge_shift=graph.edge_shift.astype(np.float32),
+        edge_slot=graph.edge_slot.astype(np.int32),
+        edge_reverse=graph.edge_reverse.astype(np.int32),
     )

@@ -8,7 +8,8 @@ Stages, each bounded so that memory does not grow with the file:
    (:mod:`pipelines.graphs`). At most ``2 N + 1`` ranges are in flight, so
    reading and neighbour search run ahead of inference by a bounded amount.
 2. **Batcher** packs graphs in input order up to ``--max-atoms`` /
-   ``--max-edges`` (and a TensorRT engine's largest profile).
+   ``--max-edges`` (counted as the padded slots, atoms × slots per atom, that
+   the model evaluates) and a TensorRT engine's largest profile.
 3. **Runner** (PyTorch, ONNX Runtime or TensorRT) evaluates a batch; a batch
    that fails (out of memory, no engine profile fits) is split in halves down
    to single structures before one is marked ``too_large``.
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from painn_export.batch import collate
+from painn_export.batch import collate, slot_count
 from pipelines.graphs import GraphSettings, Item, build_items, init_worker, init_worker_process
 from pipelines.output import (
     STATUS,
@@ -163,15 +164,28 @@ def run_file(
     return summary
 
 
-def _limits(runner, max_atoms: int, max_edges: int | None) -> tuple[int, float, float]:
-    """(atoms, edges, systems) per batch, within a TensorRT engine's largest profile."""
-    edges, systems = float(max_edges or np.inf), np.inf
+@dataclass(frozen=True)
+class Limits:
+    """What one batch may hold."""
+
+    atoms: int
+    edge_slots: float  # atoms x slots per atom (the padded edges the model evaluates)
+    systems: float
+    slots: float  # slots per atom
+
+
+def _limits(runner, max_atoms: int, max_edges: int | None) -> Limits:
+    """Batch limits: the user's, within a TensorRT engine's largest profile."""
+    limits = Limits(max_atoms, float(max_edges or np.inf), np.inf, np.inf)
     profiles = getattr(runner, "profiles", None) or []
     if profiles:
-        max_atoms = min(max_atoms, max(p.atoms[2] for p in profiles))
-        edges = min(edges, max(p.edges[2] for p in profiles))
-        systems = min(systems, max(p.systems[2] for p in profiles))
-    return max_atoms, edges, systems
+        limits = Limits(
+            min(max_atoms, max(p.atoms[2] for p in profiles)),
+            limits.edge_slots,
+            max(p.systems[2] for p in profiles),
+            max(p.slots[2] for p in profiles),
+        )
+    return limits
 
 
 def _chunks(pending: np.ndarray):
@@ -209,10 +223,9 @@ def _items(input_path: str, pending: np.ndarray, settings: GraphSettings, worker
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _evaluate(input_path, pending, settings, workers, runner, writer, limits, summary, bar) -> None:
-    max_atoms, max_edges, max_systems = limits
+def _evaluate(input_path, pending, settings, workers, runner, writer, limits: Limits, summary, bar) -> None:
     batch: list[Item] = []
-    atoms = edges = 0
+    atoms = degree = 0
     failed: list[tuple[int, str, str]] = []
 
     def flush_failed():
@@ -229,14 +242,17 @@ def _evaluate(input_path, pending, settings, workers, runner, writer, limits, su
                 flush_failed()
             continue
         g = item.graph
+        grown_atoms, grown_degree = atoms + g.n_atoms, max(degree, g.max_degree)
         if batch and (
-            atoms + g.n_atoms > max_atoms or edges + g.n_edges > max_edges or len(batch) >= max_systems
+            grown_atoms > limits.atoms
+            or grown_atoms * slot_count(grown_degree) > limits.edge_slots
+            or slot_count(grown_degree) > limits.slots
+            or len(batch) >= limits.systems
         ):
             _run_batch(runner, batch, writer, summary, bar)
-            batch, atoms, edges = [], 0, 0
+            batch, grown_atoms, grown_degree = [], g.n_atoms, g.max_degree
         batch.append(item)
-        atoms += g.n_atoms
-        edges += g.n_edges
+        atoms, degree = grown_atoms, grown_degree
     if batch:
         _run_batch(runner, batch, writer, summary, bar)
     flush_failed()

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from painn_export.batch import Graph, collate
-from painn_export.model import input_names
+from painn_export.contract import input_names
 from painn_export.neighbors import neighbor_graph
 from painn_export.samples import _jittered_grid
 
@@ -80,11 +80,22 @@ def all_kinds(rng) -> list[Structure]:
     return [bulk(rng), slab(rng), molecule(rng), tiny_cell(rng)]
 
 
+REFERENCE_INPUTS = ("atomic_numbers", "positions", "edge_index", "edge_shift", "system_index", "natoms")
+
+
 def feed(graphs, dtype=torch.float64, stress: bool = False) -> dict[str, torch.Tensor]:
-    """The model's keyword inputs for ``graphs`` (with ``cell`` when ``stress``)."""
+    """The model's keyword inputs for ``graphs``: the slot layout with the reverse
+    index (direct-force models ignore it), and ``cell`` when ``stress``."""
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
     batch = collate(graphs, np_dtype)
-    return {k: torch.from_numpy(batch[k]) for k in input_names(stress)}
+    return {k: torch.from_numpy(batch[k]) for k in input_names(gradient=True, stress=stress)}
+
+
+def reference_feed(graphs, dtype=torch.float64) -> dict[str, torch.Tensor]:
+    """The torch_scatter reference's keyword inputs: the flat edge list."""
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    batch = collate(graphs, np_dtype)
+    return {k: torch.from_numpy(batch[k]) for k in REFERENCE_INPUTS}
 
 
 def run(model, graphs, dtype=torch.float64):

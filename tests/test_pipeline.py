@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from painn_export import INPUT_NAMES, save_model
+from painn_export import input_names, save_model
 from painn_export.batch import collate
 from painn_export.export import export_onnx, graphs_for
 from painn_export.samples import example_set
@@ -91,7 +91,7 @@ def test_run_matches_model_and_flags_bad_inputs(tmp_path, runtime):
         assert [k for s in status[len(good) :] for k, v in STATUS.items() if v == s] == expected_bad
         feed = collate(graphs_for(model, good), np.float32)
         with torch.no_grad():
-            e, f = model(**{k: torch.from_numpy(feed[k]) for k in INPUT_NAMES})
+            e, f = model(**{k: torch.from_numpy(feed[k]) for k in input_names()})
         np.testing.assert_allclose(fh["energy"][: len(good)], e.numpy(), rtol=1e-4, atol=1e-4)
         n_good = feed["positions"].shape[0]
         np.testing.assert_allclose(fh["forces"][:n_good], f.numpy(), rtol=1e-3, atol=1e-4)

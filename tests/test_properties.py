@@ -75,8 +75,10 @@ class Broken(torch.nn.Module):
         super().__init__()
         self.model, self.kind, self.config = model, kind, model.config
 
-    def forward(self, atomic_numbers, positions, edge_index, edge_shift, system_index, natoms):
-        energy, forces = self.model(atomic_numbers, positions, edge_index, edge_shift, system_index, natoms)
+    def forward(self, atomic_numbers, positions, *graph, system_index, natoms, **rest):
+        energy, forces = self.model(
+            atomic_numbers, positions, *graph, system_index=system_index, natoms=natoms, **rest
+        )
         n = natoms.shape[0]
         if self.kind == "absolute_frame":  # depends on absolute x coordinates
             energy = energy + torch.zeros(n, dtype=energy.dtype).index_add(0, system_index, positions[:, 0])

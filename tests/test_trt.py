@@ -15,9 +15,12 @@ def test_sidecar_mismatch_is_refused_with_rebuild_advice():
 
 
 def test_profiles_validate_and_admit():
-    p = Profile(atoms=(1, 100, 1000), edges=(0, 1000, 50000), systems=(1, 4, 64))
-    assert p.admits(500, 20000, 10) and not p.admits(2000, 10, 1)
-    assert p.input_shapes()["edge_index"] == ((2, 0), (2, 1000), (2, 50000))
+    p = Profile(atoms=(1, 100, 1000), slots=(8, 48, 96), systems=(1, 4, 64))
+    assert p.admits(500, 64, 10) and not p.admits(2000, 10, 1) and not p.admits(500, 128, 10)
+    shapes = p.input_shapes()
+    assert shapes["neighbor_shift"] == ((1, 8, 3), (100, 48, 3), (1000, 96, 3))
+    assert shapes["neighbor_reverse"] == ((1, 8), (100, 48), (1000, 96))
+    assert shapes["cell"] == ((1, 3, 3), (4, 3, 3), (64, 3, 3))
     with pytest.raises(ValueError):
         Profile(atoms=(10, 5, 100))
 
@@ -25,7 +28,7 @@ def test_profiles_validate_and_admit():
 def test_cli_profiles_trtexec_style():
     from painn_export.cli import _profiles
 
-    ranges = {f"{b}_{a}": () for b in ("min", "opt", "max") for a in ("atoms", "edges", "systems")}
+    ranges = {f"{b}_{a}": () for b in ("min", "opt", "max") for a in ("atoms", "slots", "systems")}
     ranges.update(max_atoms=(1000, 20000), opt_atoms=(500, 10000))
     profiles = _profiles(ranges)
     assert [p.atoms[2] for p in profiles] == [1000, 20000]
