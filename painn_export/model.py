@@ -96,10 +96,14 @@ def system_matrix(system_index: torch.Tensor, n_systems: int, like: torch.Tensor
 class PaiNNMessage(nn.Module):
     """Message block (paper eq. 7-8, OCP variant with LayerNorm).
 
-    ``φ(s_j) ∘ W(r_ij)`` is split into three F-wide parts ``(Δs, a, b)``:
+    ``φ(s_j) ∘ W(r_ij)`` has three F-wide parts ``(Δs, a, b)``:
 
     - ``Δs_i = Σ_j Δs_ij``
     - ``Δv_i = Σ_j (v_j a_ij / √3 + b_ij r̂_ij) / √F``
+
+    Written part by part (no split of an ``[n_atoms, K, 3F]`` tensor), with
+    the projection's bias folded into the basis (see :meth:`filter`) and
+    ``Σ_j b_ij r̂_ij`` as one batched matrix product per atom.
     """
 
     def __init__(self, hidden_channels: int, num_rbf: int) -> None:
@@ -115,29 +119,51 @@ class PaiNNMessage(nn.Module):
         self.inv_sqrt_h = 1 / math.sqrt(hidden_channels)
         self.x_layernorm = nn.LayerNorm(hidden_channels)
 
+    def filter(self, part: int, basis: torch.Tensor) -> torch.Tensor:
+        """Part ``part`` (0: Δs, 1: a, 2: b) of ``W(r_ij)`` ``[n_atoms, K, F]``.
+
+        ``basis`` ``[n_atoms, K, R + 1]`` is the masked radial basis with the
+        mask appended: the bias enters as the weight of that last column, so
+        padding slots (all zeros) get no filter, without a mask per layer.
+        """
+        F = self.hidden_channels
+        rows = slice(part * F, (part + 1) * F)
+        weight = torch.cat(
+            [self.rbf_proj.weight[rows].t(), self.rbf_proj.bias[rows].unsqueeze(0)]
+        )  # [R+1, F]
+        return basis @ weight
+
     def forward(
         self,
         x: torch.Tensor,  # [n_atoms, F]
-        vec: torch.Tensor,  # [n_atoms, 3, F]
+        vec: torch.Tensor | None,  # [n_atoms, 3, F]; None where it is still zero (first layer)
         neighbors: torch.Tensor,  # [n_atoms, K] senders j
         reverse: torch.Tensor | None,  # [n_atoms, K] reverse-edge slots
-        edge_rbf: torch.Tensor,  # [n_atoms, K, R] radial basis of r_ij
+        basis: torch.Tensor,  # [n_atoms, K, R + 1] masked radial basis, mask appended
         edge_vector: torch.Tensor,  # [n_atoms, K, 3] unit vectors i -> j
-        mask: torch.Tensor,  # [n_atoms, K, 1] 1 for an edge, 0 for padding
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Δs [n_atoms, F], Δv [n_atoms, 3, F])``, sums over each centre's slots."""
         F = self.hidden_channels
-        xh = self.x_proj(self.x_layernorm(x))  # [n_atoms, 3F]
-        # W(r_ij); masked, since the projection's bias would give padding a message.
-        filters = self.rbf_proj(edge_rbf) * mask  # [n_atoms, K, 3F]
+        h = self.x_proj[1](self.x_proj[0](self.x_layernorm(x)))  # [n_atoms, F]
+        out = self.x_proj[2]
 
-        ds, a, b = torch.split(gather_neighbors(xh, neighbors, reverse) * filters, F, dim=-1)  # [n, K, F]
-        a = a * const(self.inv_sqrt_3, a)
-        dv = gather_neighbors(vec, neighbors, reverse) * a.unsqueeze(2) + b.unsqueeze(
-            2
-        ) * edge_vector.unsqueeze(3)  # [n_atoms, K, 3, F]
-        dv = dv * const(self.inv_sqrt_h, dv)
-        return ds.sum(dim=1), dv.sum(dim=1)
+        def phi(part: int) -> torch.Tensor:  # φ(s), one part: [n_atoms, F]
+            rows = slice(part * F, (part + 1) * F)
+            return torch.nn.functional.linear(h, out.weight[rows], out.bias[rows])
+
+        def message(part: int) -> torch.Tensor:  # φ(s_j) ∘ W(r_ij), one part: [n_atoms, K, F]
+            return gather_neighbors(phi(part), neighbors, reverse) * self.filter(part, basis)
+
+        ds = message(0).sum(dim=1)  # [n_atoms, F]
+        # Σ_j b_ij r̂_ij: [n_atoms, 3, K] @ [n_atoms, K, F]
+        dv = torch.matmul(edge_vector.transpose(1, 2), message(2)) * const(self.inv_sqrt_h, ds)  # [n, 3, F]
+        if vec is not None:
+            # Σ_j v_j a_ij with a_ij = φ_a(s_j) W_a(r_ij): the sender's factor is
+            # applied once per atom, before the gather, not once per edge.
+            vec_phi = gather_neighbors(vec * phi(1).unsqueeze(1), neighbors, reverse)  # [n_atoms, K, 3, F]
+            va = (vec_phi * self.filter(1, basis).unsqueeze(2)).sum(dim=1)  # [n_atoms, 3, F]
+            dv = dv + va * const(self.inv_sqrt_3 * self.inv_sqrt_h, va)
+        return ds, dv
 
 
 class PaiNNUpdate(nn.Module):
@@ -344,7 +370,6 @@ class PaiNN(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Final scalar ``[n_atoms, F]`` and vector ``[n_atoms, 3, F]`` features."""
         n_atoms = positions.shape[0]
-        F = self.config.hidden_channels
 
         # Edge geometry: r_ij = x_j + shift - x_i, pointing from centre i to neighbour j.
         x_j = gather_neighbors(positions, neighbors, reverse)  # [n_atoms, K, 3]
@@ -359,19 +384,21 @@ class PaiNN(nn.Module):
             distance,
         )
         edge_vector = distance_vec / distance.unsqueeze(-1)  # [n_atoms, K, 3]
-        edge_rbf = self.radial_basis(distance.reshape(-1)).view(
-            n_atoms, neighbors.shape[1], -1
-        )  # [n_atoms, K, R]
+        edge_rbf = self.radial_basis(distance.reshape(-1))  # [n_atoms * K, R]
         mask = neighbor_mask.unsqueeze(-1)  # [n_atoms, K, 1]
+        # The masked basis with the mask appended: padding slots are all zeros.
+        basis = torch.cat(
+            [edge_rbf.view(n_atoms, neighbors.shape[1], -1) * mask, mask], dim=-1
+        )  # [n, K, R+1]
 
         # Features: scalars s [n_atoms, F], vectors v [n_atoms, 3, F] start at zero.
         x = self.atom_emb(atomic_numbers)  # [n_atoms, F]
-        vec = torch.zeros((n_atoms, 3, F), dtype=x.dtype, device=x.device)
+        vec = None  # zero before the first message: its v_j term is skipped
 
         for message, update, scale in zip(self.message_layers, self.update_layers, self.layer_scales()):
-            dx, dvec = message(x, vec, neighbors, reverse, edge_rbf, edge_vector, mask)
+            dx, dvec = message(x, vec, neighbors, reverse, basis, edge_vector)
             x = (x + dx) * const(self.inv_sqrt_2, x)  # [n_atoms, F]
-            vec = vec + dvec  # [n_atoms, 3, F]
+            vec = dvec if vec is None else vec + dvec  # [n_atoms, 3, F]
             dx, dvec = update(x, vec)
             x = scale(x + dx)
             vec = vec + dvec

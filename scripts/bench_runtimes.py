@@ -1,20 +1,26 @@
-"""Model-only throughput of every available runtime, compared in one run.
+"""Model-only throughput and peak memory of each runtime, each in its own process.
 
-    python scripts/bench_runtimes.py [--configs demo ocp] [--atoms 1000 10000 50000]
-                                     [--repeats 5] [--device cpu|cuda] [--json out.json]
+    python scripts/bench_runtimes.py [--configs demo ocp] [--atoms 1000 10000]
+                                     [--repeats 3] [--threads 2] [--json out.json]
 
 For each config (``demo``: the bundled model's size; ``ocp``: hidden 512, 6
-layers, 128 rbf, 12 Å, 50 neighbours; random weights) and batch size, one
-batch of periodic structures of ~100 atoms (density 0.07 Å⁻³) is built once;
-each runtime then runs it ``--repeats`` times after a warm-up, and the table
-prints the median wall time, atoms/s, structures/s and the ratio to the
-scatter-free eager model and to the torch_scatter reference.
+layers, 128 rbf, 12 Å, 50 neighbours; random weights, seed 0) and batch size,
+one batch of periodic structures of 80-120 atoms (density ~0.07 Å⁻³) is built
+(seeded, so every process builds the same one). Each runtime then runs in a
+fresh process of its own: one warm-up, ``--repeats`` timed runs, the median
+reported, and the peak resident memory of that process (it holds the same
+batch and model in every row, so the rows compare). The process also checks
+that its repeated runs gave bitwise-identical outputs.
 
-Runtimes: torch_scatter reference (if torch-scatter is installed), scatter-free
-eager, ONNX Runtime CPU on both export targets ("trt graph": ScatterElements
-sums, what TensorRT takes; "ort graph": ScatterND sums); with ``--device cuda``: PyTorch CUDA eager (fp32,
-tf32), ONNX Runtime CUDA and TensorRT (when installed). A runtime that is
-unavailable or runs out of memory gets a row saying so.
+Runtimes, all float32 on the CPU with ``--threads`` threads:
+
+- ``torch_scatter reference``: upstream's aggregation on the flat edge list
+  (:mod:`painn_export.reference`), the slow reference;
+- ``eager``: the scatter-free model (slot layout) in PyTorch;
+- ``onnxruntime``: the default export (slot layout, no scatter) on ONNX
+  Runtime's CPU provider.
+
+Ratios are against eager and the reference of the same run.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,19 +41,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def timed(fn, repeats: int, sync=None) -> float:
-    fn()  # warm-up (allocations, kernel selection)
-    times = []
-    for _ in range(repeats):
-        if sync:
-            sync()
-        t = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+RUNTIMES = ("reference", "eager", "onnxruntime")
+LABELS = {
+    "reference": "torch_scatter reference (edge list)",
+    "eager": "scatter-free eager (slot layout)",
+    "onnxruntime": "ONNX Runtime CPU (slot layout)",
+}
 
 
 def make_batch(config, n_atoms: int, seed: int = 0):
@@ -74,70 +75,89 @@ def make_batch(config, n_atoms: int, seed: int = 0):
     return collate(graphs, np.float32)
 
 
-def machine() -> str:
+def model_for(name: str):
+    import torch
+
+    from painn_export.config import PRESETS
+    from painn_export.model import PaiNN
+
+    torch.manual_seed(0)
+    return PaiNN(PRESETS[name]).eval()
+
+
+def machine(threads: int) -> str:
+    import onnxruntime
     import torch
 
     cpu = platform.processor() or platform.machine()
-    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-    if torch.cuda.is_available():
-        text += f", {torch.cuda.get_device_name()}"
-    try:
-        import onnxruntime
-
-        text += f", onnxruntime {onnxruntime.__version__}"
-    except ImportError:
-        pass
-    return text
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {threads} threads, python {platform.python_version()}, "
+        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}"
+    )
 
 
-def runtimes(model, onnx_paths, device: str):
-    """(name, callable factory) pairs; a factory returns fn(feed) or raises RuntimeError."""
+def worker(spec: dict) -> dict:
+    """One runtime on one batch, in this process: median seconds, peak RSS, determinism."""
     import torch
 
-    from painn_export.model import INPUT_NAMES
-    from painn_export.runners import OnnxRuntimeRunner, TorchRunner
-
-    def reference():
-        import torch_scatter  # noqa: F401  (ImportError: the row says n/a)
-
+    torch.set_num_threads(spec["threads"])
+    model = model_for(spec["config"])
+    feed = make_batch(model.config, spec["atoms"])
+    kind = spec["runtime"]
+    if kind == "reference":
         from painn_export.reference import reference_forward
 
-        state = {k: v.to(device) for k, v in model.state_dict().items()}
+        inputs = {
+            k: torch.from_numpy(feed[k])
+            for k in ("atomic_numbers", "positions", "edge_index", "edge_shift", "system_index", "natoms")
+        }
+        state = model.state_dict()
 
-        def run(feed):
-            inputs = {k: torch.from_numpy(feed[k]).to(device) for k in INPUT_NAMES}
+        def run():
             with torch.no_grad():
-                return reference_forward(state, model.config, model.normalization, **inputs)
+                e, f = reference_forward(state, model.config, model.normalization, **inputs)
+            return {"energy": e.numpy(), "forces": f.numpy()}
+    else:
+        from painn_export.runners import OnnxRuntimeRunner, TorchRunner
 
-        return run
+        runner = (
+            TorchRunner(model)
+            if kind == "eager"
+            else OnnxRuntimeRunner(spec["onnx"], threads=spec["threads"])
+        )
+        runner.activate()
 
-    def eager(dev, tf32=False):
-        def make():
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            runner = TorchRunner(model, device=dev)
-            runner.activate()
-            return runner.infer
+        def run():
+            return runner.infer(feed)
 
-        return make
+    first = run()  # warm-up
+    times, bitwise = [], True
+    for _ in range(spec["repeats"]):
+        t = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - t)
+        bitwise &= all(np.array_equal(out[k], first[k]) for k in first)
+    return {
+        "median_s": statistics.median(times),
+        "times_s": times,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "bitwise_repeatable": bool(bitwise),
+        "atoms": int(feed["positions"].shape[0]),
+        "edges": int(feed["edge_index"].shape[1]),
+        "slots": int(feed["neighbors"].shape[1]),
+        "structures": len(feed["natoms"]),
+        "energy_sum": float(np.sum(first["energy"], dtype=np.float64)),
+    }
 
-    def ort(providers, target):
-        def make():
-            runner = OnnxRuntimeRunner(onnx_paths(target), providers=providers)
-            runner.activate()
-            return runner.infer
 
-        return make
-
-    rows = [
-        (f"torch_scatter reference ({device})", reference),
-        (f"scatter-free eager ({device}, fp32)", eager(device)),
-    ]
-    if device == "cuda":
-        rows.append(("scatter-free eager (cuda, tf32)", eager("cuda", tf32=True)))
-        rows.append(("onnxruntime cuda (fp32, ort graph)", ort(["CUDAExecutionProvider"], "onnxruntime")))
-    rows.append(("onnxruntime cpu (fp32, trt graph)", ort(["CPUExecutionProvider"], "tensorrt")))
-    rows.append(("onnxruntime cpu (fp32, ort graph)", ort(["CPUExecutionProvider"], "onnxruntime")))
-    return rows
+def run_in_process(spec: dict) -> dict:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        return {"error": f"exit {proc.returncode}: {tail[:80]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,94 +165,69 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--configs", nargs="+", default=["demo", "ocp"])
-    parser.add_argument("--atoms", nargs="+", type=int, default=[1000, 10000, 50000])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--max-edges", type=int, default=3_000_000, help="skip batches with more edges")
+    parser.add_argument("--atoms", nargs="+", type=int, default=[1000, 10000])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
-    parser.add_argument(
-        "--only", nargs="+", default=None, help="run only runtimes whose label contains one of these words"
-    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
 
     import torch
 
-    from painn_export.config import PRESETS
     from painn_export.export import export_onnx
-    from painn_export.model import PaiNN
 
-    print(f"# {time.strftime('%Y-%m-%d')} | {machine()}")
+    torch.set_num_threads(args.threads)
+    print(f"# {time.strftime('%Y-%m-%d')} | {machine(args.threads)}")
     print(f"# python scripts/bench_runtimes.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-    header = f"{'config':<6}{'atoms':>7}{'edges':>9}  {'runtime':<36}{'median ms':>11}{'atoms/s':>11}{'struct/s':>10}{'vs eager':>10}{'vs ref':>8}"
-    print(header)
-    print("-" * len(header))
+    print(
+        "| config | atoms | edges | slots/atom | runtime | median | atoms/s | vs eager | vs reference "
+        "| peak RSS | repeat bitwise |"
+    )
+    print("| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |")
     results = []
-    sync = torch.cuda.synchronize if args.device == "cuda" else None
     for name in args.configs:
-        config = PRESETS[name]
-        torch.manual_seed(0)
-        model = PaiNN(config).eval()
         with tempfile.TemporaryDirectory() as tmp:
-            exported: dict[str, Path] = {}
-
-            def onnx_paths(target, model=model, tmp=tmp, name=name, exported=exported):
-                """Exported on first use (an ORT row), once per target."""
-                if target not in exported:
-                    exported[target] = export_onnx(model, Path(tmp) / f"{name}-{target}.onnx", target=target)
-                return exported[target]
-
+            onnx_path = None
+            if "onnxruntime" in args.runtimes:
+                onnx_path = str(export_onnx(model_for(name), Path(tmp) / f"{name}.onnx"))
             for n_atoms in args.atoms:
-                feed = make_batch(config, n_atoms)
-                n_edges, n_sys = feed["edge_index"].shape[1], len(feed["natoms"])
-                if n_edges > args.max_edges:
-                    print(
-                        f"{name:<6}{n_atoms:>7}{n_edges:>9}  skipped: more than --max-edges {args.max_edges}"
-                    )
-                    continue
-                times = {}
-                for label, factory in runtimes(model, onnx_paths, args.device):
-                    if args.only and not any(word in label for word in args.only):
-                        continue
-                    try:
-                        fn = factory()
-                        times[label] = timed(lambda: fn(feed), args.repeats, sync)
-                    except (ImportError, RuntimeError, MemoryError) as exc:
-                        times[label] = None
-                        reason = str(exc).splitlines()[0][:60]
-                        print(
-                            f"{name:<6}{feed['positions'].shape[0]:>7}{n_edges:>9}  {label:<36}  n/a: {reason}"
-                        )
-                    finally:
-                        if args.device == "cuda":
-                            torch.cuda.empty_cache()
-                eager = times.get(f"scatter-free eager ({args.device}, fp32)")
-                ref = times.get(f"torch_scatter reference ({args.device})")
-                for label, t in times.items():
-                    if t is None:
-                        continue
-                    atoms = feed["positions"].shape[0]
-                    row = {
+                rows = {}
+                for kind in args.runtimes:
+                    spec = {
                         "config": name,
-                        "atoms": atoms,
-                        "edges": n_edges,
-                        "structures": n_sys,
-                        "runtime": label,
-                        "median_s": t,
-                        "atoms_per_s": atoms / t,
-                        "structures_per_s": n_sys / t,
-                        "speedup_vs_eager": eager / t if eager else None,
-                        "speedup_vs_reference": ref / t if ref else None,
+                        "atoms": n_atoms,
+                        "runtime": kind,
+                        "repeats": args.repeats,
+                        "threads": args.threads,
+                        "onnx": onnx_path,
                     }
-                    results.append(row)
-                    vs_e = f"{row['speedup_vs_eager']:.2f}x" if eager else "-"
-                    vs_r = f"{row['speedup_vs_reference']:.2f}x" if ref else "-"
+                    rows[kind] = run_in_process(spec)
+                eager = rows.get("eager", {}).get("median_s")
+                ref = rows.get("reference", {}).get("median_s")
+                for kind, r in rows.items():
+                    r = {"config": name, "runtime": LABELS[kind], **r}
+                    results.append(r)
+                    if "error" in r:
+                        print(
+                            f"| {name} | {n_atoms} | | | {LABELS[kind]} | {r['error']} | | | | | |",
+                            flush=True,
+                        )
+                        continue
+                    t = r["median_s"]
+                    vs_e = f"{eager / t:.2f}×" if eager else "-"
+                    vs_r = f"{ref / t:.2f}×" if ref else "-"
                     print(
-                        f"{name:<6}{atoms:>7}{n_edges:>9}  {label:<36}{1000 * t:>11.1f}{atoms / t:>11.0f}"
-                        f"{n_sys / t:>10.1f}{vs_e:>10}{vs_r:>8}",
+                        f"| {name} | {r['atoms']} | {r['edges']} | {r['slots']} | {LABELS[kind]} | "
+                        f"{1000 * t:.0f} ms | {r['atoms'] / t:.0f} | {vs_e} | {vs_r} | "
+                        f"{r['peak_rss_mb']:.0f} MB | {'yes' if r['bitwise_repeatable'] else 'NO'} |",
                         flush=True,
                     )
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "rows": results}, indent=1))
+        args.json.write_text(json.dumps({"machine": machine(args.threads), "rows": results}, indent=1))
     return 0
 
 
