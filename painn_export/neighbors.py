@@ -94,16 +94,46 @@ def validate_structure(
     if not np.isfinite(positions).all():
         raise StructureError("nonfinite_positions", "positions contain NaN or inf")
     if pbc.any():
-        if not np.isfinite(cell).all():
-            raise StructureError("bad_cell", "cell contains NaN or inf")
-        # Each periodic lattice vector must stick out of the plane of the other two.
-        volume = abs(np.linalg.det(cell))
-        norms = np.linalg.norm(cell, axis=1)
-        if volume <= 1e-9 * max(float(np.prod(norms)), 1e-300) or (norms[pbc] == 0).any():
+        periodic = cell[pbc]  # [n_periodic, 3]: only these need to be lattice vectors
+        if not np.isfinite(periodic).all():
+            raise StructureError("bad_cell", "a periodic lattice vector contains NaN or inf")
+        # The periodic vectors must be independent: their Gram determinant is
+        # the squared volume (area, length) they span.
+        norms = np.linalg.norm(periodic, axis=1)
+        span_sq = np.linalg.det(periodic @ periodic.T)
+        if (norms == 0).any() or span_sq <= (1e-9 * float(np.prod(norms))) ** 2:
             raise StructureError(
-                "bad_cell", f"periodic structure with a singular cell (volume {volume:.3g} Å³)"
+                "bad_cell",
+                f"periodic lattice vectors {np.flatnonzero(pbc).tolist()} are zero or not independent",
             )
+    # A non-periodic axis is never shifted along: its vector does not enter the
+    # graph. One that is not finite is dropped (zero), so that it cannot reach
+    # a distance through 0 * NaN; the cell then has no volume (no stress).
+    if not np.isfinite(cell).all():
+        cell = cell.copy()
+        cell[~np.isfinite(cell).all(axis=1)] = 0.0  # only non-periodic rows reach here
     return positions, cell, pbc
+
+
+def min_pair_distance(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, within: float) -> float:
+    """The shortest distance (Å) between two atoms or an atom and its own image, if below ``within``.
+
+    Unlike the graph, which drops pairs with ``d² <= MIN_DISTANCE_SQ`` as
+    upstream does, this sees every pair: coincident atoms, and an atom's own
+    periodic images in a cell shorter than ``within``. ``inf`` when no pair is
+    that close. Inputs as returned by :func:`validate_structure`.
+    """
+    if positions.shape[0] == 0:
+        return float("inf")
+    nl = _half_list(within)
+    box = cell if pbc.any() else np.zeros((3, 3))
+    P, S = nl.compute(positions, box, pbc.tolist(), quantities="PS", copy=False)
+    if P.shape[0] == 0:
+        return float("inf")
+    P = P.view(np.int64)
+    S = np.where(pbc[None, :], S, 0)
+    d2 = _distance_sq(positions, cell, P[:, 0], P[:, 1], S)
+    return float(np.sqrt(d2.min()))
 
 
 def _search(

@@ -137,6 +137,10 @@ class OnnxRuntimeRunner(Runner):
             raise RuntimeUnavailableError("onnxruntime is not installed: pip install onnxruntime") from exc
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Memory patterns plan one block per input shape for all intermediates;
+        # with dynamic atoms and slots that held 2.4x eager's peak at 10k atoms
+        # and was slower (docs/benchmarks.md). The arena alone reuses buffers.
+        options.enable_mem_pattern = False
         if self.threads:
             options.intra_op_num_threads = self.threads
         available = ort.get_available_providers()

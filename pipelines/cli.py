@@ -85,7 +85,7 @@ def run_cmd(
         raise click.ClickException(str(exc)) from exc
     report = summary.as_dict()
     if as_json:
-        click.echo(json.dumps(report))
+        click.echo(json.dumps(report, allow_nan=False))
     elif not quiet:
         click.echo(
             f"wrote {output}: {report['status_counts']} in {report['seconds']} s "

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from painn_export.batch import Graph
-from painn_export.neighbors import StructureError, neighbor_graph
+from painn_export.neighbors import StructureError, min_pair_distance, neighbor_graph, validate_structure
 
 MIN_SEPARATION = 0.5  # Å; closer atoms are physically meaningless for these models
 
@@ -119,16 +119,18 @@ def structure_item(s: int, z, pos, cell, pbc, settings: GraphSettings) -> Item:
         bad = sorted({int(v) for v in z if not 1 <= v <= settings.num_elements})
         return Item(s, None, "unknown_element", f"atomic numbers outside 1..{settings.num_elements}: {bad}")
     try:
-        graph = neighbor_graph(pos, cell, pbc, settings.cutoff, settings.max_neighbors, atomic_numbers=z)
+        positions, cell, pbc = validate_structure(pos, cell, pbc)
+        # Every pair counts here, self-images and coincident atoms included
+        # (the graph drops pairs closer than 0.01 Å, as upstream does).
+        closest = min_pair_distance(positions, cell, pbc, MIN_SEPARATION)
+        if closest < MIN_SEPARATION:
+            what = "atoms or periodic images" if pbc.any() else "atoms"
+            return Item(s, None, "atoms_too_close", f"{what} {closest:.3g} Å apart (< {MIN_SEPARATION} Å)")
+        graph = neighbor_graph(
+            positions, cell, pbc, settings.cutoff, settings.max_neighbors, atomic_numbers=z
+        )
     except StructureError as exc:
         return Item(s, None, exc.kind, str(exc))
-    # Each atom keeps its nearest neighbours through the cap, so the graph
-    # already holds every pair closer than MIN_SEPARATION: no second search.
-    # Its first half holds each pair once (neighbor_graph: then the reverses).
-    if len(z) > 1 and graph.n_edges and graph.distances(slice(graph.n_edges // 2)).min() < MIN_SEPARATION:
-        return Item(s, None, "atoms_too_close", f"atoms closer than {MIN_SEPARATION} Å")
-    if len(z) > 1 and np.unique(np.round(graph.positions, 4), axis=0).shape[0] < len(z):
-        return Item(s, None, "atoms_too_close", "coincident atoms")
     return Item(s, for_float32_feed(graph), "ok", "")
 
 

@@ -68,7 +68,8 @@ class Summary:
     forces_mae: float | None = None
 
     def as_dict(self) -> dict:
-        return {
+        """The summary as JSON-ready values (a quantity that is not finite is None)."""
+        report = {
             "output": self.output,
             "runtime": self.runtime,
             "n_structures": self.n_structures,
@@ -81,6 +82,7 @@ class Summary:
             "energy_mae_eV_per_atom": self.energy_mae_per_atom,
             "forces_mae_eV_per_A": self.forces_mae,
         }
+        return {k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in report.items()}
 
     @property
     def all_ok(self) -> bool:
@@ -108,6 +110,12 @@ def run_file(
     start = time.perf_counter()
     info = validate_input(input_path)
     output_path = Path(output_path)
+    try:
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(
+            f"cannot create the output folder {output_path.parent}: {exc.strerror or exc}"
+        ) from exc
     partial = output_path.with_name(output_path.name.removesuffix(".h5") + ".partial.h5")
     runner, facts = open_runner(model_path, runtime)
     runner.activate()

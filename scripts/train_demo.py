@@ -114,10 +114,11 @@ def to_tensors(batch):
     import torch
 
     from painn_export.batch import collate
-    from painn_export.model import INPUT_NAMES
+    from painn_export.contract import input_names
 
     feed = collate([g for g, _, _ in batch], np.float32)
-    inputs = {k: torch.from_numpy(feed[k]) for k in INPUT_NAMES}
+    # With the reverse index: a gradient-force model's backward needs it, a direct one ignores it.
+    inputs = {k: torch.from_numpy(feed[k]) for k in input_names(gradient=True)}
     energy = torch.tensor([e for _, e, _ in batch], dtype=torch.float32)
     forces = torch.from_numpy(np.concatenate([f for _, _, f in batch]))
     return inputs, energy, forces
