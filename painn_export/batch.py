@@ -143,6 +143,9 @@ def collate(
     graphs without one) and the flat edge list (``edge_index``, atom indices
     offset by the atoms of earlier graphs, and ``edge_shift``) that the
     torch_scatter reference takes; runtimes take the inputs they need.
+    Positions are moved to each structure's centroid (in float64, before the
+    cast): energies, forces and stress do not depend on it, and float32 edge
+    vectors then keep their digits wherever the structure sits.
     """
     dtype = np.dtype(dtype)
     natoms = np.array([g.n_atoms for g in graphs], dtype=np.int64)  # [n_systems]
@@ -162,7 +165,9 @@ def collate(
         reverse = np.concatenate(
             [g.edge_reverse.astype(np.int64) + off for g, off in zip(graphs, edge_offset)]
         )  # [n_edges]
-        positions = np.concatenate([g.positions for g in graphs])
+        # Each structure about its own centroid, in float64, before any cast:
+        # x_j + shift - x_i must not lose digits to where a structure sits.
+        positions = np.concatenate([g.positions - g.positions.mean(axis=0) for g in graphs])
         edge_shift = np.concatenate([g.edge_shift for g in graphs]).reshape(-1, 3)
         atomic_numbers = np.concatenate([g.atomic_numbers for g in graphs])
     else:

@@ -43,7 +43,10 @@ def main() -> None:
     "--max-atoms", type=click.IntRange(min=1), default=4096, show_default=True, help="Atoms per batch."
 )
 @click.option(
-    "--max-edges", type=click.IntRange(min=1), default=None, help="Edges per batch (default: no limit)."
+    "--max-edges",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Padded edges per batch: atoms x neighbour slots per atom (default: no limit).",
 )
 @click.option(
     "--workers",
@@ -52,13 +55,27 @@ def main() -> None:
     help="Neighbour-list worker processes (0: in the main process). Default: spare cores, 1 to 4.",
 )
 @click.option("--resume", is_flag=True, help="Continue OUT.partial.h5 (same input, model and runtime).")
+@click.option("--overwrite", is_flag=True, help="Start over, replacing OUT and OUT.partial.h5.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv: debug).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, only errors.")
 def run_cmd(
-    input_path, model_path, runtime, output, max_atoms, max_edges, workers, resume, as_json, verbose, quiet
+    input_path,
+    model_path,
+    runtime,
+    output,
+    max_atoms,
+    max_edges,
+    workers,
+    resume,
+    overwrite,
+    as_json,
+    verbose,
+    quiet,
 ):
     """Compute energies and forces of every structure in INPUT_PATH."""
+    if resume and overwrite:
+        raise click.UsageError("give --resume or --overwrite, not both")
     from pipelines.output import ResumeError
     from pipelines.run import RunInterruptedError, default_workers, run_file
     from pipelines.schema import SchemaError
@@ -76,6 +93,7 @@ def run_cmd(
             max_edges=max_edges,
             workers=default_workers() if workers is None else workers,
             resume=resume,
+            overwrite=overwrite,
             progress=False if quiet else None,
         )
     except RunInterruptedError as exc:

@@ -175,11 +175,16 @@ def convert(
     chunk: int = 1024,
 ) -> int:
     """Convert ``source`` into the input schema at ``output``; returns the number of structures."""
+    from pipelines.output import refuse_same_file
     from pipelines.schema import SchemaWriter
 
     source = Path(source)
     if not source.is_file():
         raise ConvertError(f"{source}: no such file")
+    try:
+        refuse_same_file(Path(output), source)
+    except ValueError as exc:
+        raise ConvertError(str(exc)) from exc
     fmt = detect_format(source) if fmt == "auto" else fmt
     reader = {"ase": read_ase, "ani": read_ani, "spice": read_spice}[fmt]
     count = 0
@@ -201,7 +206,12 @@ def convert(
 def export_extxyz(
     result: str | Path, input_path: str | Path, output: str | Path, prefix: str = "painn_"
 ) -> int:
-    """Write the input structures with a run's results under ``prefix`` keys as extxyz."""
+    """Write the input structures with a run's results under ``prefix`` keys as extxyz.
+
+    The result must have been computed from ``input_path`` (its input
+    fingerprint is checked). Frames are written one at a time, so memory does
+    not grow with the file.
+    """
     import h5py
 
     try:
@@ -209,33 +219,45 @@ def export_extxyz(
         from ase import Atoms
     except ImportError as exc:
         raise ImportError("painn-batch export needs ASE: pip install painn-export[ase]") from exc
-    from pipelines.output import STATUS
-    from pipelines.schema import read_structures
+    from pipelines.output import STATUS, input_sha256, refuse_same_file
+    from pipelines.schema import iter_structures
 
+    try:
+        refuse_same_file(Path(output), result, input_path)
+    except ValueError as exc:
+        raise ConvertError(str(exc)) from exc
     names = {v: k for k, v in STATUS.items()}
-    frames = []
     with h5py.File(input_path, "r") as fh:
         offsets = fh["atom_offset"][...]
     with h5py.File(result, "r") as res:
         if "status" not in res or "energy" not in res:
             raise ConvertError(f"{result}: not a painn-batch output (no 'status'/'energy')")
-        if res["status"].shape[0] != len(offsets) - 1:
+        recorded = res.attrs.get("fingerprint_input_sha256")
+        if recorded is None or str(recorded) != input_sha256(input_path):
             raise ConvertError(
-                f"{result}: {res['status'].shape[0]} structures, {input_path} has {len(offsets) - 1}"
+                f"{result} was not computed from {input_path} (input fingerprints differ): "
+                "give the --input that painn-batch run read"
             )
-        for s, sample in enumerate(read_structures(input_path)):
-            atoms = Atoms(
-                numbers=sample.atomic_numbers, positions=sample.positions, cell=sample.cell, pbc=sample.pbc
-            )
-            atoms.info[f"{prefix}energy"] = float(res["energy"][s])
-            atoms.info[f"{prefix}status"] = names.get(int(res["status"][s]), str(res["status"][s]))
-            atoms.info["id"] = sample.name
-            atoms.arrays[f"{prefix}forces"] = res["forces"][offsets[s] : offsets[s + 1]]
-            if "stress" in res:
-                atoms.info[f"{prefix}stress"] = res["stress"][s].reshape(-1)
-            frames.append(atoms)
-    ase.io.write(str(output), frames, format="extxyz")
-    return len(frames)
+        count = 0
+        tmp = Path(str(output) + ".writing")
+        with open(tmp, "w") as out:
+            for s, sample in enumerate(iter_structures(input_path)):
+                atoms = Atoms(
+                    numbers=sample.atomic_numbers,
+                    positions=sample.positions,
+                    cell=sample.cell,
+                    pbc=sample.pbc,
+                )
+                atoms.info[f"{prefix}energy"] = float(res["energy"][s])
+                atoms.info[f"{prefix}status"] = names.get(int(res["status"][s]), str(res["status"][s]))
+                atoms.info["id"] = sample.name
+                atoms.arrays[f"{prefix}forces"] = res["forces"][offsets[s] : offsets[s + 1]]
+                if "stress" in res:
+                    atoms.info[f"{prefix}stress"] = res["stress"][s].reshape(-1)
+                ase.io.write(out, atoms, format="extxyz")
+                count += 1
+        tmp.replace(output)
+    return count
 
 
 def _element_table() -> dict[str, int]:

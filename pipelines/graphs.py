@@ -55,6 +55,14 @@ def init_worker(input_path: str, settings: GraphSettings) -> None:
     _state["offsets"] = _state["file"]["atom_offset"][...]
 
 
+def close_worker() -> None:
+    """Close what :func:`init_worker` opened in this process."""
+    fh = _state.pop("file", None)
+    if fh is not None:
+        fh.close()
+    _state.clear()
+
+
 def init_worker_process(input_path: str, settings: GraphSettings) -> None:
     """Initialiser of a neighbour worker process: :func:`init_worker`, kept light and tied to its run."""
     _keep_torch_out()

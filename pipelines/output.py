@@ -185,3 +185,69 @@ class Writer:
 
     def close(self) -> None:
         self.fh.close()
+
+
+class OutputBusyError(ResumeError):
+    """Another process holds the output's lock: it is writing that file now."""
+
+
+class OutputLock:
+    """An exclusive lock on an output path, held for a whole run (``OUT.lock`` beside it).
+
+    A second run (or ``--resume``) on the same output is refused while the
+    first holds it, instead of both writing one file. The lock is the kernel's
+    (``flock``), so a killed run never leaves a stale one; the file itself
+    is removed when the run ends.
+    """
+
+    def __init__(self, output: Path) -> None:
+        self.path = output.with_name(output.name + ".lock")
+        self._fd: int | None = None
+
+    def __enter__(self) -> OutputLock:
+        import fcntl
+        import os
+
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                output = self.path.with_name(self.path.name.removesuffix(".lock"))
+                raise OutputBusyError(
+                    f"another painn-batch run (pid {holder}) is writing {output} now: wait for it to "
+                    "finish, or write to another --output; its partial file is not yours to delete"
+                ) from None
+            # Locked; make sure the file was not removed by a run that just ended.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import os
+
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)  # releases the lock
+            self._fd = None
+
+
+def refuse_same_file(output: Path, *inputs: str | Path) -> None:
+    """Raise ValueError when ``output`` is one of ``inputs`` (also through links)."""
+    import os
+
+    for source in inputs:
+        if Path(output).exists() and os.path.samefile(output, source):
+            raise ValueError(
+                f"{output} is the input file {source}: choose another output, the input would be lost"
+            )

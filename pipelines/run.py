@@ -31,16 +31,18 @@ from pathlib import Path
 import numpy as np
 
 from painn_export.batch import collate, slot_count
-from pipelines.graphs import GraphSettings, Item, build_items, init_worker, init_worker_process
+from pipelines.graphs import GraphSettings, Item, build_items, close_worker, init_worker, init_worker_process
 from pipelines.output import (
     STATUS,
     SUCCESS,
     Fingerprint,
+    OutputLock,
     ResumeError,
     Writer,
     check_resumable,
     create,
     input_sha256,
+    refuse_same_file,
 )
 from pipelines.progress import Progress
 from pipelines.schema import validate_input
@@ -99,14 +101,15 @@ def run_file(
     max_edges: int | None = None,
     workers: int = 1,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool | None = None,
 ) -> Summary:
-    """Evaluate every structure of ``input_path``; write results to ``output_path``."""
-    from painn_export import __version__
-    from painn_export.checkpoint import file_sha256
-    from painn_export.demo import demo_model_path
-    from painn_export.runners import open_runner
+    """Evaluate every structure of ``input_path``; write results to ``output_path``.
 
+    An existing output or partial output is never replaced silently: pass
+    ``resume`` to continue (or check) it, ``overwrite`` to start over. A run
+    holds a lock on ``output_path``: a second run on it is refused.
+    """
     start = time.perf_counter()
     info = validate_input(input_path)
     output_path = Path(output_path)
@@ -117,6 +120,63 @@ def run_file(
             f"cannot create the output folder {output_path.parent}: {exc.strerror or exc}"
         ) from exc
     partial = output_path.with_name(output_path.name.removesuffix(".h5") + ".partial.h5")
+    refuse_same_file(output_path, input_path)
+    refuse_same_file(partial, input_path)
+    with OutputLock(output_path):
+        if not resume and not overwrite:
+            _refuse_to_replace(output_path, partial)
+        summary = _run_locked(
+            input_path,
+            output_path,
+            partial,
+            info,
+            model_path,
+            runtime=runtime,
+            limits=(max_atoms, max_edges),
+            workers=workers,
+            resume=resume,
+            progress=progress,
+        )
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _refuse_to_replace(output_path: Path, partial: Path) -> None:
+    """Work on disk is never started over silently: name --resume and --overwrite."""
+    if partial.exists():
+        try:
+            import h5py
+
+            with h5py.File(partial, "r") as fh:
+                done = int(np.count_nonzero(fh["status"][...]))
+            what = f"holds {done} finished structures of an earlier run"
+        except (OSError, KeyError):
+            what = "is left from an earlier run"
+        raise ResumeError(f"{partial} {what}: continue it with --resume, or start over with --overwrite")
+    if output_path.exists():
+        raise ResumeError(
+            f"{output_path} exists: replace it with --overwrite, or complete/check it with --resume"
+        )
+
+
+def _run_locked(
+    input_path,
+    output_path: Path,
+    partial: Path,
+    info,
+    model_path,
+    *,
+    runtime,
+    limits,
+    workers,
+    resume,
+    progress,
+) -> Summary:
+    from painn_export import __version__
+    from painn_export.checkpoint import file_sha256
+    from painn_export.demo import demo_model_path
+    from painn_export.runners import open_runner
+
     runner, facts = open_runner(model_path, runtime)
     runner.activate()
     try:
@@ -147,7 +207,7 @@ def run_file(
         try:
             pending = writer.pending()
             summary.already_done = info.n_structures - len(pending)
-            limits = _limits(runner, max_atoms, max_edges)
+            limits = _limits(runner, *limits)
             settings = GraphSettings(facts.cutoff, facts.max_neighbors, facts.num_elements)
             bar = Progress(len(pending), enabled=progress)
             try:
@@ -168,7 +228,6 @@ def run_file(
             partial.replace(output_path)
     finally:
         runner.deactivate()
-    summary.seconds = time.perf_counter() - start
     return summary
 
 
@@ -206,8 +265,11 @@ def _items(input_path: str, pending: np.ndarray, settings: GraphSettings, worker
     """Items of every pending structure, in order, from a bounded window of worker tasks."""
     if workers <= 0:
         init_worker(input_path, settings)
-        for chunk in _chunks(pending):
-            yield from build_items(chunk)
+        try:
+            for chunk in _chunks(pending):
+                yield from build_items(chunk)
+        finally:
+            close_worker()  # the input is not left open in this process after the run
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor

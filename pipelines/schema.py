@@ -209,22 +209,37 @@ class SchemaWriter:
             tmp.unlink(missing_ok=True)
 
 
-def read_structures(path: str | Path, limit: int | None = None) -> list:
-    """The first ``limit`` structures of a schema file as :class:`painn_export.samples.Sample`."""
+def iter_structures(path: str | Path, limit: int | None = None, block: int = 1024):
+    """The first ``limit`` structures of a schema file as ``Sample``s, read ``block`` at a time."""
     import h5py
 
     from painn_export.samples import Sample
 
     info = validate_input(path)
     count = info.n_structures if limit is None else min(limit, info.n_structures)
-    out = []
     with h5py.File(path, "r") as fh:
         offsets = fh["atom_offset"][: count + 1]
-        z = fh["atomic_numbers"][: offsets[-1]].astype(np.int64)
-        pos = fh["positions"][: offsets[-1]].astype(np.float64)
-        cells, pbcs = fh["cell"][:count].astype(np.float64), fh["pbc"][:count].astype(bool)
-        ids = fh["ids"][:count].astype(str) if "ids" in fh else [f"structure {s}" for s in range(count)]
-        for s in range(count):
-            a, b = offsets[s], offsets[s + 1]
-            out.append(Sample(str(ids[s]), z[a:b], pos[a:b], cells[s], pbcs[s]))
-    return out
+        for lo in range(0, count, block):
+            hi = min(lo + block, count)
+            a0, a1 = int(offsets[lo]), int(offsets[hi])
+            z = fh["atomic_numbers"][a0:a1].astype(np.int64)
+            pos = fh["positions"][a0:a1].astype(np.float64)
+            cells, pbcs = fh["cell"][lo:hi].astype(np.float64), fh["pbc"][lo:hi].astype(bool)
+            ids = _ids(fh, lo, hi)
+            for s in range(lo, hi):
+                a, b = offsets[s] - a0, offsets[s + 1] - a0
+                yield Sample(ids[s - lo], z[a:b], pos[a:b], cells[s - lo], pbcs[s - lo])
+
+
+def _ids(fh, lo: int, hi: int) -> list[str]:
+    """Structure names ``lo..hi``: the ``ids`` dataset (UTF-8) or ``structure N``."""
+    if "ids" not in fh:
+        return [f"structure {s}" for s in range(lo, hi)]
+    ds = fh["ids"]
+    values = ds.asstr(errors="replace")[lo:hi] if ds.dtype.kind in "SO" else ds[lo:hi]
+    return [str(v) for v in values]
+
+
+def read_structures(path: str | Path, limit: int | None = None) -> list:
+    """The first ``limit`` structures of a schema file, as a list (see :func:`iter_structures`)."""
+    return list(iter_structures(path, limit))
