@@ -131,14 +131,21 @@ def slot_count(max_degree: int) -> int:
 
 
 def collate(
-    graphs: Sequence[Graph], dtype: np.dtype | type = np.float32, n_slots: int | None = None
+    graphs: Sequence[Graph],
+    dtype: np.dtype | type = np.float32,
+    n_slots: int | None = None,
+    n_pairs: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Pack graphs into one feed keyed by the contract's input names.
 
     The slot layout has ``n_slots`` slots per atom (default
-    :func:`slot_count` of the busiest atom). Padding slots point at the
-    centre itself with a zero shift, a zero mask, and a reverse index to
-    themselves. ``system_index`` numbers the graphs; floats are cast to
+    :func:`slot_count` of the busiest atom, and at least one padding slot in
+    the batch). Padding slots point at the centre itself with a zero shift,
+    a zero mask, a reverse index to themselves, and a dummy pair. Each edge
+    and its reverse form a pair (``pair_slots``: its two flat slots;
+    ``slot_pair``: each slot's pair), whose radial filter the model computes
+    once; ``n_pairs`` (default: the edges' half plus the dummy) may add
+    more dummy pairs, which no slot reads. ``system_index`` numbers the graphs; floats are cast to
     ``dtype``. The feed also holds ``cell`` ``[n_systems, 3, 3]`` (zeros for
     graphs without one) and the flat edge list (``edge_index``, atom indices
     offset by the atoms of earlier graphs, and ``edge_shift``) that the
@@ -157,6 +164,8 @@ def collate(
     K = slot_count(need) if n_slots is None else int(n_slots)
     if K < need:
         raise ValueError(f"n_slots={K} is fewer than the {need} edges of the busiest atom")
+    if n_slots is None and n_atoms and n_atoms * K == n_edges:
+        K += SLOT_MULTIPLE  # at least one padding slot: the dummy pair's (below)
     if graphs:
         edge_index = np.concatenate(
             [g.edge_index.astype(np.int64) + off for g, off in zip(graphs, atom_offset)], axis=1
@@ -186,12 +195,33 @@ def collate(
     mask[flat] = 1
     neighbor_reverse = np.arange(n_atoms * K, dtype=np.int64)  # padding: the slot itself
     neighbor_reverse[flat] = flat[reverse]
+
+    # Pairs: an edge and its reverse have one length, so one filter W(|r_ij|).
+    # Each pair has its two slots; padding slots point at a dummy pair made of
+    # a padding slot (whose basis is all zeros: a zero filter).
+    first = np.flatnonzero(np.arange(n_edges) < reverse)  # [n_edges / 2] the pair's first edge
+    real = len(first)
+    P = real + 1 if n_pairs is None else int(n_pairs)
+    if P < real + 1:
+        raise ValueError(f"n_pairs={P} is fewer than the {real} pairs plus one dummy")
+    padding = np.flatnonzero(mask == 0)
+    pad = int(padding[0]) if padding.size else 0
+    pair_slots = np.full((P, 2), pad, dtype=np.int64)  # [n_pairs, 2]
+    pair_slots[:real, 0] = flat[first]
+    pair_slots[:real, 1] = flat[reverse[first]]
+    pair_of_edge = np.empty(n_edges, dtype=np.int64)
+    pair_of_edge[first] = np.arange(real)
+    pair_of_edge[reverse[first]] = np.arange(real)
+    slot_pair = np.full(n_atoms * K, real, dtype=np.int64)  # padding: the dummy pair
+    slot_pair[flat] = pair_of_edge
     return {
         "atomic_numbers": atomic_numbers.astype(np.int64),
         "positions": positions.astype(dtype),
         "neighbors": neighbors.reshape(n_atoms, K),
         "neighbor_shift": shift.reshape(n_atoms, K, 3),
         "neighbor_mask": mask.reshape(n_atoms, K),
+        "slot_pair": slot_pair.reshape(n_atoms, K),
+        "pair_slots": pair_slots,
         "neighbor_reverse": neighbor_reverse.reshape(n_atoms, K),
         "system_index": np.repeat(np.arange(len(graphs), dtype=np.int64), natoms),
         "natoms": natoms,

@@ -15,6 +15,11 @@ input                dtype    shape                          meaning
                                                              (padding: any valid atom index)
 ``neighbor_shift``   float    ``[n_atoms, n_slots, 3]``      periodic shift of ``j``, Å: ``S @ cell``
 ``neighbor_mask``    float    ``[n_atoms, n_slots]``         1 for an edge, 0 for padding
+``slot_pair``        int64    ``[n_atoms, n_slots]``         the pair (edge and reverse) of each slot;
+                                                             padding: a dummy pair of padding slots
+``pair_slots``       int64    ``[n_pairs, 2]``               the two flat slots ``i * n_slots + k`` of each
+                                                             pair (an edge and its reverse share one
+                                                             length, so one radial filter)
 ``system_index``     int64    ``[n_atoms]``                  system of each atom, ``0..n_systems-1``
 ``natoms``           int64    ``[n_systems]``                atoms per system (its length sets n_systems)
 ``neighbor_reverse`` int64    ``[n_atoms, n_slots]``         flat slot ``j * n_slots + k'`` of the reverse
@@ -44,6 +49,8 @@ BASE_INPUTS = (
     "neighbors",
     "neighbor_shift",
     "neighbor_mask",
+    "slot_pair",
+    "pair_slots",
     "system_index",
     "natoms",
 )
@@ -60,6 +67,8 @@ AXES: dict[str, tuple[str | None, ...]] = {
     "neighbor_shift": ("n_atoms", "n_slots", None),
     "neighbor_mask": ("n_atoms", "n_slots"),
     "neighbor_reverse": ("n_atoms", "n_slots"),
+    "slot_pair": ("n_atoms", "n_slots"),
+    "pair_slots": ("n_pairs", None),
     "system_index": ("n_atoms",),
     "natoms": ("n_systems",),
     "cell": ("n_systems", None, None),
@@ -68,8 +77,15 @@ AXES: dict[str, tuple[str | None, ...]] = {
     "stress": ("n_systems", None, None),
 }
 # Static sizes of the axes marked None above.
-STATIC = {"positions": (None, 3), "neighbor_shift": (None, None, 3), "cell": (None, 3, 3)}
-INTEGER_INPUTS = frozenset({"atomic_numbers", "neighbors", "neighbor_reverse", "system_index", "natoms"})
+STATIC = {
+    "positions": (None, 3),
+    "neighbor_shift": (None, None, 3),
+    "pair_slots": (None, 2),
+    "cell": (None, 3, 3),
+}
+INTEGER_INPUTS = frozenset(
+    {"atomic_numbers", "neighbors", "slot_pair", "pair_slots", "neighbor_reverse", "system_index", "natoms"}
+)
 
 UNITS = {
     "positions": "Angstrom",

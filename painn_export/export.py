@@ -54,16 +54,22 @@ def _example_inputs(model: PaiNN, dtype: torch.dtype, stress: bool = False) -> t
     """A batch of five systems: no dynamic axis is 0, 1, 2 or 3, nor equal to another.
 
     ``make_fx`` gives equal sizes one symbol and specialises sizes equal to a
-    static axis (3 for xyz), so ``n_systems`` (5), ``n_atoms`` and
-    ``n_slots`` must all differ and be none of those.
+    static axis (3 for xyz, 2 for a pair's slots), so ``n_systems`` (5),
+    ``n_atoms``, ``n_slots`` and ``n_pairs`` must all differ and be none of
+    those.
     """
     samples = example_set(seed=0, num_elements=model.config.num_elements, sizes=(5, 9))[:5]
     graphs = graphs_for(model, samples)
     n_atoms = sum(g.n_atoms for g in graphs)
+    taken = {2, 3, n_atoms, len(graphs)}
     n_slots = max(SLOT_MULTIPLE, max(g.max_degree for g in graphs))
-    while n_slots in (n_atoms, len(graphs), 2, 3):
+    while n_slots in taken:
         n_slots += 1
-    feed = collate(graphs, np.float64 if dtype == torch.float64 else np.float32, n_slots=n_slots)
+    n_pairs = sum(g.n_edges for g in graphs) // 2 + 1  # (dummy pairs may be added)
+    while n_pairs in taken | {n_slots}:
+        n_pairs += 1
+    dtype_np = np.float64 if dtype == torch.float64 else np.float32
+    feed = collate(graphs, dtype_np, n_slots=n_slots, n_pairs=n_pairs)
     names = input_names(model.gradient_forces, stress)
     return tuple(torch.from_numpy(feed[name]) for name in names)
 
@@ -75,6 +81,7 @@ def _dynamic_shapes(names: tuple[str, ...]) -> dict[str, dict[int, object]]:
         "n_atoms": Dim("n_atoms", min=1),
         "n_slots": Dim("n_slots", min=1),
         "n_systems": Dim("n_systems", min=1),
+        "n_pairs": Dim("n_pairs", min=1),
     }
     return {name: {k: dims[a] for k, a in enumerate(AXES[name]) if a} for name in names}
 

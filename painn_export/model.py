@@ -87,6 +87,65 @@ def gather_neighbors(
     return _GatherNeighbors.apply(x, neighbors, reverse)
 
 
+class _SlotsToPairs(torch.autograd.Function):
+    """Each pair's row, read from its first slot; the backward gives that slot the pair's gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, pair_slots: torch.Tensor, slot_pair: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(pair_slots, slot_pair)
+        return x.index_select(0, pair_slots[:, 0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        pair_slots, slot_pair = ctx.saved_tensors
+        pairs = slot_pair.reshape(-1)  # [n_atoms * K] the pair of each slot
+        slots = torch.arange(pairs.shape[0], dtype=pairs.dtype, device=pairs.device)
+        first = pair_slots[:, 0].index_select(0, pairs) == slots  # [n_atoms * K] the slot that was read
+        keep = first.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
+        return grad.index_select(0, pairs) * keep, None, None
+
+
+class _PairsToSlots(torch.autograd.Function):
+    """Each slot's row, read from its pair; the backward sums a pair's two slots."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, pair_slots: torch.Tensor, slot_pair: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(pair_slots)
+        n, k = slot_pair.shape
+        return y.index_select(0, slot_pair.reshape(-1)).view(n, k, *y.shape[1:])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (pair_slots,) = ctx.saved_tensors
+        flat = grad.reshape(-1, *grad.shape[2:])  # [n_atoms * K, ...]
+        return flat.index_select(0, pair_slots[:, 0]) + flat.index_select(0, pair_slots[:, 1]), None, None
+
+
+def slots_to_pairs(
+    x: torch.Tensor, pair_slots: torch.Tensor, slot_pair: torch.Tensor, grad: bool
+) -> torch.Tensor:
+    """``[n_pairs, ...]`` rows of ``x`` ``[n_atoms * K, ...]`` at each pair's first slot.
+
+    With ``grad`` the backward is written without a scatter (see the classes above).
+    """
+    if grad:
+        return _SlotsToPairs.apply(x, pair_slots, slot_pair)
+    return x.index_select(0, pair_slots[:, 0])
+
+
+def pairs_to_slots(
+    y: torch.Tensor, pair_slots: torch.Tensor, slot_pair: torch.Tensor, grad: bool
+) -> torch.Tensor:
+    """``[n_atoms, K, ...]``: each slot's row of ``y`` ``[n_pairs, ...]``.
+
+    With ``grad`` the backward (a sum of each pair's two slots) is written without a scatter.
+    """
+    if grad:
+        return _PairsToSlots.apply(y, pair_slots, slot_pair)
+    n, k = slot_pair.shape
+    return y.index_select(0, slot_pair.reshape(-1)).view(n, k, *y.shape[1:])
+
+
 def system_matrix(system_index: torch.Tensor, n_systems: int, like: torch.Tensor) -> torch.Tensor:
     """One-hot ``[n_atoms, n_systems]`` in ``like``'s dtype: 1 where the atom is in the system."""
     systems = torch.arange(n_systems, dtype=system_index.dtype, device=system_index.device)
@@ -119,19 +178,21 @@ class PaiNNMessage(nn.Module):
         self.inv_sqrt_h = 1 / math.sqrt(hidden_channels)
         self.x_layernorm = nn.LayerNorm(hidden_channels)
 
-    def filter(self, part: int, basis: torch.Tensor) -> torch.Tensor:
-        """Part ``part`` (0: Δs, 1: a, 2: b) of ``W(r_ij)`` ``[n_atoms, K, F]``.
+    def filter(self, part: int, basis: torch.Tensor, pairs, grad: bool) -> torch.Tensor:
+        """Part ``part`` (0: Δs, 1: a, 2: b) of ``W(r_ij)`` in the slots, ``[n_atoms, K, F]``.
 
-        ``basis`` ``[n_atoms, K, R + 1]`` is the masked radial basis with the
-        mask appended: the bias enters as the weight of that last column, so
-        padding slots (all zeros) get no filter, without a mask per layer.
+        ``basis`` ``[n_pairs, R + 1]`` is each pair's masked radial basis with
+        the mask appended: the bias enters as the weight of that last column,
+        so the dummy pair of the padding slots (all zeros) gets no filter. The
+        projection runs once per pair, not per slot: an edge and its reverse
+        have one length (half the products, and none for padding).
         """
         F = self.hidden_channels
         rows = slice(part * F, (part + 1) * F)
         weight = torch.cat(
             [self.rbf_proj.weight[rows].t(), self.rbf_proj.bias[rows].unsqueeze(0)]
         )  # [R+1, F]
-        return basis @ weight
+        return pairs_to_slots(basis @ weight, *pairs, grad)  # [n_atoms, K, F]
 
     def forward(
         self,
@@ -139,20 +200,22 @@ class PaiNNMessage(nn.Module):
         vec: torch.Tensor | None,  # [n_atoms, 3, F]; None where it is still zero (first layer)
         neighbors: torch.Tensor,  # [n_atoms, K] senders j
         reverse: torch.Tensor | None,  # [n_atoms, K] reverse-edge slots
-        basis: torch.Tensor,  # [n_atoms, K, R + 1] masked radial basis, mask appended
+        basis: torch.Tensor,  # [n_pairs, R + 1] masked radial basis of each pair, mask appended
+        pairs: tuple[torch.Tensor, torch.Tensor],  # pair_slots [n_pairs, 2], slot_pair [n_atoms, K]
         edge_vector: torch.Tensor,  # [n_atoms, K, 3] unit vectors i -> j
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Δs [n_atoms, F], Δv [n_atoms, 3, F])``, sums over each centre's slots."""
         F = self.hidden_channels
         h = self.x_proj[1](self.x_proj[0](self.x_layernorm(x)))  # [n_atoms, F]
         out = self.x_proj[2]
+        grad = reverse is not None  # the backward must stay scatter-free
 
         def phi(part: int) -> torch.Tensor:  # φ(s), one part: [n_atoms, F]
             rows = slice(part * F, (part + 1) * F)
             return torch.nn.functional.linear(h, out.weight[rows], out.bias[rows])
 
         def message(part: int) -> torch.Tensor:  # φ(s_j) ∘ W(r_ij), one part: [n_atoms, K, F]
-            return gather_neighbors(phi(part), neighbors, reverse) * self.filter(part, basis)
+            return gather_neighbors(phi(part), neighbors, reverse) * self.filter(part, basis, pairs, grad)
 
         ds = message(0).sum(dim=1)  # [n_atoms, F]
         # Σ_j b_ij r̂_ij: [n_atoms, 3, K] @ [n_atoms, K, F]
@@ -161,7 +224,7 @@ class PaiNNMessage(nn.Module):
             # Σ_j v_j a_ij with a_ij = φ_a(s_j) W_a(r_ij): the sender's factor is
             # applied once per atom, before the gather, not once per edge.
             vec_phi = gather_neighbors(vec * phi(1).unsqueeze(1), neighbors, reverse)  # [n_atoms, K, 3, F]
-            va = (vec_phi * self.filter(1, basis).unsqueeze(2)).sum(dim=1)  # [n_atoms, 3, F]
+            va = (vec_phi * self.filter(1, basis, pairs, grad).unsqueeze(2)).sum(dim=1)  # [n_atoms, 3, F]
             dv = dv + va * const(self.inv_sqrt_3 * self.inv_sqrt_h, va)
         return ds, dv
 
@@ -332,6 +395,8 @@ class PaiNN(nn.Module):
         neighbors: torch.Tensor,  # [n_atoms, K] int64 senders j
         neighbor_shift: torch.Tensor,  # [n_atoms, K, 3] Å
         neighbor_mask: torch.Tensor,  # [n_atoms, K] 1 edge / 0 padding
+        slot_pair: torch.Tensor,  # [n_atoms, K] int64 pair of each slot
+        pair_slots: torch.Tensor,  # [n_pairs, 2] int64 the two slots of each pair
         system_index: torch.Tensor,  # [n_atoms] int64
         natoms: torch.Tensor,  # [n_systems] int64
         neighbor_reverse: torch.Tensor | None = None,  # [n_atoms, K] int64 (gradient forces)
@@ -341,7 +406,7 @@ class PaiNN(nn.Module):
         ``stress [n_systems, 3, 3]`` eV/Å^3 when ``cell`` is given (gradient
         models only). Inputs as :mod:`painn_export.contract`."""
         n_systems = natoms.shape[0]
-        graph = (neighbors, neighbor_shift, neighbor_mask)
+        graph = (neighbors, neighbor_shift, neighbor_mask, slot_pair, pair_slots)
         if self.config.direct_forces:
             if cell is not None:
                 raise ValueError(STRESS_NEEDS_GRADIENT + "; this model has a direct force head")
@@ -366,11 +431,11 @@ class PaiNN(nn.Module):
         neighbors: torch.Tensor,  # [n_atoms, K]
         neighbor_shift: torch.Tensor,  # [n_atoms, K, 3] Å
         neighbor_mask: torch.Tensor,  # [n_atoms, K]
+        slot_pair: torch.Tensor,  # [n_atoms, K]
+        pair_slots: torch.Tensor,  # [n_pairs, 2]
         reverse: torch.Tensor | None,  # [n_atoms, K]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Final scalar ``[n_atoms, F]`` and vector ``[n_atoms, 3, F]`` features."""
-        n_atoms = positions.shape[0]
-
         # Edge geometry: r_ij = x_j + shift - x_i, pointing from centre i to neighbour j.
         x_j = gather_neighbors(positions, neighbors, reverse)  # [n_atoms, K, 3]
         distance_vec = x_j + neighbor_shift - positions.unsqueeze(1)  # [n_atoms, K, 3]
@@ -385,18 +450,19 @@ class PaiNN(nn.Module):
         )
         edge_vector = distance_vec / distance.unsqueeze(-1)  # [n_atoms, K, 3]
         edge_rbf = self.radial_basis(distance.reshape(-1))  # [n_atoms * K, R]
-        mask = neighbor_mask.unsqueeze(-1)  # [n_atoms, K, 1]
-        # The masked basis with the mask appended: padding slots are all zeros.
-        basis = torch.cat(
-            [edge_rbf.view(n_atoms, neighbors.shape[1], -1) * mask, mask], dim=-1
-        )  # [n, K, R+1]
+        mask = neighbor_mask.reshape(-1, 1)  # [n_atoms * K, 1]
+        # The masked basis with the mask appended (padding slots: all zeros),
+        # once per pair: an edge and its reverse have one length.
+        pairs = (pair_slots, slot_pair)
+        basis = torch.cat([edge_rbf * mask, mask], dim=-1)  # [n_atoms * K, R + 1]
+        basis = slots_to_pairs(basis, *pairs, grad=reverse is not None)  # [n_pairs, R + 1]
 
         # Features: scalars s [n_atoms, F], vectors v [n_atoms, 3, F] start at zero.
         x = self.atom_emb(atomic_numbers)  # [n_atoms, F]
         vec = None  # zero before the first message: its v_j term is skipped
 
         for message, update, scale in zip(self.message_layers, self.update_layers, self.layer_scales()):
-            dx, dvec = message(x, vec, neighbors, reverse, basis, edge_vector)
+            dx, dvec = message(x, vec, neighbors, reverse, basis, pairs, edge_vector)
             x = (x + dx) * const(self.inv_sqrt_2, x)  # [n_atoms, F]
             vec = dvec if vec is None else vec + dvec  # [n_atoms, 3, F]
             dx, dvec = update(x, vec)
@@ -419,6 +485,8 @@ class PaiNN(nn.Module):
         neighbors: torch.Tensor,  # [n_atoms, K]
         neighbor_shift: torch.Tensor,  # [n_atoms, K, 3] Å
         neighbor_mask: torch.Tensor,  # [n_atoms, K]
+        slot_pair: torch.Tensor,  # [n_atoms, K]
+        pair_slots: torch.Tensor,  # [n_pairs, 2]
         reverse: torch.Tensor,  # [n_atoms, K]
         system_index: torch.Tensor,  # [n_atoms]
         n_systems: int,
@@ -448,9 +516,8 @@ class PaiNN(nn.Module):
                 ).sum(dim=2)  # [n_atoms, K, 3]
             else:
                 positions_e = positions
-            x, _ = self.representation(
-                atomic_numbers, positions_e, neighbors, neighbor_shift, neighbor_mask, reverse
-            )
+            graph = (neighbors, neighbor_shift, neighbor_mask, slot_pair, pair_slots, reverse)
+            x, _ = self.representation(atomic_numbers, positions_e, *graph)
             energy = self.energy_head(x, members)  # [n_systems]
             grads = torch.autograd.grad(energy.sum(), wrt, create_graph=self.training)
         forces = -grads[0]  # [n_atoms, 3]

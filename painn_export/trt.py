@@ -42,7 +42,12 @@ class Profile:
 
     def input_shapes(self) -> dict[str, tuple[tuple[int, ...], ...]]:
         """Per contract input: its (min, opt, max) shapes."""
-        sizes = {"n_atoms": self.atoms, "n_slots": self.slots, "n_systems": self.systems}
+        sizes = {
+            "n_atoms": self.atoms,
+            "n_slots": self.slots,
+            "n_systems": self.systems,
+            "n_pairs": self.pairs,
+        }
         shapes = {}
         for name in (*BASE_INPUTS, REVERSE_INPUT, STRESS_INPUT):
             static = STATIC.get(name, (None,) * len(AXES[name]))
@@ -51,6 +56,11 @@ class Profile:
                 for k in range(3)
             )
         return shapes
+
+    @property
+    def pairs(self) -> tuple[int, int, int]:
+        """Edge pairs (plus the dummy) that the atoms and slots can hold: at most half the slots."""
+        return (1, max(1, self.atoms[1] * self.slots[1] // 2), self.atoms[2] * self.slots[2] // 2 + 1)
 
     def admits(self, n_atoms: int, n_slots: int, n_systems: int) -> bool:
         return (

@@ -98,7 +98,12 @@ def reference_feed(graphs, dtype=torch.float64) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(batch[k]) for k in REFERENCE_INPUTS}
 
 
-def run(model, graphs, dtype=torch.float64):
+def run(model, graphs, dtype=torch.float64, translate=None):
+    """Energies and forces; ``translate`` (Å, [3]) moves every atom after collate,
+    which itself centres each structure: so the model alone sees the translation."""
+    inputs = feed(graphs, dtype)
+    if translate is not None:
+        inputs["positions"] = inputs["positions"] + torch.as_tensor(translate, dtype=dtype)
     with torch.no_grad():
-        energy, forces = model(**feed(graphs, dtype))
+        energy, forces = model(**inputs)
     return energy.numpy(), forces.numpy()
