@@ -26,8 +26,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("painn_export.ase needs ASE: pip install painn-export[ase]") from exc
 
 from painn_export.batch import collate
+from painn_export.metadata import ModelFacts
 from painn_export.neighbors import SkinGraph
-from painn_export.runners import ModelFacts, Runner, open_runner
+from painn_export.runners import Runner, open_runner
 
 
 class PaiNNCalculator(Calculator):
@@ -37,10 +38,21 @@ class PaiNNCalculator(Calculator):
         super().__init__(**kwargs)
         self.runner, self.facts = runner, facts
         self.graphs = SkinGraph(facts.cutoff, facts.max_neighbors, skin=skin)
-        self.runner.activate()
-        self.implemented_properties = ["energy", "free_energy", "forces"] + (
-            ["stress"] if self.runner.has_stress else []
-        )
+
+    @property
+    def implemented_properties(self) -> list[str]:  # type: ignore[override]
+        self.runner.activate()  # the runner's outputs say whether it has stress
+        return ["energy", "free_energy", "forces"] + (["stress"] if self.runner.has_stress else [])
+
+    def close(self) -> None:
+        """Release the runtime (session, engine, GPU memory); the next calculation starts it again."""
+        self.runner.deactivate()
+
+    def __enter__(self) -> PaiNNCalculator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @classmethod
     def from_file(
@@ -57,6 +69,7 @@ class PaiNNCalculator(Calculator):
             raise ValueError(
                 f"atomic numbers outside 1..{self.facts.num_elements}: {sorted(set(z.tolist()))}"
             )
+        self.runner.activate()  # started on first use, released by close()
         graph = self.graphs.update(
             z, self.atoms.get_positions(), self.atoms.get_cell()[:], self.atoms.get_pbc()
         )

@@ -98,6 +98,9 @@ class Graph:
     cell: np.ndarray | None = None  # [3, 3] float64, Å, rows = lattice vectors (stress only)
     edge_slot: np.ndarray | None = None  # [n_edges] slot of each edge in its receiver's row
     edge_reverse: np.ndarray | None = None  # [n_edges] index of the reverse edge
+    # Å: the shortest distance between two atoms, or an atom and its own image,
+    # found by the search (pairs the graph drops included); inf if none.
+    min_distance: float = float("inf")
 
     def __post_init__(self) -> None:
         # Derived once where the graph is built (a neighbour worker), never per batch.

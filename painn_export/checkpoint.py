@@ -78,7 +78,7 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _package_version() -> str:
-    from painn_export import __version__
+    from painn_export.version import __version__
 
     return __version__
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import click
 
@@ -62,7 +61,31 @@ def with_model_options(fn):
     return fn
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class GuardedGroup(click.Group):
+    """A command group whose unexpected errors are one line, not a traceback.
+
+    Errors the commands expect are ClickExceptions with their own advice;
+    anything else is reported by type and message (``PAINN_DEBUG=1`` shows
+    the traceback, for a bug report).
+    """
+
+    def invoke(self, ctx: click.Context):
+        import os
+
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:
+            if os.environ.get("PAINN_DEBUG"):
+                raise
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise click.ClickException(
+                f"{type(exc).__name__}: {first} (set PAINN_DEBUG=1 to see where)"
+            ) from exc
+
+
+@click.group(cls=GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="painn-export")
 def main() -> None:
     """Export PaiNN models to ONNX and TensorRT, and check runtimes agree."""
@@ -95,10 +118,9 @@ def onnx_cmd(checkpoint, random_init, scale_file, trust_checkpoint, output, opse
 
     model = _load(checkpoint, random_init, scale_file, trust_checkpoint)
     if stress and model.config.direct_forces:
-        raise click.UsageError(
-            "--stress needs a gradient-force model (direct_forces=False); "
-            "this checkpoint has a direct force head"
-        )
+        from painn_export.contract import STRESS_NEEDS_GRADIENT
+
+        raise click.UsageError(f"--stress: {STRESS_NEEDS_GRADIENT}; this checkpoint has a direct force head")
     path = export_onnx(model, output, opset=opset, dtype=getattr(torch, dtype), stress=stress)
     forces = "direct" if model.config.direct_forces else "gradient (-dE/dx)"
     click.echo(
@@ -219,8 +241,9 @@ def parity_cmd(
     A runtime that gives two different answers to the same input is reported
     as non-deterministic, whatever its distance from PyTorch.
     """
+    from painn_export.errors import RuntimeUnavailableError
     from painn_export.parity import format_table, run_parity
-    from painn_export.runners import OnnxRuntimeRunner, RuntimeUnavailableError, TensorRTRunner, TorchRunner
+    from painn_export.runners import TorchRunner, open_runner
     from painn_export.samples import example_set
 
     model = _load(checkpoint, random_init, scale_file, trust_checkpoint)
@@ -229,18 +252,17 @@ def parity_cmd(
         for precision in ("float32", "float64"):
             runner = TorchRunner(model, device="cuda", dtype=precision, stress=model.gradient_forces)
             runners.append((runner, precision))
-    if onnx_path:
-        from painn_export.export import read_metadata
-
-        dtype = read_metadata(onnx_path).get("painn_export.dtype", "float32")
-        runners.append((OnnxRuntimeRunner(onnx_path), dtype))
-    if engine:
-        sidecar = json.loads(Path(engine + ".json").read_text()) if Path(engine + ".json").is_file() else {}
-        runners.append(
-            (TensorRTRunner(engine), sidecar.get("precision", "float32").replace("fp32", "float32"))
-        )
+    try:
+        if onnx_path:
+            runner, facts = open_runner(onnx_path, "onnxruntime")
+            runners.append((runner, facts.precision))
+        if engine:
+            runner, _ = open_runner(engine, "tensorrt")
+            runners.append((runner, runner.precision.replace("fp32", "float32")))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
     if input_path:
-        from pipelines.schema import SchemaError, read_structures
+        from painn_export.schema import SchemaError, read_structures
 
         try:
             samples = read_structures(input_path, limit)

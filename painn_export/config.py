@@ -2,10 +2,11 @@
 
 `PaiNNConfig` mirrors the constructor of upstream OCP/fairchem
 `PaiNN` (``ocpmodels.models.painn.painn.PaiNN``) with the same defaults, so a
-checkpoint's ``model_attributes`` map onto it one to one. Graph-building
-switches of the upstream constructor (``use_pbc``, ``otf_graph``, ...) are kept
-because the neighbour-list code reads ``cutoff``/``max_neighbors`` and the
-pipeline must know whether the model was trained with periodic graphs.
+checkpoint's ``model_attributes`` map onto it one to one. The neighbour-list
+code reads ``cutoff`` and ``max_neighbors``. Upstream's other graph switches
+(``use_pbc``, ``otf_graph``) are kept only so that a checkpoint's attributes
+round-trip: nothing reads them. Periodicity comes from each structure's own
+``pbc``.
 
 `TargetNormalization` holds what upstream keeps outside the model, in the
 trainer: the energy/force normalisers (``pred * std + mean``) and the linear
@@ -35,8 +36,8 @@ class PaiNNConfig:
     envelope_exponent: int = 5  # p of the polynomial envelope
     regress_forces: bool = True  # the model outputs forces
     direct_forces: bool = True  # forces from the equivariant head (else -dE/dx)
-    use_pbc: bool = True  # graphs were built with periodic images
-    otf_graph: bool = True  # upstream built the graph in forward (informational)
+    use_pbc: bool = True  # upstream's switch, kept from the checkpoint; not read (pbc is per structure)
+    otf_graph: bool = True  # upstream built the graph in forward; kept from the checkpoint, not read
     num_elements: int = 83  # embedding rows: atomic numbers 1..num_elements
 
     def __post_init__(self) -> None:

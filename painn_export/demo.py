@@ -41,15 +41,30 @@ def cached_onnx(model, source: str | Path) -> Path:
     holds the contract version, so a cache written for another layout is
     never read.
     """
-    from painn_export import __version__
     from painn_export.checkpoint import file_sha256
     from painn_export.contract import CONTRACT_VERSION
     from painn_export.export import export_onnx
+    from painn_export.version import __version__
 
     # load_model records the source file's hash; hash it here only for other callers.
-    digest = (getattr(model, "provenance", {}) or {}).get("source_sha256") or file_sha256(source)
+    digest = model.provenance.get("source_sha256") or file_sha256(source)
     digest = digest[:16]
     path = cache_dir() / f"{Path(source).stem}-{digest}-v{__version__}-c{CONTRACT_VERSION}.onnx"
     if not path.is_file():
+        _remove_stale_exports(path)
         export_onnx(model, path, stress=model.gradient_forces)
     return path
+
+
+def _remove_stale_exports(path: Path) -> None:
+    """Delete ``PATH.<pid>.tmp`` files left by exports whose process was killed."""
+    for tmp in path.parent.glob(f"{path.name}.*.tmp"):
+        try:
+            pid = int(tmp.name.removeprefix(path.name + ".").removesuffix(".tmp"))
+            os.kill(pid, 0)  # raises when no such process: the export was killed
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:
+            continue  # another user's live process

@@ -117,10 +117,10 @@ def trace_gradient_graph(model: PaiNN, example: tuple[torch.Tensor, ...]) -> tor
 
 
 def onnx_metadata(model: PaiNN, dtype: torch.dtype, stress: bool = False) -> dict[str, str]:
-    from painn_export import __version__
+    from painn_export.version import __version__
 
     cfg = model.config
-    provenance = getattr(model, "provenance", {}) or {}
+    provenance = model.provenance
     return {
         "painn_export.contract_version": str(CONTRACT_VERSION),
         "painn_export.package_version": __version__,
@@ -222,11 +222,3 @@ def _name_dynamic_outputs(proto) -> None:
         for dim, name in zip(out.type.tensor_type.shape.dim, AXES.get(out.name, ())):
             if name is not None and not dim.HasField("dim_value"):
                 dim.dim_param = name
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The ``painn_export.*`` metadata of an exported file, without loading weights."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    return {p.key: p.value for p in proto.metadata_props}

@@ -347,6 +347,9 @@ class PaiNN(nn.Module):
             )
         self.config = config
         self.normalization = normalization
+        # Where the weights came from (source file hash, format), recorded by the
+        # checkpoint loader and written into exported files' metadata.
+        self.provenance: dict[str, str] = {}
         F = config.hidden_channels
 
         self.atom_emb = AtomEmbedding(F, config.num_elements)

@@ -115,31 +115,15 @@ def validate_structure(
     return positions, cell, pbc
 
 
-def min_pair_distance(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, within: float) -> float:
-    """The shortest distance (Å) between two atoms or an atom and its own image, if below ``within``.
-
-    Unlike the graph, which drops pairs with ``d² <= MIN_DISTANCE_SQ`` as
-    upstream does, this sees every pair: coincident atoms, and an atom's own
-    periodic images in a cell shorter than ``within``. ``inf`` when no pair is
-    that close. Inputs as returned by :func:`validate_structure`.
-    """
-    if positions.shape[0] == 0:
-        return float("inf")
-    nl = _half_list(within)
-    box = cell if pbc.any() else np.zeros((3, 3))
-    P, S = nl.compute(positions, box, pbc.tolist(), quantities="PS", copy=False)
-    if P.shape[0] == 0:
-        return float("inf")
-    P = P.view(np.int64)
-    S = np.where(pbc[None, :], S, 0)
-    d2 = _distance_sq(positions, cell, P[:, 0], P[:, 1], S)
-    return float(np.sqrt(d2.min()))
-
-
 def _search(
     positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, radius: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Each pair with ``MIN_DISTANCE_SQ < d² <= radius²`` once: ``(a, b, S, d²)``.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """Each pair with ``MIN_DISTANCE_SQ < d² <= radius²`` once: ``(a, b, S, d², closest)``.
+
+    ``closest`` (Å) is the shortest distance of *every* pair found, those the
+    graph drops included (coincident atoms, ``d² <= MIN_DISTANCE_SQ``), and an
+    atom's own periodic images: what a too-close check must read. ``inf``
+    when there is no pair.
 
     vesin's half list: ``a``, ``b`` int64 ``[P]``, ``S`` int32 ``[P, 3]`` with
     ``d² = |x_b + S @ cell - x_a|²`` (float64, Å²); the reverse ``(b, a, -S)``
@@ -160,10 +144,11 @@ def _search(
         S = S.copy()
         S[:, ~pbc] = 0
     d2 = _distance_sq(positions, cell, a, b, S)
+    closest = math.sqrt(float(d2.min())) if d2.size else math.inf
     keep = (d2 <= radius * radius) & (d2 > MIN_DISTANCE_SQ)
     if not keep.all():
         a, b, S, d2 = a[keep], b[keep], S[keep], d2[keep]
-    return a, b, S, d2
+    return a, b, S, d2, closest
 
 
 _local = threading.local()
@@ -238,7 +223,7 @@ def neighbor_graph(
         r1 = r0 if strict else math.sqrt(r0 * r0 + DEGENERACY_TOLERANCE)
         if r1 < cutoff:
             cand = _search(positions, cell, pbc, r1)
-            a, b, _, d2 = cand
+            a, b, _, d2, _ = cand
             within = d2 <= r0 * r0
             counts = np.bincount(a[within], minlength=n) + np.bincount(b[within], minlength=n)
             if n and counts.min() > max_neighbors:
@@ -249,7 +234,9 @@ def neighbor_graph(
     return _graph_from_pairs(z, positions, cell, *pairs, max_neighbors, strict, r2)
 
 
-def _graph_from_pairs(z, positions, cell, a, b, S, d2, max_neighbors: int, strict: bool, r2: float) -> Graph:
+def _graph_from_pairs(
+    z, positions, cell, a, b, S, d2, closest: float, max_neighbors: int, strict: bool, r2: float
+) -> Graph:
     """Cap and symmetrise the half-list pairs ``(a, b, S, d²)`` (all ``d² <= r2``) into a Graph."""
     from painn_export._neighbors_kernel import cap_and_symmetrize
 
@@ -263,6 +250,7 @@ def _graph_from_pairs(z, positions, cell, a, b, S, d2, max_neighbors: int, stric
         cell_shift=cell_shift,
         edge_shift=edge_shift,
         cell=cell,
+        min_distance=closest,
     )
 
 
@@ -298,7 +286,7 @@ class SkinGraph:
             else np.sqrt(np.max(np.sum((positions - self._ref_positions) ** 2, axis=1), initial=0.0))
         )
         if moved > self.skin / 2:
-            a, b, S, _ = _search(positions, cell, pbc, self.cutoff + self.skin)
+            a, b, S, _, _ = _search(positions, cell, pbc, self.cutoff + self.skin)
             self._pairs = (a.copy(), b.copy(), S.copy())  # own copies: vesin reuses its buffers
             self._key, self._ref_positions = key, positions.copy()
             self.n_searches += 1
@@ -306,6 +294,6 @@ class SkinGraph:
         d2 = _distance_sq(positions, cell, a, b, S)
         r2 = self.cutoff * self.cutoff
         keep = (d2 <= r2) & (d2 > MIN_DISTANCE_SQ)
-        return _graph_from_pairs(
-            z, positions, cell, a[keep], b[keep], S[keep], d2[keep], self.max_neighbors, self.strict, r2
-        )
+        closest = math.sqrt(float(d2.min())) if d2.size else math.inf  # of the pairs it keeps
+        args = (a[keep], b[keep], S[keep], d2[keep], closest, self.max_neighbors, self.strict, r2)
+        return _graph_from_pairs(z, positions, cell, *args)

@@ -6,23 +6,28 @@ takes the model contract's inputs as numpy arrays and returns ``{"energy",
 "forces"}`` (and ``"stress"`` for stress graphs) as numpy arrays,
 ``deactivate()`` frees. ``input_names``/``output_names`` say which contract
 variant the runner serves; extra feed entries are ignored. Each records the wall time
-of its last inference in ``last_inference_s``.
+of its last inference in ``last_inference_s``. A failed inference raises
+:class:`~painn_export.errors.BatchTooLargeError` (memory, engine profile: a
+smaller batch may work) or :class:`~painn_export.errors.InferenceError`
+(anything else), whatever the runtime's own exception type.
 """
 
 from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from painn_export.contract import BASE_INPUTS, OUTPUTS, input_names, output_names
-
-
-class RuntimeUnavailableError(RuntimeError):
-    """The runtime's library or device is missing; the message says what to install."""
+from painn_export.errors import (
+    BatchTooLargeError,
+    InferenceError,
+    RuntimeUnavailableError,
+    classify_runtime_error,
+)
+from painn_export.metadata import ModelFacts
 
 
 class Runner(ABC):
@@ -30,6 +35,7 @@ class Runner(ABC):
 
     def __init__(self) -> None:
         self.active = False
+        self.precision = "float32"  # of the inputs it takes and the weights it runs
         self.last_inference_s = float("nan")
         self.input_names: tuple[str, ...] = BASE_INPUTS
         self.output_names: tuple[str, ...] = OUTPUTS
@@ -62,7 +68,14 @@ class Runner(ABC):
         if missing:
             raise KeyError(f"{self.name}: feed lacks {missing}")
         start = time.perf_counter()
-        out = self._infer(feed)
+        try:
+            out = self._infer(feed)
+        except (BatchTooLargeError, InferenceError):
+            raise
+        except (
+            Exception
+        ) as exc:  # each runtime has its own exception types (onnxruntime's are not RuntimeError)
+            raise classify_runtime_error(exc, self.name) from exc
         self.last_inference_s = time.perf_counter() - start
         return out
 
@@ -86,6 +99,7 @@ class TorchRunner(Runner):
     def __init__(self, model, device: str = "cpu", dtype: str = "float32", stress: bool = False) -> None:
         super().__init__()
         self.source, self.device, self.dtype = model, device, dtype
+        self.precision = dtype
         self.name = f"torch-{device.split(':')[0]}-{dtype}"
         self.input_names = input_names(model.gradient_forces, stress)
         self.output_names = output_names(stress)
@@ -155,6 +169,7 @@ class OnnxRuntimeRunner(Runner):
         self.output_names = tuple(o.name for o in self.session.get_outputs())
         types = {i.name: i.type for i in self.session.get_inputs()}
         self._float = np.float64 if types.get("positions") == "tensor(double)" else np.float32
+        self.precision = np.dtype(self._float).name
         self.name = "onnxruntime-" + providers[0].removesuffix("ExecutionProvider").lower()
 
     def _infer(self, feed):
@@ -174,9 +189,10 @@ class OnnxRuntimeRunner(Runner):
 class TensorRTRunner(Runner):
     """A serialized TensorRT engine built by :func:`painn_export.trt.build_engine`."""
 
-    def __init__(self, engine_path: str | Path) -> None:
+    def __init__(self, engine_path: str | Path, precision: str = "fp32") -> None:
         super().__init__()
         self.engine_path = Path(engine_path)
+        self.precision = precision  # fp32, tf32 or fp16 kernels (its inputs are float32)
         self.name = "tensorrt"
 
     def _activate(self) -> None:
@@ -200,7 +216,7 @@ class TensorRTRunner(Runner):
                     self.context.set_optimization_profile_async(index, self.stream.cuda_stream)
                     self._profile = index
                 return
-        raise ValueError(
+        raise BatchTooLargeError(
             f"tensorrt: a batch of {n_atoms} atoms, {n_slots} slots, {n_systems} systems fits no "
             "optimisation profile of this engine; split the batch or rebuild with larger --max-*"
         )
@@ -230,16 +246,6 @@ class TensorRTRunner(Runner):
         self.context = self.engine = None
 
 
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the graph builder needs to know about a model, from any of its files."""
-
-    cutoff: float  # Å
-    max_neighbors: int
-    num_elements: int  # atomic numbers 1..num_elements
-    gradient_forces: bool  # forces are -dE/dx (stress possible)
-
-
 def open_runner(
     path: str | Path | None, runtime: str = "onnxruntime", device: str = "cpu"
 ) -> tuple[Runner, ModelFacts]:
@@ -251,9 +257,7 @@ def open_runner(
     the bundled demo model. Gradient-force models serve stress where the
     file has it (checkpoints always do).
     """
-    import json
-
-    from painn_export.export import read_metadata
+    from painn_export.metadata import model_facts, read_metadata
 
     if runtime not in ("torch", "onnxruntime", "tensorrt"):
         raise ValueError(f"runtime must be torch, onnxruntime or tensorrt, got {runtime!r}")
@@ -265,9 +269,11 @@ def open_runner(
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model file")
     if path.suffix == ".engine":
-        side = json.loads(Path(str(path) + ".json").read_text())
-        meta = read_metadata(side["onnx_path"])
-        runner: Runner = TensorRTRunner(path)
+        from painn_export.trt import read_sidecar
+
+        side = read_sidecar(path)
+        meta = side["model_metadata"]  # the engine's own copy: its ONNX file may be gone
+        runner: Runner = TensorRTRunner(path, precision=side.get("precision", "fp32"))
     elif path.suffix == ".onnx":
         if runtime == "tensorrt":
             raise ValueError(f"{path}: --runtime tensorrt needs an engine (painn-export trt {path.name})")
@@ -285,17 +291,7 @@ def open_runner(
             from painn_export.demo import cached_onnx
 
             return open_runner(cached_onnx(model, path), "onnxruntime")
-        facts = ModelFacts(
-            model.config.cutoff, model.config.max_neighbors, model.config.num_elements, model.gradient_forces
-        )
+        cfg = model.config
+        facts = ModelFacts(cfg.cutoff, cfg.max_neighbors, cfg.num_elements, model.gradient_forces)
         return TorchRunner(model, device=device, stress=model.gradient_forces), facts
-    if "painn_export.config" not in meta:
-        raise ValueError(f"{path}: not a painn-export graph (no painn_export.config metadata)")
-    config = json.loads(meta["painn_export.config"])
-    facts = ModelFacts(
-        float(config["cutoff"]),
-        int(config["max_neighbors"]),
-        int(config["num_elements"]),
-        meta.get("painn_export.forces") == "gradient",
-    )
-    return runner, facts
+    return runner, model_facts(meta, path)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from painn_export.checkpoint import file_sha256
 from painn_export.contract import AXES, BASE_INPUTS, REVERSE_INPUT, STATIC, STRESS_INPUT
-from painn_export.runners import RuntimeUnavailableError
+from painn_export.errors import RuntimeUnavailableError
 
 INSTALL_HINT = (
     "TensorRT is not installed: on a machine with an NVIDIA GPU, pip install 'painn-export[gpu]' "
@@ -88,7 +88,23 @@ def device_identity(torch) -> dict[str, str]:
 
 
 def sidecar_path(engine_path: str | Path) -> Path:
+    """``ENGINE.json``: the engine's build facts and its model's metadata."""
     return Path(str(engine_path) + ".json")
+
+
+def read_sidecar(engine_path: str | Path) -> dict:
+    """The sidecar of an engine (no TensorRT needed); a missing or damaged one is a clear error."""
+    side = sidecar_path(engine_path)
+    try:
+        sidecar = json.loads(side.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"{engine_path}: its sidecar {side.name} is missing or damaged; "
+            "rebuild the engine with: painn-export trt MODEL.onnx"
+        ) from exc
+    if "model_metadata" not in sidecar or "profiles" not in sidecar:
+        raise ValueError(f"{engine_path}: {side.name} lacks the model's metadata; rebuild the engine")
+    return sidecar
 
 
 def check_sidecar(sidecar: dict, tensorrt_version: str, gpu_name: str, compute_capability: str) -> None:
@@ -121,7 +137,7 @@ def build_engine(
 ) -> Path:
     """Parse ``onnx_path``, build a serialized engine with ``profiles``, write it and its sidecar."""
     from painn_export.contract import CONTRACT_VERSION
-    from painn_export.export import read_metadata
+    from painn_export.metadata import read_metadata
 
     trt, torch = _import_tensorrt()
     version = read_metadata(onnx_path).get("painn_export.contract_version")
@@ -180,6 +196,7 @@ def build_engine(
         "precision": precision,
         "onnx_path": str(onnx_path),
         "onnx_sha256": file_sha256(onnx_path),
+        "model_metadata": read_metadata(onnx_path),  # the engine does not need its ONNX file later
         "build_seconds": round(time.perf_counter() - start, 2),
     }
     sidecar_path(output).write_text(json.dumps(sidecar, indent=2))
@@ -190,12 +207,7 @@ def load_engine(path: str | Path):
     """Deserialize an engine after checking its sidecar; returns (engine, context, torch)."""
     trt, torch = _import_tensorrt()
     path = Path(path)
-    side = sidecar_path(path)
-    if not side.is_file():
-        raise RuntimeError(
-            f"{path}: no sidecar {side.name}; rebuild the engine with: painn-export trt MODEL.onnx"
-        )
-    sidecar = json.loads(side.read_text())
+    sidecar = read_sidecar(path)
     ident = device_identity(torch)
     check_sidecar(sidecar, trt.__version__, ident["gpu_name"], ident["compute_capability"])
     logger = trt.Logger(trt.Logger.WARNING)
@@ -208,5 +220,4 @@ def load_engine(path: str | Path):
 
 def read_profiles(engine_path: str | Path) -> list[Profile]:
     """The optimisation profiles recorded in an engine's sidecar (no TensorRT needed)."""
-    sidecar = json.loads(sidecar_path(engine_path).read_text())
-    return [Profile(**{k: tuple(v) for k, v in p.items()}) for p in sidecar["profiles"]]
+    return [Profile(**{k: tuple(v) for k, v in p.items()}) for p in read_sidecar(engine_path)["profiles"]]

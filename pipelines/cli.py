@@ -13,11 +13,13 @@ import sys
 
 import click
 
+from painn_export.cli import GuardedGroup
+
 EXIT_SOME_FAILED = 3
 EXIT_INTERRUPTED = 130
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="painn-export")
 def main() -> None:
     """Batch evaluation of PaiNN models over HDF5 structure files."""
@@ -76,9 +78,10 @@ def run_cmd(
     """Compute energies and forces of every structure in INPUT_PATH."""
     if resume and overwrite:
         raise click.UsageError("give --resume or --overwrite, not both")
+    from painn_export.errors import InferenceError, RuntimeUnavailableError
+    from painn_export.schema import SchemaError
     from pipelines.output import ResumeError
-    from pipelines.run import RunInterruptedError, default_workers, run_file
-    from pipelines.schema import SchemaError
+    from pipelines.run import RunInterruptedError, WorkerError, default_workers, run_file
 
     level = logging.ERROR if quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -99,8 +102,18 @@ def run_cmd(
     except RunInterruptedError as exc:
         click.echo(f"painn-batch: {exc}", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    except (SchemaError, ResumeError, ValueError, FileNotFoundError, ImportError) as exc:
+    except (
+        SchemaError,
+        ResumeError,
+        ValueError,
+        FileNotFoundError,
+        ImportError,
+        RuntimeUnavailableError,
+    ) as exc:
         raise click.ClickException(str(exc)) from exc
+    except (InferenceError, WorkerError) as exc:
+        kept = "; what was computed is kept: fix the cause, then rerun with --resume"
+        raise click.ClickException(f"{exc}{kept}") from exc
     report = summary.as_dict()
     if as_json:
         click.echo(json.dumps(report, allow_nan=False))

@@ -1,7 +1,7 @@
 """Bringing structures into the input schema, and results back out.
 
 ``painn-batch convert`` reads, streaming, and appends to a schema file
-(:class:`pipelines.schema.SchemaWriter`):
+(:class:`painn_export.schema.SchemaWriter`):
 
 - any file ASE reads (extxyz, traj, ASE db, ...): energies and forces from
   ``--energy-key`` / ``--forces-key`` (``atoms.info`` / ``atoms.arrays``), or
@@ -175,8 +175,8 @@ def convert(
     chunk: int = 1024,
 ) -> int:
     """Convert ``source`` into the input schema at ``output``; returns the number of structures."""
+    from painn_export.schema import SchemaWriter
     from pipelines.output import refuse_same_file
-    from pipelines.schema import SchemaWriter
 
     source = Path(source)
     if not source.is_file():
@@ -219,16 +219,16 @@ def export_extxyz(
         from ase import Atoms
     except ImportError as exc:
         raise ImportError("painn-batch export needs ASE: pip install painn-export[ase]") from exc
+    from painn_export.schema import InputReader, iter_structures
     from pipelines.output import STATUS, input_sha256, refuse_same_file
-    from pipelines.schema import iter_structures
 
     try:
         refuse_same_file(Path(output), result, input_path)
     except ValueError as exc:
         raise ConvertError(str(exc)) from exc
     names = {v: k for k, v in STATUS.items()}
-    with h5py.File(input_path, "r") as fh:
-        offsets = fh["atom_offset"][...]
+    with InputReader(input_path) as reader:
+        offsets = reader.offsets
     with h5py.File(result, "r") as res:
         if "status" not in res or "energy" not in res:
             raise ConvertError(f"{result}: not a painn-batch output (no 'status'/'energy')")

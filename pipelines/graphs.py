@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from painn_export.batch import Graph
-from painn_export.neighbors import StructureError, min_pair_distance, neighbor_graph, validate_structure
+from painn_export.neighbors import StructureError, neighbor_graph
+from painn_export.schema import InputReader
 
 MIN_SEPARATION = 0.5  # Å; closer atoms are physically meaningless for these models
 
@@ -48,18 +49,15 @@ _state: dict = {}
 
 def init_worker(input_path: str, settings: GraphSettings) -> None:
     """Open the input for :func:`build_items` in this process (a worker, or the main one)."""
-    import h5py
-
-    _state["file"] = h5py.File(input_path, "r")
+    _state["reader"] = InputReader(input_path)
     _state["settings"] = settings
-    _state["offsets"] = _state["file"]["atom_offset"][...]
 
 
 def close_worker() -> None:
     """Close what :func:`init_worker` opened in this process."""
-    fh = _state.pop("file", None)
-    if fh is not None:
-        fh.close()
+    reader = _state.pop("reader", None)
+    if reader is not None:
+        reader.close()
     _state.clear()
 
 
@@ -105,16 +103,15 @@ def _exit_with_parent(poll_s: float = 0.5) -> None:
 
 def build_items(indices: np.ndarray) -> list[Item]:
     """Graphs (or statuses) of the structures ``indices`` (sorted) of the open input."""
-    fh, settings, offsets = _state["file"], _state["settings"], _state["offsets"]
+    reader, settings = _state["reader"], _state["settings"]
+    offsets = reader.offsets
     lo, hi = int(indices[0]), int(indices[-1]) + 1
-    a0, a1 = int(offsets[lo]), int(offsets[hi])
-    z_all = fh["atomic_numbers"][a0:a1]
-    pos_all = fh["positions"][a0:a1]
-    cells, pbcs = fh["cell"][lo:hi], fh["pbc"][lo:hi]
+    z_all, pos_all, cells, pbcs = reader.structures(lo, hi)
+    a0 = offsets[lo]
     out = []
     for s in indices:
         s = int(s)
-        z = z_all[offsets[s] - a0 : offsets[s + 1] - a0].astype(np.int64)
+        z = z_all[offsets[s] - a0 : offsets[s + 1] - a0]
         pos = pos_all[offsets[s] - a0 : offsets[s + 1] - a0]
         out.append(structure_item(s, z, pos, cells[s - lo], pbcs[s - lo], settings))
     return out
@@ -127,18 +124,15 @@ def structure_item(s: int, z, pos, cell, pbc, settings: GraphSettings) -> Item:
         bad = sorted({int(v) for v in z if not 1 <= v <= settings.num_elements})
         return Item(s, None, "unknown_element", f"atomic numbers outside 1..{settings.num_elements}: {bad}")
     try:
-        positions, cell, pbc = validate_structure(pos, cell, pbc)
-        # Every pair counts here, self-images and coincident atoms included
-        # (the graph drops pairs closer than 0.01 Å, as upstream does).
-        closest = min_pair_distance(positions, cell, pbc, MIN_SEPARATION)
-        if closest < MIN_SEPARATION:
-            what = "atoms or periodic images" if pbc.any() else "atoms"
-            return Item(s, None, "atoms_too_close", f"{what} {closest:.3g} Å apart (< {MIN_SEPARATION} Å)")
-        graph = neighbor_graph(
-            positions, cell, pbc, settings.cutoff, settings.max_neighbors, atomic_numbers=z
-        )
+        graph = neighbor_graph(pos, cell, pbc, settings.cutoff, settings.max_neighbors, atomic_numbers=z)
     except StructureError as exc:
         return Item(s, None, exc.kind, str(exc))
+    # Every pair the search found counts here, self-images and coincident
+    # atoms included (the graph itself drops pairs closer than 0.01 Å, as upstream).
+    if graph.min_distance < MIN_SEPARATION:
+        what = "atoms or periodic images" if np.asarray(pbc).any() else "atoms"
+        message = f"{what} {graph.min_distance:.3g} Å apart (< {MIN_SEPARATION} Å)"
+        return Item(s, None, "atoms_too_close", message)
     return Item(s, for_float32_feed(graph), "ok", "")
 
 

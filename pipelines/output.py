@@ -69,14 +69,12 @@ class Fingerprint:
 
 def input_sha256(path: str | Path) -> str:
     """SHA-256 over the input's structure arrays (streamed in blocks)."""
-    import h5py
+    from painn_export.schema import InputReader
 
     digest = hashlib.sha256()
-    with h5py.File(path, "r") as fh:
-        for name in ("atom_offset", "cell", "pbc", "atomic_numbers", "positions"):
-            ds = fh[name]
-            for lo in range(0, ds.shape[0], _FILL_ROWS):
-                digest.update(np.ascontiguousarray(ds[lo : lo + _FILL_ROWS]).tobytes())
+    with InputReader(path) as reader:
+        for block in reader.structure_blocks(_FILL_ROWS):
+            digest.update(block)
     return digest.hexdigest()
 
 

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from painn_export.batch import collate, slot_count
+from painn_export.errors import BatchTooLargeError
+from painn_export.schema import InputReader, validate_input
 from pipelines.graphs import GraphSettings, Item, build_items, close_worker, init_worker, init_worker_process
 from pipelines.output import (
     STATUS,
@@ -45,11 +47,14 @@ from pipelines.output import (
     refuse_same_file,
 )
 from pipelines.progress import Progress
-from pipelines.schema import validate_input
 
-__all__ = ["STATUS", "ResumeError", "RunInterruptedError", "Summary", "run_file"]
+__all__ = ["STATUS", "ResumeError", "RunInterruptedError", "Summary", "WorkerError", "run_file"]
 
 CHUNK = 128  # structures per neighbour-worker task
+
+
+class WorkerError(RuntimeError):
+    """A neighbour-list worker process died or could not start."""
 
 
 class RunInterruptedError(RuntimeError):
@@ -172,10 +177,10 @@ def _run_locked(
     resume,
     progress,
 ) -> Summary:
-    from painn_export import __version__
     from painn_export.checkpoint import file_sha256
     from painn_export.demo import demo_model_path
     from painn_export.runners import open_runner
+    from painn_export.version import __version__
 
     runner, facts = open_runner(model_path, runtime)
     runner.activate()
@@ -186,7 +191,7 @@ def _run_locked(
             n_atoms=info.n_atoms,
             model_sha256=file_sha256(model_path or demo_model_path()),
             runtime=runner.name,
-            precision="float32",
+            precision=runner.precision,
             stress=runner.has_stress,
             package_version=__version__,
         )
@@ -198,10 +203,8 @@ def _run_locked(
         else:
             create(partial, fingerprint)
 
-        import h5py
-
-        with h5py.File(input_path, "r") as fh:
-            offsets = fh["atom_offset"][...]
+        with InputReader(input_path) as reader:
+            offsets = reader.offsets
         writer = Writer(partial, offsets)
         summary = Summary(output=str(output_path), runtime=runner.name, n_structures=info.n_structures)
         try:
@@ -273,6 +276,7 @@ def _items(input_path: str, pending: np.ndarray, settings: GraphSettings, worker
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     # spawn: the workers never inherit the runtime's threads or open HDF5 handles.
     ctx = multiprocessing.get_context("spawn")
@@ -287,6 +291,11 @@ def _items(input_path: str, pending: np.ndarray, settings: GraphSettings, worker
                 yield from window.popleft().result()
         while window:
             yield from window.popleft().result()
+    except BrokenProcessPool as exc:
+        raise WorkerError(
+            "a neighbour-list worker process died or could not start (killed, out of memory, "
+            "or the input became unreadable)"
+        ) from exc
     finally:
         # Without waiting: the workers exit in the background while the last
         # batch runs (they are joined at interpreter exit at the latest).
@@ -329,12 +338,16 @@ def _evaluate(input_path, pending, settings, workers, runner, writer, limits: Li
 
 
 def _run_batch(runner, batch: list[Item], writer: Writer, summary: Summary, bar: Progress) -> None:
-    """Evaluate ``batch`` and commit it; split it in halves when the runtime fails on it."""
+    """Evaluate ``batch`` and commit it; split it in halves when it does not fit the runtime.
+
+    Only a batch that is too large (memory, an engine profile) is split; any
+    other failure ends the run with its message, work so far kept.
+    """
     try:
         out = runner.infer(collate([it.graph for it in batch], np.float32))
-    except (RuntimeError, MemoryError, ValueError) as exc:
+    except BatchTooLargeError as exc:
         if len(batch) == 1:
-            message = f"failed alone in a batch: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+            message = f"failed alone in a batch: {str(exc).splitlines()[0][:120]}"
             writer.commit_status([(batch[0].index, "too_large", message)])
             summary.computed += 1
             bar.update(1, 0)
@@ -364,25 +377,25 @@ def _run_batch(runner, batch: list[Item], writer: Writer, summary: Summary, bar:
 
 def _add_mae(summary: Summary, input_path, writer: Writer, block: int = 4096) -> None:
     """MAE against the input's reference labels over successful structures, in blocks."""
-    import h5py
 
     ok_codes = [STATUS[k] for k in SUCCESS]
     e_sum = f_sum = 0.0
     n_s = n_f = 0
     offsets = writer.offsets
-    with h5py.File(input_path, "r") as src:
+    with InputReader(input_path) as src:
         for lo in range(0, summary.n_structures, block):
             hi = min(lo + block, summary.n_structures)
             ok = np.isin(writer.fh["status"][lo:hi], ok_codes)
             if not ok.any():
                 continue
             natoms = np.diff(offsets[lo : hi + 1])
-            e_err = np.abs(writer.fh["energy"][lo:hi] - src["energy"][lo:hi]) / np.maximum(natoms, 1)
+            ref_energy, ref_forces = src.labels(lo, hi)
+            e_err = np.abs(writer.fh["energy"][lo:hi] - ref_energy) / np.maximum(natoms, 1)
             e_sum += float(e_err[ok].sum())
             n_s += int(ok.sum())
             a0, a1 = offsets[lo], offsets[hi]
             atom_ok = np.repeat(ok, natoms)
-            f_err = np.abs(writer.fh["forces"][a0:a1] - src["forces"][a0:a1])[atom_ok]
+            f_err = np.abs(writer.fh["forces"][a0:a1] - ref_forces)[atom_ok]
             f_sum += float(f_err.sum())
             n_f += f_err.size
     summary.energy_mae_per_atom = e_sum / n_s if n_s else None

@@ -37,7 +37,7 @@ ELEMENTS = np.array([13, 28, 29, 46, 47, 78, 79])
 
 def generate(path: Path, n: int, seed: int = 0) -> Path:
     from painn_export.samples import bulk, molecule, slab
-    from pipelines.schema import SchemaWriter
+    from painn_export.schema import SchemaWriter
 
     rng = np.random.default_rng(seed)
     makers = (bulk, bulk, slab, molecule)
@@ -57,8 +57,8 @@ def model_only(path: Path, model: str | None, runtime: str, max_atoms: int, repe
     """Median seconds of runner.infer over all batches (graphs and feeds built beforehand)."""
     from painn_export.batch import collate
     from painn_export.runners import open_runner
+    from painn_export.schema import validate_input
     from pipelines.graphs import GraphSettings, build_items, init_worker
-    from pipelines.schema import validate_input
 
     runner, facts = open_runner(model, runtime)
     n = validate_input(path).n_structures
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     with tempfile.TemporaryDirectory() as tmp:
         small = generate(Path(tmp) / "small.h5", args.structures)
-        from pipelines.schema import validate_input
+        from painn_export.schema import validate_input
 
         n_atoms = validate_input(small).n_atoms
         t_model = model_only(small, args.model, args.runtime, args.max_atoms, args.repeats)

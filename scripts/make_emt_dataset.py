@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     import h5py
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from pipelines.schema import write_input
+    from painn_export.schema import write_input
 
     start = time.perf_counter()
     data = generate(args.n, args.seed)

@@ -48,7 +48,7 @@ def load_split(path: Path):
     import h5py
 
     from painn_export.neighbors import neighbor_graph
-    from pipelines.schema import read_structures
+    from painn_export.schema import read_structures
 
     samples = read_structures(path)
     with h5py.File(path, "r") as fh:

@@ -18,7 +18,8 @@ from painn_export.ase import PaiNNCalculator
 from painn_export.checkpoint import load_model
 from painn_export.demo import demo_model_path
 from painn_export.export import export_onnx
-from painn_export.runners import ModelFacts, OnnxRuntimeRunner, TorchRunner
+from painn_export.metadata import ModelFacts
+from painn_export.runners import OnnxRuntimeRunner, TorchRunner
 
 from conftest import SMALL, make_model
 

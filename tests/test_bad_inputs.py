@@ -14,9 +14,9 @@ from painn_export.batch import collate
 from painn_export.export import graphs_for
 from painn_export.runners import TorchRunner
 from painn_export.samples import Sample, bulk, example_set, molecule, slab
+from painn_export.schema import write_input
 from pipelines.cli import main
 from pipelines.output import OutputLock
-from pipelines.schema import write_input
 
 from conftest import SMALL, make_model
 

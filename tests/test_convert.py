@@ -13,9 +13,9 @@ from ase.build import bulk, molecule
 from ase.calculators.emt import EMT
 
 from painn_export import save_model
+from painn_export.schema import read_structures, validate_input
 from pipelines.cli import main
 from pipelines.convert import BOHR_ANGSTROM, HARTREE_EV
-from pipelines.schema import read_structures, validate_input
 
 from conftest import SMALL, make_model
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from painn_export.checkpoint import load_model
 from painn_export.cli import main as export_main
 from painn_export.demo import demo_model_path
-from painn_export.export import read_metadata
+from painn_export.metadata import read_metadata
 from pipelines.cli import main as batch_main
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "emt_examples.h5"
@@ -83,3 +83,22 @@ def test_readme_and_make_demo_commands_run_in_a_bare_copy(tmp_path):
     assert (copy / "out" / "emt_examples.out.h5").is_file() and (
         copy / "examples" / "emt_examples.out.h5"
     ).is_file()
+
+
+def test_a_killed_export_leaves_no_stale_file_in_the_cache(tmp_path):
+    """A temporary file of an export whose process is gone is removed by the next export."""
+    from painn_export.checkpoint import load_model
+    from painn_export.demo import cached_onnx, demo_model_path
+
+    source = demo_model_path()
+    model = load_model(source)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(proc.stdout)  # that process has exited
+    path = cached_onnx(model, source)  # PAINN_EXPORT_CACHE is this test's folder
+    stale = path.with_name(f"{path.name}.{dead_pid}.tmp")
+    stale.write_bytes(b"half an export")
+    path.unlink()
+    assert cached_onnx(model, source) == path and path.is_file()
+    assert not stale.exists()

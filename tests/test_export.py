@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from painn_export.batch import collate
 from painn_export.cli import main
-from painn_export.export import export_onnx, graphs_for, read_metadata
+from painn_export.export import export_onnx, graphs_for
+from painn_export.metadata import read_metadata
 from painn_export.opcheck import check_model, load_facts, parse_operator_table
 from painn_export.parity import nondeterministic, run_parity
 from painn_export.runners import (
@@ -177,7 +178,7 @@ def test_cli_onnx_and_parity_smoke(tmp_path, monkeypatch):
         "torch-cpu-float32",
         "onnxruntime-cpu",
     }
-    from pipelines.schema import write_input
+    from painn_export.schema import write_input
 
     samples = example_set(seed=5, sizes=(6,))
     write_input(tmp_path / "s.h5", [(s.atomic_numbers, s.positions, s.cell, s.pbc) for s in samples])

@@ -19,9 +19,9 @@ from painn_export import input_names, save_model
 from painn_export.batch import collate
 from painn_export.export import export_onnx, graphs_for
 from painn_export.samples import example_set
+from painn_export.schema import SchemaError, validate_input, write_input
 from pipelines.cli import main
 from pipelines.run import STATUS
-from pipelines.schema import SchemaError, validate_input, write_input
 
 from conftest import SMALL, make_model
 
@@ -307,19 +307,33 @@ def test_resume_refuses_another_model(tmp_path):
     assert result.exit_code == 1 and "model_sha256" in result.output
 
 
-def test_failing_batches_are_split_down_to_one_structure(tmp_path):
-    """A runtime that fails above 40 atoms (as on out-of-memory): small ones run, a big one is too_large."""
+class _OrtFailError(Exception):
+    """Stands for onnxruntime's own exception types, which are not RuntimeError."""
+
+
+def _fake_runner(fail):
+    from painn_export.runners import Runner
+
+    class Fake(Runner):
+        name = "fake"
+
+        def _activate(self):
+            pass
+
+        def _infer(self, feed):
+            fail(feed)
+            return {"energy": np.zeros(len(feed["natoms"])), "forces": np.zeros((len(feed["positions"]), 3))}
+
+    runner = Fake()
+    runner.activate()
+    return runner
+
+
+def _split_setup(tmp_path):
     from painn_export.samples import _jittered_grid
     from pipelines.graphs import GraphSettings, structure_item
     from pipelines.output import Fingerprint, Writer, create
-    from pipelines.progress import Progress
-    from pipelines.run import Summary, _run_batch
-
-    class SmallBatchesOnly:
-        def infer(self, feed):
-            if len(feed["positions"]) > 40:
-                raise RuntimeError("CUDA out of memory (simulated)")
-            return {"energy": np.zeros(len(feed["natoms"])), "forces": np.zeros((len(feed["positions"]), 3))}
+    from pipelines.run import Summary
 
     big = (np.ones(60, int), _jittered_grid(np.random.default_rng(0), 60) * 12, np.eye(3) * 12, [True] * 3)
     rows = [*_many(6), big]
@@ -332,14 +346,43 @@ def test_failing_batches_are_split_down_to_one_structure(tmp_path):
     offsets = np.concatenate([[0], np.cumsum([len(r[0]) for r in rows])])
     path = tmp_path / "o.h5"
     create(path, Fingerprint("x", len(rows), int(offsets[-1]), "m", "fake", "float32", False, "0"))
-    writer = Writer(path, offsets)
-    summary = Summary(n_structures=len(rows))
-    _run_batch(SmallBatchesOnly(), items, writer, summary, Progress(len(rows), enabled=False))
+    return items, Writer(path, offsets), Summary(n_structures=len(rows))
+
+
+def test_batches_that_do_not_fit_are_split_down_to_one_structure(tmp_path):
+    """Out of memory above 40 atoms, in a runtime's own exception type: a big one alone is too_large."""
+    from pipelines.progress import Progress
+    from pipelines.run import _run_batch
+
+    def fail(feed):
+        if len(feed["positions"]) > 40:
+            raise _OrtFailError(
+                "Non-zero status code returned while running Split node. Failed to allocate memory"
+            )
+
+    items, writer, summary = _split_setup(tmp_path)
+    _run_batch(_fake_runner(fail), items, writer, summary, Progress(len(items), enabled=False))
     status, message = writer.fh["status"][...], writer.fh["message"][...]
     writer.close()
-    assert summary.computed == len(rows)
+    assert summary.computed == len(items)
     assert all(status[k] == STATUS["ok"] for k in range(6))
-    assert status[-1] == STATUS["too_large"] and b"out of memory" in message[-1]
+    assert status[-1] == STATUS["too_large"] and b"Failed to allocate" in message[-1]
+
+
+def test_other_runtime_errors_end_the_run_instead_of_splitting(tmp_path):
+    """A failure a smaller batch would not fix is one error for the run, not 7 structures marked too_large."""
+    from painn_export.errors import InferenceError
+    from pipelines.progress import Progress
+    from pipelines.run import _run_batch
+
+    def fail(feed):
+        raise _OrtFailError("Invalid Feed Input Name:neighbors")
+
+    items, writer, summary = _split_setup(tmp_path)
+    with pytest.raises(InferenceError, match="Invalid Feed Input Name"):
+        _run_batch(_fake_runner(fail), items, writer, summary, Progress(len(items), enabled=False))
+    assert not writer.fh["status"][...].any()  # nothing marked: --resume computes them all
+    writer.close()
 
 
 def test_gradient_model_writes_stress(tmp_path):

@@ -56,37 +56,114 @@ def validate_input(path: str | Path) -> InputFile:
         fh = h5py.File(path, "r")
     except OSError as exc:
         raise SchemaError(f"{path}: not a readable HDF5 file ({exc})") from exc
-    with fh:
-        for name, (kind, ndim) in REQUIRED.items():
-            if name not in fh:
-                raise SchemaError(f"{path}: missing dataset '{name}'")
-            ds = fh[name]
-            ok_kind = ds.dtype.kind in ("i", "u") if kind == "i" else ds.dtype.kind in (kind, "u", "i")
-            if not ok_kind or ds.ndim != ndim:
-                raise SchemaError(
-                    f"{path}: dataset '{name}' has dtype {ds.dtype} and shape {ds.shape}, "
-                    f"expected {ndim}-d of kind '{kind}'"
-                )
-        n_atoms = fh["atomic_numbers"].shape[0]
-        offsets = fh["atom_offset"][...]
-        s = offsets.shape[0] - 1
-        checks = [
-            (fh["positions"].shape == (n_atoms, 3), "positions", f"[{n_atoms}, 3]"),
-            (
-                s >= 0 and offsets[0] == 0 and offsets[-1] == n_atoms and np.all(np.diff(offsets) >= 0),
-                "atom_offset",
-                f"non-decreasing from 0 to {n_atoms}",
-            ),
-            (fh["cell"].shape == (s, 3, 3), "cell", f"[{s}, 3, 3]"),
-            (fh["pbc"].shape == (s, 3), "pbc", f"[{s}, 3]"),
-        ]
-        for ok, name, expected in checks:
-            if not ok:
-                raise SchemaError(f"{path}: dataset '{name}' must be {expected}, got shape {fh[name].shape}")
-        has_ref = "energy" in fh and "forces" in fh
-        if has_ref and (fh["energy"].shape != (s,) or fh["forces"].shape != (n_atoms, 3)):
-            raise SchemaError(f"{path}: reference 'energy'/'forces' must be [{s}] and [{n_atoms}, 3]")
+    try:
+        with fh:
+            return _check(path, fh)
+    except SchemaError:
+        raise
+    except (KeyError, OSError, ValueError, TypeError) as exc:  # a damaged file: h5py's own errors
+        raise SchemaError(f"{path}: damaged HDF5 file ({type(exc).__name__}: {exc})") from exc
+
+
+def _check(path: Path, fh) -> InputFile:
+    """Every required dataset's presence, dtype and shape, in the open file ``fh``."""
+    for name, (kind, ndim) in REQUIRED.items():
+        if name not in fh:
+            raise SchemaError(f"{path}: missing dataset '{name}'")
+        ds = fh[name]
+        ok_kind = ds.dtype.kind in ("i", "u") if kind == "i" else ds.dtype.kind in (kind, "u", "i")
+        if not ok_kind or ds.ndim != ndim:
+            raise SchemaError(
+                f"{path}: dataset '{name}' has dtype {ds.dtype} and shape {ds.shape}, "
+                f"expected {ndim}-d of kind '{kind}'"
+            )
+    n_atoms = fh["atomic_numbers"].shape[0]
+    offsets = fh["atom_offset"][...]
+    s = offsets.shape[0] - 1
+    checks = [
+        (fh["positions"].shape == (n_atoms, 3), "positions", f"[{n_atoms}, 3]"),
+        (
+            s >= 0 and offsets[0] == 0 and offsets[-1] == n_atoms and np.all(np.diff(offsets) >= 0),
+            "atom_offset",
+            f"non-decreasing from 0 to {n_atoms}",
+        ),
+        (fh["cell"].shape == (s, 3, 3), "cell", f"[{s}, 3, 3]"),
+        (fh["pbc"].shape == (s, 3), "pbc", f"[{s}, 3]"),
+    ]
+    for ok, name, expected in checks:
+        if not ok:
+            raise SchemaError(f"{path}: dataset '{name}' must be {expected}, got shape {fh[name].shape}")
+    has_ref = "energy" in fh and "forces" in fh
+    if has_ref and (fh["energy"].shape != (s,) or fh["forces"].shape != (n_atoms, 3)):
+        raise SchemaError(f"{path}: reference 'energy'/'forces' must be [{s}] and [{n_atoms}, 3]")
     return InputFile(path, s, n_atoms, has_ref)
+
+
+# The datasets that define the structures (what an output's input fingerprint hashes).
+STRUCTURE_DATASETS = ("atom_offset", "cell", "pbc", "atomic_numbers", "positions")
+
+
+class InputReader:
+    """An open input file read by ranges of structures: the schema's one reader.
+
+    The neighbour workers, the pipeline's writer and summary, the input
+    fingerprint and ``parity --input`` all read through it. Use it as a
+    context manager (or call :meth:`close`).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        import h5py
+
+        self.path = Path(path)
+        try:
+            self.fh = h5py.File(self.path, "r")
+            self.offsets = self.fh["atom_offset"][...].astype(np.int64)  # [S + 1]
+        except (OSError, KeyError) as exc:
+            raise SchemaError(f"{self.path}: not a readable input file ({exc})") from exc
+
+    @property
+    def n_structures(self) -> int:
+        return len(self.offsets) - 1
+
+    def __enter__(self) -> InputReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.fh.close()
+
+    def structures(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Structures ``lo..hi``: Z int64 and positions float64 Å of their atoms, cells Å, pbc."""
+        a0, a1 = int(self.offsets[lo]), int(self.offsets[hi])
+        fh = self.fh
+        return (
+            fh["atomic_numbers"][a0:a1].astype(np.int64),
+            fh["positions"][a0:a1].astype(np.float64),
+            fh["cell"][lo:hi].astype(np.float64),
+            fh["pbc"][lo:hi].astype(bool),
+        )
+
+    def labels(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Reference energies ``[hi - lo]`` eV and forces of their atoms eV/Å."""
+        a0, a1 = int(self.offsets[lo]), int(self.offsets[hi])
+        return self.fh["energy"][lo:hi], self.fh["forces"][a0:a1]
+
+    def ids(self, lo: int, hi: int) -> list[str]:
+        """Structure names ``lo..hi``: the ``ids`` dataset (UTF-8) or ``structure N``."""
+        if "ids" not in self.fh:
+            return [f"structure {s}" for s in range(lo, hi)]
+        ds = self.fh["ids"]
+        values = ds.asstr(errors="replace")[lo:hi] if ds.dtype.kind in "SO" else ds[lo:hi]
+        return [str(v) for v in values]
+
+    def structure_blocks(self, rows: int = 1 << 20):
+        """The raw bytes of :data:`STRUCTURE_DATASETS`, in blocks (for a fingerprint)."""
+        for name in STRUCTURE_DATASETS:
+            ds = self.fh[name]
+            for lo in range(0, ds.shape[0], rows):
+                yield np.ascontiguousarray(ds[lo : lo + rows]).tobytes()
 
 
 def write_input(path: str | Path, structures, energies=None, forces=None, ids=None) -> Path:
@@ -211,33 +288,19 @@ class SchemaWriter:
 
 def iter_structures(path: str | Path, limit: int | None = None, block: int = 1024):
     """The first ``limit`` structures of a schema file as ``Sample``s, read ``block`` at a time."""
-    import h5py
-
     from painn_export.samples import Sample
 
     info = validate_input(path)
     count = info.n_structures if limit is None else min(limit, info.n_structures)
-    with h5py.File(path, "r") as fh:
-        offsets = fh["atom_offset"][: count + 1]
+    with InputReader(path) as reader:
+        offsets = reader.offsets
         for lo in range(0, count, block):
             hi = min(lo + block, count)
-            a0, a1 = int(offsets[lo]), int(offsets[hi])
-            z = fh["atomic_numbers"][a0:a1].astype(np.int64)
-            pos = fh["positions"][a0:a1].astype(np.float64)
-            cells, pbcs = fh["cell"][lo:hi].astype(np.float64), fh["pbc"][lo:hi].astype(bool)
-            ids = _ids(fh, lo, hi)
+            z, pos, cells, pbcs = reader.structures(lo, hi)
+            ids = reader.ids(lo, hi)
             for s in range(lo, hi):
-                a, b = offsets[s] - a0, offsets[s + 1] - a0
+                a, b = offsets[s] - offsets[lo], offsets[s + 1] - offsets[lo]
                 yield Sample(ids[s - lo], z[a:b], pos[a:b], cells[s - lo], pbcs[s - lo])
-
-
-def _ids(fh, lo: int, hi: int) -> list[str]:
-    """Structure names ``lo..hi``: the ``ids`` dataset (UTF-8) or ``structure N``."""
-    if "ids" not in fh:
-        return [f"structure {s}" for s in range(lo, hi)]
-    ds = fh["ids"]
-    values = ds.asstr(errors="replace")[lo:hi] if ds.dtype.kind in "SO" else ds[lo:hi]
-    return [str(v) for v in values]
 
 
 def read_structures(path: str | Path, limit: int | None = None) -> list:
