@@ -56,6 +56,30 @@ def main() -> None:
     default=None,
     help="Neighbour-list worker processes (0: in the main process). Default: spare cores, 1 to 4.",
 )
+@click.option(
+    "--ray",
+    "ray_address",
+    metavar="local|auto|ADDRESS",
+    default=None,
+    help="Run the graphs and the inference on Ray (local: start Ray here; auto: this machine's cluster).",
+)
+@click.option(
+    "--ray-actors", type=click.IntRange(min=1), default=1, show_default=True, help="Inference actors."
+)
+@click.option(
+    "--ray-gpus-per-actor",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="GPUs per actor.",
+)
+@click.option(
+    "--ray-batch",
+    type=click.IntRange(min=1),
+    default=512,
+    show_default=True,
+    help="Structures per actor call.",
+)
 @click.option("--resume", is_flag=True, help="Continue OUT.partial.h5 (same input, model and runtime).")
 @click.option("--overwrite", is_flag=True, help="Start over, replacing OUT and OUT.partial.h5.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
@@ -69,6 +93,10 @@ def run_cmd(
     max_atoms,
     max_edges,
     workers,
+    ray_address,
+    ray_actors,
+    ray_gpus_per_actor,
+    ray_batch,
     resume,
     overwrite,
     as_json,
@@ -78,6 +106,15 @@ def run_cmd(
     """Compute energies and forces of every structure in INPUT_PATH."""
     if resume and overwrite:
         raise click.UsageError("give --resume or --overwrite, not both")
+    ray = None
+    if ray_address is not None:
+        from pipelines.ray_run import RayOptions, RayUnavailableError, import_ray
+
+        try:
+            import_ray()
+        except RayUnavailableError as exc:
+            raise click.UsageError(str(exc)) from exc
+        ray = RayOptions(ray_address, ray_actors, ray_gpus_per_actor, actor_batch=ray_batch)
     from painn_export.errors import InferenceError, RuntimeUnavailableError
     from painn_export.schema import SchemaError
     from pipelines.output import ResumeError
@@ -98,6 +135,7 @@ def run_cmd(
             resume=resume,
             overwrite=overwrite,
             progress=False if quiet else None,
+            ray=ray,
         )
     except RunInterruptedError as exc:
         click.echo(f"painn-batch: {exc}", err=True)

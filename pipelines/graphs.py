@@ -102,8 +102,12 @@ def _exit_with_parent(poll_s: float = 0.5) -> None:
 
 
 def build_items(indices: np.ndarray) -> list[Item]:
-    """Graphs (or statuses) of the structures ``indices`` (sorted) of the open input."""
-    reader, settings = _state["reader"], _state["settings"]
+    """Graphs (or statuses) of the structures ``indices`` (sorted) of the input :func:`init_worker` opened."""
+    return items_from(_state["reader"], _state["settings"], indices)
+
+
+def items_from(reader: InputReader, settings: GraphSettings, indices: np.ndarray) -> list[Item]:
+    """Graphs (or statuses) of the structures ``indices`` (sorted) of an open input."""
     offsets = reader.offsets
     lo, hi = int(indices[0]), int(indices[-1]) + 1
     z_all, pos_all, cells, pbcs = reader.structures(lo, hi)

@@ -108,12 +108,15 @@ def run_file(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool | None = None,
+    ray=None,
 ) -> Summary:
     """Evaluate every structure of ``input_path``; write results to ``output_path``.
 
     An existing output or partial output is never replaced silently: pass
     ``resume`` to continue (or check) it, ``overwrite`` to start over. A run
-    holds a lock on ``output_path``: a second run on it is refused.
+    holds a lock on ``output_path``: a second run on it is refused. With
+    ``ray`` (a :class:`pipelines.ray_run.RayOptions`) the graphs and the
+    inference run on a Ray cluster; this process still writes the output.
     """
     start = time.perf_counter()
     info = validate_input(input_path)
@@ -141,6 +144,7 @@ def run_file(
             workers=workers,
             resume=resume,
             progress=progress,
+            ray=ray,
         )
     summary.seconds = time.perf_counter() - start
     return summary
@@ -176,6 +180,7 @@ def _run_locked(
     workers,
     resume,
     progress,
+    ray,
 ) -> Summary:
     from painn_export.checkpoint import file_sha256
     from painn_export.demo import demo_model_path
@@ -214,7 +219,14 @@ def _run_locked(
             settings = GraphSettings(facts.cutoff, facts.max_neighbors, facts.num_elements)
             bar = Progress(len(pending), enabled=progress)
             try:
-                _evaluate(str(input_path), pending, settings, workers, runner, writer, limits, summary, bar)
+                if ray is None:
+                    items = _items(str(input_path), pending, settings, workers)
+                    _evaluate(items, runner, writer, limits, summary, bar)
+                else:
+                    from pipelines.ray_run import evaluate_on_ray
+
+                    job = (str(input_path), model_path, runtime, settings, limits)
+                    evaluate_on_ray(job, pending, ray, writer, summary, bar)
             except KeyboardInterrupt as exc:
                 raise RunInterruptedError(
                     f"interrupted; rerun with --resume to continue from {partial}"
@@ -225,6 +237,10 @@ def _run_locked(
             if info.has_reference:
                 _add_mae(summary, input_path, writer)
             finished = len(writer.pending()) == 0
+            if ray is not None and not finished:
+                raise WorkerError(
+                    f"{len(writer.pending())} structures did not come back from the Ray cluster"
+                )
         finally:
             writer.close()
         if finished:
@@ -302,7 +318,12 @@ def _items(input_path: str, pending: np.ndarray, settings: GraphSettings, worker
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _evaluate(input_path, pending, settings, workers, runner, writer, limits: Limits, summary, bar) -> None:
+def _evaluate(items, runner, writer, limits: Limits, summary, bar) -> None:
+    """Pack ``items`` (in order) into batches within ``limits``, run each, commit through ``writer``.
+
+    ``writer`` needs ``commit_results`` and ``commit_status`` (the output
+    file's :class:`~pipelines.output.Writer`, or a collector on a Ray actor).
+    """
     batch: list[Item] = []
     atoms = degree = 0
     failed: list[tuple[int, str, str]] = []
@@ -314,7 +335,7 @@ def _evaluate(input_path, pending, settings, workers, runner, writer, limits: Li
         bar.update(len(failed), 0)
         failed = []
 
-    for item in _items(input_path, pending, settings, workers):
+    for item in items:
         if item.graph is None:
             failed.append((item.index, item.status, item.message))
             if len(failed) >= CHUNK:

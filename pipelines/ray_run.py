@@ -1,0 +1,223 @@
+"""``painn-batch run --ray``: the same pipeline on a Ray cluster, through Ray Data.
+
+The plan, stage by stage:
+
+1. **Source.** The pending structures (all, or what ``--resume`` left) in
+   chunks of :data:`pipelines.run.CHUNK` indices, one row each
+   (``ray.data.from_items``). The input reaches the workers *by its path*:
+   every node must see the HDF5 file at the same path (a shared file system,
+   or a copy at the same place). Only indices travel, never structures.
+2. **Graphs**, as CPU tasks (``map_batches``, one chunk per call): each opens
+   the input with the schema's reader and builds the chunk's graphs with the
+   local pipeline's code (:func:`pipelines.graphs.items_from`), or a status.
+3. **Inference** on an actor pool (``map_batches`` with
+   ``ActorPoolStrategy``): each actor opens the model once (one Runner, GPUs
+   if asked), packs what it receives into batches by the local batcher's
+   atom/edge budget and splits a batch that does not fit, exactly as the
+   local pipeline (:func:`pipelines.run._evaluate`).
+4. **Writing**, on the driver only: results stream back
+   (``iter_batches``) and go through the crash-safe writer of the local
+   pipeline, so the output, its statuses, fingerprints and ``--resume`` are
+   the same.
+
+Faults: Ray retries a failed graph task, restarts a dead actor and retries
+its batch (``max_retries``, ``max_restarts``, ``max_task_retries``). A
+structure that never comes back stays *pending* in the partial output: the
+run then fails with that count, and ``--resume`` (local or Ray) computes only
+those. A killed driver leaves its ``.partial.h5`` as the local pipeline
+does. Ray is optional (``pip install painn-export[ray]``) and imported only
+here.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+
+import numpy as np
+
+INSTALL_HINT = "--ray needs Ray Data: pip install 'painn-export[ray]'"
+RETRIES = 3
+
+
+class RayUnavailableError(ImportError):
+    """Ray is not installed; the message says what to install."""
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide to run: ``address`` is ``local`` (start Ray here),
+    ``auto`` (the cluster this machine belongs to) or a cluster address."""
+
+    address: str = "local"
+    actors: int = 1  # inference actors, one Runner each
+    gpus_per_actor: float = 0.0
+    cpus: int | None = None  # for a local Ray: CPUs it may use (default: all)
+    # Structures per actor call, packed there into model batches: larger packs
+    # better, smaller streams results back sooner and loses less to a dead node.
+    actor_batch: int = 512
+
+
+def import_ray():
+    try:
+        import ray
+        import ray.data
+    except ImportError as exc:
+        raise RayUnavailableError(INSTALL_HINT) from exc
+    return ray
+
+
+def connect(options: RayOptions) -> bool:
+    """Join or start Ray as ``options`` say; True when this call started it (and should stop it)."""
+    import logging
+
+    ray = import_ray()
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-run INFO lines are noise here
+    if ray.is_initialized():
+        return False
+    quiet = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    if options.address == "local":
+        ray.init(num_cpus=options.cpus, **quiet)
+    else:
+        ray.init(address=options.address, **quiet)
+    return True
+
+
+def _graph_rows(batch: dict, input_path: str, settings) -> dict:
+    """Ray task: the graphs (or statuses) of the chunks in ``batch``, one row per structure."""
+    from painn_export.schema import InputReader
+    from pipelines.graphs import for_float32_feed, items_from
+
+    rows = {"index": [], "status": [], "message": [], "graph": []}
+    with InputReader(input_path) as reader:
+        for chunk in batch["indices"]:
+            for item in items_from(reader, settings, np.frombuffer(chunk, dtype=np.int64)):
+                rows["index"].append(item.index)
+                rows["status"].append(item.status)
+                rows["message"].append(item.message)
+                graph = b"" if item.graph is None else pickle.dumps(for_float32_feed(item.graph))
+                rows["graph"].append(graph)
+    return {
+        "index": np.asarray(rows["index"], dtype=np.int64),
+        "status": np.asarray(rows["status"], dtype=object),
+        "message": np.asarray(rows["message"], dtype=object),
+        "graph": np.asarray(rows["graph"], dtype=object),
+    }
+
+
+class _Collector:
+    """What the local writer would receive, kept for the driver (same two calls)."""
+
+    def __init__(self) -> None:
+        self.results: list = []
+        self.statuses: list = []
+
+    def commit_results(self, rows) -> None:
+        self.results += rows
+
+    def commit_status(self, rows) -> None:
+        self.statuses += rows
+
+    def as_batch(self) -> dict:
+        rows = [(i, e, f, st, kind, "") for i, e, f, st, kind in self.results]
+        rows += [(i, np.nan, None, None, kind, message) for i, kind, message in self.statuses]
+        return {
+            "index": np.asarray([r[0] for r in rows], dtype=np.int64),
+            "energy": np.asarray([r[1] for r in rows], dtype=np.float64),
+            "forces": np.asarray([b"" if r[2] is None else pickle.dumps(r[2]) for r in rows], dtype=object),
+            "stress": np.asarray([b"" if r[3] is None else pickle.dumps(r[3]) for r in rows], dtype=object),
+            "status": np.asarray([r[4] for r in rows], dtype=object),
+            "message": np.asarray([r[5] for r in rows], dtype=object),
+        }
+
+
+class _Inference:
+    """Ray actor: one Runner, opened once; evaluates what it receives as the local pipeline would."""
+
+    job: tuple = ()  # (model_path, runtime, limits), set on the subclass made per run
+
+    def __init__(self) -> None:
+        from painn_export.runners import open_runner
+
+        model_path, runtime, self.limits = self.job
+        self.runner, _ = open_runner(model_path, runtime)
+        self.runner.activate()
+
+    def __call__(self, batch: dict) -> dict:
+        from pipelines.graphs import Item
+        from pipelines.progress import Progress
+        from pipelines.run import Summary, _evaluate
+
+        items = [
+            Item(int(i), pickle.loads(g) if len(g) else None, str(status), str(message))
+            for i, g, status, message in zip(
+                batch["index"], batch["graph"], batch["status"], batch["message"]
+            )
+        ]
+        sink = _Collector()
+        _evaluate(items, self.runner, sink, self.limits, Summary(), Progress(0, enabled=False))
+        return sink.as_batch()
+
+
+def evaluate_on_ray(job, pending: np.ndarray, options: RayOptions, writer, summary, bar) -> None:
+    """Run the graph and inference stages of ``pending`` on Ray; commit what comes back through ``writer``."""
+    from pipelines.run import CHUNK
+
+    input_path, model_path, runtime, settings, limits = job
+    ray = import_ray()
+    started = connect(options)
+    try:
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # painn-batch draws its own
+        chunks = [
+            {"indices": pending[lo : lo + CHUNK].astype(np.int64).tobytes()}
+            for lo in range(0, len(pending), CHUNK)
+        ]
+        if not chunks:
+            return
+        ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
+        ds = ds.map_batches(
+            _graph_rows,
+            fn_args=(input_path, settings),
+            batch_size=1,
+            batch_format="numpy",
+            num_cpus=1,
+            max_retries=RETRIES,
+        )
+        # The job rides on the class, not in constructor arguments: a restarted
+        # actor must not depend on objects in the store.
+        actor = type("Inference", (_Inference,), {"job": (model_path, runtime, limits)})
+        ds = ds.map_batches(
+            actor,
+            batch_size=options.actor_batch,
+            batch_format="numpy",
+            concurrency=max(1, options.actors),
+            num_cpus=1,
+            num_gpus=options.gpus_per_actor or None,
+            max_restarts=RETRIES,
+            max_task_retries=RETRIES,
+        )
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            _commit(batch, writer, summary, bar)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _commit(batch: dict, writer, summary, bar) -> None:
+    """Write one batch of results from the cluster through the crash-safe writer."""
+    results, failed, atoms = [], [], 0
+    for i, e, f, st, status, message in zip(
+        batch["index"], batch["energy"], batch["forces"], batch["stress"], batch["status"], batch["message"]
+    ):
+        if len(f):
+            forces = pickle.loads(f)
+            atoms += len(forces)
+            results.append((int(i), float(e), forces, pickle.loads(st) if len(st) else None, str(status)))
+        else:
+            failed.append((int(i), str(status), str(message)))
+    writer.commit_results(results)
+    writer.commit_status(failed)
+    summary.computed += len(results) + len(failed)
+    summary.atoms += atoms
+    bar.update(len(results) + len(failed), atoms)

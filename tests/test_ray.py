@@ -1,0 +1,134 @@
+"""painn-batch run --ray: the same output as the local pipeline, through Ray Data on this machine.
+
+Ray is a dev dependency, so these run in CI (2 CPUs). Each test starts and
+stops its own Ray.
+"""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from test_pipeline import CLI, _done, _many, _read, _structures
+
+from painn_export import save_model
+from painn_export.schema import write_input
+from pipelines.cli import main
+from pipelines.ray_run import RayOptions
+from pipelines.run import run_file
+
+from conftest import SMALL, make_model
+
+ray = pytest.importorskip("ray", reason="the ray extra (pip install 'painn-export[ray]')")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_model(make_model(SMALL, torch.float32), tmp_path_factory.mktemp("m") / "m.pt")
+
+
+@pytest.fixture
+def fresh_ray():
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _statuses(path):
+    with h5py.File(path) as fh:
+        return fh["status"][...], fh["energy"][...], fh["forces"][...]
+
+
+def test_ray_local_equals_the_local_pipeline(tmp_path, checkpoint, fresh_ray):
+    """Same statuses (bad inputs included), same energies and forces, same fingerprints."""
+    _, rows, expected_bad = _structures()
+    inp = write_input(tmp_path / "in.h5", rows)
+    local = run_file(inp, tmp_path / "local.h5", checkpoint, runtime="torch", workers=0, progress=False)
+    on_ray = run_file(
+        inp, tmp_path / "ray.h5", checkpoint, runtime="torch", progress=False, ray=RayOptions("local", cpus=2)
+    )
+    assert on_ray.counts == local.counts and on_ray.counts["ok"] == len(rows) - len(expected_bad)
+    s_local, e_local, f_local = _statuses(tmp_path / "local.h5")
+    s_ray, e_ray, f_ray = _statuses(tmp_path / "ray.h5")
+    np.testing.assert_array_equal(s_ray, s_local)
+    np.testing.assert_allclose(e_ray, e_local, rtol=1e-6, atol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(f_ray, f_local, rtol=1e-5, atol=1e-6, equal_nan=True)
+    with h5py.File(tmp_path / "local.h5") as a, h5py.File(tmp_path / "ray.h5") as b:
+        assert {k: v for k, v in a.attrs.items() if k.startswith("fingerprint")} == {
+            k: v for k, v in b.attrs.items() if k.startswith("fingerprint")
+        }
+
+
+def test_a_worker_node_removed_mid_run_loses_nothing(tmp_path, checkpoint, fresh_ray):
+    """Three nodes on this machine; one worker node is removed while a driver runs on them."""
+    from ray.cluster_utils import Cluster
+
+    inp = write_input(tmp_path / "in.h5", _many(3000, seed=3))
+    run_file(inp, tmp_path / "local.h5", checkpoint, runtime="torch", workers=0, progress=False)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    doomed = cluster.add_node(num_cpus=1)
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    out = tmp_path / "ray.h5"
+    cmd = ["run", str(inp), "--model", str(checkpoint), "--runtime", "torch", "-o", str(out), "-q"]
+    ray_args = ["--ray", cluster.address, "--ray-actors", "1", "--ray-batch", "32"]
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CLI, *cmd, *ray_args], stderr=subprocess.PIPE, text=True
+        )
+        partial = tmp_path / "ray.partial.h5"
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None and _done(partial) < 100:
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the run ended before the node could be removed: {proc.stderr.read()}"
+        cluster.remove_node(doomed)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        cluster.shutdown()
+    if proc.returncode != 0:  # nothing lost silently: the pending work is named, and --resume completes it
+        assert "did not come back" in err, err
+        result = CliRunner().invoke(main, [*cmd, "--workers", "0", "--resume"])
+        assert result.exit_code == 0, result.output
+    got, want = _read(out), _read(tmp_path / "local.h5")
+    np.testing.assert_array_equal(got["status"], want["status"])
+    np.testing.assert_allclose(got["energy"], want["energy"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got["forces"], want["forces"], rtol=1e-5, atol=1e-6)
+
+
+def test_sigkill_of_the_driver_then_resume_equals_an_uninterrupted_run(tmp_path, checkpoint):
+    inp = write_input(tmp_path / "in.h5", _many(400, seed=5))
+    run_file(inp, tmp_path / "local.h5", checkpoint, runtime="torch", workers=0, progress=False)
+    out = tmp_path / "ray.h5"
+    cmd = ["run", str(inp), "--model", str(checkpoint), "--runtime", "torch", "-o", str(out), "-q"]
+    proc = subprocess.Popen([sys.executable, "-c", CLI, *cmd, "--ray", "local"], stderr=subprocess.PIPE)
+    partial = tmp_path / "ray.partial.h5"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None and _done(partial) < 30:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        # The killed driver's local Ray (GCS, raylet, workers) is stopped here, as a user would.
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+    assert partial.exists() and not out.exists()
+    result = CliRunner().invoke(main, [*cmd, "--workers", "0", "--resume"])
+    assert result.exit_code == 0, result.output
+    got, want = _read(out), _read(tmp_path / "local.h5")
+    np.testing.assert_array_equal(got["status"], want["status"])
+    np.testing.assert_allclose(got["energy"], want["energy"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got["forces"], want["forces"], rtol=1e-5, atol=1e-6)
+
+
+def test_without_ray_the_option_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    inp = write_input(tmp_path / "in.h5", _many(2))
+    result = CliRunner().invoke(main, ["run", str(inp), "--ray", "local"])
+    assert result.exit_code == 2 and "pip install 'painn-export[ray]'" in result.output
