@@ -32,6 +32,7 @@ here.
 from __future__ import annotations
 
 import pickle
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,9 +145,9 @@ class _Inference:
         self.runner.activate()
 
     def __call__(self, batch: dict) -> dict:
+        from pipelines.batches import Summary, _evaluate
         from pipelines.graphs import Item
         from pipelines.progress import Progress
-        from pipelines.run import Summary, _evaluate
 
         items = [
             Item(int(i), pickle.loads(g) if len(g) else None, str(status), str(message))
@@ -161,9 +162,8 @@ class _Inference:
 
 def evaluate_on_ray(job, pending: np.ndarray, options: RayOptions, writer, summary, bar) -> None:
     """Run the graph and inference stages of ``pending`` on Ray; commit what comes back through ``writer``."""
-    from pipelines.run import CHUNK
+    from pipelines.batches import CHUNK
 
-    input_path, model_path, runtime, settings, limits = job
     ray = import_ray()
     started = connect(options)
     try:
@@ -175,6 +175,22 @@ def evaluate_on_ray(job, pending: np.ndarray, options: RayOptions, writer, summa
         ]
         if not chunks:
             return
+        ds = _plan(ray, chunks, job, options)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            _commit(batch, writer, summary, bar)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _plan(ray, chunks: list[dict], job, options: RayOptions):
+    """The Ray Data pipeline: index chunks -> graph tasks -> inference actors."""
+    input_path, model_path, runtime, settings, limits = job
+    # The job rides on the class, not in constructor arguments: a restarted
+    # actor must not depend on objects in the store.
+    actor = type("Inference", (_Inference,), {"job": (model_path, runtime, limits)})
+    with warnings.catch_warnings():  # retry arguments go through ray_remote_args (deprecated in Ray 2.60)
+        warnings.simplefilter("ignore", DeprecationWarning)
         ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
         ds = ds.map_batches(
             _graph_rows,
@@ -184,10 +200,7 @@ def evaluate_on_ray(job, pending: np.ndarray, options: RayOptions, writer, summa
             num_cpus=1,
             max_retries=RETRIES,
         )
-        # The job rides on the class, not in constructor arguments: a restarted
-        # actor must not depend on objects in the store.
-        actor = type("Inference", (_Inference,), {"job": (model_path, runtime, limits)})
-        ds = ds.map_batches(
+        return ds.map_batches(
             actor,
             batch_size=options.actor_batch,
             batch_format="numpy",
@@ -197,11 +210,6 @@ def evaluate_on_ray(job, pending: np.ndarray, options: RayOptions, writer, summa
             max_restarts=RETRIES,
             max_task_retries=RETRIES,
         )
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            _commit(batch, writer, summary, bar)
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def _commit(batch: dict, writer, summary, bar) -> None:

@@ -25,15 +25,13 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from painn_export.batch import collate, slot_count
-from painn_export.errors import BatchTooLargeError
 from painn_export.schema import InputReader, validate_input
-from pipelines.graphs import GraphSettings, Item, build_items, close_worker, init_worker, init_worker_process
+from pipelines.batches import CHUNK, Summary, _evaluate, _limits
+from pipelines.graphs import GraphSettings, build_items, close_worker, init_worker, init_worker_process
 from pipelines.output import (
     STATUS,
     SUCCESS,
@@ -50,8 +48,6 @@ from pipelines.progress import Progress
 
 __all__ = ["STATUS", "ResumeError", "RunInterruptedError", "Summary", "WorkerError", "run_file"]
 
-CHUNK = 128  # structures per neighbour-worker task
-
 
 class WorkerError(RuntimeError):
     """A neighbour-list worker process died or could not start."""
@@ -59,41 +55,6 @@ class WorkerError(RuntimeError):
 
 class RunInterruptedError(RuntimeError):
     """Ctrl-C: what was done is flushed to the partial file; ``--resume`` continues."""
-
-
-@dataclass
-class Summary:
-    output: str = ""
-    runtime: str = ""
-    n_structures: int = 0
-    computed: int = 0  # structures given a final status by this run
-    already_done: int = 0  # structures final before this run (--resume)
-    counts: dict[str, int] = field(default_factory=dict)
-    atoms: int = 0
-    seconds: float = 0.0
-    energy_mae_per_atom: float | None = None
-    forces_mae: float | None = None
-
-    def as_dict(self) -> dict:
-        """The summary as JSON-ready values (a quantity that is not finite is None)."""
-        report = {
-            "output": self.output,
-            "runtime": self.runtime,
-            "n_structures": self.n_structures,
-            "computed": self.computed,
-            "already_done": self.already_done,
-            "status_counts": self.counts,
-            "seconds": round(self.seconds, 3),
-            "structures_per_s": round(self.computed / self.seconds, 2) if self.seconds else None,
-            "atoms_per_s": round(self.atoms / self.seconds, 1) if self.seconds else None,
-            "energy_mae_eV_per_atom": self.energy_mae_per_atom,
-            "forces_mae_eV_per_A": self.forces_mae,
-        }
-        return {k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in report.items()}
-
-    @property
-    def all_ok(self) -> bool:
-        return sum(n for k, n in self.counts.items() if k in SUCCESS) == self.n_structures
 
 
 def run_file(
@@ -250,30 +211,6 @@ def _run_locked(
     return summary
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What one batch may hold."""
-
-    atoms: int
-    edge_slots: float  # atoms x slots per atom (the padded edges the model evaluates)
-    systems: float
-    slots: float  # slots per atom
-
-
-def _limits(runner, max_atoms: int, max_edges: int | None) -> Limits:
-    """Batch limits: the user's, within a TensorRT engine's largest profile."""
-    limits = Limits(max_atoms, float(max_edges or np.inf), np.inf, np.inf)
-    profiles = getattr(runner, "profiles", None) or []
-    if profiles:
-        limits = Limits(
-            min(max_atoms, max(p.atoms[2] for p in profiles)),
-            limits.edge_slots,
-            max(p.systems[2] for p in profiles),
-            max(p.slots[2] for p in profiles),
-        )
-    return limits
-
-
 def _chunks(pending: np.ndarray):
     """Runs of pending structure indices, at most CHUNK each."""
     for lo in range(0, len(pending), CHUNK):
@@ -316,84 +253,6 @@ def _items(input_path: str, pending: np.ndarray, settings: GraphSettings, worker
         # Without waiting: the workers exit in the background while the last
         # batch runs (they are joined at interpreter exit at the latest).
         pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _evaluate(items, runner, writer, limits: Limits, summary, bar) -> None:
-    """Pack ``items`` (in order) into batches within ``limits``, run each, commit through ``writer``.
-
-    ``writer`` needs ``commit_results`` and ``commit_status`` (the output
-    file's :class:`~pipelines.output.Writer`, or a collector on a Ray actor).
-    """
-    batch: list[Item] = []
-    atoms = degree = 0
-    failed: list[tuple[int, str, str]] = []
-
-    def flush_failed():
-        nonlocal failed
-        writer.commit_status(failed)
-        summary.computed += len(failed)
-        bar.update(len(failed), 0)
-        failed = []
-
-    for item in items:
-        if item.graph is None:
-            failed.append((item.index, item.status, item.message))
-            if len(failed) >= CHUNK:
-                flush_failed()
-            continue
-        g = item.graph
-        grown_atoms, grown_degree = atoms + g.n_atoms, max(degree, g.max_degree)
-        if batch and (
-            grown_atoms > limits.atoms
-            or grown_atoms * slot_count(grown_degree) > limits.edge_slots
-            or slot_count(grown_degree) > limits.slots
-            or len(batch) >= limits.systems
-        ):
-            _run_batch(runner, batch, writer, summary, bar)
-            batch, grown_atoms, grown_degree = [], g.n_atoms, g.max_degree
-        batch.append(item)
-        atoms, degree = grown_atoms, grown_degree
-    if batch:
-        _run_batch(runner, batch, writer, summary, bar)
-    flush_failed()
-
-
-def _run_batch(runner, batch: list[Item], writer: Writer, summary: Summary, bar: Progress) -> None:
-    """Evaluate ``batch`` and commit it; split it in halves when it does not fit the runtime.
-
-    Only a batch that is too large (memory, an engine profile) is split; any
-    other failure ends the run with its message, work so far kept.
-    """
-    try:
-        out = runner.infer(collate([it.graph for it in batch], np.float32))
-    except BatchTooLargeError as exc:
-        if len(batch) == 1:
-            message = f"failed alone in a batch: {str(exc).splitlines()[0][:120]}"
-            writer.commit_status([(batch[0].index, "too_large", message)])
-            summary.computed += 1
-            bar.update(1, 0)
-            return
-        half = len(batch) // 2
-        _run_batch(runner, batch[:half], writer, summary, bar)
-        _run_batch(runner, batch[half:], writer, summary, bar)
-        return
-    rows, bad = [], []
-    atom = 0
-    for k, it in enumerate(batch):
-        n = it.graph.n_atoms
-        e, f = float(out["energy"][k]), out["forces"][atom : atom + n]
-        atom += n
-        stress = out["stress"][k] if "stress" in out else None
-        if not (np.isfinite(e) and np.isfinite(f).all()):
-            bad.append((it.index, "nonfinite_output", "model output is not finite"))
-            continue
-        kind = "ok" if stress is None or np.isfinite(stress).all() else "ok_no_stress"
-        rows.append((it.index, e, f, stress, kind))
-        summary.atoms += n
-    writer.commit_results(rows)
-    writer.commit_status(bad)
-    summary.computed += len(batch)
-    bar.update(len(batch), sum(it.graph.n_atoms for it in batch))
 
 
 def _add_mae(summary: Summary, input_path, writer: Writer, block: int = 4096) -> None:

@@ -83,7 +83,10 @@ def model_only(path: Path, model: str | None, runtime: str, max_atoms: int, repe
     return statistics.median(times)
 
 
-def end_to_end(path: Path, model, runtime: str, max_atoms: int, workers: int, repeats: int) -> float:
+def end_to_end(
+    path: Path, model, runtime: str, max_atoms: int, workers: int, repeats: int, ray=None
+) -> float:
+    """Median wall seconds of ``run_file`` (local, or on Ray with ``ray`` options; Ray start-up included)."""
     from pipelines.run import run_file
 
     times = []
@@ -91,12 +94,50 @@ def end_to_end(path: Path, model, runtime: str, max_atoms: int, workers: int, re
         out = path.with_name(f"{path.stem}.out{k}.h5")
         t = time.perf_counter()
         summary = run_file(
-            path, out, model, runtime=runtime, max_atoms=max_atoms, workers=workers, progress=False
+            path, out, model, runtime=runtime, max_atoms=max_atoms, workers=workers, progress=False, ray=ray
         )
         times.append(time.perf_counter() - t)
         assert summary.all_ok, summary.as_dict()
         out.unlink()
     return statistics.median(times)
+
+
+def driver_commit_rate(
+    tmp: Path, atoms: int = 60, batch: int = 512, batches: int = 40
+) -> tuple[float, float]:
+    """Structures/s and MB/s the Ray driver writes: results of ``atoms``-atom structures, as they come back."""
+    import pickle
+
+    from pipelines.output import Fingerprint, Writer, create
+    from pipelines.progress import Progress
+    from pipelines.ray_run import _commit
+    from pipelines.run import Summary
+
+    n = batch * batches
+    offsets = np.arange(n + 1, dtype=np.int64) * atoms
+    path = tmp / "commit.h5"
+    create(path, Fingerprint("x", n, int(offsets[-1]), "m", "r", "float32", False, "0"))
+    writer, summary, bar = Writer(path, offsets), Summary(n_structures=n), Progress(n, enabled=False)
+    rng = np.random.default_rng(0)
+    blocks = [
+        {
+            "index": np.arange(b * batch, (b + 1) * batch, dtype=np.int64),
+            "energy": rng.normal(size=batch),
+            "forces": np.array(
+                [pickle.dumps(rng.normal(size=(atoms, 3))) for _ in range(batch)], dtype=object
+            ),
+            "stress": np.array([b""] * batch, dtype=object),
+            "status": np.array(["ok"] * batch, dtype=object),
+            "message": np.array([""] * batch, dtype=object),
+        }
+        for b in range(batches)
+    ]
+    t = time.perf_counter()
+    for block in blocks:
+        _commit(block, writer, summary, bar)
+    seconds = time.perf_counter() - t
+    writer.close()
+    return n / seconds, n * atoms * 3 * 8 / seconds / 1e6
 
 
 def peak_rss_mib(path: Path, model, runtime: str, workers: int) -> float:
@@ -142,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--ray", action="store_true", help="also run the pipeline on a local Ray")
+    parser.add_argument("--ray-actors", type=int, default=1)
     args = parser.parse_args(argv)
 
     from pipelines.run import default_workers
@@ -174,6 +217,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  model only : {t_model:8.2f} s  {args.structures / t_model:8.1f} structures/s")
         print(f"  end to end : {t_e2e:8.2f} s  {args.structures / t_e2e:8.1f} structures/s")
         print(f"  efficiency : {t_model / t_e2e:8.2f}")
+        if args.ray:
+            from pipelines.ray_run import RayOptions
+
+            options = RayOptions("local", actors=args.ray_actors, cpus=os.cpu_count())
+            t_ray = end_to_end(
+                small, args.model, args.runtime, args.max_atoms, workers, args.repeats, options
+            )
+            rows.update({"ray_s": t_ray, "ray_structures_per_s": args.structures / t_ray})
+            print(
+                f"  ray local  : {t_ray:8.2f} s  {args.structures / t_ray:8.1f} structures/s "
+                f"({t_e2e / t_ray:.2f}x the local pipeline; {args.ray_actors} actor(s), Ray start included)"
+            )
+            rate, mbps = driver_commit_rate(Path(tmp))
+            rows.update({"driver_commit_structures_per_s": rate})
+            print(f"  driver     : commits {rate:8.0f} structures/s of 60 atoms ({mbps:.0f} MB/s of forces)")
         if args.memory_factor > 1:
             big = generate(Path(tmp) / "big.h5", args.structures * args.memory_factor, seed=1)
             rss_small = peak_rss_mib(small, args.model, args.runtime, workers)

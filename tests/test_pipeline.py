@@ -331,9 +331,9 @@ def _fake_runner(fail):
 
 def _split_setup(tmp_path):
     from painn_export.samples import _jittered_grid
+    from pipelines.batches import Summary
     from pipelines.graphs import GraphSettings, structure_item
     from pipelines.output import Fingerprint, Writer, create
-    from pipelines.run import Summary
 
     big = (np.ones(60, int), _jittered_grid(np.random.default_rng(0), 60) * 12, np.eye(3) * 12, [True] * 3)
     rows = [*_many(6), big]
@@ -351,8 +351,8 @@ def _split_setup(tmp_path):
 
 def test_batches_that_do_not_fit_are_split_down_to_one_structure(tmp_path):
     """Out of memory above 40 atoms, in a runtime's own exception type: a big one alone is too_large."""
+    from pipelines.batches import _run_batch
     from pipelines.progress import Progress
-    from pipelines.run import _run_batch
 
     def fail(feed):
         if len(feed["positions"]) > 40:
@@ -372,8 +372,8 @@ def test_batches_that_do_not_fit_are_split_down_to_one_structure(tmp_path):
 def test_other_runtime_errors_end_the_run_instead_of_splitting(tmp_path):
     """A failure a smaller batch would not fix is one error for the run, not 7 structures marked too_large."""
     from painn_export.errors import InferenceError
+    from pipelines.batches import _run_batch
     from pipelines.progress import Progress
-    from pipelines.run import _run_batch
 
     def fail(feed):
         raise _OrtFailError("Invalid Feed Input Name:neighbors")

@@ -1,0 +1,159 @@
+"""Packing structures into batches and evaluating them: the part the local and the Ray pipelines share.
+
+Items (a graph, or a status for a structure that has none) are packed in
+order up to the batch limits (atoms, padded edge slots, slots per atom,
+systems) and run; a batch the runtime cannot fit is split in halves down to
+one structure (``too_large``), any other failure ends the run. Results go to
+a *writer* with ``commit_results``/``commit_status``: the output file's
+:class:`~pipelines.output.Writer` locally, a collector on a Ray actor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from painn_export.batch import collate, slot_count
+from painn_export.errors import BatchTooLargeError
+from pipelines.graphs import Item
+from pipelines.output import SUCCESS
+
+CHUNK = 128  # structures per neighbour-graph task (a worker's, or a Ray task's)
+
+
+@dataclass
+class Summary:
+    output: str = ""
+    runtime: str = ""
+    n_structures: int = 0
+    computed: int = 0  # structures given a final status by this run
+    already_done: int = 0  # structures final before this run (--resume)
+    counts: dict[str, int] = field(default_factory=dict)
+    atoms: int = 0
+    seconds: float = 0.0
+    energy_mae_per_atom: float | None = None
+    forces_mae: float | None = None
+
+    def as_dict(self) -> dict:
+        """The summary as JSON-ready values (a quantity that is not finite is None)."""
+        report = {
+            "output": self.output,
+            "runtime": self.runtime,
+            "n_structures": self.n_structures,
+            "computed": self.computed,
+            "already_done": self.already_done,
+            "status_counts": self.counts,
+            "seconds": round(self.seconds, 3),
+            "structures_per_s": round(self.computed / self.seconds, 2) if self.seconds else None,
+            "atoms_per_s": round(self.atoms / self.seconds, 1) if self.seconds else None,
+            "energy_mae_eV_per_atom": self.energy_mae_per_atom,
+            "forces_mae_eV_per_A": self.forces_mae,
+        }
+        return {k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in report.items()}
+
+    @property
+    def all_ok(self) -> bool:
+        return sum(n for k, n in self.counts.items() if k in SUCCESS) == self.n_structures
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one batch may hold."""
+
+    atoms: int
+    edge_slots: float  # atoms x slots per atom (the padded edges the model evaluates)
+    systems: float
+    slots: float  # slots per atom
+
+
+def _limits(runner, max_atoms: int, max_edges: int | None) -> Limits:
+    """Batch limits: the user's, within a TensorRT engine's largest profile."""
+    limits = Limits(max_atoms, float(max_edges or np.inf), np.inf, np.inf)
+    profiles = getattr(runner, "profiles", None) or []
+    if profiles:
+        limits = Limits(
+            min(max_atoms, max(p.atoms[2] for p in profiles)),
+            limits.edge_slots,
+            max(p.systems[2] for p in profiles),
+            max(p.slots[2] for p in profiles),
+        )
+    return limits
+
+
+def _evaluate(items, runner, writer, limits: Limits, summary, bar) -> None:
+    """Pack ``items`` (in order) into batches within ``limits``, run each, commit through ``writer``.
+
+    ``writer`` needs ``commit_results`` and ``commit_status`` (the output
+    file's :class:`~pipelines.output.Writer`, or a collector on a Ray actor).
+    """
+    batch: list[Item] = []
+    atoms = degree = 0
+    failed: list[tuple[int, str, str]] = []
+
+    def flush_failed():
+        nonlocal failed
+        writer.commit_status(failed)
+        summary.computed += len(failed)
+        bar.update(len(failed), 0)
+        failed = []
+
+    for item in items:
+        if item.graph is None:
+            failed.append((item.index, item.status, item.message))
+            if len(failed) >= CHUNK:
+                flush_failed()
+            continue
+        g = item.graph
+        grown_atoms, grown_degree = atoms + g.n_atoms, max(degree, g.max_degree)
+        if batch and (
+            grown_atoms > limits.atoms
+            or grown_atoms * slot_count(grown_degree) > limits.edge_slots
+            or slot_count(grown_degree) > limits.slots
+            or len(batch) >= limits.systems
+        ):
+            _run_batch(runner, batch, writer, summary, bar)
+            batch, grown_atoms, grown_degree = [], g.n_atoms, g.max_degree
+        batch.append(item)
+        atoms, degree = grown_atoms, grown_degree
+    if batch:
+        _run_batch(runner, batch, writer, summary, bar)
+    flush_failed()
+
+
+def _run_batch(runner, batch: list[Item], writer, summary: Summary, bar) -> None:
+    """Evaluate ``batch`` and commit it; split it in halves when it does not fit the runtime.
+
+    Only a batch that is too large (memory, an engine profile) is split; any
+    other failure ends the run with its message, work so far kept.
+    """
+    try:
+        out = runner.infer(collate([it.graph for it in batch], np.float32))
+    except BatchTooLargeError as exc:
+        if len(batch) == 1:
+            message = f"failed alone in a batch: {str(exc).splitlines()[0][:120]}"
+            writer.commit_status([(batch[0].index, "too_large", message)])
+            summary.computed += 1
+            bar.update(1, 0)
+            return
+        half = len(batch) // 2
+        _run_batch(runner, batch[:half], writer, summary, bar)
+        _run_batch(runner, batch[half:], writer, summary, bar)
+        return
+    rows, bad = [], []
+    atom = 0
+    for k, it in enumerate(batch):
+        n = it.graph.n_atoms
+        e, f = float(out["energy"][k]), out["forces"][atom : atom + n]
+        atom += n
+        stress = out["stress"][k] if "stress" in out else None
+        if not (np.isfinite(e) and np.isfinite(f).all()):
+            bad.append((it.index, "nonfinite_output", "model output is not finite"))
+            continue
+        kind = "ok" if stress is None or np.isfinite(stress).all() else "ok_no_stress"
+        rows.append((it.index, e, f, stress, kind))
+        summary.atoms += n
+    writer.commit_results(rows)
+    writer.commit_status(bad)
+    summary.computed += len(batch)
+    bar.update(len(batch), sum(it.graph.n_atoms for it in batch))
