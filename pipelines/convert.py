@@ -102,8 +102,15 @@ def _atomic_numbers(group, path: Path, name: str) -> np.ndarray:
     if "atomic_numbers" in group:
         return np.asarray(group["atomic_numbers"][...], dtype=np.int64).reshape(-1)
     if "species" in group:
+        try:
+            from ase.data import atomic_numbers
+        except ImportError as exc:
+            raise ImportError("element symbols ('species') need ASE: pip install painn-export[ase]") from exc
         symbols = [s.decode() if isinstance(s, bytes) else str(s) for s in group["species"][...]]
-        return np.array([_Z[s] for s in symbols], dtype=np.int64)
+        unknown = sorted({s for s in symbols if s not in atomic_numbers or atomic_numbers[s] == 0})
+        if unknown:
+            raise ConvertError(f"{path}: group {name!r} has unknown element symbols {unknown}")
+        return np.array([atomic_numbers[s] for s in symbols], dtype=np.int64)
     raise ConvertError(f"{path}: group {name!r} has neither 'atomic_numbers' nor 'species'")
 
 
@@ -258,15 +265,3 @@ def export_extxyz(
                 count += 1
         tmp.replace(output)
     return count
-
-
-def _element_table() -> dict[str, int]:
-    symbols = (
-        "X H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As Se Br Kr "
-        "Rb Sr Y Zr Nb Mo Tc Ru Rh Pd Ag Cd In Sn Sb Te I Xe Cs Ba La Ce Pr Nd Pm Sm Eu Gd Tb Dy Ho Er Tm Yb "
-        "Lu Hf Ta W Re Os Ir Pt Au Hg Tl Pb Bi Po At Rn Fr Ra Ac Th Pa U Np Pu Am Cm Bk Cf Es Fm Md No Lr"
-    ).split()
-    return {s: z for z, s in enumerate(symbols)}
-
-
-_Z = _element_table()
