@@ -77,8 +77,8 @@ def connect(options: RayOptions) -> bool:
     if ray.is_initialized():
         return False
     quiet = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-    if options.address == "local":
-        ray.init(num_cpus=options.cpus, **quiet)
+    if options.address == "local":  # always a new Ray of its own, never another one on this machine
+        ray.init(address="local", num_cpus=options.cpus, **quiet)
     else:
         ray.init(address=options.address, **quiet)
     return True
