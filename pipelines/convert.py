@@ -197,13 +197,22 @@ def convert(
     count = 0
     with SchemaWriter(output) as writer:
         block: list[Record] = []
-        for record in reader(source, energy_key, forces_key):
-            block.append(record)
-            if len(block) >= chunk:
-                writer.append(block)
-                count += len(block)
-                block = []
-        writer.append(block)
+        try:
+            for record in reader(source, energy_key, forces_key):
+                block.append(record)
+                if len(block) >= chunk:
+                    writer.append(block)
+                    count += len(block)
+                    block = []
+            writer.append(block)
+        except (ValueError, TypeError, KeyError, IndexError, AssertionError) as exc:
+            if isinstance(exc, ConvertError):
+                raise
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise ConvertError(
+                f"{source}: not readable as {fmt} near structure {count + len(block)} "
+                f"({type(exc).__name__}: {first}); check the file, or pass --format"
+            ) from exc
         count += len(block)
         writer.attrs["source"] = str(source)
         writer.attrs["source_format"] = fmt

@@ -52,3 +52,24 @@ def test_export_cli(files, monkeypatch):
     _one_line_error(export_main, ["onnx", "--checkpoint", ckpt, "-o", tmp / "afile" / "m.onnx"])
     monkeypatch.setenv("PAINN_EXPORT_CACHE", str(tmp / "afile" / "cache"))
     _one_line_error(batch_main, ["run", inp, "--model", ckpt, "-o", tmp / "o2.h5"], "afile")
+
+
+def test_convert_of_damaged_files_names_the_file(tmp_path):
+    import ase.io
+    import h5py
+    import numpy as np
+    from ase.build import bulk
+
+    ase.io.write(str(tmp_path / "ok.extxyz"), [bulk("Cu", cubic=True)] * 2)
+    text = (tmp_path / "ok.extxyz").read_text()
+    (tmp_path / "garbage.extxyz").write_text(text.replace("Cu ", "Cu abc ", 1))
+    with h5py.File(tmp_path / "spice.h5", "w") as fh:  # 2 conformations, gradients of another shape
+        group = fh.create_group("mol")
+        group["atomic_numbers"] = np.array([1, 8, 1])
+        group["conformations"] = np.zeros((2, 3, 3))
+        group["dft_total_energy"] = np.zeros(2)
+        group["dft_total_gradient"] = np.zeros((2, 2, 3))
+    for name, fmt in (("garbage.extxyz", "auto"), ("spice.h5", "spice")):
+        out = tmp_path / f"{name}.out.h5"
+        _one_line_error(batch_main, ["convert", tmp_path / name, "--format", fmt, "-o", out], name)
+        assert not out.exists()
