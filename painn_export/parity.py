@@ -107,7 +107,10 @@ def run_parity(model: PaiNN, runners: list[tuple[Runner, str]], samples, repeats
                         tolerance("repeat", "any", quantity),
                     )
                 )
-        rows += [ParityRow(runner.name, precision, c, worst(c.quantity, c.worst_index)) for c in comparisons]
+        rows += [
+            ParityRow(runner.name, precision, c, worst(c.quantity, c.worst_index if c.max_abs > 0 else -1))
+            for c in comparisons
+        ]
     return rows
 
 
