@@ -387,3 +387,40 @@ def test_graph_without_a_writable_numba_cache(tmp_path, rng):
     edges = zip(g.edge_index[0].tolist(), g.edge_index[1].tolist(), g.cell_shift.tolist())
     expected = sorted(map(str, edges))
     assert json.loads(out.stdout) == expected
+
+
+def test_slot_layout_and_reverse_edges(rng):
+    """Each edge in exactly one slot of its receiver; reverse slots pair (j->i, S) with (i->j, -S)."""
+    from painn_export.batch import AsymmetricGraphError, Graph, collate, reverse_edges
+
+    graphs = [s.graph(5.0, 20) for s in all_kinds(rng)]
+    feed = collate(graphs, np.float64)
+    n_atoms, K = feed["neighbors"].shape
+    real = feed["neighbor_mask"].reshape(-1) > 0
+    assert real.sum() == feed["edge_index"].shape[1]
+    rev = feed["neighbor_reverse"].reshape(-1)
+    assert np.array_equal(rev[rev], np.arange(n_atoms * K))  # an involution
+    senders = feed["neighbors"].reshape(-1)
+    centres = np.repeat(np.arange(n_atoms), K)
+    shifts = feed["neighbor_shift"].reshape(-1, 3)
+    assert np.array_equal(senders[rev][real], centres[real]) and np.array_equal(
+        centres[rev][real], senders[real]
+    )
+    np.testing.assert_array_equal(shifts[rev][real], -shifts[real])
+    pairs = feed["pair_slots"][:-1]  # the last one is the dummy pair of the padding
+    assert np.array_equal(rev[pairs[:, 0]], pairs[:, 1])
+    assert np.array_equal(feed["slot_pair"].reshape(-1)[pairs[:, 0]], np.arange(len(pairs)))
+
+    g = graphs[0]
+    order = rng.permutation(g.n_edges)  # not neighbor_graph's order: the general matching
+    shuffled = reverse_edges(g.edge_index[:, order], g.cell_shift[order])
+    assert np.array_equal(order[shuffled], g.edge_reverse[order])
+    one_sided = slice(0, g.n_edges // 2)
+    with pytest.raises(AsymmetricGraphError, match="has no reverse"):
+        Graph(
+            g.atomic_numbers,
+            g.positions,
+            g.edge_index[:, one_sided],
+            g.cell_shift[one_sided],
+            g.edge_shift[one_sided],
+        )
