@@ -131,7 +131,7 @@ def _run_batch(runner, batch: list[Item], writer, summary: Summary, bar) -> None
         out = runner.infer(collate([it.graph for it in batch], np.float32))
     except BatchTooLargeError as exc:
         if len(batch) == 1:
-            message = f"failed alone in a batch: {str(exc).splitlines()[0][:120]}"
+            message = f"failed alone in a batch: {str(exc).splitlines()[0][:130]}"
             writer.commit_status([(batch[0].index, "too_large", message)])
             summary.computed += 1
             bar.update(1, 0)

@@ -474,3 +474,54 @@ def test_neighbour_workers_import_no_torch(tmp_path):
 
     assert sorted(painn_export.__all__) == sorted(["__version__", *painn_export._LAZY])
     assert painn_export.PaiNN.__module__ == "painn_export.model"
+
+
+CAPPED_RUN = """
+import json, sys
+import onnxruntime as ort
+
+# ONNX Runtime's CPU arena capped at 64 MB for this process: a real out-of-memory in its own words.
+info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+ort.create_and_register_allocator(info, ort.OrtArenaCfg(64 << 20, 1, -1, -1))
+Plain = ort.SessionOptions
+
+
+class Capped(Plain):
+    def __init__(self):
+        super().__init__()
+        self.add_session_config_entry("session.use_env_allocators", "1")
+
+
+ort.SessionOptions = Capped
+from pipelines.run import run_file
+
+summary = run_file(sys.argv[1], sys.argv[2], sys.argv[3], workers=0, progress=False)
+print(json.dumps(summary.counts))
+"""
+
+
+def test_a_structure_too_large_for_onnxruntimes_memory_is_too_large_not_fatal(tmp_path):
+    """ONNX Runtime out of memory (its arena capped): the big structure alone is too_large, the rest ok."""
+    from painn_export.samples import bulk
+
+    model = make_model(SMALL, torch.float32)
+    onnx_path = export_onnx(model, tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    rows = [
+        *_many(6),
+        *[(s.atomic_numbers, s.positions, s.cell, s.pbc) for s in [bulk(rng, 3000, np.arange(1, 30))]],
+    ]
+    inp = write_input(tmp_path / "in.h5", rows)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", CAPPED_RUN, str(inp), str(tmp_path / "out.h5"), str(onnx_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"ok": 6, "too_large": 1}
+    with h5py.File(tmp_path / "out.h5") as fh:
+        message = fh["message"][6]
+    assert b"out of memory" in message and b"smaller than requested bytes" in message, message
