@@ -45,23 +45,26 @@ NORM_EPS = 1.0e-8
 MIN_CELL_VOLUME = 1.0e-6
 
 
+def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``x[index]`` ``[*index.shape, ...]`` of ``x`` ``[rows, ...]``: one Gather, any index shape."""
+    return x.index_select(0, index.reshape(-1)).view(*index.shape, *x.shape[1:])
+
+
 class _GatherNeighbors(torch.autograd.Function):
     """``x[neighbors]`` whose backward is a gather through the reverse edges and a slot sum."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, neighbors: torch.Tensor, reverse: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(reverse)
-        n, k = neighbors.shape
-        return x.index_select(0, neighbors.reshape(-1)).view(n, k, *x.shape[1:])
+        return _take(x, neighbors)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (reverse,) = ctx.saved_tensors
-        n, k = reverse.shape
-        flat = grad.reshape(n * k, *grad.shape[2:])  # [n_atoms * n_slots, ...]
+        flat = grad.reshape(-1, *grad.shape[2:])  # [n_atoms * n_slots, ...]
         # Row j, slot k' holds edge i -> j; its reverse j -> i is the slot that
         # read x_j. Padding slots point at themselves, whose gradient is zero.
-        return flat.index_select(0, reverse.reshape(-1)).view(n, k, *grad.shape[2:]).sum(dim=1), None, None
+        return _take(flat, reverse).sum(dim=1), None, None
 
 
 def gather_neighbors(
@@ -82,8 +85,7 @@ def gather_neighbors(
     themselves.
     """
     if reverse is None:
-        n, k = neighbors.shape
-        return x.index_select(0, neighbors.reshape(-1)).view(n, k, *x.shape[1:])
+        return _take(x, neighbors)
     return _GatherNeighbors.apply(x, neighbors, reverse)
 
 
@@ -111,8 +113,7 @@ class _PairsToSlots(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y: torch.Tensor, pair_slots: torch.Tensor, slot_pair: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(pair_slots)
-        n, k = slot_pair.shape
-        return y.index_select(0, slot_pair.reshape(-1)).view(n, k, *y.shape[1:])
+        return _take(y, slot_pair)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -142,8 +143,7 @@ def pairs_to_slots(
     """
     if grad:
         return _PairsToSlots.apply(y, pair_slots, slot_pair)
-    n, k = slot_pair.shape
-    return y.index_select(0, slot_pair.reshape(-1)).view(n, k, *y.shape[1:])
+    return _take(y, slot_pair)
 
 
 def system_matrix(system_index: torch.Tensor, n_systems: int, like: torch.Tensor) -> torch.Tensor:

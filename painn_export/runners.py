@@ -72,9 +72,7 @@ class Runner(ABC):
             out = self._infer(feed)
         except (BatchTooLargeError, InferenceError):
             raise
-        except (
-            Exception
-        ) as exc:  # each runtime has its own exception types (onnxruntime's are not RuntimeError)
+        except Exception as exc:  # runtimes have their own types; onnxruntime's are not RuntimeError
             raise classify_runtime_error(exc, self.name) from exc
         self.last_inference_s = time.perf_counter() - start
         return out
