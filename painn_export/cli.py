@@ -79,9 +79,10 @@ class GuardedGroup(click.Group):
         except Exception as exc:
             if os.environ.get("PAINN_DEBUG"):
                 raise
-            first = (str(exc).strip().splitlines() or [""])[0]
+            from painn_export.errors import one_line
+
             raise click.ClickException(
-                f"{type(exc).__name__}: {first} (set PAINN_DEBUG=1 to see where)"
+                f"{type(exc).__name__}: {one_line(exc)} (set PAINN_DEBUG=1 to see where)"
             ) from exc
 
 

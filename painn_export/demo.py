@@ -6,13 +6,16 @@ It is what ``painn-batch run`` and ``painn-export onnx`` use when no model is
 given, so that a fresh install has a real model to run and check.
 
 A checkpoint run on ONNX Runtime is exported once and cached under
-``$PAINN_EXPORT_CACHE`` (default ``~/.cache/painn-export``), keyed by the
-checkpoint's SHA-256 and the package version.
+``$PAINN_EXPORT_CACHE`` (default ``$XDG_CACHE_HOME/painn-export``, that is
+``~/.cache/painn-export``), keyed by the checkpoint's SHA-256 and the package
+version. Without a writable home (a container, a shared account) the default
+falls back to a per-user temporary folder, and says so once on stderr.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 DEMO_FILE = "demo.pt"
@@ -31,7 +34,76 @@ def demo_model_path() -> Path:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("PAINN_EXPORT_CACHE", Path.home() / ".cache" / "painn-export"))
+    """A folder this process can write ONNX exports to (created if needed).
+
+    ``$PAINN_EXPORT_CACHE`` when set (an unwritable one is an error: the user
+    chose it); else the user's cache folder; else, when that cannot be
+    written (read-only or missing home), ``painn-export-<uid>`` in the
+    temporary folder, said once on stderr. Raises PermissionError, naming the
+    folder and ``PAINN_EXPORT_CACHE``, when there is no folder to write.
+    """
+    chosen = os.environ.get("PAINN_EXPORT_CACHE")
+    if chosen:
+        reason = _unwritable(Path(chosen))
+        if reason:
+            raise PermissionError(
+                f"cannot write the cache folder PAINN_EXPORT_CACHE={chosen} ({reason}): "
+                "set PAINN_EXPORT_CACHE to a folder you can write"
+            )
+        return Path(chosen)
+    try:
+        default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "painn-export"
+    except RuntimeError:  # no HOME and no passwd entry (a container's random user)
+        default, reason = Path("~/.cache/painn-export"), "no home folder"
+    else:
+        reason = _unwritable(default)
+        if reason is None:
+            return default
+    import tempfile
+
+    fallback = Path(tempfile.gettempdir()) / f"painn-export-{os.getuid()}"
+    problem = _unwritable(fallback, private=True)
+    if problem:
+        raise PermissionError(
+            f"cannot write the cache folder {default} ({reason}), nor {fallback} ({problem}): "
+            "set PAINN_EXPORT_CACHE to a folder you can write"
+        )
+    if fallback not in _told:
+        _told.add(fallback)
+        print(
+            f"painn-export: cannot write the cache folder {default} ({reason}); caching ONNX exports in "
+            f"{fallback} instead (set PAINN_EXPORT_CACHE to choose)",
+            file=sys.stderr,
+        )
+    return fallback
+
+
+_told: set[Path] = set()  # fallback folders already announced in this process
+
+
+def _unwritable(folder: Path, private: bool = False) -> str | None:
+    """Why files cannot be written in ``folder`` (made if needed), or None.
+
+    A real write, not permission bits (root, read-only mounts). ``private``:
+    the folder must be this user's own and closed to others (a shared
+    temporary folder, where someone else could have made it first).
+    """
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700 if private else 0o777)
+        if private:
+            import stat
+
+            st = os.lstat(folder)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+                return "not a folder of this user's own"
+            os.chmod(folder, 0o700)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def cached_onnx(model, source: str | Path) -> Path:

@@ -34,5 +34,60 @@ def classify_runtime_error(exc: BaseException, runtime: str) -> RuntimeError:
         start = max(lowered.rfind(" ", 0, max(0, min(hits) - 40)) + 1, 0) if hits else 0
         detail = message[start:].splitlines()[0][:90] if message else type(exc).__name__
         return BatchTooLargeError(f"{runtime}: out of memory ({detail})")
-    first = (message.splitlines() or [type(exc).__name__])[0][:300]
-    return InferenceError(f"{runtime}: {type(exc).__name__}: {first}")
+    return InferenceError(f"{runtime}: {type(exc).__name__}: {one_line(exc)}")
+
+
+# Where a message turns into a stack dump (C++ runtimes, Python tracebacks): nothing after it is for a user.
+_DUMP_MARKERS = ("Exception raised from ", "(most recent call first)", "Traceback (most recent call last)")
+# HDF5's report of a failed system call, inside its message: "..., errno = 28, error message = '...', ...".
+_HDF5_SYSCALL = ("error message = '", "filename = '", "name = '")
+
+
+def _quoted_after(text: str, key: str) -> str | None:
+    start = text.find(key)
+    if start < 0:
+        return None
+    start += len(key)
+    end = text.find("'", start)
+    return text[start:end] if end > 0 else None
+
+
+def os_reason(exc: BaseException) -> str:
+    """The operating system's words for a failed file operation ("No space left on device"), HDF5's too."""
+    text = " ".join(str(exc).split())
+    return _quoted_after(text, _HDF5_SYSCALL[0]) or getattr(exc, "strerror", None) or one_line(exc)
+
+
+def one_line(exc: BaseException | str, limit: int | None = 300) -> str:
+    """A runtime's, HDF5's or the OS's error message on one line, keeping its cause.
+
+    Lines are joined (HDF5 puts a newline inside its own messages, after a
+    timestamp), a stack dump is dropped, and a failed system call that HDF5
+    reports is reduced to what it did, the operating system's words and the
+    file: "Can't synchronously write data: No space left on device
+    (/data/out.partial.h5.creating)". A message longer than ``limit`` keeps
+    its whole first sentences, never part of one (``None``: the whole message,
+    for the project's own messages, whose advice comes last).
+    """
+    text = str(exc)
+    for marker in _DUMP_MARKERS:
+        text = text.split(marker, 1)[0]
+    text = " ".join(text.split())
+    if not text:
+        return type(exc).__name__ if isinstance(exc, BaseException) else ""
+    cause = _quoted_after(text, _HDF5_SYSCALL[0])
+    if cause:
+        head = text.split(" (", 1)[0]
+        if head.startswith("[Errno"):
+            head = head.split("] ", 1)[-1]
+        path = _quoted_after(text, _HDF5_SYSCALL[1]) or _quoted_after(text, _HDF5_SYSCALL[2])
+        text = f"{head}: {cause}" + (f" ({path})" if path else "")
+    if limit is None or len(text) <= limit:
+        return text
+    # Whole sentences up to the limit; a first sentence longer than that is kept whole up to twice it.
+    ends = [i + 1 for i, ch in enumerate(text[: 2 * limit]) if ch in ".;!?" and text[i + 1 : i + 2] == " "]
+    fits = [i for i in ends if i <= limit] or ends[:1]
+    if fits:
+        return text[: fits[-1]] + " [...]"
+    cut = text.rfind(" ", 0, limit)
+    return text[: cut if cut > 0 else limit] + " [...]"

@@ -2,7 +2,8 @@
 
 Exit codes: 0 every structure ok; 3 finished but some structures failed
 (see the output's ``status``); 1 fatal (unusable input, model or partial
-file); 2 usage; 130 interrupted (what was done is kept: rerun with --resume).
+file, a full disk); 2 usage; 128 + the signal when stopped by one: 130
+Ctrl-C, 143 SIGTERM, 129 SIGHUP (what was done is kept: rerun with --resume).
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 import click
 
 from painn_export.cli import GuardedGroup
+from painn_export.errors import one_line
 
 EXIT_SOME_FAILED = 3
-EXIT_INTERRUPTED = 130
 
 
 @click.group(cls=GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -117,7 +119,7 @@ def run_cmd(
         ray = RayOptions(ray_address, ray_actors, ray_gpus_per_actor, actor_batch=ray_batch)
     from painn_export.errors import InferenceError, RuntimeUnavailableError
     from painn_export.schema import SchemaError
-    from pipelines.output import ResumeError
+    from pipelines.output import ResumeError, partial_path
     from pipelines.run import RunInterruptedError, WorkerError, default_workers, run_file
 
     level = logging.ERROR if quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
@@ -139,7 +141,7 @@ def run_cmd(
         )
     except RunInterruptedError as exc:
         click.echo(f"painn-batch: {exc}", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        sys.exit(exc.exit_code)
     except (
         SchemaError,
         ResumeError,
@@ -148,10 +150,11 @@ def run_cmd(
         ImportError,
         RuntimeUnavailableError,
     ) as exc:
-        raise click.ClickException(str(exc)) from exc
-    except (InferenceError, WorkerError) as exc:
-        kept = "; what was computed is kept: fix the cause, then rerun with --resume"
-        raise click.ClickException(f"{exc}{kept}") from exc
+        raise click.ClickException(one_line(exc, limit=None)) from exc
+    except (InferenceError, WorkerError, OSError) as exc:  # OSError: a full disk, a file system gone
+        partial = partial_path(Path(output))
+        kept = f"; what was computed is kept in {partial}: fix the cause, then rerun with --resume"
+        raise click.ClickException(one_line(exc) + (kept if partial.exists() else "")) from exc
     report = summary.as_dict()
     if as_json:
         click.echo(json.dumps(report, allow_nan=False))
@@ -185,7 +188,7 @@ def convert_cmd(source, output, fmt, energy_key, forces_key):
     try:
         n = convert(source, output, fmt=fmt, energy_key=energy_key, forces_key=forces_key)
     except (ConvertError, ImportError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.ClickException(one_line(exc)) from exc
     click.echo(f"wrote {output}: {n} structures", err=True)
 
 
@@ -201,5 +204,5 @@ def export_cmd(result, input_path, output, prefix):
     try:
         n = export_extxyz(result, input_path, output, prefix)
     except (ConvertError, ImportError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.ClickException(one_line(exc)) from exc
     click.echo(f"wrote {output}: {n} structures", err=True)

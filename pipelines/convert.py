@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from painn_export.errors import one_line
+
 HARTREE_EV = 27.211386245988  # eV per hartree (CODATA 2018)
 BOHR_ANGSTROM = 0.529177210903  # Å per bohr (CODATA 2018)
 
@@ -98,20 +100,68 @@ def read_ase(
         yield (atoms.numbers, atoms.positions, np.asarray(atoms.cell[:]), atoms.pbc, energy, forces, f"{k}")
 
 
+def _dataset(path: Path, group, name: str, key: str, shape: tuple | None = None) -> np.ndarray:
+    """``group[key]`` read whole, of ``shape`` (None: any length on that axis); errors name both."""
+    where = f"{path}: group {name!r}, dataset {key!r}"
+    if key not in group:
+        raise ConvertError(f"{path}: group {name!r} has no dataset {key!r}")
+    try:
+        data = group[key][...]
+    except (OSError, TypeError, ValueError) as exc:
+        raise ConvertError(f"{where}: unreadable ({one_line(exc)})") from exc
+    if shape is not None and (
+        data.ndim != len(shape) or any(want not in (None, got) for want, got in zip(shape, data.shape))
+    ):
+        expected = ", ".join("C" if want is None else str(want) for want in shape)
+        raise ConvertError(
+            f"{where} is {list(data.shape)}, expected [{expected}] (conformations, atoms, xyz)"
+        )
+    return data
+
+
 def _atomic_numbers(group, path: Path, name: str) -> np.ndarray:
     if "atomic_numbers" in group:
-        return np.asarray(group["atomic_numbers"][...], dtype=np.int64).reshape(-1)
+        return np.asarray(_dataset(path, group, name, "atomic_numbers"), dtype=np.int64).reshape(-1)
     if "species" in group:
         try:
             from ase.data import atomic_numbers
         except ImportError as exc:
             raise ImportError("element symbols ('species') need ASE: pip install painn-export[ase]") from exc
-        symbols = [s.decode() if isinstance(s, bytes) else str(s) for s in group["species"][...]]
+        species = _dataset(path, group, name, "species")
+        symbols = [s.decode() if isinstance(s, bytes) else str(s) for s in species.reshape(-1)]
         unknown = sorted({s for s in symbols if s not in atomic_numbers or atomic_numbers[s] == 0})
         if unknown:
-            raise ConvertError(f"{path}: group {name!r} has unknown element symbols {unknown}")
+            raise ConvertError(
+                f"{path}: group {name!r}, dataset 'species' has unknown element symbols {unknown}"
+            )
         return np.array([atomic_numbers[s] for s in symbols], dtype=np.int64)
     raise ConvertError(f"{path}: group {name!r} has neither 'atomic_numbers' nor 'species'")
+
+
+def _molecule_records(path: Path, g, name: str, keys: tuple, scales: tuple) -> Iterator[Record]:
+    """One non-periodic record per conformation of the molecule group ``g`` (Å, eV, eV/Å).
+
+    ``keys``: its coordinates, energy and forces datasets (None: absent);
+    ``scales``: the factors that bring them to Å, eV and eV/Å. Each dataset
+    is checked against the group's atoms and conformations, and an error
+    names the group and the dataset.
+    """
+    coords_key, energy_key, forces_key = keys
+    z = _atomic_numbers(g, path, name)
+    coords = _dataset(path, g, name, coords_key, (None, len(z), 3)) * scales[0]
+    n_conf = coords.shape[0]
+    energies = _dataset(path, g, name, energy_key, (n_conf,)) * scales[1] if energy_key else None
+    forces = _dataset(path, g, name, forces_key, (n_conf, len(z), 3)) * scales[2] if forces_key else None
+    for c in range(n_conf):
+        yield (
+            z,
+            coords[c].astype(np.float64),
+            np.zeros((3, 3)),
+            np.zeros(3, bool),
+            None if energies is None else float(energies[c]),
+            None if forces is None else forces[c].astype(np.float64),
+            f"{name}/{c}",
+        )
 
 
 def read_ani(path: Path, energy_key: str | None, forces_key: str | None) -> Iterator[Record]:
@@ -127,31 +177,13 @@ def read_ani(path: Path, energy_key: str | None, forces_key: str | None) -> Iter
         )
         for name in groups:
             g = fh[name]
-            z = _atomic_numbers(g, path, name)
-            coords = g["coordinates"][...]
-            if coords.ndim != 3 or coords.shape[1:] != (len(z), 3):
-                raise ConvertError(f"{path}: {name}/coordinates must be [C, {len(z)}, 3], got {coords.shape}")
+            if energy_key and energy_key not in g:
+                raise ConvertError(f"{path}: group {name!r} has no dataset {energy_key!r}")
             e_key = energy_key or next((k for k in ANI_ENERGY_KEYS if k in g), None)
             f_key = forces_key or next((k for k in ANI_FORCES_KEYS if k in g), None)
-            if energy_key and energy_key not in g:
-                raise ConvertError(f"{path}: group {name!r} has no {energy_key!r}")
-            energies = g[e_key][...] * HARTREE_EV if e_key else None
-            forces = g[f_key][...] * HARTREE_EV if f_key else None
-            yield from _molecule_records(name, z, coords, energies, forces)
-
-
-def _molecule_records(name: str, z, coords, energies, forces) -> Iterator[Record]:
-    """One non-periodic record per conformation ``c`` of ``coords`` ``[C, n, 3]`` (Å, eV, eV/Å)."""
-    for c in range(coords.shape[0]):
-        yield (
-            z,
-            coords[c].astype(np.float64),
-            np.zeros((3, 3)),
-            np.zeros(3, bool),
-            None if energies is None else float(energies[c]),
-            None if forces is None else forces[c].astype(np.float64),
-            f"{name}/{c}",
-        )
+            yield from _molecule_records(
+                path, g, name, ("coordinates", e_key, f_key), (1.0, HARTREE_EV, HARTREE_EV)
+            )
 
 
 def read_spice(path: Path, energy_key: str | None, forces_key: str | None) -> Iterator[Record]:
@@ -160,16 +192,14 @@ def read_spice(path: Path, energy_key: str | None, forces_key: str | None) -> It
 
     e_key = energy_key or SPICE_ENERGY_KEY
     g_key = forces_key or SPICE_GRADIENT_KEY
+    scales = (BOHR_ANGSTROM, HARTREE_EV, -HARTREE_EV / BOHR_ANGSTROM)
     with h5py.File(path, "r") as fh:
         for name in fh:
             g = fh[name]
             if not isinstance(g, h5py.Group) or "conformations" not in g:
                 continue
-            z = _atomic_numbers(g, path, name)
-            coords = g["conformations"][...] * BOHR_ANGSTROM
-            energies = g[e_key][...] * HARTREE_EV if e_key in g else None
-            forces = -g[g_key][...] * (HARTREE_EV / BOHR_ANGSTROM) if g_key in g else None
-            yield from _molecule_records(name, z, coords, energies, forces)
+            keys = ("conformations", e_key if e_key in g else None, g_key if g_key in g else None)
+            yield from _molecule_records(path, g, name, keys, scales)
 
 
 def convert(
@@ -226,7 +256,8 @@ def export_extxyz(
 
     The result must have been computed from ``input_path`` (its input
     fingerprint is checked). Frames are written one at a time, so memory does
-    not grow with the file.
+    not grow with the file, into ``OUTPUT.writing``, renamed when complete and
+    removed on any failure. The text is UTF-8 whatever the locale.
     """
     import h5py
 
@@ -236,7 +267,7 @@ def export_extxyz(
     except ImportError as exc:
         raise ImportError("painn-batch export needs ASE: pip install painn-export[ase]") from exc
     from painn_export.schema import InputReader, iter_structures
-    from pipelines.output import STATUS, input_sha256, refuse_same_file
+    from pipelines.output import STATUS, input_sha256, refuse_same_file, written_whole
 
     try:
         refuse_same_file(Path(output), result, input_path)
@@ -255,8 +286,7 @@ def export_extxyz(
                 "give the --input that painn-batch run read"
             )
         count = 0
-        tmp = Path(str(output) + ".writing")
-        with open(tmp, "w") as out:
+        with written_whole(Path(output), ".writing") as tmp, open(tmp, "w", encoding="utf-8") as out:
             for s, sample in enumerate(iter_structures(input_path)):
                 atoms = Atoms(
                     numbers=sample.atomic_numbers,
@@ -272,5 +302,4 @@ def export_extxyz(
                     atoms.info[f"{prefix}stress"] = res["stress"][s].reshape(-1)
                 ase.io.write(out, atoms, format="extxyz")
                 count += 1
-        tmp.replace(output)
     return count

@@ -27,6 +27,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -55,6 +57,39 @@ class ResumeError(ValueError):
     """A partial output that cannot be resumed for this run; the message says why."""
 
 
+class OutputWriteError(OSError):
+    """The output could not be written (disk full, file size limit, I/O error): names file and cause."""
+
+    def __init__(self, path: Path, exc: BaseException) -> None:
+        from painn_export.errors import os_reason
+
+        super().__init__(f"cannot write {path}: {os_reason(exc)}")
+
+
+@contextmanager
+def written_whole(path: Path, suffix: str) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write: renamed to ``path`` when the block ends well.
+
+    On any failure (a full disk, a stop signal) it is removed, so nothing but
+    a complete file ever has the final name and nothing is left beside it;
+    an OS error becomes an :class:`OutputWriteError` naming ``path``.
+    """
+    tmp = path.with_name(path.name + suffix)
+    try:
+        yield tmp
+        tmp.replace(path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, OutputWriteError):
+            raise OutputWriteError(path, exc) from exc
+        raise
+
+
+def partial_path(output: Path) -> Path:
+    """Where a run on ``output`` keeps its work until every structure has a final status."""
+    return output.with_name(output.name.removesuffix(".h5") + ".partial.h5")
+
+
 @dataclass(frozen=True)
 class Fingerprint:
     input_sha256: str
@@ -79,11 +114,20 @@ def input_sha256(path: str | Path) -> str:
 
 
 def create(path: Path, fp: Fingerprint, status_codes: dict[str, int] = STATUS) -> None:
-    """Write a new output file with every dataset allocated and filled (NaN, pending)."""
+    """Write a new output file with every dataset allocated and filled (NaN, pending).
+
+    Only a fully created file ever has the partial name (:func:`written_whole`).
+    HDF5 writes it through a Python file object: when the disk fills, HDF5's
+    own file driver fails to close the file and the process crashes
+    (h5py issue 914), where this one raises the system's error.
+    """
     import h5py
 
-    tmp = path.with_name(path.name + ".creating")
-    with h5py.File(tmp, "w") as fh:
+    with (
+        written_whole(path, ".creating") as tmp,
+        open(tmp, "w+b") as raw,
+        h5py.File(raw, "w") as fh,
+    ):
         shapes = {"energy": (fp.n_structures,), "forces": (fp.n_atoms, 3)}
         if fp.stress:
             shapes["stress"] = (fp.n_structures, 3, 3)
@@ -100,7 +144,6 @@ def create(path: Path, fp: Fingerprint, status_codes: dict[str, int] = STATUS) -
             fh["stress"].attrs["units"] = "eV/Angstrom^3"
         fh.attrs.update({f"fingerprint_{k}": v for k, v in asdict(fp).items()})
         fh.attrs["status_codes"] = json.dumps(status_codes)
-    tmp.replace(path)  # only a fully created file ever has the partial name
 
 
 def check_resumable(path: Path, fp: Fingerprint) -> None:
@@ -195,7 +238,7 @@ class OutputLock:
     A second run (or ``--resume``) on the same output is refused while the
     first holds it, instead of both writing one file. The lock is the kernel's
     (``flock``), so a killed run never leaves a stale one; the file itself
-    is removed when the run ends.
+    is removed when the run ends, or when taking the lock fails (a full disk).
     """
 
     def __init__(self, output: Path) -> None:
@@ -207,7 +250,10 @@ class OutputLock:
         import os
 
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise OutputWriteError(self.path, exc) from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -226,9 +272,15 @@ class OutputLock:
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
         self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        except BaseException as exc:
+            self.__exit__()
+            if isinstance(exc, OSError):
+                raise OutputWriteError(self.path, exc) from exc
+            raise
         return self
 
     def __exit__(self, *exc) -> None:

@@ -163,21 +163,24 @@ class _Inference:
 def evaluate_on_ray(job, pending: np.ndarray, options: RayOptions, writer, summary, bar) -> None:
     """Run the graph and inference stages of ``pending`` on Ray; commit what comes back through ``writer``."""
     from pipelines.batches import CHUNK
+    from pipelines.signals import stop_on_signals
 
     ray = import_ray()
     started = connect(options)
     try:
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False  # painn-batch draws its own
-        chunks = [
-            {"indices": pending[lo : lo + CHUNK].astype(np.int64).tobytes()}
-            for lo in range(0, len(pending), CHUNK)
-        ]
-        if not chunks:
-            return
-        ds = _plan(ray, chunks, job, options)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            _commit(batch, writer, summary, bar)
+        # A Ray started here sets its own SIGTERM handler (exit 1, without a word): the run's comes back.
+        with stop_on_signals():
+            context = ray.data.DataContext.get_current()
+            context.enable_progress_bars = False  # painn-batch draws its own
+            chunks = [
+                {"indices": pending[lo : lo + CHUNK].astype(np.int64).tobytes()}
+                for lo in range(0, len(pending), CHUNK)
+            ]
+            if not chunks:
+                return
+            ds = _plan(ray, chunks, job, options)
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                _commit(batch, writer, summary, bar)
     finally:
         if started:
             ray.shutdown()

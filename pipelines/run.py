@@ -17,12 +17,14 @@ Stages, each bounded so that memory does not grow with the file:
    (:mod:`pipelines.output`), renamed to ``OUT`` when nothing is pending.
 
 ``--resume`` reopens the partial file, checks its fingerprints and computes
-only what is still pending. Ctrl-C flushes what is done and exits 130.
+only what is still pending. Ctrl-C, SIGTERM and SIGHUP stop the run with
+what is done kept (:mod:`pipelines.signals`).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections import deque
 from pathlib import Path
@@ -42,9 +44,11 @@ from pipelines.output import (
     check_resumable,
     create,
     input_sha256,
+    partial_path,
     refuse_same_file,
 )
 from pipelines.progress import Progress
+from pipelines.signals import run_ignoring_stop_signals, signal_of, stop_on_signals
 
 __all__ = ["STATUS", "ResumeError", "RunInterruptedError", "Summary", "WorkerError", "run_file"]
 
@@ -54,7 +58,16 @@ class WorkerError(RuntimeError):
 
 
 class RunInterruptedError(RuntimeError):
-    """Ctrl-C: what was done is flushed to the partial file; ``--resume`` continues."""
+    """A stop signal (Ctrl-C, SIGTERM, SIGHUP): what was done is kept; ``--resume`` continues."""
+
+    def __init__(self, sig: signal.Signals, partial: Path) -> None:
+        if partial.exists():
+            what = f"what was computed is kept in {partial}: rerun with --resume to continue"
+        else:
+            what = "before any result was written: rerun the command to start"
+        super().__init__(f"stopped by {sig.name}; {what}")
+        self.signal = sig
+        self.exit_code = 128 + sig  # the shell's convention: 130 SIGINT, 129 SIGHUP, 143 SIGTERM
 
 
 def run_file(
@@ -88,25 +101,28 @@ def run_file(
         raise ValueError(
             f"cannot create the output folder {output_path.parent}: {exc.strerror or exc}"
         ) from exc
-    partial = output_path.with_name(output_path.name.removesuffix(".h5") + ".partial.h5")
+    partial = partial_path(output_path)
     refuse_same_file(output_path, input_path)
     refuse_same_file(partial, input_path)
-    with OutputLock(output_path):
-        if not resume and not overwrite:
-            _refuse_to_replace(output_path, partial)
-        summary = _run_locked(
-            input_path,
-            output_path,
-            partial,
-            info,
-            model_path,
-            runtime=runtime,
-            limits=(max_atoms, max_edges),
-            workers=workers,
-            resume=resume,
-            progress=progress,
-            ray=ray,
-        )
+    try:
+        with stop_on_signals(), OutputLock(output_path):
+            if not resume and not overwrite:
+                _refuse_to_replace(output_path, partial)
+            summary = _run_locked(
+                input_path,
+                output_path,
+                partial,
+                info,
+                model_path,
+                runtime=runtime,
+                limits=(max_atoms, max_edges),
+                workers=workers,
+                resume=resume,
+                progress=progress,
+                ray=ray,
+            )
+    except KeyboardInterrupt as exc:
+        raise RunInterruptedError(signal_of(exc), partial) from exc
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -188,10 +204,6 @@ def _run_locked(
 
                     job = (str(input_path), model_path, runtime, settings, limits)
                     evaluate_on_ray(job, pending, ray, writer, summary, bar)
-            except KeyboardInterrupt as exc:
-                raise RunInterruptedError(
-                    f"interrupted; rerun with --resume to continue from {partial}"
-                ) from exc
             finally:
                 bar.close()
             summary.counts = writer.status_counts()
@@ -234,7 +246,10 @@ def _items(input_path: str, pending: np.ndarray, settings: GraphSettings, worker
     # spawn: the workers never inherit the runtime's threads or open HDF5 handles.
     ctx = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=init_worker_process, initargs=(input_path, settings)
+        workers,
+        mp_context=ctx,
+        initializer=run_ignoring_stop_signals,
+        initargs=(init_worker_process, input_path, settings),
     )
     window: deque = deque()
     try:

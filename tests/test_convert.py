@@ -164,3 +164,31 @@ def test_run_then_export_to_extxyz(tmp_path):
         np.testing.assert_allclose(got, fh["forces"][...], rtol=0, atol=1e-8)
     assert [a.info["painn_status"] for a in back] == ["ok"] * 3
     np.testing.assert_allclose(back[0].positions, frames[0].positions, atol=1e-6)
+
+
+def test_hdf5_errors_name_the_group_the_dataset_and_the_shape(tmp_path):
+    """A user finds a molecule by its group and a dataset by its name, not by a structure number."""
+    spice, ani = tmp_path / "spice.h5", tmp_path / "ani.h5"
+    with h5py.File(spice, "w") as fh:
+        for name, n_atoms in (("ok-mol", 3), ("mol-7", 2)):  # the second's gradient has 3 atoms
+            g = fh.create_group(name)
+            g["atomic_numbers"] = np.ones(n_atoms, int)
+            g["conformations"] = np.zeros((2, n_atoms, 3))
+            g["dft_total_energy"] = np.zeros(2)
+            g["dft_total_gradient"] = np.zeros((2, 3, 3))
+    with h5py.File(ani, "w") as fh:
+        g = fh.create_group("data/H2O")
+        g["species"] = np.array([b"O", b"H", b"H"])
+        g["coordinates"] = np.zeros((2, 3, 3))
+        g["energies"] = np.zeros(1)  # one energy for two conformations
+    cases = (
+        (spice, ["group 'mol-7'", "dataset 'dft_total_gradient'", "[2, 3, 3]", "expected [2, 2, 3]"]),
+        (ani, ["group 'data/H2O'", "dataset 'energies'", "[1]", "expected [2]"]),
+    )
+    for source, words in cases:
+        out = tmp_path / "out.h5"
+        result = CliRunner().invoke(main, ["convert", str(source), "-o", str(out)])
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        for word in [source.name, *words]:
+            assert word in result.output, result.output
+        assert not out.exists() and not (tmp_path / "out.h5.writing").exists()
