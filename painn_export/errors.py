@@ -63,9 +63,9 @@ def one_line(exc: BaseException | str, limit: int | None = 300) -> str:
 
     Lines are joined (HDF5 puts a newline inside its own messages, after a
     timestamp), a stack dump is dropped, and a failed system call that HDF5
-    reports is reduced to what it did, the operating system's words and the
-    file: "Can't synchronously write data: No space left on device
-    (/data/out.partial.h5.creating)". A message longer than ``limit`` keeps
+    reports (its own OSError or RuntimeError) is reduced to what it did, the
+    operating system's words and the file: "Can't synchronously write data:
+    No space left on device (/data/out.partial.h5.creating)". A message longer than ``limit`` keeps
     its whole first sentences, never part of one (``None``: the whole message,
     for the project's own messages, whose advice comes last).
     """
@@ -75,7 +75,8 @@ def one_line(exc: BaseException | str, limit: int | None = 300) -> str:
     text = " ".join(text.split())
     if not text:
         return type(exc).__name__ if isinstance(exc, BaseException) else ""
-    cause = _quoted_after(text, _HDF5_SYSCALL[0])
+    # HDF5's own errors only (h5py raises OSError, RuntimeError), not a message of ours quoting one.
+    cause = _quoted_after(text, _HDF5_SYSCALL[0]) if isinstance(exc, (OSError, RuntimeError)) else None
     if cause:
         head = text.split(" (", 1)[0]
         if head.startswith("[Errno"):

@@ -156,7 +156,9 @@ def check_resumable(path: Path, fp: Fingerprint) -> None:
                 k.removeprefix("fingerprint_"): v for k, v in fh.attrs.items() if k.startswith("fingerprint_")
             }
     except OSError as exc:
-        raise ResumeError(f"{path}: unreadable ({exc}); delete it to start over") from exc
+        from painn_export.errors import one_line
+
+        raise ResumeError(f"{path}: unreadable ({one_line(exc)}); delete it to start over") from exc
     for key, value in asdict(fp).items():
         got = stored.get(key)
         got = got.item() if hasattr(got, "item") else got

@@ -215,5 +215,7 @@ def test_one_line_keeps_the_cause():
     assert one_line(torch_like) == (
         "The size of tensor a (3) must match the size of tensor b (4) at non-singleton dimension 1."
     )
+    ours = ValueError(f"out.partial.h5: unreadable ({hdf5}); delete it to start over")
+    assert one_line(ours, limit=None).endswith("delete it to start over")  # the advice stays
     long = "First sentence of the cause. " + "Then details. " * 40
     assert one_line(long, limit=60) == "First sentence of the cause. Then details. Then details. [...]"
