@@ -85,6 +85,25 @@ def written_whole(path: Path, suffix: str) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def output_folder(output: Path) -> Iterator[None]:
+    """Make the folders ``output`` lies in; those made here go again, empty, when the block fails."""
+    made = list(itertools.takewhile(lambda p: not p.exists(), [output.parent, *output.parent.parents]))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create the output folder {output.parent}: {exc.strerror or exc}") from exc
+    try:
+        yield
+    except BaseException:
+        for folder in made:  # the deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
 def partial_path(output: Path) -> Path:
     """Where a run on ``output`` keeps its work until every structure has a final status."""
     return output.with_name(output.name.removesuffix(".h5") + ".partial.h5")

@@ -44,6 +44,7 @@ from pipelines.output import (
     check_resumable,
     create,
     input_sha256,
+    output_folder,
     partial_path,
     refuse_same_file,
 )
@@ -95,17 +96,11 @@ def run_file(
     start = time.perf_counter()
     info = validate_input(input_path)
     output_path = Path(output_path)
-    try:
-        output_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(
-            f"cannot create the output folder {output_path.parent}: {exc.strerror or exc}"
-        ) from exc
     partial = partial_path(output_path)
-    refuse_same_file(output_path, input_path)
-    refuse_same_file(partial, input_path)
     try:
-        with stop_on_signals(), OutputLock(output_path):
+        with stop_on_signals(), output_folder(output_path), OutputLock(output_path):
+            refuse_same_file(output_path, input_path)
+            refuse_same_file(partial, input_path)
             if not resume and not overwrite:
                 _refuse_to_replace(output_path, partial)
             summary = _run_locked(

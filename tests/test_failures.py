@@ -120,12 +120,14 @@ def computed(tmp_path_factory, model):
 
 def test_a_full_disk_while_the_output_is_created_leaves_nothing(tmp_path, model, computed):
     inp, _ = computed
-    out = tmp_path / "out.h5"
+    out = tmp_path / "new" / "folders" / "out.h5"  # made by the run, and gone with it
     args = ["run", inp, "--model", model, "--runtime", "torch", "-o", out, "--workers", "0"]
     code, err = _finish(_batch(args, fsize=4096))  # the lock file fits, the output does not
     assert code == 1
     _one_line(err, "File too large", "out.partial.h5")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+    out = tmp_path / "out.h5"
+    args = ["run", inp, "--model", model, "--runtime", "torch", "-o", out, "--workers", "0"]
     code, err = _finish(_batch(args, fsize=0))  # not a byte: the lock file's pid does not fit either
     assert code == 1
     _one_line(err, "File too large", "out.h5.lock")
