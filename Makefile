@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean gpu-check
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,18 @@ lint: install
 
 test: lint
 	$(PY) -m pytest
+
+# On a machine with an NVIDIA GPU and its own PyTorch (2.11 or newer), no
+# registry: installs nothing but the wheels in $(WHEELS) (made elsewhere with
+# `pip download`, see the README's "GPU check"), into $(GPU_SITE), and never
+# touches torch. Writes out/gpu-check/gpu_check.{json,md}.
+WHEELS ?= .whl
+GPU_SITE ?= /tmp/painn-gpu-site
+GPU_CHECK_ARGS ?= --device cuda
+gpu-check:
+	@if ls $(WHEELS)/*.whl >/dev/null 2>&1; then \
+		$(PYTHON) -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) $(WHEELS)/*.whl; fi
+	PYTHONPATH=$(GPU_SITE):$(CURDIR) $(PYTHON) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) out

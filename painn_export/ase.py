@@ -41,8 +41,8 @@ class PaiNNCalculator(Calculator):
 
     @property
     def implemented_properties(self) -> list[str]:  # type: ignore[override]
-        self.runner.activate()  # the runner's outputs say whether it has stress
-        return ["energy", "free_energy", "forces"] + (["stress"] if self.runner.has_stress else [])
+        # From the file's facts: reading it starts no runtime.
+        return ["energy", "free_energy", "forces"] + (["stress"] if self.facts.stress else [])
 
     def close(self) -> None:
         """Release the runtime (session, engine, GPU memory); the next calculation starts it again."""
@@ -56,16 +56,29 @@ class PaiNNCalculator(Calculator):
 
     @classmethod
     def from_file(
-        cls, path: str | Path | None, runtime: str = "onnxruntime", *, skin: float = 0.5, **kwargs
+        cls,
+        path: str | Path | None,
+        runtime: str = "onnxruntime",
+        *,
+        device: str = "auto",
+        skin: float = 0.5,
+        **kwargs,
     ) -> PaiNNCalculator:
-        """A calculator for a checkpoint, ``.onnx`` file or ``.engine`` (None: the demo model)."""
-        runner, facts = open_runner(path, runtime)
+        """A calculator for a checkpoint, ``.onnx`` file or ``.engine`` (None: the demo model).
+
+        ``device``: ``auto`` (a GPU where the runtime can use one, else the
+        CPU), ``cpu``, ``cuda`` or ``cuda:N``; a GPU the runtime cannot give is
+        an error at the first calculation, never a silent CPU run.
+        """
+        runner, facts = open_runner(path, runtime, device)
         return cls(runner, facts, skin=skin, **kwargs)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
         z = self.atoms.get_atomic_numbers()
-        if z.size and (z.min() < 1 or z.max() > self.facts.num_elements):
+        if not z.size:
+            raise ValueError("these Atoms have no atoms: there is nothing to evaluate")
+        if z.min() < 1 or z.max() > self.facts.num_elements:
             raise ValueError(
                 f"atomic numbers outside 1..{self.facts.num_elements}: {sorted(set(z.tolist()))}"
             )

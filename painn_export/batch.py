@@ -12,10 +12,16 @@ Geometry conventions, written once:
 
 The model does not take the edge list: it takes the neighbour-major ("slot",
 ELL) layout of :mod:`painn_export.contract`, which :func:`collate` builds from
-each graph's edge list. Each edge ``e`` goes to slot ``edge_slot[e]`` of its
-receiver's row (its rank among the receiver's incoming edges, in edge
-order); ``edge_reverse[e]`` is the index of its reverse edge, which the
-gradient of a gather reads (:func:`painn_export.model.gather_neighbors`).
+each graph's edge list (its invariants: :mod:`painn_export.slots`). Each edge
+``e`` goes to slot ``edge_slot[e]`` of its receiver's row (its rank among the
+receiver's incoming edges, in edge order); ``edge_reverse[e]`` is the index
+of its reverse edge, which the gradient of a gather reads.
+
+A :class:`Graph` that a caller builds is checked where it is made: indices
+in range, shapes that agree, every edge's reverse present, and no edge from
+an atom to itself in the same image (zero length; the only edge that is its
+own reverse). Self-edges through a periodic image and repeated edges are
+valid and are evaluated as upstream would (each counts once per listing).
 """
 
 from __future__ import annotations
@@ -25,13 +31,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# The slot axis is padded to a multiple of this, so that a run sees few shapes
-# (ONNX Runtime's arena, TensorRT's profiles) at a cost of < SLOT_MULTIPLE
-# padded slots per atom.
-SLOT_MULTIPLE = 8
+from painn_export.contract import slot_count
 
 
-class AsymmetricGraphError(ValueError):
+class InvalidGraphError(ValueError):
+    """A graph the model cannot evaluate; the message names the first offending edge or array."""
+
+
+class AsymmetricGraphError(InvalidGraphError):
     """An edge list without the reverse ``(i, j, -S)`` of some edge ``(j, i, S)``."""
 
 
@@ -103,11 +110,40 @@ class Graph:
     min_distance: float = float("inf")
 
     def __post_init__(self) -> None:
+        self._check()
         # Derived once where the graph is built (a neighbour worker), never per batch.
         if self.edge_slot is None:
             object.__setattr__(self, "edge_slot", slots_within_receiver(self.edge_index[1], self.n_atoms))
         if self.edge_reverse is None:
             object.__setattr__(self, "edge_reverse", reverse_edges(self.edge_index, self.cell_shift))
+
+    def _check(self) -> None:
+        n, e = self.n_atoms, self.edge_index.shape[-1] if self.edge_index.ndim == 2 else -1
+        shapes = {
+            "atomic_numbers": (self.atomic_numbers.shape, (n,)),
+            "positions": (self.positions.shape, (n, 3)),
+            "edge_index": (self.edge_index.shape, (2, e)),
+            "cell_shift": (self.cell_shift.shape, (e, 3)),
+            "edge_shift": (self.edge_shift.shape, (e, 3)),
+        }
+        for name, (got, want) in shapes.items():
+            if got != want:
+                raise InvalidGraphError(f"Graph.{name} has shape {got}, expected {want}")
+        if n == 0:
+            raise InvalidGraphError("a graph with no atoms has nothing to evaluate")
+        if e and (self.edge_index.min() < 0 or self.edge_index.max() >= n):
+            bad = int(np.flatnonzero((self.edge_index < 0).any(0) | (self.edge_index >= n).any(0))[0])
+            raise InvalidGraphError(
+                f"edge {bad} (j={self.edge_index[0, bad]}, i={self.edge_index[1, bad]}) names an atom "
+                f"outside 0..{n - 1}"
+            )
+        loops = (self.edge_index[0] == self.edge_index[1]) & ~np.any(self.cell_shift, axis=1)
+        if loops.any():
+            bad = int(np.flatnonzero(loops)[0])
+            raise InvalidGraphError(
+                f"edge {bad} joins atom {self.edge_index[0, bad]} to itself in the same image (zero "
+                "length); a self-edge needs a non-zero cell_shift"
+            )
 
     @property
     def n_atoms(self) -> int:
@@ -122,15 +158,10 @@ class Graph:
         """Most incoming edges of any atom: the slots this graph needs."""
         return int(self.edge_slot.max()) + 1 if self.n_edges else 0
 
-    def distances(self, edges: slice = slice(None)) -> np.ndarray:
-        """Lengths of the edges ``edges`` (all by default), Å, in float64."""
-        j, i = self.edge_index[:, edges]
-        return np.linalg.norm(self.positions[j] + self.edge_shift[edges] - self.positions[i], axis=1)
-
-
-def slot_count(max_degree: int) -> int:
-    """Slots per atom for a batch whose busiest atom has ``max_degree`` edges."""
-    return max(SLOT_MULTIPLE, -(-max_degree // SLOT_MULTIPLE) * SLOT_MULTIPLE)
+    def distances(self) -> np.ndarray:
+        """Lengths of the edges, Å, in float64."""
+        j, i = self.edge_index
+        return np.linalg.norm(self.positions[j] + self.edge_shift - self.positions[i], axis=1)
 
 
 def collate(
@@ -139,16 +170,17 @@ def collate(
     n_slots: int | None = None,
     n_pairs: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Pack graphs into one feed keyed by the contract's input names.
+    """Pack graphs into one feed keyed by the contract's names (:func:`~painn_export.contract.feed_names`).
 
     The slot layout has ``n_slots`` slots per atom (default
-    :func:`slot_count` of the busiest atom, and at least one padding slot in
-    the batch). Padding slots point at the centre itself with a zero shift,
-    a zero mask, a reverse index to themselves, and a dummy pair. Each edge
-    and its reverse form a pair (``pair_slots``: its two flat slots;
-    ``slot_pair``: each slot's pair), whose radial filter the model computes
-    once; ``n_pairs`` (default: the edges' half plus the dummy) may add
-    more dummy pairs, which no slot reads. ``system_index`` numbers the graphs; floats are cast to
+    :func:`~painn_export.contract.slot_count` of the busiest atom). Padding
+    slots point at the centre itself with a zero shift, a zero mask, a
+    reverse index to themselves, and no pair (``slot_pair == n_pairs``).
+    Each edge and its reverse form a pair (``pair_slots``: its two flat
+    slots; ``slot_pair``: each slot's pair), whose radial filter the model
+    computes once; ``n_pairs`` (default: the edges' half, at least 1) may add
+    spare pairs, whose slots are "none" (``n_atoms * n_slots``) and which no
+    slot reads. ``system_index`` numbers the graphs; floats are cast to
     ``dtype``. The feed also holds ``cell`` ``[n_systems, 3, 3]`` (zeros for
     graphs without one) and the flat edge list (``edge_index``, atom indices
     offset by the atoms of earlier graphs, and ``edge_shift``) that the
@@ -157,36 +189,30 @@ def collate(
     cast): energies, forces and stress do not depend on it, and float32 edge
     vectors then keep their digits wherever the structure sits.
     """
+    if not len(graphs):
+        raise InvalidGraphError("no graphs to collate: a feed needs at least one structure")
     dtype = np.dtype(dtype)
     natoms = np.array([g.n_atoms for g in graphs], dtype=np.int64)  # [n_systems]
     nedges = np.array([g.n_edges for g in graphs], dtype=np.int64)
     n_atoms, n_edges = int(natoms.sum()), int(nedges.sum())
     atom_offset = np.concatenate([[0], np.cumsum(natoms)[:-1]]).astype(np.int64)
     edge_offset = np.concatenate([[0], np.cumsum(nedges)[:-1]]).astype(np.int64)
-    need = max((g.max_degree for g in graphs), default=0)
+    need = max(g.max_degree for g in graphs)
     K = slot_count(need) if n_slots is None else int(n_slots)
-    if K < need:
-        raise ValueError(f"n_slots={K} is fewer than the {need} edges of the busiest atom")
-    if n_slots is None and n_atoms and n_atoms * K == n_edges:
-        K += SLOT_MULTIPLE  # at least one padding slot: the dummy pair's (below)
-    if graphs:
-        edge_index = np.concatenate(
-            [g.edge_index.astype(np.int64) + off for g, off in zip(graphs, atom_offset)], axis=1
-        )  # [2, n_edges]
-        edge_slot = np.concatenate([g.edge_slot for g in graphs]).astype(np.int64)  # [n_edges]
-        reverse = np.concatenate(
-            [g.edge_reverse.astype(np.int64) + off for g, off in zip(graphs, edge_offset)]
-        )  # [n_edges]
-        # Each structure about its own centroid, in float64, before any cast:
-        # x_j + shift - x_i must not lose digits to where a structure sits.
-        positions = np.concatenate([g.positions - g.positions.mean(axis=0) for g in graphs])
-        edge_shift = np.concatenate([g.edge_shift for g in graphs]).reshape(-1, 3)
-        atomic_numbers = np.concatenate([g.atomic_numbers for g in graphs])
-    else:
-        edge_index = np.zeros((2, 0), dtype=np.int64)
-        edge_slot = reverse = np.zeros(0, dtype=np.int64)
-        positions = edge_shift = np.zeros((0, 3))
-        atomic_numbers = np.zeros(0, dtype=np.int64)
+    if K < max(need, 1):
+        raise ValueError(f"n_slots={K} is fewer than the {max(need, 1)} slots the busiest atom needs")
+    edge_index = np.concatenate(
+        [g.edge_index.astype(np.int64) + off for g, off in zip(graphs, atom_offset)], axis=1
+    )  # [2, n_edges]
+    edge_slot = np.concatenate([g.edge_slot for g in graphs]).astype(np.int64)  # [n_edges]
+    reverse = np.concatenate(
+        [g.edge_reverse.astype(np.int64) + off for g, off in zip(graphs, edge_offset)]
+    )  # [n_edges]
+    # Each structure about its own centroid, in float64, before any cast:
+    # x_j + shift - x_i must not lose digits to where a structure sits.
+    positions = np.concatenate([g.positions - g.positions.mean(axis=0) for g in graphs])
+    edge_shift = np.concatenate([g.edge_shift for g in graphs]).reshape(-1, 3)
+    atomic_numbers = np.concatenate([g.atomic_numbers for g in graphs])
     send, recv = edge_index
     flat = recv * K + edge_slot  # [n_edges] flat slot of each edge
 
@@ -200,22 +226,19 @@ def collate(
     neighbor_reverse[flat] = flat[reverse]
 
     # Pairs: an edge and its reverse have one length, so one filter W(|r_ij|).
-    # Each pair has its two slots; padding slots point at a dummy pair made of
-    # a padding slot (whose basis is all zeros: a zero filter).
-    first = np.flatnonzero(np.arange(n_edges) < reverse)  # [n_edges / 2] the pair's first edge
+    # Graph refuses self-loops, the only edges that are their own reverse.
+    first = np.flatnonzero(np.arange(n_edges) < reverse)  # [n_edges / 2] each pair's first edge
     real = len(first)
-    P = real + 1 if n_pairs is None else int(n_pairs)
-    if P < real + 1:
-        raise ValueError(f"n_pairs={P} is fewer than the {real} pairs plus one dummy")
-    padding = np.flatnonzero(mask == 0)
-    pad = int(padding[0]) if padding.size else 0
-    pair_slots = np.full((P, 2), pad, dtype=np.int64)  # [n_pairs, 2]
+    P = max(real, 1) if n_pairs is None else int(n_pairs)
+    if P < max(real, 1):
+        raise ValueError(f"n_pairs={P} is fewer than the {max(real, 1)} pairs the graphs need")
+    pair_slots = np.full((P, 2), n_atoms * K, dtype=np.int64)  # [n_pairs, 2], spare: "none"
     pair_slots[:real, 0] = flat[first]
     pair_slots[:real, 1] = flat[reverse[first]]
     pair_of_edge = np.empty(n_edges, dtype=np.int64)
     pair_of_edge[first] = np.arange(real)
     pair_of_edge[reverse[first]] = np.arange(real)
-    slot_pair = np.full(n_atoms * K, real, dtype=np.int64)  # padding: the dummy pair
+    slot_pair = np.full(n_atoms * K, P, dtype=np.int64)  # padding: no pair
     slot_pair[flat] = pair_of_edge
     return {
         "atomic_numbers": atomic_numbers.astype(np.int64),
@@ -229,7 +252,7 @@ def collate(
         "system_index": np.repeat(np.arange(len(graphs), dtype=np.int64), natoms),
         "natoms": natoms,
         "cell": np.array(
-            [np.zeros((3, 3)) if g.cell is None else g.cell for g in graphs], dtype=dtype
+            [np.zeros((3, 3)) if g.cell is None else g.cell for g in graphs], dtype=np.float64
         ).reshape(-1, 3, 3),
         "edge_index": edge_index.reshape(2, n_edges),
         "edge_shift": edge_shift.astype(dtype).reshape(n_edges, 3),

@@ -12,6 +12,36 @@ import sys
 import click
 
 EXIT_PARITY_FAILED = 1
+EXIT_UNAVAILABLE = 2  # a runtime or device that this machine cannot give
+
+
+def device_option(help_text: str):
+    from painn_export.runners import DEVICES
+
+    return click.option(
+        "--device",
+        default="auto",
+        show_default=True,
+        metavar=DEVICES,
+        callback=_check_device,
+        help=help_text,
+    )
+
+
+def _check_device(ctx, param, value: str) -> str:
+    from painn_export.runners import parse_device
+
+    try:
+        parse_device(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    return value
+
+
+def unavailable(exc: Exception | str):
+    """A runtime or device this machine cannot give: one line, exit 2 (never a silent CPU fallback)."""
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(EXIT_UNAVAILABLE)
 
 
 def _load(checkpoint: str | None, random_init: str | None, scale_file: str | None, trust: bool):
@@ -29,8 +59,10 @@ def _load(checkpoint: str | None, random_init: str | None, scale_file: str | Non
         except (CheckpointError, FileNotFoundError) as exc:
             raise click.ClickException(str(exc)) from exc
     if random_init:
-        torch.manual_seed(0)  # the same weights every time, so export and parity agree
-        model = PaiNN(PRESETS[random_init]).eval()
+        # The same weights every time, so export and parity agree; the caller's RNG is left as it was.
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = PaiNN(PRESETS[random_init]).eval()
         model.provenance = {"source_format": f"random-init:{random_init}:seed0"}
         return model
     from painn_export.demo import demo_model_path
@@ -100,11 +132,14 @@ def main() -> None:
 @click.option(
     "--stress",
     is_flag=True,
-    help="Add a cell input and a stress output (eV/Å^3); gradient-force models only.",
+    help="Add a per-atom virial output, for the stress (eV/Å^3); gradient-force models only.",
 )
 @click.option("--skip-check", is_flag=True, help="Do not run the ONNX Runtime parity check after writing.")
-def onnx_cmd(checkpoint, random_init, scale_file, trust_checkpoint, output, opset, dtype, stress, skip_check):
-    """Trace the model to ONNX (dynamic atoms/slots/systems), then check it in ONNX Runtime.
+@device_option("Where ONNX Runtime runs the check (auto: CUDA when onnxruntime-gpu has it).")
+def onnx_cmd(
+    checkpoint, random_init, scale_file, trust_checkpoint, output, opset, dtype, stress, skip_check, device
+):
+    """Trace the model to ONNX (dynamic atoms and slots), then check it in ONNX Runtime.
 
     The checkpoint decides the graph: a direct-force model exports its
     forward pass; a gradient-force model (direct_forces=False) exports forward
@@ -130,10 +165,49 @@ def onnx_cmd(checkpoint, random_init, scale_file, trust_checkpoint, output, opse
     )
     if skip_check:
         return
+    from painn_export.errors import RuntimeUnavailableError
+
     samples = example_set(num_elements=model.config.num_elements, large=PARITY_LARGE)
-    rows = run_parity(model, [(OnnxRuntimeRunner(path), dtype)], samples)
+    try:
+        rows = run_parity(model, [(OnnxRuntimeRunner(path, device=device), dtype)], samples)
+    except RuntimeUnavailableError as exc:
+        unavailable(exc)
     click.echo(format_table(rows))
     _exit_on_failure(rows)
+
+
+@main.command("aoti")
+@with_model_options
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default="model.pt2", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--stress", is_flag=True, help="Add the per-atom virial (stress); gradient-force models only.")
+def aoti_cmd(checkpoint, random_init, scale_file, trust_checkpoint, output, device, dtype, stress):
+    """Compile the model ahead of time (AOTInductor) into a .pt2 package, checked against eager."""
+    import time
+
+    import torch
+
+    from painn_export.aoti import export_aoti
+    from painn_export.errors import RuntimeUnavailableError
+
+    model = _load(checkpoint, random_init, scale_file, trust_checkpoint)
+    if stress and model.config.direct_forces:
+        from painn_export.contract import STRESS_NEEDS_GRADIENT
+
+        raise click.UsageError(f"--stress: {STRESS_NEEDS_GRADIENT}; this checkpoint has a direct force head")
+    start = time.perf_counter()
+    try:
+        path = export_aoti(model, output, device=device, stress=stress, dtype=getattr(torch, dtype))
+    except RuntimeUnavailableError as exc:
+        unavailable(exc)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(
+        f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {device}, {dtype}"
+        + (", stress" if stress else "")
+        + f", compiled and checked against eager in {time.perf_counter() - start:.0f} s)"
+    )
 
 
 # Atoms of the bulk cell that every parity run adds: thousands of edges.
@@ -161,9 +235,6 @@ def _exit_on_failure(rows) -> None:
 @click.option("--min-slots", type=int, multiple=True, help="Neighbour slots per atom (contract n_slots).")
 @click.option("--opt-slots", type=int, multiple=True)
 @click.option("--max-slots", type=int, multiple=True)
-@click.option("--min-systems", type=int, multiple=True)
-@click.option("--opt-systems", type=int, multiple=True)
-@click.option("--max-systems", type=int, multiple=True)
 @click.option("--fp16", is_flag=True, help="Allow fp16 kernels.")
 @click.option("--tf32/--no-tf32", default=True, show_default=True, help="Allow TF32 matmuls.")
 @click.option("--workspace", type=float, default=4.0, show_default=True, help="Builder workspace, GiB.")
@@ -184,7 +255,9 @@ def trt_cmd(onnx_path, output, fp16, tf32, workspace, timing_cache, **ranges):
             workspace_gib=workspace,
             timing_cache=timing_cache,
         )
-    except (RuntimeUnavailableError, ValueError, RuntimeError) as exc:
+    except RuntimeUnavailableError as exc:
+        unavailable(exc)
+    except (ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"wrote {path} and {path}.json ({len(profiles)} profile(s))")
 
@@ -198,7 +271,7 @@ def _profiles(ranges: dict) -> list:
     profiles = []
     for k in range(count):
         fields = {}
-        for axis in ("atoms", "slots", "systems"):
+        for axis in ("atoms", "slots"):
             values = []
             for i, bound in enumerate(("min", "opt", "max")):
                 given = ranges[f"{bound}_{axis}"]
@@ -214,6 +287,7 @@ def _profiles(ranges: dict) -> list:
 @with_model_options
 @click.option("--onnx", "onnx_path", type=click.Path(exists=True, dir_okay=False), help="Exported ONNX file.")
 @click.option("--engine", type=click.Path(exists=True, dir_okay=False), help="TensorRT engine.")
+@click.option("--pt2", type=click.Path(exists=True, dir_okay=False), help="AOTInductor package.")
 @click.option(
     "--input",
     "input_path",
@@ -223,7 +297,7 @@ def _profiles(ranges: dict) -> list:
 @click.option("--limit", type=int, default=64, show_default=True, help="Structures read from --input.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated structures.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-@click.option("--cuda", is_flag=True, help="Also run PyTorch on the GPU (float32 and float64).")
+@device_option("Where PyTorch float32 and ONNX Runtime run (cuda: PyTorch float64 on the GPU too).")
 def parity_cmd(
     checkpoint,
     random_init,
@@ -231,11 +305,12 @@ def parity_cmd(
     trust_checkpoint,
     onnx_path,
     engine,
+    pt2,
     input_path,
     limit,
     seed,
     as_json,
-    cuda,
+    device,
 ):
     """Run every available runtime on the same structures against PyTorch float64, twice each.
 
@@ -248,18 +323,20 @@ def parity_cmd(
     from painn_export.samples import example_set
 
     model = _load(checkpoint, random_init, scale_file, trust_checkpoint)
-    runners = [(TorchRunner(model, dtype="float32", stress=model.gradient_forces), "float32")]
-    if cuda:
-        for precision in ("float32", "float64"):
-            runner = TorchRunner(model, device="cuda", dtype=precision, stress=model.gradient_forces)
-            runners.append((runner, precision))
+    stress = model.gradient_forces
+    runners = [(TorchRunner(model, device=device, dtype="float32", stress=stress), "float32")]
+    if device.startswith("cuda"):
+        runners.append((TorchRunner(model, device=device, dtype="float64", stress=stress), "float64"))
     try:
         if onnx_path:
-            runner, facts = open_runner(onnx_path, "onnxruntime")
+            runner, facts = open_runner(onnx_path, "onnxruntime", device=device)
             runners.append((runner, facts.precision))
         if engine:
             runner, _ = open_runner(engine, "tensorrt")
             runners.append((runner, runner.precision.replace("fp32", "float32")))
+        if pt2:
+            runner, facts = open_runner(pt2, "aoti", device=device)
+            runners.append((runner, facts.precision))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     if input_path:
@@ -274,7 +351,7 @@ def parity_cmd(
     try:
         rows = run_parity(model, runners, samples)
     except RuntimeUnavailableError as exc:
-        raise click.ClickException(str(exc)) from exc
+        unavailable(exc)
     passed = all(r.comparison.passed for r in rows)
     if as_json:
         from painn_export.parity import nondeterministic

@@ -1,117 +1,186 @@
 """The model contract: what every runtime takes and returns, written once (no torch).
 
-Version 2: the neighbour-major ("slot", ELL) layout. Each atom ``i`` (the
-centre, the receiver of messages) has ``n_slots`` slots holding its incoming
-edges ``j -> i``; a slot without an edge is padding (``neighbor_mask == 0``).
-Every sum over edges is then a sum over the slot axis, and the exported
-graph has no scatter of any kind (see :mod:`painn_export.model`).
+Version 3: the neighbour-major ("slot", ELL) layout, per-atom outputs.
+Each atom ``i`` (the centre, the receiver of messages) has ``n_slots``
+slots holding its incoming edges ``j -> i``; a slot without an edge is
+padding (``neighbor_mask == 0``). Every sum over edges is a sum over the
+slot axis, and the graph has no scatter of any kind (see
+:mod:`painn_export.slots` for the layout's invariants).
 
-==================== ======== ============================== ==============================================
-input                dtype    shape                          meaning
-==================== ======== ============================== ==============================================
-``atomic_numbers``   int64    ``[n_atoms]``                  Z in ``1..num_elements``
-``positions``        float    ``[n_atoms, 3]``               Cartesian positions, Å
-``neighbors``        int64    ``[n_atoms, n_slots]``         sender ``j`` of each slot of centre ``i``
-                                                             (padding: any valid atom index)
-``neighbor_shift``   float    ``[n_atoms, n_slots, 3]``      periodic shift of ``j``, Å: ``S @ cell``
-``neighbor_mask``    float    ``[n_atoms, n_slots]``         1 for an edge, 0 for padding
-``slot_pair``        int64    ``[n_atoms, n_slots]``         the pair (edge and reverse) of each slot;
-                                                             padding: a dummy pair of padding slots
-``pair_slots``       int64    ``[n_pairs, 2]``               the two flat slots ``i * n_slots + k`` of each
-                                                             pair (an edge and its reverse share one
-                                                             length, so one radial filter)
-``system_index``     int64    ``[n_atoms]``                  system of each atom, ``0..n_systems-1``
-``natoms``           int64    ``[n_systems]``                atoms per system (its length sets n_systems)
-``neighbor_reverse`` int64    ``[n_atoms, n_slots]``         flat slot ``j * n_slots + k'`` of the reverse
-                                                             edge ``i -> j`` (padding: the slot itself);
-                                                             gradient-force models only
-``cell``             float    ``[n_systems, 3, 3]``          Å, rows are lattice vectors; stress graphs only
-==================== ======== ============================== ==============================================
+The graph returns per-atom quantities. The sums over the atoms of a system
+(energies, element references, the virial) are done by the host in float64
+(:mod:`painn_export.readout`), whatever precision the graph ran in: float32
+or float16 totals of thousands of atoms, or of per-element references near
+-1000 eV, would lose whole meV to eV, and no runtime then needs a tensor
+that grows as atoms × systems.
 
-The edge vector is ``r_ij = x_j + shift - x_i``: from the centre to the
-neighbour, as upstream's ``distance_vec``. "float" is float32 or float64, the
-same for every float input and the graph's parameters.
-
-Outputs: ``energy`` ``[n_systems]`` eV, ``forces`` ``[n_atoms, 3]`` eV/Å,
-and for stress graphs ``stress`` ``[n_systems, 3, 3]`` eV/Å³ (NaN for a cell
-without volume).
+:data:`INPUTS` and :data:`OUTPUTS` are the table; the README's table is
+generated from them (:func:`markdown_table`, checked by tests/test_contract.py).
 """
 
 from __future__ import annotations
 
-CONTRACT_VERSION = 2
+from typing import NamedTuple
 
-# The inputs every graph has, in order; the reverse index and the cell follow
-# where the variant needs them (:func:`input_names`).
-BASE_INPUTS = (
-    "atomic_numbers",
-    "positions",
-    "neighbors",
-    "neighbor_shift",
-    "neighbor_mask",
-    "slot_pair",
-    "pair_slots",
-    "system_index",
-    "natoms",
+CONTRACT_VERSION = 3
+
+
+class Field(NamedTuple):
+    name: str
+    dtype: str  # "int64", or "float": the graph's float dtype (float32/float64)
+    axes: tuple[str | int, ...]  # a dynamic axis by name, a static one by size
+    meaning: str
+    where: str  # "graph": every graph; "gradient"/"stress": those variants; "host": feed only
+
+
+# The graph's inputs, in order, then the feed's host-side entries.
+INPUTS: tuple[Field, ...] = (
+    Field("atomic_numbers", "int64", ("n_atoms",), "Z in 1..num_elements", "graph"),
+    Field("positions", "float", ("n_atoms", 3), "Cartesian positions, Å", "graph"),
+    Field(
+        "neighbors",
+        "int64",
+        ("n_atoms", "n_slots"),
+        "sender j of each slot of centre i (padding: i itself)",
+        "graph",
+    ),
+    Field("neighbor_shift", "float", ("n_atoms", "n_slots", 3), "periodic shift of j, Å: S @ cell", "graph"),
+    Field("neighbor_mask", "float", ("n_atoms", "n_slots"), "1 for an edge, 0 for padding", "graph"),
+    Field(
+        "slot_pair",
+        "int64",
+        ("n_atoms", "n_slots"),
+        "the pair (an edge and its reverse: one length, one radial filter) of each slot; "
+        "padding: n_pairs (none)",
+        "graph",
+    ),
+    Field(
+        "pair_slots",
+        "int64",
+        ("n_pairs", 2),
+        "the two flat slots i * n_slots + k of each pair; n_atoms * n_slots: none (a spare pair)",
+        "graph",
+    ),
+    Field(
+        "neighbor_reverse",
+        "int64",
+        ("n_atoms", "n_slots"),
+        "flat slot j * n_slots + k' of each edge's reverse i -> j (padding: the slot itself)",
+        "gradient",
+    ),
+    Field("system_index", "int64", ("n_atoms",), "system of each atom, 0..n_systems-1", "host"),
+    Field("natoms", "int64", ("n_systems",), "atoms per system", "host"),
+    Field("cell", "float64", ("n_systems", 3, 3), "Å, rows are lattice vectors (for the volume)", "host"),
 )
-REVERSE_INPUT = "neighbor_reverse"  # gradient-force graphs: the backward of a gather
-STRESS_INPUT = "cell"
-OUTPUTS = ("energy", "forces")
-STRESS_OUTPUT = "stress"
+OUTPUTS: tuple[Field, ...] = (
+    Field(
+        "atom_energy",
+        "float",
+        ("n_atoms",),
+        "each atom's energy, eV, before the energy mean and element references (float32 or wider)",
+        "graph",
+    ),
+    Field("forces", "float", ("n_atoms", 3), "eV/Å", "graph"),
+    Field(
+        "atom_virial",
+        "float",
+        ("n_atoms", 3, 3),
+        "each atom's share of ∂E/∂ε (symmetric strain ε), eV",
+        "stress",
+    ),
+)
+# What the host makes of them (painn_export.readout): what every runner returns.
+RESULTS: tuple[Field, ...] = (
+    Field(
+        "energy", "float64", ("n_systems",), "Σ atom_energy + energy mean + element references, eV", "host"
+    ),
+    Field("forces", "float", ("n_atoms", 3), "eV/Å", "host"),
+    Field("stress", "float64", ("n_systems", 3, 3), "Σ atom_virial / volume, eV/Å³ (NaN: no volume)", "host"),
+)
 
-# Dynamic axis names, by input (None: a static axis).
+VIRIAL_OUTPUT = "atom_virial"  # what makes a graph a stress graph
+
+_BY_NAME = {f.name: f for f in (*INPUTS, *OUTPUTS)}
+# Dynamic axis names, by tensor (None: a static axis), and static sizes.
 AXES: dict[str, tuple[str | None, ...]] = {
-    "atomic_numbers": ("n_atoms",),
-    "positions": ("n_atoms", None),
-    "neighbors": ("n_atoms", "n_slots"),
-    "neighbor_shift": ("n_atoms", "n_slots", None),
-    "neighbor_mask": ("n_atoms", "n_slots"),
-    "neighbor_reverse": ("n_atoms", "n_slots"),
-    "slot_pair": ("n_atoms", "n_slots"),
-    "pair_slots": ("n_pairs", None),
-    "system_index": ("n_atoms",),
-    "natoms": ("n_systems",),
-    "cell": ("n_systems", None, None),
-    "energy": ("n_systems",),
-    "forces": ("n_atoms", None),
-    "stress": ("n_systems", None, None),
+    f.name: tuple(a if isinstance(a, str) else None for a in f.axes) for f in _BY_NAME.values()
 }
-# Static sizes of the axes marked None above.
-STATIC = {
-    "positions": (None, 3),
-    "neighbor_shift": (None, None, 3),
-    "pair_slots": (None, 2),
-    "cell": (None, 3, 3),
+STATIC: dict[str, tuple[int | None, ...]] = {
+    f.name: tuple(a if isinstance(a, int) else None for a in f.axes)
+    for f in _BY_NAME.values()
+    if any(isinstance(a, int) for a in f.axes)
 }
-INTEGER_INPUTS = frozenset(
-    {"atomic_numbers", "neighbors", "slot_pair", "pair_slots", "neighbor_reverse", "system_index", "natoms"}
-)
+HOST_INPUTS = tuple(f.name for f in INPUTS if f.where == "host")
 
 UNITS = {
     "positions": "Angstrom",
     "neighbor_shift": "Angstrom",
     "cell": "Angstrom",
+    "atom_energy": "eV",
     "energy": "eV",
     "forces": "eV/Angstrom",
+    "atom_virial": "eV",
     "stress": "eV/Angstrom^3",
 }
 
 # Metadata keys of an exported graph (and of an engine's sidecar).
 META_PREFIX = "painn_export."
 
-
-def input_names(gradient: bool = False, stress: bool = False) -> tuple[str, ...]:
-    """Inputs of a graph: gradient-force graphs add the reverse index, stress graphs the cell."""
-    if stress and not gradient:
-        raise ValueError(STRESS_NEEDS_GRADIENT)
-    return BASE_INPUTS + ((REVERSE_INPUT,) if gradient else ()) + ((STRESS_INPUT,) if stress else ())
+# The slot axis is padded to a multiple of this, so that a run sees few shapes
+# (ONNX Runtime's arena, TensorRT's profiles) at a cost of < SLOT_MULTIPLE
+# padded slots per atom.
+SLOT_MULTIPLE = 8
 
 
-def output_names(stress: bool = False) -> tuple[str, ...]:
-    return OUTPUTS + ((STRESS_OUTPUT,) if stress else ())
+def slot_count(max_degree: int) -> int:
+    """Slots per atom for a batch whose busiest atom has ``max_degree`` edges.
+
+    The one rule: collate, the batcher's limits and TensorRT's profiles all use it.
+    """
+    return max(SLOT_MULTIPLE, -(-int(max_degree) // SLOT_MULTIPLE) * SLOT_MULTIPLE)
 
 
 STRESS_NEEDS_GRADIENT = (
     "stress needs a gradient-force model (direct_forces=False): the stress is the strain "
     "derivative of the energy, which a direct force head does not provide"
 )
+
+
+def input_names(gradient: bool = False) -> tuple[str, ...]:
+    """Inputs of a graph, in order: gradient-force graphs add the reverse index."""
+    wanted = {"graph"} | ({"gradient"} if gradient else set())
+    return tuple(f.name for f in INPUTS if f.where in wanted)
+
+
+def output_names(stress: bool = False) -> tuple[str, ...]:
+    """Outputs of a graph, in order: stress graphs add the per-atom virial."""
+    wanted = {"graph"} | ({"stress"} if stress else set())
+    return tuple(f.name for f in OUTPUTS if f.where in wanted)
+
+
+def feed_names(gradient: bool = False) -> tuple[str, ...]:
+    """What a feed must hold for such a graph: its inputs and the host's entries."""
+    return input_names(gradient) + HOST_INPUTS
+
+
+def _shape(f: Field) -> str:
+    return "`[" + ", ".join(str(a) for a in f.axes) + "]`"
+
+
+def markdown_table() -> str:
+    """The contract as the README shows it (tests/test_contract.py keeps them equal)."""
+    where = {
+        "graph": "every graph",
+        "gradient": "gradient-force graphs",
+        "stress": "stress graphs",
+        "host": "feed, host only",
+    }
+    dtype = {"float": "float32/64", "int64": "int64", "float64": "float64"}
+    lines = ["| name | dtype | shape | where | meaning |", "| --- | --- | --- | --- | --- |"]
+    for f in INPUTS + OUTPUTS:
+        lines.append(f"| `{f.name}` | {dtype[f.dtype]} | {_shape(f)} | {where[f.where]} | {f.meaning} |")
+    lines += ["", "Every runner returns, after the host's float64 sums:", ""]
+    lines += ["| name | dtype | shape | meaning |", "| --- | --- | --- | --- |"]
+    for f in RESULTS:
+        lines.append(f"| `{f.name}` | {dtype[f.dtype]} | {_shape(f)} | {f.meaning} |")
+    return "\n".join(lines)

@@ -107,32 +107,57 @@ def _unwritable(folder: Path, private: bool = False) -> str | None:
 
 
 def cached_onnx(model, source: str | Path) -> Path:
-    """An ONNX Runtime export of ``model`` (loaded from ``source``), made once and reused.
+    """An ONNX Runtime export of ``model`` (loaded from ``source``), made once and reused."""
+    return _cached(model, source, ".onnx")
 
-    Gradient-force models are exported with the stress output. The file name
-    holds the contract version, so a cache written for another layout is
-    never read.
+
+def cached_aoti(model, source: str | Path, device: str = "cpu") -> Path:
+    """An AOTInductor package of ``model`` for ``device`` (cpu, cuda), compiled once and reused.
+
+    The name holds the torch version and the device (and the GPU's compute
+    capability): a package runs only where it was compiled.
+    """
+    import torch
+
+    tag = f"torch{torch.__version__}-{device.split(':')[0]}"
+    if device.startswith("cuda"):
+        major, minor = torch.cuda.get_device_capability(torch.device(device))
+        tag += f"-sm{major}{minor}"
+    return _cached(model, source, f"-{tag}.pt2", device)
+
+
+def _cached(model, source: str | Path, suffix: str, device: str = "cpu") -> Path:
+    """An export of ``model`` named by its source's hash, the package and contract versions, and ``suffix``.
+
+    Gradient-force models are exported with the stress output. A cache
+    written for another layout (contract version) is never read.
     """
     from painn_export.checkpoint import file_sha256
     from painn_export.contract import CONTRACT_VERSION
-    from painn_export.export import export_onnx
     from painn_export.version import __version__
 
     # load_model records the source file's hash; hash it here only for other callers.
     digest = model.provenance.get("source_sha256") or file_sha256(source)
     digest = digest[:16]
-    path = cache_dir() / f"{Path(source).stem}-{digest}-v{__version__}-c{CONTRACT_VERSION}.onnx"
+    path = cache_dir() / f"{Path(source).stem}-{digest}-v{__version__}-c{CONTRACT_VERSION}{suffix}"
     if not path.is_file():
         _remove_stale_exports(path)
-        export_onnx(model, path, stress=model.gradient_forces)
+        if suffix.endswith(".pt2"):
+            from painn_export.aoti import export_aoti
+
+            export_aoti(model, path, device=device, stress=model.gradient_forces)
+        else:
+            from painn_export.export import export_onnx
+
+            export_onnx(model, path, stress=model.gradient_forces)
     return path
 
 
 def _remove_stale_exports(path: Path) -> None:
-    """Delete ``PATH.<pid>.tmp`` files left by exports whose process was killed."""
-    for tmp in path.parent.glob(f"{path.name}.*.tmp"):
+    """Delete ``PATH.<pid>.tmp`` (``.tmp.pt2``) files left by exports whose process was killed."""
+    for tmp in path.parent.glob(f"{path.name}.*.tmp*"):
         try:
-            pid = int(tmp.name.removeprefix(path.name + ".").removesuffix(".tmp"))
+            pid = int(tmp.name.removeprefix(path.name + ".").split(".")[0])
             os.kill(pid, 0)  # raises when no such process: the export was killed
         except ValueError:
             continue

@@ -1,11 +1,12 @@
 """Tracing the scatter-free PaiNN to ONNX with dynamic atoms, slots and systems.
 
 The graph's inputs and outputs are the model contract
-(:mod:`painn_export.contract`, version 2: the neighbour-major slot layout).
-Every sum is a ``ReduceSum`` over the slot axis or a ``MatMul`` with the
-one-hot system matrix, forward and backward (see :mod:`painn_export.model`):
-the graph has no scatter, so ONNX Runtime gives the same numbers on every
-run and TensorRT's ONNX parser takes it without a plugin. One file serves
+(:mod:`painn_export.contract`, version 3: the neighbour-major slot layout,
+per-atom outputs). Every sum is a ``ReduceSum`` over the slot axis, forward
+and backward (see :mod:`painn_export.slots`): the graph has no scatter, so
+ONNX Runtime gives the same numbers on every run and TensorRT's ONNX parser
+takes it without a plugin. The sums over systems are the host's
+(:mod:`painn_export.readout`). One file serves
 both runtimes. It carries metadata: model config, cutoff, max_neighbors,
 supported elements, units, contract version, source checkpoint hash,
 package version.
@@ -24,10 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from painn_export.batch import SLOT_MULTIPLE, collate
+from painn_export.batch import collate
 from painn_export.contract import (
     AXES,
     CONTRACT_VERSION,
+    META_PREFIX,
+    SLOT_MULTIPLE,
     STRESS_NEEDS_GRADIENT,
     UNITS,
     input_names,
@@ -36,6 +39,7 @@ from painn_export.contract import (
 from painn_export.model import PaiNN
 from painn_export.neighbors import neighbor_graph
 from painn_export.samples import example_set
+from painn_export.slots import GraphInputs
 
 DEFAULT_OPSET = 18  # TensorRT 10's parser accepts opsets 9..20
 
@@ -50,18 +54,49 @@ def graphs_for(model: PaiNN, samples) -> list:
     ]
 
 
-def _example_inputs(model: PaiNN, dtype: torch.dtype, stress: bool = False) -> tuple[torch.Tensor, ...]:
+class ContractModule(torch.nn.Module):
+    """``model`` as a function of the contract's inputs in order (what exporters trace)."""
+
+    def __init__(self, model: PaiNN, stress: bool = False) -> None:
+        super().__init__()
+        self.model, self.stress = model, stress
+
+    def forward(
+        self,
+        atomic_numbers: torch.Tensor,
+        positions: torch.Tensor,
+        neighbors: torch.Tensor,
+        neighbor_shift: torch.Tensor,
+        neighbor_mask: torch.Tensor,
+        slot_pair: torch.Tensor,
+        pair_slots: torch.Tensor,
+        neighbor_reverse: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        graph = GraphInputs(
+            atomic_numbers,
+            positions,
+            neighbors,
+            neighbor_shift,
+            neighbor_mask,
+            slot_pair,
+            pair_slots,
+            neighbor_reverse,
+        )
+        return self.model(graph, virial=self.stress)
+
+
+def example_inputs(model: PaiNN, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """A batch of five systems: no dynamic axis is 0, 1, 2 or 3, nor equal to another.
 
-    ``make_fx`` gives equal sizes one symbol and specialises sizes equal to a
-    static axis (3 for xyz, 2 for a pair's slots), so ``n_systems`` (5),
+    Tracers give equal sizes one symbol and specialise sizes equal to a
+    static axis (3 for xyz, 2 for a pair's slots) or to 0 and 1, so
     ``n_atoms``, ``n_slots`` and ``n_pairs`` must all differ and be none of
     those.
     """
     samples = example_set(seed=0, num_elements=model.config.num_elements, sizes=(5, 9))[:5]
     graphs = graphs_for(model, samples)
     n_atoms = sum(g.n_atoms for g in graphs)
-    taken = {2, 3, n_atoms, len(graphs)}
+    taken = {2, 3, n_atoms}
     n_slots = max(SLOT_MULTIPLE, max(g.max_degree for g in graphs))
     while n_slots in taken:
         n_slots += 1
@@ -70,23 +105,24 @@ def _example_inputs(model: PaiNN, dtype: torch.dtype, stress: bool = False) -> t
         n_pairs += 1
     dtype_np = np.float64 if dtype == torch.float64 else np.float32
     feed = collate(graphs, dtype_np, n_slots=n_slots, n_pairs=n_pairs)
-    names = input_names(model.gradient_forces, stress)
-    return tuple(torch.from_numpy(feed[name]) for name in names)
+    return tuple(torch.from_numpy(feed[name]) for name in input_names(model.gradient_forces))
 
 
-def _dynamic_shapes(names: tuple[str, ...]) -> dict[str, dict[int, object]]:
+def dynamic_shapes(names: tuple[str, ...]) -> tuple[dict[int, object], ...]:
+    """``torch.export`` dims of each input, in order: atoms, slots and pairs are dynamic."""
     from torch.export import Dim
 
     dims = {
         "n_atoms": Dim("n_atoms", min=1),
         "n_slots": Dim("n_slots", min=1),
-        "n_systems": Dim("n_systems", min=1),
         "n_pairs": Dim("n_pairs", min=1),
     }
-    return {name: {k: dims[a] for k, a in enumerate(AXES[name]) if a} for name in names}
+    return tuple({k: dims[a] for k, a in enumerate(AXES[name]) if a} for name in names)
 
 
-def trace_gradient_graph(model: PaiNN, example: tuple[torch.Tensor, ...]) -> torch.fx.GraphModule:
+def trace_gradient_graph(
+    model: PaiNN, example: tuple[torch.Tensor, ...], stress: bool = False
+) -> torch.fx.GraphModule:
     """Trace a gradient-force model, backward pass included, into one aten graph.
 
     ``torch.export`` cannot trace ``torch.autograd.grad``; ``make_fx`` runs the
@@ -101,15 +137,12 @@ def trace_gradient_graph(model: PaiNN, example: tuple[torch.Tensor, ...]) -> tor
     for p in model.parameters():
         p.requires_grad_(False)
 
-    def forward(*inputs):
-        return model(*inputs)
-
     # native_layer_norm is decomposed too: its ONNX form (LayerNormalization)
     # keeps the saved mean and 1/std, which the backward reads, in float32
     # whatever the graph's dtype.
     table = {**core_aten_decompositions(), **get_decompositions([torch.ops.aten.native_layer_norm])}
     return make_fx(
-        forward,
+        ContractModule(model, stress),
         tracing_mode="symbolic",
         decomposition_table=table,
         _allow_non_fake_inputs=True,  # the parameters are real tensors, captured as constants
@@ -121,22 +154,23 @@ def onnx_metadata(model: PaiNN, dtype: torch.dtype, stress: bool = False) -> dic
 
     cfg = model.config
     provenance = model.provenance
-    return {
-        "painn_export.contract_version": str(CONTRACT_VERSION),
-        "painn_export.package_version": __version__,
-        "painn_export.config": json.dumps(dataclasses.asdict(cfg)),
-        "painn_export.normalization": json.dumps(dataclasses.asdict(model.normalization)),
-        "painn_export.cutoff": repr(cfg.cutoff),
-        "painn_export.max_neighbors": str(cfg.max_neighbors),
-        "painn_export.elements": json.dumps(list(range(1, cfg.num_elements + 1))),
-        "painn_export.units": json.dumps(UNITS),
-        "painn_export.dtype": str(dtype).removeprefix("torch."),
-        "painn_export.inputs": json.dumps(list(input_names(model.gradient_forces, stress))),
-        "painn_export.outputs": json.dumps(list(output_names(stress))),
-        "painn_export.forces": "direct" if model.config.direct_forces else "gradient",
-        "painn_export.source_sha256": str(provenance.get("source_sha256", "")),
-        "painn_export.source_format": str(provenance.get("source_format", "")),
+    meta = {
+        "contract_version": str(CONTRACT_VERSION),
+        "package_version": __version__,
+        "config": json.dumps(dataclasses.asdict(cfg)),
+        "normalization": json.dumps(dataclasses.asdict(model.normalization)),
+        "cutoff": repr(cfg.cutoff),
+        "max_neighbors": str(cfg.max_neighbors),
+        "elements": json.dumps(list(range(1, cfg.num_elements + 1))),
+        "units": json.dumps(UNITS),
+        "dtype": str(dtype).removeprefix("torch."),
+        "inputs": json.dumps(list(input_names(model.gradient_forces))),
+        "outputs": json.dumps(list(output_names(stress))),
+        "forces": "direct" if model.config.direct_forces else "gradient",
+        "source_sha256": str(provenance.get("source_sha256", "")),
+        "source_format": str(provenance.get("source_format", "")),
     }
+    return {META_PREFIX + key: value for key, value in meta.items()}
 
 
 @contextlib.contextmanager
@@ -168,7 +202,7 @@ def export_onnx(
     A direct-force model exports its forward pass. A gradient-force model
     (``direct_forces=False``) exports forward and backward: ``forces =
     -∂E/∂positions`` and, with ``stress=True``, a ``cell`` input and a
-    ``stress`` output (see :func:`trace_gradient_graph`). ``model`` is not
+    ``atom_virial`` output (see :func:`trace_gradient_graph`). ``model`` is not
     changed (a copy is cast to ``dtype``).
     """
     import copy
@@ -182,21 +216,20 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).to(dtype).eval()
-    names = input_names(model.gradient_forces, stress)
-    example = _example_inputs(model, dtype, stress)
-    dynamic = _dynamic_shapes(names)
+    names = input_names(model.gradient_forces)
+    example = example_inputs(model, dtype)
     with _quiet_exporter():
         if model.config.direct_forces:
-            traced, dynamic_shapes = model, dynamic
+            traced = ContractModule(model)
         else:
-            traced, dynamic_shapes = trace_gradient_graph(model, example), tuple(dynamic.values())
+            traced = trace_gradient_graph(model, example, stress)
         with torch.no_grad():
             program = torch.onnx.export(
                 traced,
                 example,
                 input_names=list(names),
                 output_names=list(output_names(stress)),
-                dynamic_shapes=dynamic_shapes,
+                dynamic_shapes=dynamic_shapes(names),
                 opset_version=opset,
                 dynamo=True,
                 verbose=False,
@@ -217,7 +250,7 @@ def export_onnx(
 
 
 def _name_dynamic_outputs(proto) -> None:
-    """Give outputs the input axes' names (energy: n_systems, forces: n_atoms)."""
+    """Give outputs the input axes' names (n_atoms)."""
     for out in proto.graph.output:
         for dim, name in zip(out.type.tensor_type.shape.dim, AXES.get(out.name, ())):
             if name is not None and not dim.HasField("dim_value"):

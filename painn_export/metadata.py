@@ -10,10 +10,11 @@ what the graph builder and the pipeline need.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from painn_export.contract import CONTRACT_VERSION, META_PREFIX
+from painn_export.contract import CONTRACT_VERSION, META_PREFIX, VIRIAL_OUTPUT
+from painn_export.readout import SystemReadout
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class ModelFacts:
     num_elements: int  # atomic numbers 1..num_elements
     gradient_forces: bool  # forces are -dE/dx (stress possible)
     precision: str = "float32"  # of the runtime's inputs and weights
+    readout: SystemReadout = field(default_factory=SystemReadout)  # what the host adds per system
+    stress: bool = False  # the graph returns per-atom virials (stress)
 
 
 class NotAModelError(ValueError):
@@ -59,12 +62,15 @@ def model_facts(meta: dict[str, str], source: str | Path) -> ModelFacts:
         )
     try:
         config = json.loads(meta[f"{META_PREFIX}config"])
+        normalization = json.loads(meta[f"{META_PREFIX}normalization"])
         return ModelFacts(
             float(config["cutoff"]),
             int(config["max_neighbors"]),
             int(config["num_elements"]),
             meta.get(f"{META_PREFIX}forces") == "gradient",
             meta.get(f"{META_PREFIX}dtype", "float32"),
+            SystemReadout.of(normalization),
+            VIRIAL_OUTPUT in json.loads(meta.get(f"{META_PREFIX}outputs", "[]")),
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise NotAModelError(f"{source}: its {META_PREFIX}config metadata is damaged ({exc})") from exc

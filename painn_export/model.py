@@ -7,33 +7,28 @@ no neighbour search inside ``forward``, and no scatter of any kind. Parameter
 and buffer names are upstream's, so an upstream state_dict loads with
 ``strict=True``.
 
-How each sum is written (so that every runtime gets the same numbers every
-run, and TensorRT parses the graph with no plugin):
-
-- over the edges into a centre ``i`` (messages): a ``Gather`` of the
-  senders' rows into ``[n_atoms, n_slots, ...]``, then ``ReduceSum`` over
-  the slot axis (:func:`gather_neighbors`);
-- over the edges out of a sender ``j`` (the backward of that gather, which
-  gradient forces and stress need): the same, through the reverse-edge index
-  of the symmetric graph;
-- over the atoms of a system (energies, element references, the stress's
-  strain): a ``MatMul`` with the ``[n_atoms, n_systems]`` one-hot system
-  matrix (:func:`system_matrix`). Exact (products with 0 and 1), a fixed
-  summation order on every runtime, and small: one column per system.
-
-Inputs and outputs are those of :mod:`painn_export.contract`.
+It reads as the paper's Figure 2: an embedding, then per layer a message
+(:class:`PaiNNMessage`) and an update (:class:`PaiNNUpdate`), then a readout
+(atomic energies, and direct forces or ``-∂E/∂x``). Every sum over edges is a
+slot primitive of :mod:`painn_export.slots`. The graph returns per-atom
+quantities; the sums over a system's atoms are the host's, in float64
+(:mod:`painn_export.readout`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
 from painn_export.config import PaiNNConfig, TargetNormalization
-from painn_export.contract import STRESS_NEEDS_GRADIENT
+from painn_export.contract import STRESS_NEEDS_GRADIENT, output_names
 from painn_export.layers import AtomEmbedding, RadialBasis, ScaledSiLU, ScaleFactor, const
+from painn_export.readout import SystemReadout
+from painn_export.slots import GraphInputs, gather_neighbors, pairs_to_slots, slots_to_pairs
 
 # Upstream replaces edge lengths within this distance of zero by this value
 # before dividing by them (Å).
@@ -41,115 +36,13 @@ ZERO_DISTANCE_EPS = 1.0e-6
 # Added under the square root of |v|^2 in the update block, as upstream, so
 # that the norm has a finite gradient at zero.
 NORM_EPS = 1.0e-8
-# Cells with |det| below this (Å^3) have no volume: their stress is NaN.
-MIN_CELL_VOLUME = 1.0e-6
 
 
-def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows ``x[index]`` ``[*index.shape, ...]`` of ``x`` ``[rows, ...]``: one Gather, any index shape."""
-    return x.index_select(0, index.reshape(-1)).view(*index.shape, *x.shape[1:])
+class EdgeGeometry(NamedTuple):
+    """What the messages need of the edges: directions per slot, radial basis per pair."""
 
-
-class _GatherNeighbors(torch.autograd.Function):
-    """``x[neighbors]`` whose backward is a gather through the reverse edges and a slot sum."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, neighbors: torch.Tensor, reverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(reverse)
-        return _take(x, neighbors)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (reverse,) = ctx.saved_tensors
-        flat = grad.reshape(-1, *grad.shape[2:])  # [n_atoms * n_slots, ...]
-        # Row j, slot k' holds edge i -> j; its reverse j -> i is the slot that
-        # read x_j. Padding slots point at themselves, whose gradient is zero.
-        return _take(flat, reverse).sum(dim=1), None, None
-
-
-def gather_neighbors(
-    x: torch.Tensor,  # [n_atoms, ...]
-    neighbors: torch.Tensor,  # [n_atoms, n_slots] int64
-    reverse: torch.Tensor | None = None,  # [n_atoms, n_slots] int64
-) -> torch.Tensor:
-    """Rows of the neighbours, ``x[neighbors]`` ``[n_atoms, n_slots, ...]``.
-
-    Its gradient is a sum over the slots where each atom is the *sender*.
-    With ``reverse`` (the symmetric graph's reverse-edge slots) that sum is a
-    gather through ``reverse`` and a sum over the slot axis: deterministic,
-    and no scatter in a traced backward. Without it, autograd's own backward
-    (``index_add``) is used: fine for inference, not for export.
-
-    The gradient read through a padding slot must be zero (the model masks
-    every message of a padding slot), since padding slots reverse onto
-    themselves.
-    """
-    if reverse is None:
-        return _take(x, neighbors)
-    return _GatherNeighbors.apply(x, neighbors, reverse)
-
-
-class _SlotsToPairs(torch.autograd.Function):
-    """Each pair's row, read from its first slot; the backward gives that slot the pair's gradient."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, pair_slots: torch.Tensor, slot_pair: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(pair_slots, slot_pair)
-        return x.index_select(0, pair_slots[:, 0])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        pair_slots, slot_pair = ctx.saved_tensors
-        pairs = slot_pair.reshape(-1)  # [n_atoms * K] the pair of each slot
-        slots = torch.arange(pairs.shape[0], dtype=pairs.dtype, device=pairs.device)
-        first = pair_slots[:, 0].index_select(0, pairs) == slots  # [n_atoms * K] the slot that was read
-        keep = first.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
-        return grad.index_select(0, pairs) * keep, None, None
-
-
-class _PairsToSlots(torch.autograd.Function):
-    """Each slot's row, read from its pair; the backward sums a pair's two slots."""
-
-    @staticmethod
-    def forward(ctx, y: torch.Tensor, pair_slots: torch.Tensor, slot_pair: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(pair_slots)
-        return _take(y, slot_pair)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (pair_slots,) = ctx.saved_tensors
-        flat = grad.reshape(-1, *grad.shape[2:])  # [n_atoms * K, ...]
-        return flat.index_select(0, pair_slots[:, 0]) + flat.index_select(0, pair_slots[:, 1]), None, None
-
-
-def slots_to_pairs(
-    x: torch.Tensor, pair_slots: torch.Tensor, slot_pair: torch.Tensor, grad: bool
-) -> torch.Tensor:
-    """``[n_pairs, ...]`` rows of ``x`` ``[n_atoms * K, ...]`` at each pair's first slot.
-
-    With ``grad`` the backward is written without a scatter (see the classes above).
-    """
-    if grad:
-        return _SlotsToPairs.apply(x, pair_slots, slot_pair)
-    return x.index_select(0, pair_slots[:, 0])
-
-
-def pairs_to_slots(
-    y: torch.Tensor, pair_slots: torch.Tensor, slot_pair: torch.Tensor, grad: bool
-) -> torch.Tensor:
-    """``[n_atoms, K, ...]``: each slot's row of ``y`` ``[n_pairs, ...]``.
-
-    With ``grad`` the backward (a sum of each pair's two slots) is written without a scatter.
-    """
-    if grad:
-        return _PairsToSlots.apply(y, pair_slots, slot_pair)
-    return _take(y, slot_pair)
-
-
-def system_matrix(system_index: torch.Tensor, n_systems: int, like: torch.Tensor) -> torch.Tensor:
-    """One-hot ``[n_atoms, n_systems]`` in ``like``'s dtype: 1 where the atom is in the system."""
-    systems = torch.arange(n_systems, dtype=system_index.dtype, device=system_index.device)
-    return (system_index[:, None] == systems[None, :]).to(like.dtype)
+    unit_vector: torch.Tensor  # [N, K, 3] r̂_ij, from centre i to neighbour j
+    basis: torch.Tensor  # [P, R + 1] each pair's masked radial basis, the mask appended
 
 
 class PaiNNMessage(nn.Module):
@@ -160,9 +53,11 @@ class PaiNNMessage(nn.Module):
     - ``Δs_i = Σ_j Δs_ij``
     - ``Δv_i = Σ_j (v_j a_ij / √3 + b_ij r̂_ij) / √F``
 
-    Written part by part (no split of an ``[n_atoms, K, 3F]`` tensor), with
-    the projection's bias folded into the basis (see :meth:`filter`) and
-    ``Σ_j b_ij r̂_ij`` as one batched matrix product per atom.
+    ``φ`` is upstream's MLP ``x_proj`` (F -> F -> 3F). It is computed part by
+    part: the hidden layer once (:meth:`phi_hidden`), then each part from its
+    own F rows of the last Linear (:meth:`phi`), so that no ``[N, K, 3F]``
+    tensor is ever split. ``W`` is upstream's ``rbf_proj`` (R -> 3F), also
+    part by part (:meth:`radial_filter`).
     """
 
     def __init__(self, hidden_channels: int, num_rbf: int) -> None:
@@ -178,53 +73,58 @@ class PaiNNMessage(nn.Module):
         self.inv_sqrt_h = 1 / math.sqrt(hidden_channels)
         self.x_layernorm = nn.LayerNorm(hidden_channels)
 
-    def filter(self, part: int, basis: torch.Tensor, pairs, grad: bool) -> torch.Tensor:
-        """Part ``part`` (0: Δs, 1: a, 2: b) of ``W(r_ij)`` in the slots, ``[n_atoms, K, F]``.
-
-        ``basis`` ``[n_pairs, R + 1]`` is each pair's masked radial basis with
-        the mask appended: the bias enters as the weight of that last column,
-        so the dummy pair of the padding slots (all zeros) gets no filter. The
-        projection runs once per pair, not per slot: an edge and its reverse
-        have one length (half the products, and none for padding).
-        """
+    def _rows(self, part: int) -> slice:
         F = self.hidden_channels
-        rows = slice(part * F, (part + 1) * F)
+        return slice(part * F, (part + 1) * F)
+
+    def phi_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """``x_proj``'s first Linear and activation on the normalised scalars: ``[N, F]``."""
+        first, act = self.x_proj[0], self.x_proj[1]
+        return act(first(self.x_layernorm(x)))
+
+    def phi(self, hidden: torch.Tensor, part: int) -> torch.Tensor:
+        """Part ``part`` (0: Δs, 1: a, 2: b) of ``x_proj``'s last Linear: ``[N, F]``."""
+        last = self.x_proj[2]
+        rows = self._rows(part)
+        return torch.nn.functional.linear(hidden, last.weight[rows], last.bias[rows])
+
+    def radial_filter(self, part: int, edges: EdgeGeometry, graph: GraphInputs) -> torch.Tensor:
+        """Part ``part`` of ``W(r_ij)`` in the slots, ``[N, K, F]`` (zero in padding).
+
+        The projection runs once per pair, not per slot (an edge and its
+        reverse have one length), on the basis with the mask appended: the
+        bias enters as the weight of that last column.
+        """
+        rows = self._rows(part)
         weight = torch.cat(
             [self.rbf_proj.weight[rows].t(), self.rbf_proj.bias[rows].unsqueeze(0)]
         )  # [R+1, F]
-        return pairs_to_slots(basis @ weight, *pairs, grad)  # [n_atoms, K, F]
+        per_pair = edges.basis @ weight  # [P, F]
+        return pairs_to_slots(per_pair, graph.pair_slots, graph.slot_pair, graph.exportable_backward)
 
     def forward(
         self,
-        x: torch.Tensor,  # [n_atoms, F]
-        vec: torch.Tensor | None,  # [n_atoms, 3, F]; None where it is still zero (first layer)
-        neighbors: torch.Tensor,  # [n_atoms, K] senders j
-        reverse: torch.Tensor | None,  # [n_atoms, K] reverse-edge slots
-        basis: torch.Tensor,  # [n_pairs, R + 1] masked radial basis of each pair, mask appended
-        pairs: tuple[torch.Tensor, torch.Tensor],  # pair_slots [n_pairs, 2], slot_pair [n_atoms, K]
-        edge_vector: torch.Tensor,  # [n_atoms, K, 3] unit vectors i -> j
+        x: torch.Tensor,  # [N, F]
+        vec: torch.Tensor | None,  # [N, 3, F]; None where it is still zero (first layer)
+        graph: GraphInputs,
+        edges: EdgeGeometry,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(Δs [n_atoms, F], Δv [n_atoms, 3, F])``, sums over each centre's slots."""
-        F = self.hidden_channels
-        h = self.x_proj[1](self.x_proj[0](self.x_layernorm(x)))  # [n_atoms, F]
-        out = self.x_proj[2]
-        grad = reverse is not None  # the backward must stay scatter-free
+        """``(Δs [N, F], Δv [N, 3, F])``, sums over each centre's slots."""
+        hidden = self.phi_hidden(x)  # [N, F]
 
-        def phi(part: int) -> torch.Tensor:  # φ(s), one part: [n_atoms, F]
-            rows = slice(part * F, (part + 1) * F)
-            return torch.nn.functional.linear(h, out.weight[rows], out.bias[rows])
+        def message(part: int) -> torch.Tensor:  # φ(s_j) ∘ W(r_ij), one part: [N, K, F]
+            sender = gather_neighbors(self.phi(hidden, part), graph.neighbors, graph.neighbor_reverse)
+            return sender * self.radial_filter(part, edges, graph)
 
-        def message(part: int) -> torch.Tensor:  # φ(s_j) ∘ W(r_ij), one part: [n_atoms, K, F]
-            return gather_neighbors(phi(part), neighbors, reverse) * self.filter(part, basis, pairs, grad)
-
-        ds = message(0).sum(dim=1)  # [n_atoms, F]
-        # Σ_j b_ij r̂_ij: [n_atoms, 3, K] @ [n_atoms, K, F]
-        dv = torch.matmul(edge_vector.transpose(1, 2), message(2)) * const(self.inv_sqrt_h, ds)  # [n, 3, F]
+        ds = message(0).sum(dim=1)  # [N, F]
+        # Σ_j b_ij r̂_ij: [N, 3, K] @ [N, K, F]
+        dv = torch.matmul(edges.unit_vector.transpose(1, 2), message(2)) * const(self.inv_sqrt_h, ds)
         if vec is not None:
             # Σ_j v_j a_ij with a_ij = φ_a(s_j) W_a(r_ij): the sender's factor is
             # applied once per atom, before the gather, not once per edge.
-            vec_phi = gather_neighbors(vec * phi(1).unsqueeze(1), neighbors, reverse)  # [n_atoms, K, 3, F]
-            va = (vec_phi * self.filter(1, basis, pairs, grad).unsqueeze(2)).sum(dim=1)  # [n_atoms, 3, F]
+            sender = vec * self.phi(hidden, 1).unsqueeze(1)  # [N, 3, F]
+            vec_phi = gather_neighbors(sender, graph.neighbors, graph.neighbor_reverse)  # [N, K, 3, F]
+            va = (vec_phi * self.radial_filter(1, edges, graph).unsqueeze(2)).sum(dim=1)  # [N, 3, F]
             dv = dv + va * const(self.inv_sqrt_3 * self.inv_sqrt_h, va)
         return ds, dv
 
@@ -321,9 +221,10 @@ class PaiNN(nn.Module):
 
     Forces come from the direct, equivariant head (``direct_forces=True``,
     upstream's default) or as ``-∂E/∂positions`` (``direct_forces=False``);
-    gradient models can also return the stress. See the module docstring for
-    the input/output contract. Outputs are de-normalised with
-    ``normalization`` (eV, eV/Å, eV/Å^3).
+    gradient models can also return each atom's virial, for the stress. The
+    outputs are per atom (:mod:`painn_export.contract`), de-normalised with
+    ``normalization`` except for the per-system energy mean and element
+    references, which :class:`painn_export.readout.SystemReadout` adds.
     """
 
     def __init__(
@@ -391,183 +292,110 @@ class PaiNN(nn.Module):
     def layer_scales(self) -> list[ScaleFactor]:
         return [getattr(self, f"upd_out_scalar_scale_{i}") for i in range(self.config.num_layers)]
 
-    def forward(
-        self,
-        atomic_numbers: torch.Tensor,  # [n_atoms] int64
-        positions: torch.Tensor,  # [n_atoms, 3] Å
-        neighbors: torch.Tensor,  # [n_atoms, K] int64 senders j
-        neighbor_shift: torch.Tensor,  # [n_atoms, K, 3] Å
-        neighbor_mask: torch.Tensor,  # [n_atoms, K] 1 edge / 0 padding
-        slot_pair: torch.Tensor,  # [n_atoms, K] int64 pair of each slot
-        pair_slots: torch.Tensor,  # [n_pairs, 2] int64 the two slots of each pair
-        system_index: torch.Tensor,  # [n_atoms] int64
-        natoms: torch.Tensor,  # [n_systems] int64
-        neighbor_reverse: torch.Tensor | None = None,  # [n_atoms, K] int64 (gradient forces)
-        cell: torch.Tensor | None = None,  # [n_systems, 3, 3] Å, rows = lattice vectors
-    ) -> tuple[torch.Tensor, ...]:
-        """``(energy [n_systems] eV, forces [n_atoms, 3] eV/Å)``, plus
-        ``stress [n_systems, 3, 3]`` eV/Å^3 when ``cell`` is given (gradient
-        models only). Inputs as :mod:`painn_export.contract`."""
-        n_systems = natoms.shape[0]
-        graph = (neighbors, neighbor_shift, neighbor_mask, slot_pair, pair_slots)
+    def forward(self, graph: GraphInputs, virial: bool = False) -> tuple[torch.Tensor, ...]:
+        """``(atom_energy [N] eV, forces [N, 3] eV/Å)``, plus ``atom_virial [N, 3, 3]`` eV
+        with ``virial`` (gradient models only). Per-atom outputs of the contract:
+        :class:`painn_export.readout.SystemReadout` makes system energies and stress."""
         if self.config.direct_forces:
-            if cell is not None:
+            if virial:
                 raise ValueError(STRESS_NEEDS_GRADIENT + "; this model has a direct force head")
-            x, vec = self.representation(atomic_numbers, positions, *graph, None)
-            members = system_matrix(system_index, n_systems, x)  # [n_atoms, n_systems]
-            energy = self.energy_head(x, members)
-            forces = self.out_forces(x, vec)  # [n_atoms, 3]
-            return self._denormalize(energy, forces, atomic_numbers, members)
-        if neighbor_reverse is None:
+            x, vec = self.representation(graph)
+            forces = self.out_forces(x, vec)  # [N, 3]
+            return self._denormalize_energy(self.atom_energies(x)), self._denormalize_forces(forces)
+        if not graph.exportable_backward:
             raise ValueError(
                 "a gradient-force model needs neighbor_reverse (the reverse-edge slots; "
                 "painn_export.batch.collate builds it)"
             )
-        return self._conservative(
-            atomic_numbers, positions, *graph, neighbor_reverse, system_index, n_systems, cell
-        )
+        return self._conservative(graph, virial)
 
-    def representation(
-        self,
-        atomic_numbers: torch.Tensor,  # [n_atoms]
-        positions: torch.Tensor,  # [n_atoms, 3] Å
-        neighbors: torch.Tensor,  # [n_atoms, K]
-        neighbor_shift: torch.Tensor,  # [n_atoms, K, 3] Å
-        neighbor_mask: torch.Tensor,  # [n_atoms, K]
-        slot_pair: torch.Tensor,  # [n_atoms, K]
-        pair_slots: torch.Tensor,  # [n_pairs, 2]
-        reverse: torch.Tensor | None,  # [n_atoms, K]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final scalar ``[n_atoms, F]`` and vector ``[n_atoms, 3, F]`` features."""
-        # Edge geometry: r_ij = x_j + shift - x_i, pointing from centre i to neighbour j.
-        x_j = gather_neighbors(positions, neighbors, reverse)  # [n_atoms, K, 3]
-        distance_vec = x_j + neighbor_shift - positions.unsqueeze(1)  # [n_atoms, K, 3]
+    def per_atom(self, feed: dict[str, np.ndarray], virial: bool = False) -> dict[str, np.ndarray]:
+        """The graph's outputs (numpy, float32 or wider) of a collated feed, in the model's dtype, device."""
+        weight = self.atom_emb.embeddings.weight
+        graph = GraphInputs.from_feed(feed, weight.dtype, weight.device, self.gradient_forces)
+        with torch.inference_mode(self.config.direct_forces):  # gradient forces need autograd
+            outputs = self(graph, virial=virial)
+        wide = torch.promote_types(weight.dtype, torch.float32)  # numpy has no bfloat16
+        return {n: t.detach().to(wide).cpu().numpy() for n, t in zip(output_names(virial), outputs)}
+
+    def predict(self, feed: dict[str, np.ndarray], stress: bool = False) -> dict[str, np.ndarray]:
+        """``{"energy", "forces"[, "stress"]}`` of a collated feed: the graph, then the host's sums."""
+        return SystemReadout.of(self.normalization).totals(self.per_atom(feed, stress), feed)
+
+    def edge_geometry(self, graph: GraphInputs) -> EdgeGeometry:
+        """Unit vectors per slot and the masked radial basis per pair."""
+        # r_ij = x_j + shift - x_i, pointing from centre i to neighbour j.
+        x_j = gather_neighbors(graph.positions, graph.neighbors, graph.neighbor_reverse)  # [N, K, 3]
+        distance_vec = x_j + graph.neighbor_shift - graph.positions.unsqueeze(1)  # [N, K, 3]
         # Padding slots get a unit stand-in, so that |r| and its gradient stay finite there.
-        edge = (neighbor_mask > const(0.0, neighbor_mask)).unsqueeze(-1)  # [n_atoms, K, 1]
+        mask = graph.neighbor_mask
+        edge = (mask > const(0.0, mask)).unsqueeze(-1)  # [N, K, 1]
         distance_vec = torch.where(edge, distance_vec, torch.ones_like(distance_vec))
-        distance = torch.linalg.vector_norm(distance_vec, dim=-1)  # [n_atoms, K]
+        distance = torch.linalg.vector_norm(distance_vec, dim=-1)  # [N, K]
         distance = torch.where(
             distance <= const(ZERO_DISTANCE_EPS, distance),
             torch.full_like(distance, ZERO_DISTANCE_EPS),
             distance,
         )
-        edge_vector = distance_vec / distance.unsqueeze(-1)  # [n_atoms, K, 3]
-        edge_rbf = self.radial_basis(distance.reshape(-1))  # [n_atoms * K, R]
-        mask = neighbor_mask.reshape(-1, 1)  # [n_atoms * K, 1]
-        # The masked basis with the mask appended (padding slots: all zeros),
-        # once per pair: an edge and its reverse have one length.
-        pairs = (pair_slots, slot_pair)
-        basis = torch.cat([edge_rbf * mask, mask], dim=-1)  # [n_atoms * K, R + 1]
-        basis = slots_to_pairs(basis, *pairs, grad=reverse is not None)  # [n_pairs, R + 1]
+        unit_vector = distance_vec / distance.unsqueeze(-1)  # [N, K, 3]
+        rbf = self.radial_basis(distance.reshape(-1))  # [N * K, R]
+        flat_mask = mask.reshape(-1, 1)  # [N * K, 1]
+        basis = torch.cat([rbf * flat_mask, flat_mask], dim=-1)  # [N * K, R + 1], padding: all zeros
+        per_pair = slots_to_pairs(basis, graph.pair_slots, graph.slot_pair, graph.exportable_backward)
+        return EdgeGeometry(unit_vector, per_pair)  # basis [P, R + 1]
 
-        # Features: scalars s [n_atoms, F], vectors v [n_atoms, 3, F] start at zero.
-        x = self.atom_emb(atomic_numbers)  # [n_atoms, F]
-        vec = None  # zero before the first message: its v_j term is skipped
-
+    def representation(self, graph: GraphInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final scalar ``s`` ``[N, F]`` and vector ``v`` ``[N, 3, F]`` features (paper Fig. 2)."""
+        edges = self.edge_geometry(graph)
+        x = self.atom_emb(graph.atomic_numbers)  # s: [N, F]
+        vec = None  # v: [N, 3, F], zero before the first message (its v_j term is skipped)
         for message, update, scale in zip(self.message_layers, self.update_layers, self.layer_scales()):
-            dx, dvec = message(x, vec, neighbors, reverse, basis, pairs, edge_vector)
-            x = (x + dx) * const(self.inv_sqrt_2, x)  # [n_atoms, F]
-            vec = dvec if vec is None else vec + dvec  # [n_atoms, 3, F]
+            dx, dvec = message(x, vec, graph, edges)
+            x = (x + dx) * const(self.inv_sqrt_2, x)  # [N, F]
+            vec = dvec if vec is None else vec + dvec  # [N, 3, F]
             dx, dvec = update(x, vec)
             x = scale(x + dx)
             vec = vec + dvec
         return x, vec
 
-    def energy_head(self, x: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
-        """Normalised system energies ``[n_systems]``: a sum of atomic energies.
+    def atom_energies(self, x: torch.Tensor) -> torch.Tensor:
+        """Readout: each atom's normalised energy ``[N]`` (upstream's ``out_energy``)."""
+        return self.out_energy(x).squeeze(-1)
 
-        ``members`` is the ``[n_atoms, n_systems]`` :func:`system_matrix`.
+    def _denormalize_energy(self, atom_energy: torch.Tensor) -> torch.Tensor:
+        """eV ``[N]``: times ``energy_std``, in float32 or wider whatever the model's dtype.
+
+        The energy mean and the element references are per system: the host
+        adds them, and sums per system, in float64 (:mod:`painn_export.readout`).
         """
-        atom_energy = self.out_energy(x).squeeze(-1)  # [n_atoms]
-        return atom_energy @ members  # [n_systems]
+        wide = atom_energy.to(torch.promote_types(atom_energy.dtype, torch.float32))
+        return wide * const(self.normalization.energy_std, wide)
 
-    def _conservative(
-        self,
-        atomic_numbers: torch.Tensor,  # [n_atoms]
-        positions: torch.Tensor,  # [n_atoms, 3] Å
-        neighbors: torch.Tensor,  # [n_atoms, K]
-        neighbor_shift: torch.Tensor,  # [n_atoms, K, 3] Å
-        neighbor_mask: torch.Tensor,  # [n_atoms, K]
-        slot_pair: torch.Tensor,  # [n_atoms, K]
-        pair_slots: torch.Tensor,  # [n_pairs, 2]
-        reverse: torch.Tensor,  # [n_atoms, K]
-        system_index: torch.Tensor,  # [n_atoms]
-        n_systems: int,
-        cell: torch.Tensor | None,  # [n_systems, 3, 3] Å
-    ) -> tuple[torch.Tensor, ...]:
-        """Energy, ``F = -∂E/∂x`` and, with ``cell``, ``σ = (1/V) ∂E/∂ε``.
+    def _conservative(self, graph: GraphInputs, virial: bool) -> tuple[torch.Tensor, ...]:
+        """Atomic energies, ``F = -∂E/∂x`` and, with ``virial``, each atom's share of ``∂E/∂ε``.
 
-        The strain ``ε`` ``[n_systems, 3, 3]`` is a symmetric deformation
-        ``x -> x (1 + ε)`` applied to positions and to the periodic shifts of
-        the edges (so to the cell), evaluated at ``ε = 0``.
+        A symmetric strain ``x -> x (1 + ε)`` moves positions and the edges'
+        periodic shifts, so ``∂E/∂ε = Σ_i x_i ⊗ ∂E/∂x_i + Σ_slots s ⊗ ∂E/∂s``,
+        symmetrised: a per-atom sum that the host adds up per system. (Each
+        structure's sum is independent of its origin: its forces sum to zero.)
         """
         with torch.enable_grad():
-            if not positions.requires_grad:
-                positions = positions.detach().requires_grad_(True)
-            members = system_matrix(system_index, n_systems, positions)  # [n_atoms, n_systems]
-            wrt = [positions]
-            if cell is not None:
-                strain = torch.zeros(
-                    (n_systems, 3, 3), dtype=positions.dtype, device=positions.device, requires_grad=True
-                )
-                wrt.append(strain)
-                sym = (strain + strain.transpose(1, 2)) * const(0.5, strain)  # [n_systems, 3, 3]
-                atom_strain = (members @ sym.reshape(n_systems, 9)).view(-1, 3, 3)  # [n_atoms, 3, 3]
-                positions_e = positions + (positions.unsqueeze(-1) * atom_strain).sum(dim=1)  # [n_atoms, 3]
-                neighbor_shift = neighbor_shift + (
-                    neighbor_shift.unsqueeze(-1) * atom_strain.unsqueeze(1)
-                ).sum(dim=2)  # [n_atoms, K, 3]
-            else:
-                positions_e = positions
-            graph = (neighbors, neighbor_shift, neighbor_mask, slot_pair, pair_slots, reverse)
-            x, _ = self.representation(atomic_numbers, positions_e, *graph)
-            energy = self.energy_head(x, members)  # [n_systems]
+            positions = graph.positions.detach().requires_grad_(True)
+            shift = graph.neighbor_shift.detach().requires_grad_(virial)
+            x, _ = self.representation(graph._replace(positions=positions, neighbor_shift=shift))
+            energy = self.atom_energies(x)  # [N] normalised
+            wrt = [positions, shift] if virial else [positions]
             grads = torch.autograd.grad(energy.sum(), wrt, create_graph=self.training)
-        forces = -grads[0]  # [n_atoms, 3]
-        energy, forces = self._denormalize(energy, forces, atomic_numbers, members)
-        if cell is None:
-            return energy, forces
-        # Stress of the physical energy: the normalised energy's times energy_std.
-        virial = grads[1] * const(self.normalization.energy_std, grads[1])  # [n_systems, 3, 3] eV
-        volume = cell_volume(cell)  # [n_systems] Å^3
-        has_volume = volume > const(MIN_CELL_VOLUME, volume)
-        safe = torch.where(has_volume, volume, torch.ones_like(volume))
-        stress = torch.where(
-            has_volume[:, None, None], virial / safe[:, None, None], torch.full_like(virial, math.nan)
-        )
-        return energy, forces, stress
+        forces = self._denormalize_forces(-grads[0])  # [N, 3]
+        atom_energy = self._denormalize_energy(energy if self.training else energy.detach())
+        if not virial:
+            return atom_energy, forces
+        strain = positions.unsqueeze(-1) * grads[0].unsqueeze(1)  # [N, 3, 3]: x_a ∂E/∂x_b
+        strain = strain + (shift.unsqueeze(-1) * grads[1].unsqueeze(2)).sum(dim=1)  # + s_a ∂E/∂s_b
+        strain = (strain + strain.transpose(1, 2)) * const(0.5, strain)
+        # Of the physical energy: the normalised energy's times energy_std.
+        return atom_energy, forces, strain * const(self.normalization.energy_std, strain)
 
-    def _denormalize(
-        self,
-        energy: torch.Tensor,  # [n_systems]
-        forces: torch.Tensor,  # [n_atoms, 3]
-        atomic_numbers: torch.Tensor,  # [n_atoms]
-        members: torch.Tensor,  # [n_atoms, n_systems]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _denormalize_forces(self, forces: torch.Tensor) -> torch.Tensor:
         norm = self.normalization
-        energy = energy * const(norm.energy_std, energy) + const(norm.energy_mean, energy)
-        forces = forces * const(norm.forces_std, forces) + const(norm.forces_mean, forces)
-        if any(norm.element_references):
-            # Built per call in the output dtype so that float64 stays exact.
-            table = torch.tensor(
-                norm.element_references, dtype=energy.dtype, device=energy.device
-            )  # [Z_max + 1] eV
-            energy = energy + table[atomic_numbers] @ members.to(energy.dtype)
-        return energy, forces
-
-
-def cell_volume(cell: torch.Tensor) -> torch.Tensor:
-    """``|a1 · (a2 × a3)|`` ``[n_systems]`` Å^3 of cells ``[n_systems, 3, 3]`` (rows a1, a2, a3).
-
-    Written with elementwise products (no ``Det``) so every runtime has it.
-    """
-    a, b, c = cell[:, 0], cell[:, 1], cell[:, 2]  # [n_systems, 3] each
-    cross = torch.stack(
-        [
-            b[:, 1] * c[:, 2] - b[:, 2] * c[:, 1],
-            b[:, 2] * c[:, 0] - b[:, 0] * c[:, 2],
-            b[:, 0] * c[:, 1] - b[:, 1] * c[:, 0],
-        ],
-        dim=-1,
-    )  # [n_systems, 3]
-    return (a * cross).sum(dim=-1).abs()
+        return forces * const(norm.forces_std, forces) + const(norm.forces_mean, forces)

@@ -42,6 +42,10 @@ _ELEM_NAMES = {
 _BOOL_OUTPUT = frozenset(
     {"Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Equal", "IsNaN", "IsInf", "Not", "And", "Or", "Xor"}
 )
+# Inputs that are shapes, int64 by the ONNX spec whatever the data's type: the
+# types column constrains the data (ConstantOfShape's "INF64" in the 10.1
+# table is a typo, and a shape input cannot be anything but int64).
+_SHAPE_INPUTS = {"ConstantOfShape": (0,), "Reshape": (1,), "Expand": (1,), "Tile": (1,)}
 # Input positions of inputs that restrictions name, by operator (opset >= 13 layout).
 _NAMED_INPUTS = {
     "axes": {
@@ -197,7 +201,9 @@ def check_model(model, facts: str | Path | None = None) -> OpCheckReport:
             report.violations.append(f"{label}: not supported by TensorRT's ONNX parser")
             continue
         # The types column constrains data tensors; comparisons always output BOOL.
-        checked = [*node.input] if node.op_type in _BOOL_OUTPUT else [*node.input, *node.output]
+        shapes = _SHAPE_INPUTS.get(node.op_type, ())
+        data = [name for k, name in enumerate(node.input) if k not in shapes]
+        checked = data if node.op_type in _BOOL_OUTPUT else [*data, *node.output]
         for name in checked:
             if not name or name not in types or types[name] == 0:
                 continue

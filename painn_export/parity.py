@@ -51,6 +51,8 @@ def _comparison_kind(runner: Runner) -> str:
         return "onnxruntime_vs_torch"
     if runner.name.startswith("tensorrt"):
         return "tensorrt_vs_torch"
+    if runner.name.startswith("aoti"):
+        return "aoti_vs_torch"
     return "torch_vs_torch"
 
 

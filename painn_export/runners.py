@@ -2,10 +2,13 @@
 
 A runner is a context manager: ``activate()`` imports the heavy library and
 allocates device resources (nothing touches a GPU before it), ``infer(feed)``
-takes the model contract's inputs as numpy arrays and returns ``{"energy",
-"forces"}`` (and ``"stress"`` for stress graphs) as numpy arrays,
-``deactivate()`` frees. ``input_names``/``output_names`` say which contract
-variant the runner serves; extra feed entries are ignored. Each records the wall time
+takes a feed of the model contract (:func:`painn_export.batch.collate`) as
+numpy arrays, runs the graph, and returns ``{"energy", "forces"}`` (and
+``"stress"`` for stress graphs) as numpy arrays after the host's float64
+sums per system (:mod:`painn_export.readout`); ``deactivate()`` frees.
+``input_names``/``output_names`` are the graph's, and say which contract
+variant the runner serves; extra feed entries are ignored. ``device`` says
+where it runs (``cpu``, ``cuda:0``), and ``provider`` what ran it. Each records the wall time
 of its last inference in ``last_inference_s``. A failed inference raises
 :class:`~painn_export.errors.BatchTooLargeError` (memory, engine profile: a
 smaller batch may work) or :class:`~painn_export.errors.InferenceError`
@@ -14,13 +17,14 @@ smaller batch may work) or :class:`~painn_export.errors.InferenceError`
 
 from __future__ import annotations
 
+import json
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
 
-from painn_export.contract import BASE_INPUTS, OUTPUTS, input_names, output_names
+from painn_export.contract import HOST_INPUTS, VIRIAL_OUTPUT, input_names, output_names
 from painn_export.errors import (
     BatchTooLargeError,
     InferenceError,
@@ -28,6 +32,20 @@ from painn_export.errors import (
     classify_runtime_error,
 )
 from painn_export.metadata import ModelFacts
+from painn_export.readout import SystemReadout
+
+DEVICES = "auto|cpu|cuda|cuda:N"
+RUNTIMES = ("torch", "onnxruntime", "tensorrt", "aoti")
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """``("auto"|"cpu"|"cuda", index)`` of a ``--device`` value; anything else is a ValueError."""
+    kind, _, index = device.partition(":")
+    if kind in ("auto", "cpu") and not index:
+        return kind, 0
+    if kind == "cuda" and (not index or index.isdigit()):
+        return kind, int(index or 0)
+    raise ValueError(f"device must be {DEVICES}, got {device!r}")
 
 
 class Runner(ABC):
@@ -37,12 +55,15 @@ class Runner(ABC):
         self.active = False
         self.precision = "float32"  # of the inputs it takes and the weights it runs
         self.last_inference_s = float("nan")
-        self.input_names: tuple[str, ...] = BASE_INPUTS
-        self.output_names: tuple[str, ...] = OUTPUTS
+        self.input_names: tuple[str, ...] = input_names()
+        self.output_names: tuple[str, ...] = output_names()
+        self.readout = SystemReadout()
+        self.device = "cpu"  # where it runs, once active
+        self.provider = "cpu"  # what ran it, once active (an execution provider, a GPU)
 
     @property
     def has_stress(self) -> bool:
-        return "stress" in self.output_names
+        return VIRIAL_OUTPUT in self.output_names
 
     def __enter__(self) -> Runner:
         self.activate()
@@ -64,7 +85,7 @@ class Runner(ABC):
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not self.active:
             raise RuntimeError(f"{self.name}: call activate() (or use it as a context manager) first")
-        missing = [k for k in self.input_names if k not in feed]
+        missing = [k for k in (*self.input_names, *HOST_INPUTS) if k not in feed]
         if missing:
             raise KeyError(f"{self.name}: feed lacks {missing}")
         start = time.perf_counter()
@@ -75,7 +96,7 @@ class Runner(ABC):
         except Exception as exc:  # runtimes have their own types; onnxruntime's are not RuntimeError
             raise classify_runtime_error(exc, self.name) from exc
         self.last_inference_s = time.perf_counter() - start
-        return out
+        return self.readout.totals(out, feed)
 
     @abstractmethod
     def _activate(self) -> None: ...
@@ -88,65 +109,105 @@ class Runner(ABC):
 
 
 class TorchRunner(Runner):
-    """Eager PyTorch: the scatter-free model on CPU or CUDA, float32 or float64.
+    """Eager PyTorch: the scatter-free model on CPU or CUDA, in float64, float32, float16 or bfloat16.
 
-    ``stress=True`` (gradient-force models) feeds ``cell`` and returns stress.
-    The caller's model is left as it is: the runner casts its own copy.
+    ``device`` is ``auto`` (CUDA when torch sees a GPU), ``cpu``, ``cuda`` or
+    ``cuda:N``; a CUDA device that torch cannot see is refused, never
+    replaced by the CPU. ``stress=True`` (gradient-force models) returns
+    stress. The caller's model is left as it is: the runner casts its own copy.
     """
 
     def __init__(self, model, device: str = "cpu", dtype: str = "float32", stress: bool = False) -> None:
         super().__init__()
-        self.source, self.device, self.dtype = model, device, dtype
+        parse_device(device)
+        self.source, self.requested, self.dtype = model, device, dtype
         self.precision = dtype
-        self.name = f"torch-{device.split(':')[0]}-{dtype}"
-        self.input_names = input_names(model.gradient_forces, stress)
+        self.name = f"torch-{dtype}"
+        self.input_names = input_names(model.gradient_forces)
         self.output_names = output_names(stress)
+        self.readout = SystemReadout.of(model.normalization)
 
     def _activate(self) -> None:
         import copy
 
         import torch
 
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeUnavailableError("torch: no CUDA device available")
-        self._torch = torch
-        self._float = getattr(torch, self.dtype)
-        self.model = copy.deepcopy(self.source).to(device=self.device, dtype=self._float).eval()
+        kind, index = parse_device(self.requested)
+        if kind == "auto":
+            kind = "cuda" if torch.cuda.is_available() else "cpu"
+        if kind == "cuda":
+            if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+                raise RuntimeUnavailableError(
+                    f"torch: no CUDA device {index} (torch {torch.__version__} sees "
+                    f"{torch.cuda.device_count()}); use --device cpu or auto"
+                )
+            self.device = f"cuda:{index}"
+            self.provider = torch.cuda.get_device_name(index)
+        else:
+            self.device = self.provider = "cpu"
+        self.name = f"torch-{self.device.split(':')[0]}-{self.dtype}"
+        dtype = getattr(torch, self.dtype)
+        self.model = copy.deepcopy(self.source).to(device=self.device, dtype=dtype).eval()
 
     def _deactivate(self) -> None:
         self.model = None
 
     def _infer(self, feed):
-        torch = self._torch
-        inputs = []
-        for name in self.input_names:
-            t = torch.from_numpy(np.ascontiguousarray(feed[name]))
-            if t.is_floating_point():
-                t = t.to(self._float)
-            inputs.append(t.to(self.device))
-        # Gradient forces need autograd: no inference mode for them.
-        with torch.inference_mode(self.model.config.direct_forces):
-            outputs = self.model(*inputs)
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return {name: t.detach().cpu().numpy() for name, t in zip(self.output_names, outputs)}
+        return self.model.per_atom(feed, virial=self.has_stress)  # copied to the host: synchronised
 
 
 class OnnxRuntimeRunner(Runner):
-    """ONNX Runtime on an exported file (CPU provider; CUDA/TensorRT when available)."""
+    """ONNX Runtime on an exported file, on the CPU or on a GPU (onnxruntime-gpu).
+
+    ``device``: ``cpu``; ``cuda``/``cuda:N`` (the CUDA execution provider,
+    with TensorRT's provider first where onnxruntime has it and
+    ``tensorrt_provider=True``); ``auto``: CUDA when this onnxruntime has it,
+    else the CPU. A CUDA device that this onnxruntime cannot give is refused,
+    never replaced by the CPU. On CUDA the inputs are bound to the device
+    once per batch (IO binding) and the outputs copied back once.
+    ``threads`` sets the CPU provider's intra-op threads (default: ORT's,
+    one per core).
+    """
 
     def __init__(
-        self, path: str | Path, providers: list[str] | None = None, threads: int | None = None
+        self,
+        path: str | Path,
+        device: str = "cpu",
+        threads: int | None = None,
+        tensorrt_provider: bool = False,
     ) -> None:
         super().__init__()
-        self.path, self.providers, self.threads = Path(path), providers, threads
+        parse_device(device)
+        self.path, self.requested, self.threads = Path(path), device, threads
+        self.tensorrt_provider = tensorrt_provider
         self.name = "onnxruntime"
+
+    def _providers(self, ort) -> list:
+        kind, index = parse_device(self.requested)
+        available = ort.get_available_providers()
+        if kind == "auto":
+            kind = "cuda" if "CUDAExecutionProvider" in available else "cpu"
+        if kind == "cpu":
+            self.device = "cpu"
+            return ["CPUExecutionProvider"]
+        if "CUDAExecutionProvider" not in available:
+            raise RuntimeUnavailableError(
+                f"onnxruntime {ort.__version__} has no CUDA execution provider (it has "
+                f"{', '.join(available)}): pip install onnxruntime-gpu, or use --device cpu"
+            )
+        self.device = f"cuda:{index}"
+        providers: list = [("CUDAExecutionProvider", {"device_id": index})]
+        if self.tensorrt_provider and "TensorrtExecutionProvider" in available:
+            providers.insert(0, ("TensorrtExecutionProvider", {"device_id": index}))
+        return providers
 
     def _activate(self) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
             raise RuntimeUnavailableError("onnxruntime is not installed: pip install onnxruntime") from exc
+        from painn_export.metadata import model_facts
+
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Memory patterns plan one block per input shape for all intermediates;
@@ -155,20 +216,22 @@ class OnnxRuntimeRunner(Runner):
         options.enable_mem_pattern = False
         if self.threads:
             options.intra_op_num_threads = self.threads
-        available = ort.get_available_providers()
-        providers = self.providers or ["CPUExecutionProvider"]
-        absent = [p for p in providers if p not in available]
-        if absent:
+        self.session = ort.InferenceSession(str(self.path), options, providers=self._providers(ort))
+        ran = self.session.get_providers()[0]
+        if self.device != "cpu" and ran == "CPUExecutionProvider":
             raise RuntimeUnavailableError(
-                f"onnxruntime lacks {absent} (has {available}); pip install onnxruntime-gpu"
+                f"onnxruntime could not start its CUDA provider on {self.device}; use --device cpu"
             )
-        self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        self.provider = ran.removesuffix("ExecutionProvider").lower()
+        self.name = "onnxruntime-" + self.provider
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_names = tuple(o.name for o in self.session.get_outputs())
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.readout = model_facts(meta, self.path).readout
         types = {i.name: i.type for i in self.session.get_inputs()}
         self._float = np.float64 if types.get("positions") == "tensor(double)" else np.float32
         self.precision = np.dtype(self._float).name
-        self.name = "onnxruntime-" + providers[0].removesuffix("ExecutionProvider").lower()
+        self._ort = ort
 
     def _infer(self, feed):
         inputs = {
@@ -177,8 +240,18 @@ class OnnxRuntimeRunner(Runner):
             )
             for name in self.input_names
         }
-        outputs = self.session.run(list(self.output_names), inputs)
-        return dict(zip(self.output_names, outputs))
+        if self.device == "cpu":
+            outputs = self.session.run(list(self.output_names), inputs)
+            return dict(zip(self.output_names, outputs))
+        index = int(self.device.split(":")[1])
+        binding = self.session.io_binding()
+        for name, array in inputs.items():
+            value = self._ort.OrtValue.ortvalue_from_numpy(array, "cuda", index)
+            binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
 
     def _deactivate(self) -> None:
         self.session = None
@@ -187,10 +260,13 @@ class OnnxRuntimeRunner(Runner):
 class TensorRTRunner(Runner):
     """A serialized TensorRT engine built by :func:`painn_export.trt.build_engine`."""
 
-    def __init__(self, engine_path: str | Path, precision: str = "fp32") -> None:
+    def __init__(
+        self, engine_path: str | Path, precision: str = "fp32", readout: SystemReadout | None = None
+    ) -> None:
         super().__init__()
         self.engine_path = Path(engine_path)
         self.precision = precision  # fp32, tf32 or fp16 kernels (its inputs are float32)
+        self.readout = readout or SystemReadout()
         self.name = "tensorrt"
 
     def _activate(self) -> None:
@@ -204,18 +280,19 @@ class TensorRTRunner(Runner):
         self.output_names = tuple(n for n in names if not is_input[n])
         self.stream = self._torch.cuda.Stream()
         self._profile = 0
+        self.device = "cuda:0"
+        self.provider = self._torch.cuda.get_device_name(0)
 
     def _select_profile(self, feed) -> None:
         n_atoms, n_slots = feed["neighbors"].shape
-        n_systems = len(feed["natoms"])
         for index, profile in enumerate(self.profiles):
-            if profile.admits(n_atoms, n_slots, n_systems):
+            if profile.admits(n_atoms, n_slots):
                 if index != self._profile:
                     self.context.set_optimization_profile_async(index, self.stream.cuda_stream)
                     self._profile = index
                 return
         raise BatchTooLargeError(
-            f"tensorrt: a batch of {n_atoms} atoms, {n_slots} slots, {n_systems} systems fits no "
+            f"tensorrt: a batch of {n_atoms} atoms, {n_slots} slots fits no "
             "optimisation profile of this engine; split the batch or rebuild with larger --max-*"
         )
 
@@ -244,8 +321,68 @@ class TensorRTRunner(Runner):
         self.context = self.engine = None
 
 
+class AOTInductorRunner(Runner):
+    """An AOTInductor package (``.pt2``, :mod:`painn_export.aoti`) on the device it was compiled for.
+
+    ``device``: ``auto`` is the package's own device kind; a package compiled
+    for another torch, device or GPU is refused in one line before its code
+    is loaded. ``threads`` sets torch's intra-op threads (the CPU package's
+    OpenMP loops use them).
+    """
+
+    def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None) -> None:
+        super().__init__()
+        parse_device(device)
+        self.path, self.requested, self.threads = Path(path), device, threads
+        self.name = "aoti"
+
+    def _activate(self) -> None:
+        import torch
+
+        from painn_export.aoti import load_package, read_package_facts
+        from painn_export.metadata import model_facts
+
+        kind, index = parse_device(self.requested)
+        built = read_package_facts(self.path).get("device", "cpu")
+        if kind == "auto":
+            kind = built
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise RuntimeUnavailableError(
+                f"{self.path} runs on device {built}, and torch {torch.__version__} sees no GPU here"
+                + ("" if built == "cuda" else "; use --device cpu or auto")
+            )
+        self.device = f"cuda:{index}" if kind == "cuda" else "cpu"
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        self.model, facts = load_package(self.path, self.device)
+        meta = facts["metadata"]
+        info = model_facts(meta, self.path)
+        self.readout, self.precision = info.readout, info.precision
+        self.input_names = tuple(json.loads(meta["painn_export.inputs"]))
+        self.output_names = tuple(json.loads(meta["painn_export.outputs"]))
+        self.provider = torch.cuda.get_device_name(index) if kind == "cuda" else "cpu"
+        self.name = f"aoti-{kind}"
+        self._torch = torch
+
+    def _infer(self, feed):
+        torch = self._torch
+        dtype = np.float64 if self.precision == "float64" else np.float32
+        inputs = [
+            torch.from_numpy(
+                np.ascontiguousarray(feed[n], dtype=dtype if feed[n].dtype.kind == "f" else np.int64)
+            ).to(self.device)
+            for n in self.input_names
+        ]
+        with torch.no_grad():
+            outputs = self.model(*inputs)
+        return {n: t.detach().cpu().numpy() for n, t in zip(self.output_names, outputs)}
+
+    def _deactivate(self) -> None:
+        self.model = None
+
+
 def open_runner(
-    path: str | Path | None, runtime: str = "onnxruntime", device: str = "cpu"
+    path: str | Path | None, runtime: str = "onnxruntime", device: str = "cpu", threads: int | None = None
 ) -> tuple[Runner, ModelFacts]:
     """A runner for ``path`` and the model facts, for any model file.
 
@@ -253,12 +390,16 @@ def open_runner(
     exported to a cached ONNX file when ``runtime="onnxruntime"``), an
     ``.onnx`` file (ONNX Runtime), or an ``.engine`` (TensorRT). ``None`` is
     the bundled demo model. Gradient-force models serve stress where the
-    file has it (checkpoints always do).
+    file has it (checkpoints always do). ``device`` is ``auto``, ``cpu``,
+    ``cuda`` or ``cuda:N`` (checked when the runner starts: a device the
+    runtime cannot give is a :class:`RuntimeUnavailableError`). ``threads``:
+    ONNX Runtime's CPU threads.
     """
     from painn_export.metadata import model_facts, read_metadata
 
-    if runtime not in ("torch", "onnxruntime", "tensorrt"):
-        raise ValueError(f"runtime must be torch, onnxruntime or tensorrt, got {runtime!r}")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    kind, _ = parse_device(device)
     if path is None:
         from painn_export.demo import demo_model_path
 
@@ -269,27 +410,50 @@ def open_runner(
     if path.suffix == ".engine":
         from painn_export.trt import read_sidecar
 
+        if kind == "cpu":
+            raise RuntimeUnavailableError(f"{path}: a TensorRT engine runs on a GPU only, not --device cpu")
         side = read_sidecar(path)
         meta = side["model_metadata"]  # the engine's own copy: its ONNX file may be gone
-        runner: Runner = TensorRTRunner(path, precision=side.get("precision", "fp32"))
-    elif path.suffix == ".onnx":
+        facts = model_facts(meta, path)
+        return TensorRTRunner(path, side.get("precision", "fp32"), facts.readout), facts
+    if path.suffix == ".pt2":
+        from painn_export.aoti import read_package_facts
+
+        facts = model_facts(read_package_facts(path)["metadata"], path)
+        return AOTInductorRunner(path, device=device, threads=threads), facts
+    if path.suffix == ".onnx":
         if runtime == "tensorrt":
             raise ValueError(f"{path}: --runtime tensorrt needs an engine (painn-export trt {path.name})")
-        if runtime == "torch":
-            raise ValueError(f"{path}: an ONNX file runs on onnxruntime, not torch; pass the checkpoint")
-        meta = read_metadata(path)
-        runner = OnnxRuntimeRunner(path)
-    else:
-        from painn_export.checkpoint import load_model
+        if runtime != "onnxruntime":
+            raise ValueError(f"{path}: an ONNX file runs on onnxruntime, not {runtime}; pass the checkpoint")
+        facts = model_facts(read_metadata(path), path)
+        return OnnxRuntimeRunner(path, device=device, threads=threads), facts
+    from painn_export.checkpoint import load_model
 
-        model = load_model(path)
-        if runtime == "tensorrt":
-            raise ValueError(f"{path}: --runtime tensorrt needs an engine built from an ONNX export")
-        if runtime == "onnxruntime":
-            from painn_export.demo import cached_onnx
+    model = load_model(path)
+    if runtime == "tensorrt":
+        raise ValueError(f"{path}: --runtime tensorrt needs an engine built from an ONNX export")
+    if runtime == "onnxruntime":
+        from painn_export.demo import cached_onnx
 
-            return open_runner(cached_onnx(model, path), "onnxruntime")
-        cfg = model.config
-        facts = ModelFacts(cfg.cutoff, cfg.max_neighbors, cfg.num_elements, model.gradient_forces)
-        return TorchRunner(model, device=device, stress=model.gradient_forces), facts
-    return runner, model_facts(meta, path)
+        return open_runner(cached_onnx(model, path), "onnxruntime", device, threads)
+    if runtime == "aoti":
+        import torch
+
+        from painn_export.demo import cached_aoti
+
+        target = "cuda" if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()) else "cpu"
+        if target == "cuda" and not torch.cuda.is_available():
+            raise RuntimeUnavailableError(f"torch {torch.__version__} sees no GPU: use --device cpu or auto")
+        target = device if device.startswith("cuda:") else target
+        return open_runner(cached_aoti(model, path, target), "aoti", target, threads)
+    cfg = model.config
+    facts = ModelFacts(
+        cfg.cutoff,
+        cfg.max_neighbors,
+        cfg.num_elements,
+        model.gradient_forces,
+        readout=SystemReadout.of(model.normalization),
+        stress=model.gradient_forces,
+    )
+    return TorchRunner(model, device=device, stress=model.gradient_forces), facts

@@ -1,6 +1,10 @@
 """TensorRT engines from the exported ONNX file (TensorRT 10 Python API).
 
-The graph has no scatter (contract version 2), so no plugin is needed.
+The graph has no scatter (contract version 3), so no plugin is needed. Its
+outputs are per atom; the sums over systems are the host's, in float64
+(:mod:`painn_export.readout`), and the layers that write the outputs are
+pinned to FP32 in TF32/FP16 builds, so reduced precision never reaches a
+total.
 ``tensorrt`` is imported only here, lazily; without it (or without a GPU)
 :class:`~painn_export.runners.RuntimeUnavailableError` says what to install. Each
 engine gets a JSON sidecar (TensorRT version, GPU and compute capability,
@@ -17,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from painn_export.checkpoint import file_sha256
-from painn_export.contract import AXES, BASE_INPUTS, REVERSE_INPUT, STATIC, STRESS_INPUT
+from painn_export.contract import AXES, STATIC, input_names, slot_count
 from painn_export.errors import RuntimeUnavailableError
 
 INSTALL_HINT = (
@@ -28,28 +32,31 @@ INSTALL_HINT = (
 
 @dataclass(frozen=True)
 class Profile:
-    """One optimisation profile: (min, opt, max) for atoms, neighbour slots per atom, and systems."""
+    """One optimisation profile: (min, opt, max) for atoms and neighbour slots per atom.
+
+    Slot counts are those of :func:`~painn_export.contract.slot_count` (the
+    one rule collate and the batcher use): a profile's slots are rounded to it.
+    """
 
     atoms: tuple[int, int, int] = (1, 2048, 16384)
     slots: tuple[int, int, int] = (8, 64, 128)
-    systems: tuple[int, int, int] = (1, 32, 1024)
 
     def __post_init__(self) -> None:
-        for name in ("atoms", "slots", "systems"):
+        for name in ("atoms", "slots"):
             lo, opt, hi = getattr(self, name)
             if not 1 <= lo <= opt <= hi:
                 raise ValueError(f"profile {name}: need 1 <= min <= opt <= max, got {(lo, opt, hi)}")
+        if any(slot_count(k) != k for k in self.slots):
+            raise ValueError(
+                f"profile slots {self.slots}: each must be a slot count collate makes "
+                f"(a multiple of 8, at least 8), e.g. {tuple(slot_count(k) for k in self.slots)}"
+            )
 
     def input_shapes(self) -> dict[str, tuple[tuple[int, ...], ...]]:
         """Per contract input: its (min, opt, max) shapes."""
-        sizes = {
-            "n_atoms": self.atoms,
-            "n_slots": self.slots,
-            "n_systems": self.systems,
-            "n_pairs": self.pairs,
-        }
+        sizes = {"n_atoms": self.atoms, "n_slots": self.slots, "n_pairs": self.pairs}
         shapes = {}
-        for name in (*BASE_INPUTS, REVERSE_INPUT, STRESS_INPUT):
+        for name in input_names(gradient=True):
             static = STATIC.get(name, (None,) * len(AXES[name]))
             shapes[name] = tuple(
                 tuple(sizes[axis][k] if axis else static[d] for d, axis in enumerate(AXES[name]))
@@ -59,15 +66,11 @@ class Profile:
 
     @property
     def pairs(self) -> tuple[int, int, int]:
-        """Edge pairs (plus the dummy) that the atoms and slots can hold: at most half the slots."""
-        return (1, max(1, self.atoms[1] * self.slots[1] // 2), self.atoms[2] * self.slots[2] // 2 + 1)
+        """Edge pairs that the atoms and slots can hold: at most half the slots, at least one."""
+        return (1, max(1, self.atoms[1] * self.slots[1] // 2), max(1, self.atoms[2] * self.slots[2] // 2))
 
-    def admits(self, n_atoms: int, n_slots: int, n_systems: int) -> bool:
-        return (
-            self.atoms[0] <= n_atoms <= self.atoms[2]
-            and self.slots[0] <= n_slots <= self.slots[2]
-            and self.systems[0] <= n_systems <= self.systems[2]
-        )
+    def admits(self, n_atoms: int, n_slots: int) -> bool:
+        return self.atoms[0] <= n_atoms <= self.atoms[2] and self.slots[0] <= n_slots <= self.slots[2]
 
 
 def _import_tensorrt():
@@ -164,6 +167,9 @@ def build_engine(
         config.set_flag(trt.BuilderFlag.TF32)
     else:
         config.clear_flag(trt.BuilderFlag.TF32)
+    if fp16 or tf32:
+        _pin_outputs_to_fp32(trt, network)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
     cache_path = Path(timing_cache) if timing_cache else None
     cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)
@@ -201,6 +207,21 @@ def build_engine(
     }
     sidecar_path(output).write_text(json.dumps(sidecar, indent=2))
     return output
+
+
+def _pin_outputs_to_fp32(trt, network) -> None:
+    """Run the layers that write the graph's outputs (atomic energies, forces, virials) in FP32.
+
+    What the host sums in float64 is then never rounded to FP16's or TF32's
+    10 mantissa bits on its last step.
+    """
+    outputs = {network.get_output(k).name for k in range(network.num_outputs)}
+    for k in range(network.num_layers):
+        layer = network.get_layer(k)
+        for o in range(layer.num_outputs):
+            if layer.get_output(o).name in outputs:
+                layer.precision = trt.float32
+                layer.set_output_type(o, trt.float32)
 
 
 def load_engine(path: str | Path):

@@ -1,8 +1,8 @@
 """Packing structures into batches and evaluating them: the part the local and the Ray pipelines share.
 
 Items (a graph, or a status for a structure that has none) are packed in
-order up to the batch limits (atoms, padded edge slots, slots per atom,
-systems) and run; a batch the runtime cannot fit is split in halves down to
+order up to the batch limits (atoms, padded edge slots, slots per atom) and
+run; a batch the runtime cannot fit is split in halves down to
 one structure (``too_large``), any other failure ends the run. Results go to
 a *writer* with ``commit_results``/``commit_status``: the output file's
 :class:`~pipelines.output.Writer` locally, a collector on a Ray actor.
@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from painn_export.batch import collate, slot_count
+from painn_export.batch import collate
+from painn_export.contract import slot_count
 from painn_export.errors import BatchTooLargeError
 from pipelines.graphs import Item
 from pipelines.output import SUCCESS
@@ -22,10 +23,19 @@ from pipelines.output import SUCCESS
 CHUNK = 128  # structures per neighbour-graph task (a worker's, or a Ray task's)
 
 
+def chunks(pending: np.ndarray):
+    """Runs of pending structure indices, at most CHUNK each: one neighbour-graph task each."""
+    for lo in range(0, len(pending), CHUNK):
+        yield pending[lo : lo + CHUNK]
+
+
 @dataclass
 class Summary:
     output: str = ""
     runtime: str = ""
+    device: str = ""  # where the runtime ran (cpu, cuda:0)
+    provider: str = ""  # what ran it (an execution provider, a GPU's name)
+    model_seconds: float = 0.0  # wall time inside the runtime's inference calls
     n_structures: int = 0
     computed: int = 0  # structures given a final status by this run
     already_done: int = 0  # structures final before this run (--resume)
@@ -40,6 +50,8 @@ class Summary:
         report = {
             "output": self.output,
             "runtime": self.runtime,
+            "device": self.device,
+            "provider": self.provider,
             "n_structures": self.n_structures,
             "computed": self.computed,
             "already_done": self.already_done,
@@ -47,6 +59,7 @@ class Summary:
             "seconds": round(self.seconds, 3),
             "structures_per_s": round(self.computed / self.seconds, 2) if self.seconds else None,
             "atoms_per_s": round(self.atoms / self.seconds, 1) if self.seconds else None,
+            "model_fraction": round(self.model_seconds / self.seconds, 3) if self.seconds else None,
             "energy_mae_eV_per_atom": self.energy_mae_per_atom,
             "forces_mae_eV_per_A": self.forces_mae,
         }
@@ -63,25 +76,32 @@ class Limits:
 
     atoms: int
     edge_slots: float  # atoms x slots per atom (the padded edges the model evaluates)
-    systems: float
     slots: float  # slots per atom
 
+    def admit(self, atoms: int, max_degree: int) -> bool:
+        """A batch of ``atoms`` whose busiest atom has ``max_degree`` edges fits.
 
-def _limits(runner, max_atoms: int, max_edges: int | None) -> Limits:
+        Slots per atom are :func:`~painn_export.contract.slot_count`'s, the
+        number collate gives the batch.
+        """
+        slots = slot_count(max_degree)
+        return atoms <= self.atoms and atoms * slots <= self.edge_slots and slots <= self.slots
+
+
+def batch_limits(runner, max_atoms: int, max_edges: int | None) -> Limits:
     """Batch limits: the user's, within a TensorRT engine's largest profile."""
-    limits = Limits(max_atoms, float(max_edges or np.inf), np.inf, np.inf)
+    limits = Limits(max_atoms, float(max_edges or np.inf), np.inf)
     profiles = getattr(runner, "profiles", None) or []
     if profiles:
         limits = Limits(
             min(max_atoms, max(p.atoms[2] for p in profiles)),
             limits.edge_slots,
-            max(p.systems[2] for p in profiles),
             max(p.slots[2] for p in profiles),
         )
     return limits
 
 
-def _evaluate(items, runner, writer, limits: Limits, summary, bar) -> None:
+def evaluate(items, runner, writer, limits: Limits, summary, bar) -> None:
     """Pack ``items`` (in order) into batches within ``limits``, run each, commit through ``writer``.
 
     ``writer`` needs ``commit_results`` and ``commit_status`` (the output
@@ -106,22 +126,17 @@ def _evaluate(items, runner, writer, limits: Limits, summary, bar) -> None:
             continue
         g = item.graph
         grown_atoms, grown_degree = atoms + g.n_atoms, max(degree, g.max_degree)
-        if batch and (
-            grown_atoms > limits.atoms
-            or grown_atoms * slot_count(grown_degree) > limits.edge_slots
-            or slot_count(grown_degree) > limits.slots
-            or len(batch) >= limits.systems
-        ):
-            _run_batch(runner, batch, writer, summary, bar)
+        if batch and not limits.admit(grown_atoms, grown_degree):
+            run_batch(runner, batch, writer, summary, bar)
             batch, grown_atoms, grown_degree = [], g.n_atoms, g.max_degree
         batch.append(item)
         atoms, degree = grown_atoms, grown_degree
     if batch:
-        _run_batch(runner, batch, writer, summary, bar)
+        run_batch(runner, batch, writer, summary, bar)
     flush_failed()
 
 
-def _run_batch(runner, batch: list[Item], writer, summary: Summary, bar) -> None:
+def run_batch(runner, batch: list[Item], writer, summary: Summary, bar) -> None:
     """Evaluate ``batch`` and commit it; split it in halves when it does not fit the runtime.
 
     Only a batch that is too large (memory, an engine profile) is split; any
@@ -137,9 +152,10 @@ def _run_batch(runner, batch: list[Item], writer, summary: Summary, bar) -> None
             bar.update(1, 0)
             return
         half = len(batch) // 2
-        _run_batch(runner, batch[:half], writer, summary, bar)
-        _run_batch(runner, batch[half:], writer, summary, bar)
+        run_batch(runner, batch[:half], writer, summary, bar)
+        run_batch(runner, batch[half:], writer, summary, bar)
         return
+    summary.model_seconds += runner.last_inference_s
     rows, bad = [], []
     atom = 0
     for k, it in enumerate(batch):

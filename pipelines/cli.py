@@ -2,7 +2,8 @@
 
 Exit codes: 0 every structure ok; 3 finished but some structures failed
 (see the output's ``status``); 1 fatal (unusable input, model or partial
-file, a full disk); 2 usage; 128 + the signal when stopped by one: 130
+file, a full disk); 2 usage, or a runtime or device this machine cannot give
+(``--device cuda`` without a GPU for that runtime); 128 + the signal when stopped by one: 130
 Ctrl-C, 143 SIGTERM, 129 SIGHUP (what was done is kept: rerun with --resume).
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from painn_export.cli import GuardedGroup
+from painn_export.cli import GuardedGroup, device_option, unavailable
 from painn_export.errors import one_line
 
 EXIT_SOME_FAILED = 3
@@ -38,7 +39,7 @@ def main() -> None:
 )
 @click.option(
     "--runtime",
-    type=click.Choice(["torch", "onnxruntime", "tensorrt"]),
+    type=click.Choice(["torch", "onnxruntime", "tensorrt", "aoti"]),
     default="onnxruntime",
     show_default=True,
 )
@@ -82,6 +83,7 @@ def main() -> None:
     show_default=True,
     help="Structures per actor call.",
 )
+@device_option("Where the runtime runs (auto: a GPU where this runtime can use one, else the CPU).")
 @click.option("--resume", is_flag=True, help="Continue OUT.partial.h5 (same input, model and runtime).")
 @click.option("--overwrite", is_flag=True, help="Start over, replacing OUT and OUT.partial.h5.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
@@ -99,6 +101,7 @@ def run_cmd(
     ray_actors,
     ray_gpus_per_actor,
     ray_batch,
+    device,
     resume,
     overwrite,
     as_json,
@@ -131,6 +134,7 @@ def run_cmd(
             output,
             model_path,
             runtime=runtime,
+            device=device,
             max_atoms=max_atoms,
             max_edges=max_edges,
             workers=default_workers() if workers is None else workers,
@@ -142,13 +146,14 @@ def run_cmd(
     except RunInterruptedError as exc:
         click.echo(f"painn-batch: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except RuntimeUnavailableError as exc:  # a runtime or device this machine cannot give
+        unavailable(one_line(exc, limit=None))
     except (
         SchemaError,
         ResumeError,
         ValueError,
         FileNotFoundError,
         ImportError,
-        RuntimeUnavailableError,
     ) as exc:
         raise click.ClickException(one_line(exc, limit=None)) from exc
     except (InferenceError, WorkerError, OSError) as exc:  # OSError: a full disk, a file system gone
@@ -161,7 +166,7 @@ def run_cmd(
     elif not quiet:
         click.echo(
             f"wrote {output}: {report['status_counts']} in {report['seconds']} s "
-            f"({report['structures_per_s']} structures/s)",
+            f"({report['structures_per_s']} structures/s, {report['runtime']} on {report['device']})",
             err=True,
         )
     if not summary.all_ok:

@@ -44,28 +44,18 @@ class Item:
     message: str
 
 
-_state: dict = {}
-
-
-def init_worker(input_path: str, settings: GraphSettings) -> None:
-    """Open the input for :func:`build_items` in this process (a worker, or the main one)."""
-    _state["reader"] = InputReader(input_path)
-    _state["settings"] = settings
-
-
-def close_worker() -> None:
-    """Close what :func:`init_worker` opened in this process."""
-    reader = _state.pop("reader", None)
-    if reader is not None:
-        reader.close()
-    _state.clear()
+# A neighbour worker process's open input and settings, set once by its
+# initialiser (the process pool's idiom: one worker, one input). The main
+# process never uses it: ``--workers 0`` calls :func:`items_from` with a reader of its own.
+_worker: dict = {}
 
 
 def init_worker_process(input_path: str, settings: GraphSettings) -> None:
-    """Initialiser of a neighbour worker process: :func:`init_worker`, kept light and tied to its run."""
+    """Initialiser of a neighbour worker process: light, tied to its run, its input opened once."""
     _keep_torch_out()
     _exit_with_parent()
-    init_worker(input_path, settings)
+    _worker["reader"] = InputReader(input_path)
+    _worker["settings"] = settings
 
 
 def _keep_torch_out() -> None:
@@ -102,8 +92,8 @@ def _exit_with_parent(poll_s: float = 0.5) -> None:
 
 
 def build_items(indices: np.ndarray) -> list[Item]:
-    """Graphs (or statuses) of the structures ``indices`` (sorted) of the input :func:`init_worker` opened."""
-    return items_from(_state["reader"], _state["settings"], indices)
+    """In a worker process: graphs (or statuses) of the structures ``indices`` (sorted) of its input."""
+    return items_from(_worker["reader"], _worker["settings"], indices)
 
 
 def items_from(reader: InputReader, settings: GraphSettings, indices: np.ndarray) -> list[Item]:

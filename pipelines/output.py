@@ -119,6 +119,8 @@ class Fingerprint:
     precision: str
     stress: bool
     package_version: str
+    device: str = "cpu"  # cpu or cuda: where the runtime ran
+    provider: str = "cpu"  # what ran it: an execution provider, a GPU's name
 
 
 def input_sha256(path: str | Path) -> str:

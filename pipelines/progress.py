@@ -11,7 +11,10 @@ BAR = "{l_bar}{bar}| {n_fmt}/{total_fmt} structures [{elapsed}<{remaining}, {rat
 class Progress:
     """A tqdm bar counting structures, with the atoms/s rate beside it."""
 
-    def __init__(self, total: int, enabled: bool | None = None, stream=None, interval: float = 0.5) -> None:
+    def __init__(
+        self, total: int, enabled: bool | None = None, stream=None, interval: float = 0.5, label: str = ""
+    ) -> None:
+        """``label`` leads the line: what runs, and where (``onnxruntime-cpu on cpu``)."""
         from tqdm import tqdm
 
         stream = stream or sys.stderr
@@ -25,6 +28,7 @@ class Progress:
             mininterval=interval,
             dynamic_ncols=True,
             bar_format=BAR,
+            desc=label or None,
         )
 
     def update(self, structures: int, atoms: int) -> None:

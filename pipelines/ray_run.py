@@ -3,7 +3,7 @@
 The plan, stage by stage:
 
 1. **Source.** The pending structures (all, or what ``--resume`` left) in
-   chunks of :data:`pipelines.run.CHUNK` indices, one row each
+   chunks of :data:`pipelines.batches.CHUNK` indices, one row each
    (``ray.data.from_items``). The input reaches the workers *by its path*:
    every node must see the HDF5 file at the same path (a shared file system,
    or a copy at the same place). Only indices travel, never structures.
@@ -14,7 +14,7 @@ The plan, stage by stage:
    ``ActorPoolStrategy``): each actor opens the model once (one Runner, GPUs
    if asked), packs what it receives into batches by the local batcher's
    atom/edge budget and splits a batch that does not fit, exactly as the
-   local pipeline (:func:`pipelines.run._evaluate`).
+   local pipeline (:func:`pipelines.batches.evaluate`).
 4. **Writing**, on the driver only: results stream back
    (``iter_batches``) and go through the crash-safe writer of the local
    pipeline, so the output, its statuses, fingerprints and ``--resume`` are
@@ -135,17 +135,19 @@ class _Collector:
 class _Inference:
     """Ray actor: one Runner, opened once; evaluates what it receives as the local pipeline would."""
 
-    job: tuple = ()  # (model_path, runtime, limits), set on the subclass made per run
+    job: tuple = ()  # (model_path, runtime, device, limits), set on the subclass made per run
 
     def __init__(self) -> None:
         from painn_export.runners import open_runner
 
-        model_path, runtime, self.limits = self.job
-        self.runner, _ = open_runner(model_path, runtime)
+        model_path, runtime, device, self.limits = self.job
+        # One CPU thread: the CPU that Ray gave this actor. A GPU actor's device
+        # is "cuda": Ray's CUDA_VISIBLE_DEVICES makes its own GPU cuda:0.
+        self.runner, _ = open_runner(model_path, runtime, device, threads=1)
         self.runner.activate()
 
     def __call__(self, batch: dict) -> dict:
-        from pipelines.batches import Summary, _evaluate
+        from pipelines.batches import Summary, evaluate
         from pipelines.graphs import Item
         from pipelines.progress import Progress
 
@@ -156,13 +158,13 @@ class _Inference:
             )
         ]
         sink = _Collector()
-        _evaluate(items, self.runner, sink, self.limits, Summary(), Progress(0, enabled=False))
+        evaluate(items, self.runner, sink, self.limits, Summary(), Progress(0, enabled=False))
         return sink.as_batch()
 
 
 def evaluate_on_ray(job, pending: np.ndarray, options: RayOptions, writer, summary, bar) -> None:
     """Run the graph and inference stages of ``pending`` on Ray; commit what comes back through ``writer``."""
-    from pipelines.batches import CHUNK
+    from pipelines.batches import chunks
     from pipelines.signals import stop_on_signals
 
     ray = import_ray()
@@ -172,13 +174,10 @@ def evaluate_on_ray(job, pending: np.ndarray, options: RayOptions, writer, summa
         with stop_on_signals():
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = False  # painn-batch draws its own
-            chunks = [
-                {"indices": pending[lo : lo + CHUNK].astype(np.int64).tobytes()}
-                for lo in range(0, len(pending), CHUNK)
-            ]
-            if not chunks:
+            tasks = [{"indices": chunk.astype(np.int64).tobytes()} for chunk in chunks(pending)]
+            if not tasks:
                 return
-            ds = _plan(ray, chunks, job, options)
+            ds = _plan(ray, tasks, job, options)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 _commit(batch, writer, summary, bar)
     finally:
@@ -191,7 +190,8 @@ def _plan(ray, chunks: list[dict], job, options: RayOptions):
     input_path, model_path, runtime, settings, limits = job
     # The job rides on the class, not in constructor arguments: a restarted
     # actor must not depend on objects in the store.
-    actor = type("Inference", (_Inference,), {"job": (model_path, runtime, limits)})
+    device = "cuda" if options.gpus_per_actor else "cpu"
+    actor = type("Inference", (_Inference,), {"job": (model_path, runtime, device, limits)})
     with warnings.catch_warnings():  # retry arguments go through ray_remote_args (deprecated in Ray 2.60)
         warnings.simplefilter("ignore", DeprecationWarning)
         ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))

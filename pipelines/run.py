@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from painn_export.schema import InputReader, validate_input
-from pipelines.batches import CHUNK, Summary, _evaluate, _limits
-from pipelines.graphs import GraphSettings, build_items, close_worker, init_worker, init_worker_process
+from pipelines.batches import Summary, batch_limits, chunks, evaluate
+from pipelines.graphs import GraphSettings, build_items, init_worker_process, items_from
 from pipelines.output import (
     STATUS,
     SUCCESS,
@@ -77,6 +77,7 @@ def run_file(
     model_path: str | Path | None = None,
     *,
     runtime: str = "onnxruntime",
+    device: str = "auto",
     max_atoms: int = 4096,
     max_edges: int | None = None,
     workers: int = 1,
@@ -92,6 +93,9 @@ def run_file(
     holds a lock on ``output_path``: a second run on it is refused. With
     ``ray`` (a :class:`pipelines.ray_run.RayOptions`) the graphs and the
     inference run on a Ray cluster; this process still writes the output.
+    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) is where the runtime
+    runs; one it cannot give raises
+    :class:`~painn_export.errors.RuntimeUnavailableError` before any work.
     """
     start = time.perf_counter()
     info = validate_input(input_path)
@@ -110,6 +114,7 @@ def run_file(
                 info,
                 model_path,
                 runtime=runtime,
+                device=device,
                 limits=(max_atoms, max_edges),
                 workers=workers,
                 resume=resume,
@@ -148,6 +153,7 @@ def _run_locked(
     model_path,
     *,
     runtime,
+    device,
     limits,
     workers,
     resume,
@@ -159,7 +165,7 @@ def _run_locked(
     from painn_export.runners import open_runner
     from painn_export.version import __version__
 
-    runner, facts = open_runner(model_path, runtime)
+    runner, facts = open_runner(model_path, runtime, device)
     runner.activate()
     try:
         fingerprint = Fingerprint(
@@ -171,6 +177,8 @@ def _run_locked(
             precision=runner.precision,
             stress=runner.has_stress,
             package_version=__version__,
+            device=runner.device.split(":")[0],
+            provider=runner.provider,
         )
         if resume and not partial.exists() and output_path.exists():
             check_resumable(output_path, fingerprint)
@@ -183,17 +191,23 @@ def _run_locked(
         with InputReader(input_path) as reader:
             offsets = reader.offsets
         writer = Writer(partial, offsets)
-        summary = Summary(output=str(output_path), runtime=runner.name, n_structures=info.n_structures)
+        summary = Summary(
+            output=str(output_path),
+            runtime=runner.name,
+            device=runner.device,
+            provider=runner.provider,
+            n_structures=info.n_structures,
+        )
         try:
             pending = writer.pending()
             summary.already_done = info.n_structures - len(pending)
-            limits = _limits(runner, *limits)
+            limits = batch_limits(runner, *limits)
             settings = GraphSettings(facts.cutoff, facts.max_neighbors, facts.num_elements)
-            bar = Progress(len(pending), enabled=progress)
+            bar = Progress(len(pending), enabled=progress, label=f"{runner.name} on {runner.device}")
             try:
                 if ray is None:
                     items = _items(str(input_path), pending, settings, workers)
-                    _evaluate(items, runner, writer, limits, summary, bar)
+                    evaluate(items, runner, writer, limits, summary, bar)
                 else:
                     from pipelines.ray_run import evaluate_on_ray
 
@@ -218,21 +232,13 @@ def _run_locked(
     return summary
 
 
-def _chunks(pending: np.ndarray):
-    """Runs of pending structure indices, at most CHUNK each."""
-    for lo in range(0, len(pending), CHUNK):
-        yield pending[lo : lo + CHUNK]
-
-
 def _items(input_path: str, pending: np.ndarray, settings: GraphSettings, workers: int):
     """Items of every pending structure, in order, from a bounded window of worker tasks."""
     if workers <= 0:
-        init_worker(input_path, settings)
-        try:
-            for chunk in _chunks(pending):
-                yield from build_items(chunk)
-        finally:
-            close_worker()  # the input is not left open in this process after the run
+        # In this process: a reader of its own (no module state), closed after the run.
+        with InputReader(input_path) as reader:
+            for chunk in chunks(pending):
+                yield from items_from(reader, settings, chunk)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -248,7 +254,7 @@ def _items(input_path: str, pending: np.ndarray, settings: GraphSettings, worker
     )
     window: deque = deque()
     try:
-        for chunk in _chunks(pending):
+        for chunk in chunks(pending):
             window.append(pool.submit(build_items, chunk))
             if len(window) > 2 * workers:
                 yield from window.popleft().result()

@@ -57,13 +57,14 @@ def model_only(path: Path, model: str | None, runtime: str, max_atoms: int, repe
     """Median seconds of runner.infer over all batches (graphs and feeds built beforehand)."""
     from painn_export.batch import collate
     from painn_export.runners import open_runner
-    from painn_export.schema import validate_input
-    from pipelines.graphs import GraphSettings, build_items, init_worker
+    from painn_export.schema import InputReader, validate_input
+    from pipelines.graphs import GraphSettings, items_from
 
     runner, facts = open_runner(model, runtime)
     n = validate_input(path).n_structures
-    init_worker(str(path), GraphSettings(facts.cutoff, facts.max_neighbors, facts.num_elements))
-    graphs = [it.graph for it in build_items(np.arange(n)) if it.graph is not None]
+    settings = GraphSettings(facts.cutoff, facts.max_neighbors, facts.num_elements)
+    with InputReader(str(path)) as reader:
+        graphs = [it.graph for it in items_from(reader, settings, np.arange(n)) if it.graph is not None]
     feeds, batch, atoms = [], [], 0
     for g in graphs:
         if batch and atoms + g.n_atoms > max_atoms:

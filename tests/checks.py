@@ -12,6 +12,12 @@ TOL_E = tolerance("invariance", "float64", "energy")
 TOL_F = tolerance("invariance", "float64", "forces")
 
 
+def assert_close(quantity: str, got, want, comparison: str, dtype: str) -> None:
+    """``got`` within the tolerance table's bound for ``(comparison, dtype, quantity)`` of ``want``."""
+    result = compare(quantity, got, want, tolerance(comparison, dtype, quantity))
+    assert result.passed, f"{comparison}: {result.describe()}"
+
+
 def _graph(model, s: Structure):
     return s.graph(model.config.cutoff, model.config.max_neighbors)
 

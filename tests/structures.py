@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from painn_export.batch import Graph, collate
-from painn_export.contract import input_names
 from painn_export.neighbors import neighbor_graph
 from painn_export.samples import _jittered_grid
+from painn_export.slots import GraphInputs
 
 
 @dataclass(frozen=True)
@@ -83,12 +83,11 @@ def all_kinds(rng) -> list[Structure]:
 REFERENCE_INPUTS = ("atomic_numbers", "positions", "edge_index", "edge_shift", "system_index", "natoms")
 
 
-def feed(graphs, dtype=torch.float64, stress: bool = False) -> dict[str, torch.Tensor]:
-    """The model's keyword inputs for ``graphs``: the slot layout with the reverse
-    index (direct-force models ignore it), and ``cell`` when ``stress``."""
+def feed(graphs, dtype=torch.float64) -> GraphInputs:
+    """The model's graph inputs for ``graphs``: the slot layout with the reverse
+    index (direct-force models' gathers then take the exportable backward too)."""
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
-    batch = collate(graphs, np_dtype)
-    return {k: torch.from_numpy(batch[k]) for k in input_names(gradient=True, stress=stress)}
+    return GraphInputs.from_feed(collate(graphs, np_dtype), dtype)
 
 
 def reference_feed(graphs, dtype=torch.float64) -> dict[str, torch.Tensor]:
@@ -98,12 +97,19 @@ def reference_feed(graphs, dtype=torch.float64) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(batch[k]) for k in REFERENCE_INPUTS}
 
 
-def run(model, graphs, dtype=torch.float64, translate=None):
-    """Energies and forces; ``translate`` (Å, [3]) moves every atom after collate,
-    which itself centres each structure: so the model alone sees the translation."""
-    inputs = feed(graphs, dtype)
+def predict(model, graphs, stress: bool = False, translate=None) -> dict[str, np.ndarray]:
+    """Energies and forces (and stress) with the host's sums; ``translate`` (Å, [3])
+    moves every atom after collate, which itself centres each structure: so the
+    model alone sees the translation."""
+    dtype = model.atom_emb.embeddings.weight.dtype
+    batch = collate(graphs, np.float64 if dtype == torch.float64 else np.float32)
     if translate is not None:
-        inputs["positions"] = inputs["positions"] + torch.as_tensor(translate, dtype=dtype)
-    with torch.no_grad():
-        energy, forces = model(**inputs)
-    return energy.numpy(), forces.numpy()
+        batch["positions"] = batch["positions"] + np.asarray(translate, dtype=batch["positions"].dtype)
+    return model.predict(batch, stress=stress)
+
+
+def run(model, graphs, dtype=torch.float64, translate=None):
+    """Energies and forces of ``model`` (whose dtype is ``dtype``) on ``graphs``, as numpy."""
+    assert model.atom_emb.embeddings.weight.dtype == dtype, "cast the model to the dtype first"
+    out = predict(model, graphs, translate=translate)
+    return out["energy"], out["forces"]

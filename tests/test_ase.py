@@ -129,9 +129,9 @@ def test_stress_through_the_calculator(tmp_path):
     model = smooth_model(direct=False)
     path = export_onnx(model, tmp_path / "stress.onnx", dtype=torch.float64, stress=True)
     atoms = rattled_cu_alloy()
-    facts = ModelFacts(model.config.cutoff, model.config.max_neighbors, model.config.num_elements, True)
-    atoms.calc = PaiNNCalculator(OnnxRuntimeRunner(path), facts)
+    atoms.calc = PaiNNCalculator.from_file(path, device="cpu")
     assert "stress" in atoms.calc.implemented_properties
+    assert not atoms.calc.runner.active, "reading implemented_properties started the runtime"
     graph = neighbor_graph(
         atoms.positions, atoms.cell[:], atoms.pbc, 5.0, 10_000, atomic_numbers=atoms.numbers
     )

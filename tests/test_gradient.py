@@ -10,7 +10,7 @@ from painn_export.batch import Graph
 from painn_export.tolerances import compare, tolerance
 
 from conftest import SMALL, make_model
-from structures import all_kinds, feed, random_rotation
+from structures import all_kinds, feed, predict, random_rotation
 
 # Uncapped, so that rotating or straining never changes which edges exist.
 GRADIENT = dataclasses.replace(SMALL, direct_forces=False, max_neighbors=10_000)
@@ -18,8 +18,7 @@ STEP = 1.0e-4  # Å for positions, dimensionless for strain
 
 
 def evaluate(model, graph: Graph, stress: bool = True):
-    out = model(**feed([graph], torch.float64, stress=stress))
-    return [t.detach().numpy() for t in out]
+    return list(predict(model, [graph], stress=stress).values())
 
 
 def deformed(graph: Graph, positions: np.ndarray, cell: np.ndarray) -> Graph:
@@ -98,9 +97,7 @@ def test_zero_volume_gives_nan_stress_not_a_crash(model, rng):
     s = structures(rng)["molecule"]
     g = dataclasses.replace(s.graph(GRADIENT.cutoff, 10_000), cell=np.zeros((3, 3)))
     bulk = structures(rng)["bulk"].graph(GRADIENT.cutoff, 10_000)
-    energy, forces, stress = (
-        t.detach().numpy() for t in model(**feed([g, bulk], torch.float64, stress=True))
-    )
+    energy, forces, stress = predict(model, [g, bulk], stress=True).values()
     assert np.isnan(stress[0]).all() and np.isfinite(stress[1]).all()
     assert np.isfinite(energy).all() and np.isfinite(forces).all()
 
@@ -109,32 +106,30 @@ def test_direct_force_model_refuses_stress(rng):
     direct = make_model(SMALL)
     g = structures(rng)["bulk"].graph(SMALL.cutoff, SMALL.max_neighbors)
     with pytest.raises(ValueError, match="gradient-force model"):
-        direct(**feed([g], torch.float64, stress=True))
+        direct(feed([g], torch.float64), virial=True)
 
 
 def test_finite_difference_check_can_fail(rng):
     """The direct head's forces are not an energy gradient: the same check fails on them."""
     direct = make_model(dataclasses.replace(SMALL, max_neighbors=10_000))
     g = structures(rng)["bulk"].graph(SMALL.cutoff, 10_000)
-    with torch.no_grad():
-        _, forces = direct(**feed([g], torch.float64))
+    forces = predict(direct, [g])["forces"]
     fd = np.zeros(3)
     for c in range(3):
         step = np.zeros_like(g.positions)
         step[0, c] = STEP
-        with torch.no_grad():
-            e_plus = direct(**feed([deformed(g, g.positions + step, g.cell)], torch.float64))[0]
-            e_minus = direct(**feed([deformed(g, g.positions - step, g.cell)], torch.float64))[0]
+        e_plus = predict(direct, [deformed(g, g.positions + step, g.cell)])["energy"]
+        e_minus = predict(direct, [deformed(g, g.positions - step, g.cell)])["energy"]
         fd[c] = -float(e_plus[0] - e_minus[0]) / (2 * STEP)
     tol = tolerance("finite_difference", "float64", "forces")
-    assert not compare("forces", forces[0].numpy(), fd, tol).passed
+    assert not compare("forces", forces[0], fd, tol).passed
 
 
 def test_gradient_model_trains_through_forces(rng):
     """create_graph in training mode: a force loss has gradients for the weights."""
     model = make_model(GRADIENT).train()
     g = structures(rng)["bulk"].graph(GRADIENT.cutoff, 10_000)
-    _, forces = model(**feed([g], torch.float64))
+    _, forces = model(feed([g], torch.float64))
     forces.pow(2).sum().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert any(gr is not None and gr.abs().sum() > 0 for gr in grads)

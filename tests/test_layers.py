@@ -3,7 +3,7 @@
 Every ``import`` of the project's own modules counts, including the lazy ones
 inside functions: a lazy import still ties the two modules together.
 Run ``python -m pytest tests/test_layers.py -q`` to check; the floors are
-listed once, below, and in the README's layout section.
+listed once, below; the README's layout table must say the same (checked).
 """
 
 import ast
@@ -22,6 +22,8 @@ FLOORS = {
         "painn_export.errors",
         "painn_export.config",
         "painn_export.layers",
+        "painn_export.slots",
+        "painn_export.readout",
         "painn_export.model",
         "painn_export.reference",
         "painn_export.checkpoint",
@@ -35,6 +37,7 @@ FLOORS = {
     },
     1: {  # runtimes: exporting, running and building engines
         "painn_export.export",
+        "painn_export.aoti",
         "painn_export.opcheck",
         "painn_export.trt",
         "painn_export.runners",
@@ -119,6 +122,21 @@ def test_no_import_cycles():
         if node not in state:
             visit(node, [node])
     assert not cycles, "\n".join(cycles)
+
+
+def test_readme_layout_table_lists_the_floors():
+    """Each README layout row (``| N name | `a.py`, ... |``) names exactly that floor's modules."""
+    import re
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Layout") :]
+    listed: dict[int, set[str]] = {}
+    for row in re.findall(r"^\| (\d) [^|]*\| ([^|]*) \|", section, re.M):
+        floor_number, cell = int(row[0]), row[1]
+        names = re.findall(r"`(?:data/)?([a-z_]+)\.py`", cell)
+        listed[floor_number] = {"painn_export" if n == "__init__" else f"painn_export.{n}" for n in names}
+    want = {f: {m for m in mods if m != "painn_export"} for f, mods in FLOORS.items()}
+    assert {f: listed.get(f, set()) - {"painn_export"} for f in want} == want
 
 
 @pytest.mark.parametrize(

@@ -206,9 +206,12 @@ def test_invalid_structures(positions, cell, pbc, kind):
     assert err.value.kind == kind
 
 
-def test_empty_structure():
-    g = neighbor_graph(np.zeros((0, 3)), np.eye(3) * 5, [True] * 3, 5.0, 50)
-    assert g.n_atoms == 0 and g.n_edges == 0
+def test_empty_structure_is_refused_in_one_line():
+    """A structure without atoms has no graph to evaluate (the pipeline gives it a status first)."""
+    from painn_export.batch import InvalidGraphError
+
+    with pytest.raises(InvalidGraphError, match="no atoms"):
+        neighbor_graph(np.zeros((0, 3)), np.eye(3) * 5, [True] * 3, 5.0, 50)
 
 
 def test_collate_offsets_indices(rng):

@@ -2,11 +2,13 @@
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 
+from painn_export.model import PaiNN
+
 from checks import (
+    assert_close,
     check_batching,
     check_large_separation,
     check_permutation,
@@ -61,35 +63,35 @@ def test_lattice_translation_of_one_atom(rng):
     moved[3] += s.cell[1] - 2 * s.cell[2]
     e0, f0 = run(model, [s.graph(5.0, 10_000)])
     e1, f1 = run(model, [Structure("moved", s.atomic_numbers, moved, s.cell, s.pbc).graph(5.0, 10_000)])
-    np.testing.assert_allclose(e1, e0, rtol=1e-10)
-    np.testing.assert_allclose(f1, f0, rtol=1e-9, atol=1e-12)
+    assert_close("energy", e1, e0, "invariance", "float64")
+    assert_close("forces", f1, f0, "invariance", "float64")
 
 
 # --- the checkers themselves, against deliberately broken models -----------------
 
 
-class Broken(torch.nn.Module):
-    """Wraps a model and adds a term that violates exactly one property."""
+class Broken(PaiNN):
+    """A copy of a model with a term that violates exactly one property."""
 
     def __init__(self, model, kind):
-        super().__init__()
-        self.model, self.kind, self.config = model, kind, model.config
+        super().__init__(model.config, model.normalization)
+        self.load_state_dict(model.state_dict())
+        self.to(next(model.parameters()).dtype).eval()
+        self.kind = kind
 
-    def forward(self, atomic_numbers, positions, *graph, system_index, natoms, **rest):
-        energy, forces = self.model(
-            atomic_numbers, positions, *graph, system_index=system_index, natoms=natoms, **rest
-        )
-        n = natoms.shape[0]
+    def forward(self, graph, virial=False):
+        atom_energy, forces = super().forward(graph, virial)
+        z, x = graph.atomic_numbers, graph.positions
         if self.kind == "absolute_frame":  # depends on absolute x coordinates
-            energy = energy + torch.zeros(n, dtype=energy.dtype).index_add(0, system_index, positions[:, 0])
+            atom_energy = atom_energy + x[:, 0]
             forces = forces + torch.tensor([1.0, 0.0, 0.0], dtype=forces.dtype)
         elif self.kind == "atom_order":  # depends on which atom comes first
-            energy = energy + 0.1 * atomic_numbers[0].to(energy.dtype)
+            atom_energy = atom_energy + 0.1 * z[0].to(atom_energy.dtype)
         elif self.kind == "batch_crosstalk":  # depends on the whole batch
-            energy = energy + 1e-3 * positions.shape[0]
-        elif self.kind == "non_additive":  # E grows with n² per system
-            energy = energy + 1e-2 * natoms.to(energy.dtype) ** 2
-        return energy, forces
+            atom_energy = atom_energy + 1e-3 * x.shape[0]
+        elif self.kind == "non_additive":  # E grows with n² when two structures merge
+            atom_energy = atom_energy + 1e-2 * x.shape[0]
+        return atom_energy, forces
 
 
 def test_checkers_catch_broken_models(rng):

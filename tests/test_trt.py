@@ -1,7 +1,9 @@
 """TensorRT: sidecar checks and profiles run everywhere; building engines needs TensorRT and a GPU."""
 
+import numpy as np
 import pytest
 
+from painn_export.contract import input_names
 from painn_export.trt import Profile, check_sidecar
 
 
@@ -15,20 +17,42 @@ def test_sidecar_mismatch_is_refused_with_rebuild_advice():
 
 
 def test_profiles_validate_and_admit():
-    p = Profile(atoms=(1, 100, 1000), slots=(8, 48, 96), systems=(1, 4, 64))
-    assert p.admits(500, 64, 10) and not p.admits(2000, 10, 1) and not p.admits(500, 128, 10)
+    p = Profile(atoms=(1, 100, 1000), slots=(8, 48, 96))
+    assert p.admits(500, 64) and not p.admits(2000, 16) and not p.admits(500, 128)
     shapes = p.input_shapes()
     assert shapes["neighbor_shift"] == ((1, 8, 3), (100, 48, 3), (1000, 96, 3))
     assert shapes["neighbor_reverse"] == ((1, 8), (100, 48), (1000, 96))
-    assert shapes["cell"] == ((1, 3, 3), (4, 3, 3), (64, 3, 3))
+    assert shapes["pair_slots"] == ((1, 2), (2400, 2), (48000, 2))
+    assert set(shapes) == {*input_names(gradient=True)}  # no host-only entry reaches the engine
     with pytest.raises(ValueError):
         Profile(atoms=(10, 5, 100))
+    with pytest.raises(ValueError, match="slot count"):
+        Profile(slots=(8, 50, 100))  # collate never makes 50 slots
+
+
+def test_a_batch_at_the_largest_slot_profile_fits():
+    """collate, the batcher and the profile agree on the slot count: a fully packed batch at
+    the profile's largest slot count is admitted whole and fed with exactly that many slots."""
+    from painn_export.batch import collate
+    from painn_export.neighbors import neighbor_graph
+    from pipelines.batches import batch_limits
+
+    class Engine:  # what batch_limits reads of a TensorRT runner
+        profiles = (Profile(atoms=(1, 64, 1000), slots=(8, 8, 8)),)
+
+    # one atom, its eight images in a plane: every slot of K = 8 holds an edge
+    g = neighbor_graph(np.zeros((1, 3)), np.diag([2.5, 2.5, 10.0]), np.array([1, 1, 0], bool), 3.6, 50)
+    assert g.max_degree == 8
+    limits = batch_limits(Engine(), max_atoms=4096, max_edges=None)
+    assert limits.admit(10, g.max_degree)
+    feed = collate([g] * 10)
+    assert Engine.profiles[0].admits(*feed["neighbors"].shape)
 
 
 def test_cli_profiles_trtexec_style():
     from painn_export.cli import _profiles
 
-    ranges = {f"{b}_{a}": () for b in ("min", "opt", "max") for a in ("atoms", "slots", "systems")}
+    ranges = {f"{b}_{a}": () for b in ("min", "opt", "max") for a in ("atoms", "slots")}
     ranges.update(max_atoms=(1000, 20000), opt_atoms=(500, 10000))
     profiles = _profiles(ranges)
     assert [p.atoms[2] for p in profiles] == [1000, 20000]
@@ -42,7 +66,7 @@ def test_engine_build_and_parity(tmp_path):
         pytest.skip("no CUDA device")
     from painn_export.export import export_onnx
     from painn_export.parity import run_parity
-    from painn_export.runners import TensorRTRunner
+    from painn_export.runners import open_runner
     from painn_export.samples import example_set
     from painn_export.trt import build_engine
 
@@ -51,5 +75,6 @@ def test_engine_build_and_parity(tmp_path):
     model = make_model(SMALL, torch.float32)
     onnx_path = export_onnx(model, tmp_path / "m.onnx")
     engine = build_engine(onnx_path, tmp_path / "m.engine", [Profile()], tf32=False)
-    rows = run_parity(model, [(TensorRTRunner(engine), "float32")], example_set())
+    runner, _ = open_runner(engine, "tensorrt", device="cuda")
+    rows = run_parity(model, [(runner, "float32")], example_set())
     assert all(r.comparison.passed for r in rows), [r.as_dict() for r in rows]

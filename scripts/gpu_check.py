@@ -1,0 +1,334 @@
+"""The GPU check: environment, parity, determinism, throughput and the pipeline, in one command.
+
+    make gpu-check                                   # a machine with an NVIDIA GPU and its own PyTorch
+    python scripts/gpu_check.py --device cpu --quick --out DIR      # the CI smoke test (tests/)
+
+It installs nothing and never touches the machine's PyTorch (2.11 or newer).
+What it needs beyond PyTorch (vesin, onnxscript, ...) comes as wheels made
+beforehand with ``pip download`` (README, "GPU check"); ``make gpu-check``
+unpacks them into a folder of its own. It writes ``DIR/gpu_check.json`` and
+``DIR/gpu_check.md``:
+
+- the environment: GPU, driver, torch, CUDA, onnxruntime's providers;
+- parity: the demo model and random OCP-size models (direct; gradient with
+  stress), float32 on the device against float64 on the CPU, within the
+  tolerance table, and a bitwise repeat on the device (painn_export.parity);
+- throughput of each runtime present (eager, ``torch.compile``, ONNX
+  Runtime on the device's provider) at the demo size (10k and 100k atoms)
+  and the OCP size (5k and 20k atoms): atoms/s (median of 3, with the
+  spread) and the peak device memory;
+- end to end, ``painn-batch run`` on a generated file (20k structures):
+  structures/s, the fraction of the wall time spent in the model, and how
+  many neighbour workers it took.
+
+``--quick`` shrinks every size so that it runs in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+FULL = {"demo": (10_000, 100_000), "ocp": (5_000, 20_000), "structures": 20_000, "repeats": 3}
+QUICK = {"demo": (300,), "ocp": (200,), "structures": 48, "repeats": 2, "quick": True}
+
+
+def environment(device: str) -> dict:
+    import torch
+
+    env = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": device,
+        "cpu": f"{platform.machine()}, {os.cpu_count()} cores",
+    }
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        env["gpu"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, sm {props.major}.{props.minor}"
+        try:
+            smi = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+            env["driver"] = subprocess.run(smi, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            env["driver"] = "unknown (no nvidia-smi)"
+    try:
+        import onnxruntime
+
+        env["onnxruntime"] = f"{onnxruntime.__version__} {onnxruntime.get_available_providers()}"
+    except ImportError:
+        env["onnxruntime"] = "not installed"
+    return env
+
+
+def models(quick: bool) -> dict:
+    """name -> (model, stress): the demo model, and random OCP-size ones (seed 0)."""
+    import torch
+
+    from painn_export.checkpoint import load_model
+    from painn_export.config import PRESETS
+    from painn_export.demo import demo_model_path
+    from painn_export.model import PaiNN
+
+    ocp = PRESETS["ocp"]
+    if quick:  # the OCP architecture, narrow and shallow
+        ocp = dataclasses.replace(ocp, hidden_channels=32, num_layers=2, num_rbf=16, cutoff=6.0)
+    out = {"demo": (load_model(demo_model_path()), False)}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        out["ocp-direct"] = (PaiNN(ocp).eval(), False)
+        torch.manual_seed(0)
+        out["ocp-gradient"] = (PaiNN(dataclasses.replace(ocp, direct_forces=False)).eval(), True)
+    return out
+
+
+def parity(device: str, quick: bool, zoo: dict) -> list[dict]:
+    from painn_export.parity import run_parity
+    from painn_export.runners import TorchRunner
+    from painn_export.samples import example_set
+
+    rows = []
+    for name, (model, stress) in zoo.items():
+        samples = example_set(seed=0, num_elements=model.config.num_elements, large=0 if quick else 256)
+        runner = TorchRunner(model, device=device, dtype="float32", stress=stress)
+        for row in run_parity(model, [(runner, "float32")], samples):
+            rows.append({"model": name, **row.as_dict()})
+    return rows
+
+
+def batch(config, n_atoms: int, seed: int = 0):
+    """Periodic structures of 80-120 atoms up to ``n_atoms`` (as scripts/bench_runtimes.py)."""
+    from painn_export.batch import collate
+    from painn_export.export import graphs_for
+    from painn_export.samples import bulk
+
+    rng = np.random.default_rng(seed)
+    elements = np.array([13, 28, 29, 46, 47, 78, 79])
+    samples, total = [], 0
+    while total < n_atoms:
+        n = int(min(rng.integers(80, 121), max(n_atoms - total, 2)))
+        samples.append(bulk(rng, n, elements, spacing=2.42))
+        total += n
+
+    class Holder:  # graphs_for reads model.config only
+        pass
+
+    holder = Holder()
+    holder.config = config
+    return collate(graphs_for(holder, samples), np.float32)
+
+
+class CompiledRunner:
+    """``torch.compile`` of the eager model (dynamic shapes), behind the runner interface."""
+
+    def __new__(cls, model, device, stress):
+        import torch
+
+        from painn_export.runners import TorchRunner
+
+        runner = TorchRunner(model, device=device, dtype="float32", stress=stress)
+        activate = runner._activate
+
+        def compiled_activate():
+            activate()
+            runner.model.forward = torch.compile(runner.model.forward, dynamic=True)
+
+        runner._activate = compiled_activate
+        runner.name = "torch.compile"
+        return runner
+
+
+def runners_for(model, stress: bool, device: str, tmp: Path, compile_it: bool = True) -> dict:
+    """Each runtime present on this machine, by name (ONNX Runtime only on a provider for ``device``)."""
+    from painn_export.export import export_onnx
+    from painn_export.runners import OnnxRuntimeRunner, TorchRunner
+
+    out = {"eager": lambda: TorchRunner(model, device=device, dtype="float32", stress=stress)}
+    if compile_it:
+        out["torch.compile"] = lambda: CompiledRunner(model, device, stress)
+    try:
+        import onnxruntime
+
+        if device == "cpu" or "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            path = export_onnx(model, tmp / f"{id(model)}.onnx", stress=stress)
+            out["onnxruntime"] = lambda: OnnxRuntimeRunner(path, device=device)
+    except ImportError:
+        pass
+    return out
+
+
+def throughput(device: str, sizes: dict, zoo: dict, repeats: int) -> list[dict]:
+    import torch
+
+    rows = []
+    cuda = device.startswith("cuda")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (model, stress) in zoo.items():
+            config = "demo" if name == "demo" else "ocp"
+            if name == "ocp-gradient":
+                continue  # the direct OCP model stands for the OCP size; the gradient one is in parity
+            for n_atoms in sizes[config]:
+                feed = batch(model.config, n_atoms)
+                # --quick compiles the demo model only: the smoke test stays short
+                compile_it = not sizes.get("quick") or name == "demo"
+                for runtime, make in runners_for(model, stress, device, Path(tmp), compile_it).items():
+                    row = {"model": name, "atoms": len(feed["positions"]), "runtime": runtime}
+                    try:
+                        runner = make()
+                        with runner:
+                            runner.infer(feed)  # warm-up (and compile)
+                            if cuda:
+                                torch.cuda.reset_peak_memory_stats(device)
+                            times = []
+                            for _ in range(repeats):
+                                start = time.perf_counter()
+                                runner.infer(feed)
+                                times.append(time.perf_counter() - start)
+                            row["provider"] = runner.provider
+                        median = statistics.median(times)
+                        row.update(
+                            median_s=median,
+                            spread_s=max(times) - min(times),
+                            atoms_per_s=row["atoms"] / median,
+                            peak_device_mb=torch.cuda.max_memory_allocated(device) / 2**20
+                            if cuda and runtime != "onnxruntime"
+                            else None,
+                        )
+                    except Exception as exc:  # a runtime that fails here is reported, not fatal
+                        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                    rows.append(row)
+                    if cuda:
+                        torch.cuda.empty_cache()
+    return rows
+
+
+def pipeline(device: str, n_structures: int) -> list[dict]:
+    """``painn-batch run`` on a generated file, with 1, 2, 4, ... neighbour workers."""
+    from painn_export.samples import example_set
+    from painn_export.schema import write_input
+    from pipelines.run import run_file
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        samples = []
+        seed = 0
+        while len(samples) < n_structures:
+            samples += [s for s in example_set(seed=seed, sizes=(8, 24, 48)) if s.name != "large"]
+            seed += 1
+        path = write_input(
+            Path(tmp) / "in.h5",
+            [(s.atomic_numbers, s.positions, s.cell, s.pbc) for s in samples[:n_structures]],
+        )
+        runtime = "torch" if device.startswith("cuda") else "onnxruntime"
+        workers = 1
+        while workers <= max(1, min(8, (os.cpu_count() or 2) - 1)):
+            out = Path(tmp) / f"out{workers}.h5"
+            summary = run_file(
+                path, out, None, runtime=runtime, device=device, workers=workers, progress=False
+            ).as_dict()
+            rows.append(
+                {
+                    "workers": workers,
+                    "runtime": summary["runtime"],
+                    "device": summary["device"],
+                    "structures_per_s": summary["structures_per_s"],
+                    "atoms_per_s": summary["atoms_per_s"],
+                    "model_fraction": summary["model_fraction"],
+                    "seconds": summary["seconds"],
+                }
+            )
+            if summary["model_fraction"] and summary["model_fraction"] >= 0.8:
+                break  # the model is busy enough: more workers would not help
+            workers *= 2
+    return rows
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    lines = [f"# GPU check, {env['date']}", "", f"`{report['command']}`", ""]
+    lines += [f"- {k}: {v}" for k, v in env.items() if k != "date"]
+    lines += ["", "## Parity (float32 on the device against float64 on the CPU; repeat: bitwise)", ""]
+    lines += [
+        "| model | runtime | quantity | max abs | max rel | passed |",
+        "| --- | --- | --- | ---: | ---: | --- |",
+    ]
+    for r in report["parity"]:
+        lines.append(
+            f"| {r['model']} | {r['runtime']} | {r['quantity']} | {r['max_abs']:.2e} | {r['max_rel']:.2e} | "
+            f"{'yes' if r['passed'] else 'NO'} |"
+        )
+    lines += ["", "## Throughput (median of the timed runs, spread = max - min)", ""]
+    lines += ["| model | atoms | runtime | provider | median | spread | atoms/s | peak device memory |"]
+    lines += ["| --- | ---: | --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in report["throughput"]:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['atoms']} | {r['runtime']} | {r['error']} | | | | |")
+            continue
+        mem = f"{r['peak_device_mb']:.0f} MB" if r["peak_device_mb"] is not None else "-"
+        lines.append(
+            f"| {r['model']} | {r['atoms']} | {r['runtime']} | {r['provider']} | {1000 * r['median_s']:.1f} ms | "
+            f"{1000 * r['spread_s']:.1f} ms | {r['atoms_per_s']:.0f} | {mem} |"
+        )
+    lines += ["", "## painn-batch run end to end", ""]
+    lines += ["| workers | runtime | device | structures/s | atoms/s | model fraction of wall time |"]
+    lines += ["| ---: | --- | --- | ---: | ---: | ---: |"]
+    for r in report["pipeline"]:
+        lines.append(
+            f"| {r['workers']} | {r['runtime']} | {r['device']} | {r['structures_per_s']} | {r['atoms_per_s']} | "
+            f"{r['model_fraction']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
+    parser.add_argument("--out", type=Path, default=Path("out/gpu-check"))
+    args = parser.parse_args(argv)
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(
+            f"gpu_check: --device {args.device}, but torch {torch.__version__} sees no GPU", file=sys.stderr
+        )
+        return 2
+    sizes = QUICK if args.quick else FULL
+    start = time.perf_counter()
+    zoo = models(args.quick)
+    report = {
+        "command": "python scripts/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "environment": environment(args.device),
+    }
+    report["parity"] = parity(args.device, args.quick, zoo)
+    report["throughput"] = throughput(args.device, sizes, zoo, sizes["repeats"])
+    report["pipeline"] = pipeline(args.device, sizes["structures"])
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
+    (args.out / "gpu_check.md").write_text(markdown(report), encoding="utf-8")
+    failed = [r for r in report["parity"] if not r["passed"]]
+    print(
+        f"gpu_check: {len(report['parity'])} parity rows ({len(failed)} failed), "
+        f"{len(report['throughput'])} throughput rows, {report['seconds']} s; wrote {args.out}/gpu_check.md"
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

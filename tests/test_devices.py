@@ -1,0 +1,170 @@
+"""Devices: every runtime on the device asked for, or one clear line and exit 2; never a silent CPU.
+
+These run on CI's CPU-only machine: ``--device cuda`` must be refused for
+every runtime, ``--device auto`` must run on the CPU and say so. The GPU
+figures come from ``make gpu-check`` (scripts/gpu_check.py), whose quick CPU
+form runs here too, so that it cannot rot.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from painn_export import save_model
+from painn_export.cli import main as export_main
+from painn_export.errors import RuntimeUnavailableError
+from painn_export.export import export_onnx
+from painn_export.runners import OnnxRuntimeRunner, TorchRunner, open_runner, parse_device
+from painn_export.samples import example_set
+from painn_export.schema import write_input
+from pipelines.cli import main as batch_main
+
+from conftest import SMALL, make_model
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusals")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("devices")
+    model = make_model(SMALL, torch.float32)
+    ckpt = save_model(model, tmp / "m.pt")
+    onnx = export_onnx(model, tmp / "m.onnx")
+    engine = tmp / "m.engine"  # an engine file and its sidecar: TensorRT itself is what is missing here
+    engine.write_bytes(b"\0")
+    from painn_export.metadata import read_metadata
+
+    (tmp / "m.engine.json").write_text(
+        json.dumps({"model_metadata": read_metadata(onnx), "profiles": [], "precision": "fp32"})
+    )
+    samples = example_set(seed=2, sizes=(5,))[:3]
+    inp = write_input(tmp / "in.h5", [(s.atomic_numbers, s.positions, s.cell, s.pbc) for s in samples])
+    return {"ckpt": ckpt, "onnx": onnx, "engine": engine, "input": inp}
+
+
+@pytest.mark.parametrize(
+    "model, runtime",
+    [("ckpt", "torch"), ("ckpt", "onnxruntime"), ("onnx", "onnxruntime"), ("engine", "tensorrt")],
+)
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_run_on_cuda_without_one_is_one_line_and_exit_2(files, tmp_path, model, runtime, device):
+    out = tmp_path / "out.h5"
+    args = ["run", str(files["input"]), "--model", str(files[model]), "--runtime", runtime, "-o", str(out)]
+    result = CliRunner().invoke(batch_main, [*args, "--device", device, "--workers", "0", "-q"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert any(word in lines[0] for word in ("CUDA", "GPU", "TensorRT")), lines[0]
+    assert not out.exists() and not (tmp_path / "out.partial.h5").exists()
+
+
+def test_run_on_auto_uses_the_cpu_and_says_so(files, tmp_path):
+    out = tmp_path / "out.h5"
+    args = [
+        "run",
+        str(files["input"]),
+        "--model",
+        str(files["onnx"]),
+        "-o",
+        str(out),
+        "--workers",
+        "0",
+        "--json",
+    ]
+    result = CliRunner().invoke(batch_main, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["device"] == "cpu" and summary["provider"] == "cpu"
+    assert summary["runtime"] == "onnxruntime-cpu" and 0 < summary["model_fraction"] <= 1
+    import h5py
+
+    with h5py.File(out) as fh:
+        assert fh.attrs["fingerprint_device"] == "cpu" and fh.attrs["fingerprint_provider"] == "cpu"
+
+
+def test_export_commands_refuse_cuda_in_one_line(files):
+    runner = CliRunner()
+    for args in (
+        ["parity", "--checkpoint", str(files["ckpt"]), "--device", "cuda"],
+        ["parity", "--checkpoint", str(files["ckpt"]), "--onnx", str(files["onnx"]), "--device", "cuda:0"],
+    ):
+        result = runner.invoke(export_main, args)
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert "CUDA" in result.output
+    result = runner.invoke(export_main, ["parity", "--checkpoint", str(files["ckpt"]), "--device", "gpu"])
+    assert result.exit_code == 2 and "auto|cpu|cuda|cuda:N" in result.output
+
+
+def test_onnx_check_on_cuda_is_refused(files, tmp_path):
+    args = ["onnx", "--checkpoint", str(files["ckpt"]), "-o", str(tmp_path / "x.onnx"), "--device", "cuda"]
+    result = CliRunner().invoke(export_main, args)
+    assert result.exit_code == 2 and "CUDA" in result.output, result.output
+
+
+def test_runners_say_where_they_run(files):
+    model = make_model(SMALL, torch.float32)
+    for runner in (TorchRunner(model, device="auto"), OnnxRuntimeRunner(files["onnx"], device="auto")):
+        with runner:
+            assert runner.device == "cpu" and runner.provider == "cpu"
+    for runner in (TorchRunner(model, device="cuda"), OnnxRuntimeRunner(files["onnx"], device="cuda")):
+        with pytest.raises(RuntimeUnavailableError):
+            runner.activate()
+    with pytest.raises(ValueError, match="device must be"):
+        parse_device("cuda:x")
+
+
+def test_ase_calculator_takes_a_device(files):
+    from ase.build import molecule
+
+    from painn_export.ase import PaiNNCalculator
+
+    atoms = molecule("H2O")
+    atoms.calc = PaiNNCalculator.from_file(files["onnx"], device="cpu")
+    assert np.isfinite(atoms.get_potential_energy())
+    atoms.calc = PaiNNCalculator.from_file(files["onnx"], device="cuda")
+    with pytest.raises(RuntimeUnavailableError, match="CUDA"):
+        atoms.get_potential_energy()
+    empty = molecule("H2O")[:0]
+    empty.calc = PaiNNCalculator.from_file(files["onnx"], device="cpu")
+    with pytest.raises(ValueError, match="no atoms"):
+        empty.get_potential_energy()
+
+
+def test_open_runner_refuses_an_engine_on_the_cpu(files):
+    with pytest.raises(RuntimeUnavailableError, match="GPU"):
+        open_runner(files["engine"], "tensorrt", device="cpu")
+
+
+def test_gpu_check_quick_on_the_cpu(tmp_path):
+    """``make gpu-check``'s script, small and on the CPU: every section is there and parity passes."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "gpu_check.py"),
+            "--device",
+            "cpu",
+            "--quick",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["parity"] and all(r["passed"] for r in report["parity"])
+    assert {r["model"] for r in report["parity"]} == {"demo", "ocp-direct", "ocp-gradient"}
+    assert any(r["quantity"] == "repeat:forces" for r in report["parity"])
+    assert any(r["quantity"] == "stress" for r in report["parity"])
+    runtimes = {r["runtime"] for r in report["throughput"] if "error" not in r}
+    assert {"eager", "onnxruntime"} <= runtimes, report["throughput"]
+    assert report["pipeline"] and report["pipeline"][0]["device"] == "cpu"
+    assert "| model |" in (tmp_path / "gpu_check.md").read_text()

@@ -1,0 +1,120 @@
+"""System totals that stay exact whatever precision the graph runs in (issue: GPUs, exact sums).
+
+The graph returns per-atom energies (float32 or wider); the host adds the
+element references and sums per system in float64 (painn_export.readout).
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from painn_export import TargetNormalization
+from painn_export.batch import collate
+from painn_export.export import graphs_for
+from painn_export.readout import SystemReadout, system_sums
+from painn_export.runners import TorchRunner
+from painn_export.samples import bulk
+
+from conftest import SMALL, make_model
+
+# ANI/SPICE-style references: about -1000 eV per atom.
+HEAVY_REFERENCES = TargetNormalization(
+    energy_mean=3.0, element_references=tuple(-1000.0 - 0.37 * z for z in range(SMALL.num_elements + 1))
+)
+
+
+@pytest.fixture(scope="module")
+def heavy_feed():
+    model = make_model(SMALL, normalization=HEAVY_REFERENCES)
+    sample = bulk(np.random.default_rng(7), 400, np.arange(1, 30))
+    return model, collate(graphs_for(model, [sample, sample]), np.float64)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_totals_of_a_narrow_model_stay_within_1e4_relative(dtype, heavy_feed):
+    """A model cast to float16/bfloat16 on CPU PyTorch: totals within 1e-4 relative of float64."""
+    model, feed = heavy_feed
+    with TorchRunner(model, dtype="float64") as truth, TorchRunner(model, dtype=dtype) as narrow:
+        want, got = truth.infer(feed), narrow.infer(feed)
+    assert want["energy"].dtype == got["energy"].dtype == np.float64
+    assert np.abs(want["energy"]).min() > 1000 * 400
+    rel = np.abs(got["energy"] - want["energy"]) / np.abs(want["energy"])
+    assert rel.max() < 1e-4, rel
+
+
+def test_the_old_way_would_fail():
+    """The same references summed in float16 (as a one-hot product in the graph's precision
+    did) are off by far more than 1e-4: the test above can fail."""
+    refs = np.full(800, -1000.37, dtype=np.float16)
+    exact = system_sums(refs.astype(np.float64), np.zeros(800, np.int64), 1)[0]
+    narrow = float(refs.astype(np.float16).sum(dtype=np.float16))
+    assert not np.isfinite(narrow) or abs(narrow - exact) / abs(exact) > 1e-4
+
+
+def test_system_sums_are_float64_and_linear_in_the_batch():
+    """No atoms x systems tensor: 10 000 two-atom systems sum in one pass, in float64."""
+    n_systems = 10_000
+    per_atom = np.full(2 * n_systems, np.float32(-1000.1))
+    index = np.repeat(np.arange(n_systems), 2)
+    sums = system_sums(per_atom, index, n_systems)
+    assert sums.dtype == np.float64 and sums.shape == (n_systems,)
+    np.testing.assert_array_equal(sums, 2 * np.float64(np.float32(-1000.1)))
+    virial = system_sums(np.ones((2 * n_systems, 3, 3), np.float32), index, n_systems)
+    assert virial.shape == (n_systems, 3, 3) and (virial == 2).all()
+
+
+def test_readout_adds_mean_and_references_per_system():
+    readout = SystemReadout(energy_mean=0.5, element_references=(0.0, -10.0, -20.0))
+    feed = {
+        "atomic_numbers": np.array([1, 2, 2]),
+        "system_index": np.array([0, 0, 1]),
+        "natoms": np.array([2, 1]),
+        "cell": np.stack([np.eye(3) * 2, np.zeros((3, 3))]),
+    }
+    out = readout.totals(
+        {
+            "atom_energy": np.array([1.0, 2.0, 3.0]),
+            "forces": np.zeros((3, 3)),
+            "atom_virial": np.ones((3, 3, 3)),
+        },
+        feed,
+    )
+    np.testing.assert_array_equal(out["energy"], [1 + 2 + 0.5 - 30, 3 + 0.5 - 20])
+    np.testing.assert_allclose(out["stress"][0], np.full((3, 3), 2 / 8))
+    assert np.isnan(out["stress"][1]).all()  # no volume
+
+
+def test_float32_energy_of_a_5000_atom_cell_within_1e3_ev():
+    """The bundled model in float32 on PyTorch and ONNX Runtime: within 1e-3 eV of float64."""
+    from ase.build import bulk as ase_bulk
+
+    from painn_export.checkpoint import load_model
+    from painn_export.demo import demo_model_path
+    from painn_export.neighbors import neighbor_graph
+    from painn_export.runners import open_runner
+
+    atoms = ase_bulk("Cu", "fcc", a=3.61, cubic=True).repeat((11, 11, 11))  # 5 324 atoms
+    atoms.rattle(0.05, seed=3)
+    model = load_model(demo_model_path())
+    cfg = model.config
+    graph = neighbor_graph(
+        atoms.positions, atoms.cell[:], atoms.pbc, cfg.cutoff, cfg.max_neighbors, atomic_numbers=atoms.numbers
+    )
+    feed = collate([graph], np.float64)
+    with TorchRunner(model, dtype="float64") as truth:
+        want = truth.infer(feed)["energy"][0]
+    with TorchRunner(model, dtype="float32") as eager:
+        errors = {"torch-float32": abs(eager.infer(feed)["energy"][0] - want)}
+    runner, _ = open_runner(None, "onnxruntime", device="cpu")
+    with runner:
+        errors[runner.name] = abs(runner.infer(feed)["energy"][0] - want)
+    assert max(errors.values()) < 1e-3, errors
+
+
+def test_direct_heads_output_is_float32_or_wider():
+    model = make_model(dataclasses.replace(SMALL), torch.float32).to(torch.float16)
+    sample = bulk(np.random.default_rng(1), 20, np.arange(1, 30))
+    out = model.per_atom(collate(graphs_for(model, [sample]), np.float32))
+    assert out["atom_energy"].dtype == np.float32
