@@ -19,6 +19,7 @@ message naming the file and the dataset.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,6 +201,40 @@ def write_input(path: str | Path, structures, energies=None, forces=None, ids=No
     return Path(path)
 
 
+class _WatchedFile(io.FileIO):
+    """A file for HDF5 to write through that keeps its first write error.
+
+    HDF5 learns of a failed write through a Python file object only as a
+    warning, and crashes closing a file whose writes fail (h5py issue 914).
+    So after the first error (a full disk) further writes are dropped, HDF5
+    closes cleanly, and :meth:`check` raises the error: the caller then
+    deletes the file, whose content no longer matters.
+    """
+
+    error: OSError | None = None
+
+    def write(self, data) -> int:
+        if self.error is None:
+            try:
+                return super().write(data)
+            except OSError as exc:
+                self.error = exc
+        return len(memoryview(data))
+
+    def truncate(self, size=None) -> int:
+        if self.error is None:
+            try:
+                return super().truncate(size)
+            except OSError as exc:
+                self.error = exc
+        return self.tell() if size is None else size
+
+    def check(self, name: str | Path) -> None:
+        """Raise the kept write error, naming ``name``."""
+        if self.error is not None:
+            raise OSError(self.error.errno, self.error.strerror, str(name))
+
+
 class SchemaWriter:
     """Appends structures to a new schema file, block by block (chunked, resizable datasets).
 
@@ -212,7 +247,11 @@ class SchemaWriter:
         import h5py
 
         self.path = Path(path)
-        self.fh = h5py.File(self.path.with_name(self.path.name + ".writing"), "w")
+        self._tmp = self.path.with_name(self.path.name + ".writing")
+        # Through a Python file object: HDF5's own driver crashes closing a file
+        # on a full disk (h5py #914); this way a full disk is an OSError.
+        self._raw = _WatchedFile(self._tmp, "w+")
+        self.fh = h5py.File(self._raw, "w")
         self.attrs = self.fh.attrs
         self.n_structures = self.n_atoms = 0
         self.labelled = True
@@ -236,6 +275,7 @@ class SchemaWriter:
     def append(self, records) -> None:
         if not records:
             return
+        self._raw.check(self.path)
         f = self.fh
         counts = np.array([len(r[0]) for r in records], dtype=np.int64)
         s0, s1 = self.n_structures, self.n_structures + len(records)
@@ -266,13 +306,30 @@ class SchemaWriter:
                 np.concatenate([np.asarray(r[5], np.float64).reshape(-1, 3) for r in records]),
             )
         self.n_structures, self.n_atoms = s1, a1
+        self._raw.check(self.path)
 
     def close(self) -> None:
-        if not self.labelled:  # labels only when every structure has them
-            del self.fh["energy"], self.fh["forces"]
-        tmp = Path(self.fh.filename)
-        self.fh.close()
-        tmp.replace(self.path)
+        """Finish the file and give it its name; on failure nothing is left beside it."""
+        try:
+            self._raw.check(self.path)
+            if not self.labelled:  # labels only when every structure has them
+                del self.fh["energy"], self.fh["forces"]
+            self.fh.close()
+            self._raw.check(self.path)  # what closing wrote
+            self._raw.close()
+            self._tmp.replace(self.path)
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        """Drop the unfinished file (after a failure): closed as far as it can be, then removed."""
+        for closing in (self.fh.close, self._raw.close):
+            try:
+                closing()
+            except Exception:  # already failing; the file goes anyway
+                pass
+        self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> SchemaWriter:
         return self
@@ -281,9 +338,7 @@ class SchemaWriter:
         if exc_type is None:
             self.close()
         else:
-            tmp = Path(self.fh.filename)
-            self.fh.close()
-            tmp.unlink(missing_ok=True)
+            self.discard()
 
 
 def iter_structures(path: str | Path, limit: int | None = None, block: int = 1024):

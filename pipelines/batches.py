@@ -16,7 +16,7 @@ import numpy as np
 
 from painn_export.batch import collate
 from painn_export.contract import slot_count
-from painn_export.errors import BatchTooLargeError
+from painn_export.errors import BatchTooLargeError, one_line
 from pipelines.graphs import Item
 from pipelines.output import SUCCESS
 
@@ -146,7 +146,7 @@ def run_batch(runner, batch: list[Item], writer, summary: Summary, bar) -> None:
         out = runner.infer(collate([it.graph for it in batch], np.float32))
     except BatchTooLargeError as exc:
         if len(batch) == 1:
-            message = f"failed alone in a batch: {str(exc).splitlines()[0][:130]}"
+            message = f"failed alone in a batch: {one_line(exc, limit=130)}"
             writer.commit_status([(batch[0].index, "too_large", message)])
             summary.computed += 1
             bar.update(1, 0)

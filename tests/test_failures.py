@@ -161,6 +161,28 @@ def test_a_full_disk_in_export_leaves_nothing(tmp_path, computed):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_a_full_disk_in_convert_leaves_nothing(tmp_path, computed):
+    """convert writes its schema file through SchemaWriter: a full disk is one line, no .writing left."""
+    pytest.importorskip("ase")
+    from ase.build import bulk
+    from ase.io import write
+
+    src = tmp_path / "src" / "many.extxyz"
+    src.parent.mkdir()
+    frames = []
+    for k in range(40):
+        atoms = bulk("Cu", "fcc", a=3.6).repeat((3, 3, 3))
+        atoms.rattle(0.05, seed=k)
+        frames.append(atoms)
+    write(src, frames)
+    out = tmp_path / "out" / "conv.h5"
+    out.parent.mkdir()
+    code, err = _finish(_batch(["convert", src, "-o", out], fsize=4096))
+    assert code == 1
+    _one_line(err, "File too large", out.name)
+    assert sorted(p.name for p in out.parent.iterdir()) == []
+
+
 def test_export_writes_utf8_whatever_the_locale(tmp_path, computed):
     inp, res = computed
     xyz = tmp_path / "res.extxyz"
