@@ -13,8 +13,10 @@ dataset            dtype    shape         meaning
 =================  =======  ============  ==========================================
 
 Optional: ``ids`` ``[S]`` strings, reference ``energy`` ``[S]`` eV and
-``forces`` ``[Σn, 3]`` eV/Å. A malformed file fails before any work, with a
-message naming the file and the dataset.
+``forces`` ``[Σn, 3]`` eV/Å, and ``fixed`` ``[Σn]`` bool: atoms a relaxation
+holds where they are (ASE's ``FixAtoms``; absent: every atom is free). A
+malformed file fails before any work, with a message naming the file and
+the dataset.
 """
 
 from __future__ import annotations
@@ -97,11 +99,17 @@ def _check(path: Path, fh) -> InputFile:
     has_ref = "energy" in fh and "forces" in fh
     if has_ref and (fh["energy"].shape != (s,) or fh["forces"].shape != (n_atoms, 3)):
         raise SchemaError(f"{path}: reference 'energy'/'forces' must be [{s}] and [{n_atoms}, 3]")
+    if "fixed" in fh and (fh["fixed"].shape != (n_atoms,) or fh["fixed"].dtype.kind not in "biu"):
+        raise SchemaError(
+            f"{path}: dataset 'fixed' has dtype {fh['fixed'].dtype} and shape {fh['fixed'].shape}, "
+            f"expected [{n_atoms}] bool (one flag per atom)"
+        )
     return InputFile(path, s, n_atoms, has_ref)
 
 
-# The datasets that define the structures (what an output's input fingerprint hashes).
-STRUCTURE_DATASETS = ("atom_offset", "cell", "pbc", "atomic_numbers", "positions")
+# The datasets that define the structures (what an output's input fingerprint hashes);
+# ``fixed`` only where a file has it, so files without it hash as before.
+STRUCTURE_DATASETS = ("atom_offset", "cell", "pbc", "atomic_numbers", "positions", "fixed")
 
 
 class InputReader:
@@ -151,6 +159,13 @@ class InputReader:
         a0, a1 = int(self.offsets[lo]), int(self.offsets[hi])
         return self.fh["energy"][lo:hi], self.fh["forces"][a0:a1]
 
+    def fixed(self, lo: int, hi: int) -> np.ndarray:
+        """``[atoms of lo..hi]`` bool: atoms held fixed in a relaxation (all False without ``fixed``)."""
+        a0, a1 = int(self.offsets[lo]), int(self.offsets[hi])
+        if "fixed" not in self.fh:
+            return np.zeros(a1 - a0, dtype=bool)
+        return self.fh["fixed"][a0:a1].astype(bool)
+
     def ids(self, lo: int, hi: int) -> list[str]:
         """Structure names ``lo..hi``: the ``ids`` dataset (UTF-8) or ``structure N``."""
         if "ids" not in self.fh:
@@ -162,13 +177,18 @@ class InputReader:
     def structure_blocks(self, rows: int = 1 << 20):
         """The raw bytes of :data:`STRUCTURE_DATASETS`, in blocks (for a fingerprint)."""
         for name in STRUCTURE_DATASETS:
+            if name not in self.fh:  # only the optional 'fixed'
+                continue
             ds = self.fh[name]
             for lo in range(0, ds.shape[0], rows):
                 yield np.ascontiguousarray(ds[lo : lo + rows]).tobytes()
 
 
-def write_input(path: str | Path, structures, energies=None, forces=None, ids=None) -> Path:
-    """Write structures ``(Z, positions, cell, pbc)`` in this schema (chunked, resizable)."""
+def write_input(path: str | Path, structures, energies=None, forces=None, ids=None, fixed=None) -> Path:
+    """Write structures ``(Z, positions, cell, pbc)`` in this schema (chunked, resizable).
+
+    ``fixed``: per structure, a ``[n]`` bool mask of atoms a relaxation holds (None: none).
+    """
     import h5py
 
     z = [np.asarray(s[0], np.int64) for s in structures]
@@ -198,6 +218,8 @@ def write_input(path: str | Path, structures, energies=None, forces=None, ids=No
             )
         if ids is not None:
             fh.create_dataset("ids", data=np.array(ids, dtype=h5py.string_dtype()))
+        if fixed is not None:
+            put("fixed", np.concatenate([np.asarray(f, bool).reshape(-1) for f in fixed]))
     return Path(path)
 
 
@@ -239,8 +261,9 @@ class SchemaWriter:
     """Appends structures to a new schema file, block by block (chunked, resizable datasets).
 
     ``append`` takes records ``(Z, positions, cell, pbc, energy, forces, id)``
-    (energy/forces may be None); reference labels are written when every
-    structure has them.
+    (energy/forces may be None), optionally with an eighth item, the ``[n]``
+    bool ``fixed`` mask (None: no atom fixed); reference labels are written
+    when every structure has them, ``fixed`` when some atom is fixed.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -255,6 +278,7 @@ class SchemaWriter:
         self.attrs = self.fh.attrs
         self.n_structures = self.n_atoms = 0
         self.labelled = True
+        self.any_fixed = False
         f = self.fh
         f.create_dataset("atomic_numbers", (0,), np.int64, maxshape=(None,), chunks=(65536,))
         f.create_dataset("positions", (0, 3), np.float64, maxshape=(None, 3), chunks=(65536, 3))
@@ -264,6 +288,7 @@ class SchemaWriter:
         f.create_dataset("energy", (0,), np.float64, maxshape=(None,), chunks=(16384,))
         f.create_dataset("forces", (0, 3), np.float64, maxshape=(None, 3), chunks=(65536, 3))
         f.create_dataset("ids", (0,), h5py.string_dtype(), maxshape=(None,), chunks=(16384,))
+        f.create_dataset("fixed", (0,), bool, maxshape=(None,), chunks=(65536,))
         for name, units in (
             ("positions", "Angstrom"),
             ("cell", "Angstrom"),
@@ -296,6 +321,12 @@ class SchemaWriter:
         put("cell", s0, s1, np.array([np.asarray(r[2], np.float64) for r in records]))
         put("pbc", s0, s1, np.array([np.asarray(r[3], bool) for r in records]))
         put("ids", s0, s1, np.array([str(r[6]) for r in records], dtype=object))
+        fixed = [
+            np.zeros(n, bool) if len(r) < 8 or r[7] is None else np.asarray(r[7], bool).reshape(n)
+            for r, n in zip(records, counts)
+        ]
+        put("fixed", a0, a1, np.concatenate(fixed))
+        self.any_fixed |= bool(any(f.any() for f in fixed))
         self.labelled &= all(r[4] is not None and r[5] is not None for r in records)
         if self.labelled:
             put("energy", s0, s1, np.array([r[4] for r in records], np.float64))

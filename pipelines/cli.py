@@ -1,6 +1,6 @@
-"""``painn-batch``: evaluate a PaiNN on every structure of an HDF5 file.
+"""``painn-batch``: evaluate a PaiNN on every structure of an HDF5 file, or relax them (``relax``).
 
-Exit codes: 0 every structure ok; 3 finished but some structures failed
+Exit codes: 0 every structure ok (``relax``: converged); 3 finished but some structures failed
 (see the output's ``status``); 1 fatal (unusable input, model or partial
 file, a full disk); 2 usage, or a runtime or device this machine cannot give
 (``--device cuda`` without a GPU for that runtime); 128 + the signal when stopped by one: 130
@@ -167,6 +167,122 @@ def run_cmd(
         click.echo(
             f"wrote {output}: {report['status_counts']} in {report['seconds']} s "
             f"({report['structures_per_s']} structures/s, {report['runtime']} on {report['device']})",
+            err=True,
+        )
+    if not summary.all_ok:
+        sys.exit(EXIT_SOME_FAILED)
+
+
+@main.command("relax")
+@click.argument("input_path", type=click.Path(dir_okay=False))
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="A checkpoint, an exported .onnx file or a TensorRT .engine (default: the bundled demo model).",
+)
+@click.option(
+    "--runtime",
+    type=click.Choice(["torch", "onnxruntime", "tensorrt", "aoti"]),
+    default="onnxruntime",
+    show_default=True,
+)
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Default: INPUT with .relaxed.h5.")
+@click.option(
+    "--fmax",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.05,
+    show_default=True,
+    help="Converged when the largest force on a free atom (and cell row with --cell) is below it, eV/Å.",
+)
+@click.option("--steps", type=click.IntRange(min=0), default=300, show_default=True, help="Most FIRE steps.")
+@click.option("--cell", "relax_cell", is_flag=True, help="Relax the cell too (ASE's FrechetCellFilter).")
+@click.option(
+    "--max-atoms", type=click.IntRange(min=1), default=4096, show_default=True, help="Atoms per batch."
+)
+@click.option(
+    "--max-edges",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Padded edges per batch: atoms x neighbour slots per atom (default: no limit).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Processes that read and check the input (0: in the main process). Default: spare cores, 1 to 4.",
+)
+@device_option("Where the runtime runs (auto: a GPU where this runtime can use one, else the CPU).")
+@click.option("--resume", is_flag=True, help="Continue OUT.partial.h5 (same input, model and settings).")
+@click.option("--overwrite", is_flag=True, help="Start over, replacing OUT and OUT.partial.h5.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv: debug).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, only errors.")
+def relax_cmd(
+    input_path,
+    model_path,
+    runtime,
+    output,
+    fmax,
+    steps,
+    relax_cell,
+    max_atoms,
+    max_edges,
+    workers,
+    device,
+    resume,
+    overwrite,
+    as_json,
+    verbose,
+    quiet,
+):
+    """Relax every structure in INPUT_PATH with FIRE (ASE's), many structures per batch."""
+    if resume and overwrite:
+        raise click.UsageError("give --resume or --overwrite, not both")
+    from painn_export.errors import InferenceError, RuntimeUnavailableError
+    from painn_export.schema import SchemaError
+    from pipelines.output import ResumeError, partial_path
+    from pipelines.relax import CellNeedsStressError, RelaxSettings, relax_file
+    from pipelines.run import RunInterruptedError, WorkerError, default_workers
+
+    level = logging.ERROR if quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    output = output or str(input_path).removesuffix(".h5") + ".relaxed.h5"
+    try:
+        summary = relax_file(
+            input_path,
+            output,
+            model_path,
+            settings=RelaxSettings(fmax=fmax, steps=steps, cell=relax_cell),
+            runtime=runtime,
+            device=device,
+            max_atoms=max_atoms,
+            max_edges=max_edges,
+            workers=default_workers() if workers is None else workers,
+            resume=resume,
+            overwrite=overwrite,
+            progress=False if quiet else None,
+        )
+    except RunInterruptedError as exc:
+        click.echo(f"painn-batch: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except (RuntimeUnavailableError, CellNeedsStressError) as exc:  # exit 2, one line
+        unavailable(one_line(exc, limit=None))
+    except (SchemaError, ResumeError, ValueError, FileNotFoundError, ImportError) as exc:
+        raise click.ClickException(one_line(exc, limit=None)) from exc
+    except (InferenceError, WorkerError, OSError) as exc:
+        partial = partial_path(Path(output))
+        kept = f"; what was computed is kept in {partial}: fix the cause, then rerun with --resume"
+        raise click.ClickException(one_line(exc) + (kept if partial.exists() else "")) from exc
+    report = summary.as_dict()
+    if as_json:
+        click.echo(json.dumps(report, allow_nan=False))
+    elif not quiet:
+        click.echo(
+            f"wrote {output}: {report['status_counts']} in {report['seconds']} s "
+            f"({report['steps']} steps, {report['us_per_atom_step']} us/atom/step, "
+            f"{report['runtime']} on {report['device']})",
             err=True,
         )
     if not summary.all_ok:

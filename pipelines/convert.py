@@ -41,7 +41,7 @@ SPICE_ENERGY_KEY = "dft_total_energy"
 SPICE_GRADIENT_KEY = "dft_total_gradient"
 
 # One converted structure: (Z [n], positions [n, 3] Å, cell [3, 3] Å, pbc [3], energy eV or None,
-# forces [n, 3] eV/Å or None, id)
+# forces [n, 3] eV/Å or None, id[, fixed [n] bool or None: ASE FixAtoms])
 Record = tuple
 
 
@@ -97,7 +97,26 @@ def read_ase(
             forces = np.asarray(atoms.arrays[forces_key], dtype=np.float64)
         elif atoms.calc is not None and "forces" in atoms.calc.results:
             forces = np.asarray(atoms.calc.results["forces"], dtype=np.float64)
-        yield (atoms.numbers, atoms.positions, np.asarray(atoms.cell[:]), atoms.pbc, energy, forces, f"{k}")
+        cell = np.asarray(atoms.cell[:])
+        fixed = _fixed_mask(atoms, path, k)
+        yield (atoms.numbers, atoms.positions, cell, atoms.pbc, energy, forces, f"{k}", fixed)
+
+
+def _fixed_mask(atoms, path: Path, k: int) -> np.ndarray | None:
+    """``[n]`` bool: the atoms ASE's ``FixAtoms`` constraints hold (None: none); others are refused."""
+    from ase.constraints import FixAtoms
+
+    if not atoms.constraints:
+        return None
+    mask = np.zeros(len(atoms), dtype=bool)
+    for c in atoms.constraints:
+        if not isinstance(c, FixAtoms):
+            raise ConvertError(
+                f"{path}: structure {k} has a {type(c).__name__} constraint; only FixAtoms is carried "
+                "(as the 'fixed' mask): remove the others first"
+            )
+        mask[c.index] = True
+    return mask
 
 
 def _dataset(path: Path, group, name: str, key: str, shape: tuple | None = None) -> np.ndarray:
@@ -264,6 +283,7 @@ def export_extxyz(
     try:
         import ase.io
         from ase import Atoms
+        from ase.constraints import FixAtoms
     except ImportError as exc:
         raise ImportError("painn-batch export needs ASE: pip install painn-export[ase]") from exc
     from painn_export.schema import InputReader, iter_structures
@@ -274,9 +294,8 @@ def export_extxyz(
     except ValueError as exc:
         raise ConvertError(str(exc)) from exc
     names = {v: k for k, v in STATUS.items()}
-    with InputReader(input_path) as reader:
+    with InputReader(input_path) as reader, h5py.File(result, "r") as res:
         offsets = reader.offsets
-    with h5py.File(result, "r") as res:
         if "status" not in res or "energy" not in res:
             raise ConvertError(f"{result}: not a painn-batch output (no 'status'/'energy')")
         recorded = res.attrs.get("fingerprint_input_sha256")
@@ -294,6 +313,12 @@ def export_extxyz(
                     cell=sample.cell,
                     pbc=sample.pbc,
                 )
+                if "positions" in res and np.isfinite(res["cell"][s]).all():  # a relaxation's result
+                    atoms.set_cell(res["cell"][s])
+                    atoms.set_positions(res["positions"][offsets[s] : offsets[s + 1]])
+                fixed = reader.fixed(s, s + 1)
+                if fixed.any():
+                    atoms.set_constraint(FixAtoms(mask=fixed))
                 atoms.info[f"{prefix}energy"] = float(res["energy"][s])
                 atoms.info[f"{prefix}status"] = names.get(int(res["status"][s]), str(res["status"][s]))
                 atoms.info["id"] = sample.name

@@ -47,8 +47,13 @@ STATUS = {
     "bad_shape": 8,
     "ok_no_stress": 9,  # energy and forces ok; stress undefined (cell without volume)
     "too_large": 10,  # failed alone in a batch (memory, engine profile)
+    # painn-batch relax (pipelines.relax): how a relaxation ended.
+    "converged": 11,  # largest force on a free atom (and cell dof with --cell) below fmax
+    "not_converged": 12,  # --steps taken without converging; the last geometry is written
+    "diverged": 13,  # non-finite energy or forces, or atoms closer than the guard, mid-relaxation
 }
 SUCCESS = {"ok", "ok_no_stress"}
+RELAXED = {"converged"}  # what counts as success for a relaxation
 MESSAGE_BYTES = 160
 _FILL_ROWS = 1 << 20  # rows written per block when preallocating
 
@@ -134,8 +139,16 @@ def input_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def create(path: Path, fp: Fingerprint, status_codes: dict[str, int] = STATUS) -> None:
+def create(
+    path: Path,
+    fp: Fingerprint,
+    status_codes: dict[str, int] = STATUS,
+    extra: dict[str, tuple[tuple[int, ...], type, float]] | None = None,
+) -> None:
     """Write a new output file with every dataset allocated and filled (NaN, pending).
+
+    ``extra``: more datasets, ``name -> (shape, dtype, fill)``, allocated and
+    filled in the same way (a relaxation's geometry and optimiser state).
 
     Only a fully created file ever has the partial name (:func:`written_whole`).
     HDF5 writes it through a Python file object: when the disk fills, HDF5's
@@ -152,11 +165,12 @@ def create(path: Path, fp: Fingerprint, status_codes: dict[str, int] = STATUS) -
         shapes = {"energy": (fp.n_structures,), "forces": (fp.n_atoms, 3)}
         if fp.stress:
             shapes["stress"] = (fp.n_structures, 3, 3)
-        for name, shape in shapes.items():
-            ds = fh.create_dataset(name, shape=shape, dtype=np.float64)
+        datasets = {name: (shape, np.float64, np.nan) for name, shape in shapes.items()}
+        for name, (shape, dtype, fill) in {**datasets, **(extra or {})}.items():
+            ds = fh.create_dataset(name, shape=shape, dtype=dtype)
             for lo in range(0, shape[0], _FILL_ROWS):
                 hi = min(lo + _FILL_ROWS, shape[0])
-                ds[lo:hi] = np.full((hi - lo, *shape[1:]), np.nan)
+                ds[lo:hi] = np.full((hi - lo, *shape[1:]), fill, dtype=dtype)
         fh.create_dataset("status", data=np.zeros(fp.n_structures, np.int8))
         fh.create_dataset("message", data=np.zeros(fp.n_structures, f"S{MESSAGE_BYTES}"))
         fh["energy"].attrs["units"] = "eV"

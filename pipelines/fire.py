@@ -1,0 +1,187 @@
+"""ASE's FIRE optimiser, one structure's state at a time, so that many relax in one batch.
+
+The update rule and its parameters are those of ``ase.optimize.FIRE``
+(Bitzek et al., PRL 97, 170201 (2006), as ASE writes it) with its defaults;
+the arithmetic is ASE's, in its order, so that a structure's trajectory
+follows ASE's with this package's calculator step for step (to the rounding
+of the model's forces in another batch). What ASE keeps in its optimiser
+object is kept here per structure in a :class:`FireState`: velocities, time
+step, mixing ``a``, the count of downhill steps (ASE's ``Nsteps``) and the
+steps taken (ASE's ``nsteps``).
+
+Degrees of freedom:
+
+- atoms only: the positions (Å); forces on fixed atoms are zero, as ASE's
+  ``FixAtoms`` makes them, so those atoms never move;
+- with the cell (``cell=True``): ASE's ``FrechetCellFilter`` with its
+  defaults, the ``n + 3`` rows of positions in the undeformed cell and
+  ``n log(n F)`` of the deformation gradient ``F`` from the starting cell;
+  the cell rows' forces are the Frechet derivative of the energy with respect
+  to ``log F``, divided by ``n`` (eV), computed from the stress.
+
+Convergence is ASE's: the largest row norm of these forces (eV/Å on atoms,
+eV on the cell rows) below ``fmax``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FireParams:
+    """ASE FIRE's parameters and defaults (``dt``, ``dtmax`` in ASE's time unit; ``maxstep`` Å)."""
+
+    dt: float = 0.1
+    maxstep: float = 0.2
+    dtmax: float = 1.0
+    Nmin: int = 5
+    finc: float = 1.1
+    fdec: float = 0.5
+    astart: float = 0.1
+    fa: float = 0.99
+    a: float = 0.1
+
+
+@dataclass
+class FireState:
+    """One structure's relaxation: its geometry and what ASE's FIRE object would hold.
+
+    ``velocity`` is ``[n, 3]`` (``[n + 3, 3]`` with the cell) and zero
+    before the first step (ASE: ``vel is None`` while ``steps == 0``).
+    """
+
+    positions: np.ndarray  # [n, 3] float64, Å
+    cell: np.ndarray  # [3, 3] float64, Å, rows are lattice vectors
+    orig_cell: np.ndarray  # [3, 3] float64, Å: the starting cell (FrechetCellFilter's reference)
+    fixed: np.ndarray  # [n] bool
+    velocity: np.ndarray  # [n (+ 3), 3] float64
+    dt: float
+    a: float
+    n_positive: int = 0  # ASE's Nsteps: downhill steps since the last reset
+    steps: int = 0  # ASE's nsteps: steps taken
+
+    @classmethod
+    def start(cls, positions, cell, fixed, params: FireParams, with_cell: bool) -> FireState:
+        positions = np.array(positions, dtype=np.float64)
+        n = positions.shape[0]
+        return cls(
+            positions=positions,
+            cell=np.array(cell, dtype=np.float64),
+            orig_cell=np.array(cell, dtype=np.float64),
+            fixed=np.asarray(fixed, dtype=bool).copy(),
+            velocity=np.zeros((n + 3 if with_cell else n, 3)),
+            dt=float(params.dt),
+            a=float(params.a),
+        )
+
+
+def generalized_forces(state: FireState, forces: np.ndarray, stress: np.ndarray | None) -> np.ndarray:
+    """The optimiser's forces ``[n, 3]`` (``[n + 3, 3]`` with ``stress``, eV/Å and eV).
+
+    ``forces`` ``[n, 3]`` eV/Å as the model gives them; fixed atoms' rows
+    become zero (``FixAtoms``). ``stress`` ``[3, 3]`` eV/Å^3 (None: atoms
+    only) is symmetrised as ASE's Voigt form does, then turned into
+    ``FrechetCellFilter``'s cell forces.
+    """
+    f = np.array(forces, dtype=np.float64)
+    f[state.fixed] = 0.0
+    if stress is None:
+        return f
+    from scipy.linalg import expm_frechet, logm
+
+    n = f.shape[0]
+    stress = np.asarray(stress, dtype=np.float64)
+    sym = (stress + stress.T) / 2  # ASE's Voigt round trip
+    volume = abs(np.linalg.det(state.cell))
+    virial = -volume * sym
+    deform = deform_grad(state)
+    log_deform = logm(deform)
+    ucf_cell_grad = virial @ np.linalg.inv(deform.T)
+    cell_force = np.zeros((3, 3))
+    for mu in range(3):
+        for nu in range(3):
+            direction = np.zeros((3, 3))
+            direction[mu, nu] = 1.0
+            derivative = expm_frechet(log_deform, direction, compute_expm=False)
+            cell_force[mu, nu] = np.sum(derivative * ucf_cell_grad)
+    out = np.zeros((n + 3, 3))
+    out[:n] = f @ deform
+    out[n:] = cell_force / float(n)
+    return out
+
+
+def max_force(gforces: np.ndarray) -> float:
+    """Largest row norm of :func:`generalized_forces` (eV/Å, or eV on the cell rows)."""
+    return float(np.linalg.norm(gforces, axis=1).max()) if gforces.size else 0.0
+
+
+def deform_grad(state: FireState) -> np.ndarray:
+    """``F`` ``[3, 3]``: the current cell's deformation from the starting one (``cell = orig @ F.T``)."""
+    return np.linalg.solve(state.orig_cell, state.cell).T
+
+
+def _get_x(state: FireState, with_cell: bool) -> np.ndarray:
+    """The degrees of freedom ``[n (+ 3), 3]`` (FrechetCellFilter.get_positions with the cell)."""
+    if not with_cell:
+        return state.positions.copy()
+    from scipy.linalg import logm
+
+    n = state.positions.shape[0]
+    deform = deform_grad(state)
+    x = np.zeros((n + 3, 3))
+    x[:n] = np.linalg.solve(deform, state.positions.T).T
+    x[n:] = float(n) * deform
+    x[n:] = logm(x[n:]) * float(n)
+    return x
+
+
+def _set_x(state: FireState, x: np.ndarray, with_cell: bool) -> None:
+    """Set positions (and cell) from ``x`` as ASE does, fixed atoms held (FixAtoms.adjust_positions)."""
+    if not with_cell:
+        new = x.copy()
+        new[state.fixed] = state.positions[state.fixed]
+        state.positions = new
+        return
+    from scipy.linalg import expm
+
+    n = state.positions.shape[0]
+    new_deform = expm(x[n:] / float(n)) / float(n)
+    strain = (new_deform - np.eye(3)).T
+    new_cell = state.orig_cell @ (np.eye(3) + strain)
+    # Atoms.set_cell(scale_atoms=True): what fixed atoms keep.
+    scaled = np.dot(state.positions, np.linalg.solve(state.cell, new_cell))
+    new = x[:n] @ (np.eye(3) + strain)
+    new[state.fixed] = scaled[state.fixed]
+    state.positions, state.cell = new, new_cell
+
+
+def fire_step(state: FireState, gforces: np.ndarray, params: FireParams, with_cell: bool) -> None:
+    """One FIRE step of ``state`` under ``gforces`` (:func:`generalized_forces`), in place."""
+    f = gforces.ravel()
+    vel = state.velocity.ravel()
+    if state.steps > 0:  # ASE's first step starts from vel = 0 without a downhill test
+        vf = np.vdot(f, vel)
+        grad2 = np.vdot(f, f)
+        if vf > 0.0:
+            vel = (1.0 - state.a) * vel + state.a * f / np.sqrt(grad2) * np.sqrt(np.vdot(vel, vel))
+            if state.n_positive > params.Nmin:
+                state.dt = min(state.dt * params.finc, params.dtmax)
+                state.a *= params.fa
+            state.n_positive += 1
+        else:
+            vel = vel * 0.0
+            state.a = params.astart
+            state.dt *= params.fdec
+            state.n_positive = 0
+    vel = vel + state.dt * f
+    dr = state.dt * vel
+    normdr = np.sqrt(np.vdot(dr, dr))
+    if normdr > params.maxstep:
+        dr = params.maxstep * dr / normdr
+    x = _get_x(state, with_cell).ravel()
+    _set_x(state, (x + dr).reshape(-1, 3), with_cell)
+    state.velocity = vel.reshape(-1, 3)
+    state.steps += 1

@@ -1,0 +1,676 @@
+"""``painn-batch relax``: every structure of an HDF5 file relaxed with FIRE, many at a time.
+
+The loop, on one runner:
+
+1. **Refill.** Structures enter the batch in input order while it stays
+   within the atom/edge budget ``run`` uses (:class:`pipelines.batches.Limits`);
+   one that converges or fails leaves it, and the next enters at the next
+   step ("in-flight" batching). Structures the input itself rules out
+   (``empty_structure``, ``bad_cell``, ...) get ``run``'s statuses from its
+   neighbour workers (``--workers``) and never enter.
+2. **Graphs.** Each structure keeps a Verlet-skin neighbour list
+   (:class:`painn_export.neighbors.SkinGraph`): searched again only when an
+   atom has moved more than half the skin, filtered to the exact graph in
+   between. Edges are put in one canonical order (by centre, neighbour,
+   image), so a graph never depends on when its list was searched.
+3. **Model and FIRE.** One inference for the whole batch, then one FIRE step
+   per structure (:mod:`pipelines.fire`: ASE's rule, parameters and
+   convergence test, ``FrechetCellFilter`` with ``--cell``).
+4. **Output.** Per structure: final positions, cell, energy, forces (as the
+   model gives them, fixed atoms included), stress where the model has it,
+   steps and a status (``converged``, ``not_converged``, ``diverged`` or an
+   input status). Every ``checkpoint_every`` model calls, the optimiser state
+   of the batch is written to one of two checkpoint slots, and then the
+   results finished since the last checkpoint, and only then does the file
+   point at the new slot: a run killed at any moment resumes (``--resume``)
+   from a consistent state, and, the batches being rebuilt exactly, gives the
+   same numbers, bitwise on a deterministic runtime, with the same options.
+
+Output datasets, beyond ``run``'s (:mod:`pipelines.output`):
+
+=================  =======  ==============  ==============================================
+``positions``      float64  ``[Σn, 3]``     Å, final geometry (NaN until final)
+``cell``           float64  ``[S, 3, 3]``   Å, final cell (changes only with ``--cell``)
+``steps``          int32    ``[S]``         FIRE steps taken (-1 until final)
+``ckpt_slot``      int8     ``[1]``         the checkpoint slot in force (0: none yet)
+``ckptK_*``        ...                      slot K (1, 2): the state of the structures in flight
+=================  =======  ==============  ==============================================
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from painn_export.batch import Graph, collate
+from painn_export.errors import BatchTooLargeError
+from painn_export.neighbors import SkinGraph, StructureError
+from painn_export.schema import InputReader, validate_input
+from pipelines.batches import Summary, batch_limits
+from pipelines.fire import FireParams, FireState, fire_step, generalized_forces, max_force
+from pipelines.graphs import MIN_SEPARATION, GraphSettings
+from pipelines.output import (
+    RELAXED,
+    STATUS,
+    Fingerprint,
+    OutputLock,
+    Writer,
+    check_resumable,
+    create,
+    input_sha256,
+    output_folder,
+    partial_path,
+    refuse_same_file,
+)
+from pipelines.progress import Progress
+from pipelines.run import RunInterruptedError, _items, _refuse_to_replace
+from pipelines.signals import signal_of, stop_on_signals
+
+__all__ = ["CellNeedsStressError", "RelaxSettings", "RelaxSummary", "relax_file"]
+
+SKIN = 1.0  # Å: Verlet skin of each structure's neighbour list
+
+
+class CellNeedsStressError(ValueError):
+    """``--cell`` with a model that has no stress output."""
+
+
+@dataclass(frozen=True)
+class RelaxSettings:
+    fmax: float = 0.05  # eV/Å (and eV on the cell rows with cell=True)
+    steps: int = 300  # most FIRE steps per structure
+    cell: bool = False  # relax the cell too (FrechetCellFilter)
+    fire: FireParams = field(default_factory=FireParams)
+    checkpoint_every: int = 20  # model calls between checkpoints of the optimiser state
+    skin: float = SKIN  # Å
+
+
+@dataclass(frozen=True)
+class RelaxFingerprint(Fingerprint):
+    """A run's fingerprint plus what decides a relaxation's result."""
+
+    fmax: float = 0.05
+    max_steps: int = 300
+    relax_cell: bool = False
+    optimizer: str = "FIRE"
+
+
+@dataclass
+class RelaxSummary(Summary):
+    steps: int = 0  # FIRE steps taken by this run, over all structures
+    model_calls: int = 0  # batched inferences
+    atom_evaluations: int = 0  # atoms x evaluations (an evaluation per step, and one at the start)
+    graph_seconds: float = 0.0  # wall time building graphs (searches, filters, canonical order)
+    searches: int = 0  # neighbour searches (the rest were skin-list filters)
+    mean_batch_atoms: float = 0.0
+    reference: dict | None = None  # relaxed energies against the input's reference, if it has one
+
+    def as_dict(self) -> dict:
+        report = super().as_dict()
+        report.update(
+            {
+                "steps": self.steps,
+                "model_calls": self.model_calls,
+                "atom_evaluations": self.atom_evaluations,
+                "us_per_atom_step": round(1e6 * self.seconds / self.atom_evaluations, 2)
+                if self.atom_evaluations
+                else None,
+                "graph_fraction": round(self.graph_seconds / self.seconds, 3) if self.seconds else None,
+                "searches": self.searches,
+                "mean_batch_atoms": round(self.mean_batch_atoms, 1),
+                "reference": self.reference,
+            }
+        )
+        return report
+
+    @property
+    def all_ok(self) -> bool:
+        return sum(n for k, n in self.counts.items() if k in RELAXED) == self.n_structures
+
+
+@dataclass
+class _Member:
+    """A structure in flight: its optimiser state and neighbour list."""
+
+    index: int
+    z: np.ndarray  # [n] int64
+    pbc: np.ndarray  # [3] bool
+    state: FireState
+    skin: SkinGraph
+    graph: Graph | None = None
+
+    @property
+    def n_atoms(self) -> int:
+        return int(self.z.shape[0])
+
+
+@dataclass
+class _Finished:
+    index: int
+    status: str
+    message: str
+    state: FireState | None = None
+    energy: float = float("nan")
+    forces: np.ndarray | None = None
+    stress: np.ndarray | None = None
+
+
+def relax_file(
+    input_path: str | Path,
+    output_path: str | Path,
+    model_path: str | Path | None = None,
+    *,
+    settings: RelaxSettings = RelaxSettings(),
+    runtime: str = "onnxruntime",
+    device: str = "auto",
+    max_atoms: int = 4096,
+    max_edges: int | None = None,
+    workers: int = 1,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    observer=None,
+) -> RelaxSummary:
+    """Relax every structure of ``input_path``; write the results to ``output_path``.
+
+    Files, locks, signals, ``resume`` and ``overwrite`` behave as in
+    :func:`pipelines.run.run_file`. ``observer``, if given, is called before
+    each model call with ``(indices in the batch, atoms in it, atoms of the
+    next structure waiting or None)``.
+    """
+    start = time.perf_counter()
+    info = validate_input(input_path)
+    output_path = Path(output_path)
+    partial = partial_path(output_path)
+    try:
+        with stop_on_signals(), output_folder(output_path), OutputLock(output_path):
+            refuse_same_file(output_path, input_path)
+            refuse_same_file(partial, input_path)
+            if not resume and not overwrite:
+                _refuse_to_replace(output_path, partial)
+            summary = _relax_locked(
+                input_path,
+                output_path,
+                partial,
+                info,
+                model_path,
+                settings,
+                runtime=runtime,
+                device=device,
+                limits=(max_atoms, max_edges),
+                workers=workers,
+                resume=resume,
+                progress=progress,
+                observer=observer,
+            )
+    except KeyboardInterrupt as exc:
+        raise RunInterruptedError(signal_of(exc), partial) from exc
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _datasets(n_structures: int, n_atoms: int) -> dict:
+    """The relaxation's datasets beyond ``run``'s: ``name -> (shape, dtype, fill)``."""
+    sets = {
+        "positions": ((n_atoms, 3), np.float64, np.nan),
+        "cell": ((n_structures, 3, 3), np.float64, np.nan),
+        "steps": ((n_structures,), np.int32, -1),
+        "ckpt_slot": ((1,), np.int8, 0),
+    }
+    for k in (1, 2):
+        sets.update(
+            {
+                f"ckpt{k}_positions": ((n_atoms, 3), np.float64, np.nan),
+                f"ckpt{k}_velocity": ((n_atoms, 3), np.float64, np.nan),
+                f"ckpt{k}_cell": ((n_structures, 3, 3), np.float64, np.nan),
+                f"ckpt{k}_cell_velocity": ((n_structures, 3, 3), np.float64, np.nan),
+                # dt, a, downhill steps (ASE's Nsteps), steps taken
+                f"ckpt{k}_scalars": ((n_structures, 4), np.float64, np.nan),
+                f"ckpt{k}_member": ((n_structures,), np.int8, 0),
+                f"ckpt{k}_meta": ((2,), np.int64, 0),  # next structure to enter, model calls so far
+            }
+        )
+    return sets
+
+
+def _relax_locked(
+    input_path,
+    output_path: Path,
+    partial: Path,
+    info,
+    model_path,
+    settings: RelaxSettings,
+    *,
+    runtime,
+    device,
+    limits,
+    workers,
+    resume,
+    progress,
+    observer,
+) -> RelaxSummary:
+    from painn_export.checkpoint import file_sha256
+    from painn_export.demo import demo_model_path
+    from painn_export.runners import open_runner
+    from painn_export.version import __version__
+
+    runner, facts = open_runner(model_path, runtime, device)
+    if settings.cell and not runner.has_stress:
+        raise CellNeedsStressError(
+            f"--cell needs a model with stress, and {model_path or 'the bundled model'} has none "
+            "(export it with stress, or relax the atoms only)"
+        )
+    runner.activate()
+    try:
+        fingerprint = RelaxFingerprint(
+            input_sha256=input_sha256(input_path),
+            n_structures=info.n_structures,
+            n_atoms=info.n_atoms,
+            model_sha256=file_sha256(model_path or demo_model_path()),
+            runtime=runner.name,
+            precision=runner.precision,
+            stress=runner.has_stress,
+            package_version=__version__,
+            device=runner.device.split(":")[0],
+            provider=runner.provider,
+            fmax=float(settings.fmax),
+            max_steps=int(settings.steps),
+            relax_cell=bool(settings.cell),
+        )
+        if resume and not partial.exists() and output_path.exists():
+            check_resumable(output_path, fingerprint)
+            output_path.replace(partial)  # a finished output resumes to itself
+        elif resume and partial.exists():
+            check_resumable(partial, fingerprint)
+        else:
+            create(partial, fingerprint, extra=_datasets(info.n_structures, info.n_atoms))
+
+        with InputReader(input_path) as reader:
+            out = _RelaxOutput(partial, reader.offsets)
+            summary = RelaxSummary(
+                output=str(output_path),
+                runtime=runner.name,
+                device=runner.device,
+                provider=runner.provider,
+                n_structures=info.n_structures,
+            )
+            try:
+                loop = _Loop(
+                    str(input_path),
+                    reader,
+                    runner,
+                    facts,
+                    settings,
+                    out,
+                    summary,
+                    batch_limits(runner, *limits),
+                    workers,
+                    observer,
+                )
+                bar = Progress(
+                    info.n_structures - summary.already_done,
+                    enabled=progress,
+                    label=f"relax, {runner.name} on {runner.device}",
+                )
+                loop.bar = bar
+                try:
+                    loop.run()
+                finally:
+                    bar.close()
+                summary.counts = out.writer.status_counts()
+                summary.reference = _reference(reader, out)
+                finished = len(out.writer.pending()) == 0
+            finally:
+                out.close()
+        if finished:
+            partial.replace(output_path)
+    finally:
+        runner.deactivate()
+    return summary
+
+
+class _RelaxOutput:
+    """The partial output: final results through :class:`~pipelines.output.Writer`, and checkpoints."""
+
+    def __init__(self, path: Path, offsets: np.ndarray) -> None:
+        self.writer = Writer(path, offsets)
+        self.fh = self.writer.fh
+        self.offsets = offsets
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def commit(self, done: list[_Finished]) -> None:
+        """Final results: geometry and steps, energies and forces, flushed, then statuses."""
+        if not done:
+            return
+        fh, off = self.fh, self.offsets
+        for d in done:
+            if d.state is not None:
+                fh["positions"][off[d.index] : off[d.index + 1]] = d.state.positions
+                fh["cell"][d.index] = d.state.cell
+                fh["steps"][d.index] = d.state.steps
+        rows = [
+            (d.index, d.energy, d.forces, d.stress, d.status)
+            for d in done
+            if d.forces is not None and d.status in ("converged", "not_converged")
+        ]
+        self.writer.commit_results(rows)  # flushes, then the statuses
+        self.writer.commit_status([(d.index, d.status, d.message) for d in done if d.forces is None])
+
+    def checkpoint(self, members: list[_Member], next_index: int, calls: int) -> int:
+        """Write the members' state into the free slot (flushed); returns that slot."""
+        fh, off = self.fh, self.offsets
+        slot = 2 if int(fh["ckpt_slot"][0]) == 1 else 1
+        member = np.zeros(len(off) - 1, np.int8)
+        for m in members:
+            s, st = m.index, m.state
+            n = m.n_atoms
+            fh[f"ckpt{slot}_positions"][off[s] : off[s + 1]] = st.positions
+            fh[f"ckpt{slot}_velocity"][off[s] : off[s + 1]] = st.velocity[:n]
+            fh[f"ckpt{slot}_cell"][s] = st.cell
+            if st.velocity.shape[0] > n:
+                fh[f"ckpt{slot}_cell_velocity"][s] = st.velocity[n:]
+            fh[f"ckpt{slot}_scalars"][s] = [st.dt, st.a, st.n_positive, st.steps]
+            member[s] = 1
+        fh[f"ckpt{slot}_member"][...] = member
+        fh[f"ckpt{slot}_meta"][...] = [next_index, calls]
+        fh.flush()
+        return slot
+
+    def point_at(self, slot: int) -> None:
+        self.fh["ckpt_slot"][0] = slot
+        self.fh.flush()
+
+    def restore(self) -> tuple[list[tuple[int, dict]], int, int]:
+        """``([(structure, state fields)], next structure to enter, model calls)`` of the slot in force."""
+        fh, off = self.fh, self.offsets
+        slot = int(fh["ckpt_slot"][0])
+        if slot == 0:
+            return [], 0, 0
+        next_index, calls = (int(v) for v in fh[f"ckpt{slot}_meta"][...])
+        states = []
+        for s in np.flatnonzero(fh[f"ckpt{slot}_member"][...]):
+            s = int(s)
+            dt, a, n_positive, steps = fh[f"ckpt{slot}_scalars"][s]
+            states.append(
+                (
+                    s,
+                    {
+                        "positions": fh[f"ckpt{slot}_positions"][off[s] : off[s + 1]],
+                        "velocity": fh[f"ckpt{slot}_velocity"][off[s] : off[s + 1]],
+                        "cell": fh[f"ckpt{slot}_cell"][s],
+                        "cell_velocity": fh[f"ckpt{slot}_cell_velocity"][s],
+                        "scalars": (float(dt), float(a), int(n_positive), int(steps)),
+                    },
+                )
+            )
+        return states, next_index, calls
+
+
+def canonical_graph(graph: Graph) -> Graph:
+    """``graph`` with its edges in one order: one-sided pairs by (centre, neighbour, image), then reverses.
+
+    The edge set is :func:`~painn_export.neighbors.neighbor_graph`'s; its
+    order follows the neighbour search, which depends on where the atoms
+    were when the list was searched. The model sums over edges in their
+    order, so a canonical order makes a structure's numbers independent of
+    its search history (an exact ``--resume``).
+    """
+    n = graph.n_edges
+    half = n // 2
+    if half == 0:
+        return graph
+    ei, cs = graph.edge_index, graph.cell_shift
+    order = np.lexsort((cs[:half, 2], cs[:half, 1], cs[:half, 0], ei[0, :half], ei[1, :half]))
+    both = np.concatenate([order, order + half])
+    return Graph(
+        atomic_numbers=graph.atomic_numbers,
+        positions=graph.positions,
+        edge_index=ei[:, both],
+        cell_shift=cs[both],
+        edge_shift=graph.edge_shift[both],
+        cell=graph.cell,
+        min_distance=graph.min_distance,
+    )
+
+
+class _Loop:
+    """The in-flight relaxation of one run: refill, graphs, model, FIRE, checkpoints."""
+
+    def __init__(
+        self, input_path, reader, runner, facts, settings, out, summary, limits, workers, observer
+    ) -> None:
+        self.input_path, self.reader, self.runner, self.facts = input_path, reader, runner, facts
+        self.settings, self.out, self.summary, self.limits = settings, out, summary, limits
+        self.workers, self.observer = workers, observer
+        self.graph_settings = GraphSettings(facts.cutoff, facts.max_neighbors, facts.num_elements)
+        self.dtype = np.float64 if runner.precision == "float64" else np.float32
+        self.bar = None
+        self.done: list[_Finished] = []  # finished since the last checkpoint
+        self.batch: list[_Member] = []
+        restored, self.next_index, self.calls = out.restore()
+        for s, fields in restored:
+            self.batch.append(self._restored(s, fields))
+        status = out.fh["status"][...]
+        in_flight = {m.index for m in self.batch}
+        summary.already_done = sum(
+            1 for s in range(self.next_index) if status[s] != STATUS["pending"] and s not in in_flight
+        )
+
+    # -- members ---------------------------------------------------------------
+    def _new_member(self, s: int, state: FireState | None = None) -> _Member:
+        z, pos, cells, pbcs = self.reader.structures(s, s + 1)
+        fixed = self.reader.fixed(s, s + 1)
+        if state is None:
+            state = FireState.start(pos, cells[0], fixed, self.settings.fire, self.settings.cell)
+        skin = SkinGraph(self.facts.cutoff, self.facts.max_neighbors, skin=self.settings.skin)
+        return _Member(s, z, pbcs[0], state, skin)
+
+    def _restored(self, s: int, fields: dict) -> _Member:
+        _, _, cells, _ = self.reader.structures(s, s + 1)
+        fixed = self.reader.fixed(s, s + 1)
+        dt, a, n_positive, steps = fields["scalars"]
+        velocity = fields["velocity"]
+        if self.settings.cell:
+            velocity = np.concatenate([velocity, fields["cell_velocity"]])
+        state = FireState(
+            positions=np.array(fields["positions"], np.float64),
+            cell=np.array(fields["cell"], np.float64),
+            orig_cell=np.array(cells[0], np.float64),
+            fixed=fixed,
+            velocity=np.array(velocity, np.float64),
+            dt=dt,
+            a=a,
+            n_positive=n_positive,
+            steps=steps,
+        )
+        member = self._new_member(s, state)
+        failure = self._build_graph(member)
+        if failure is not None:  # cannot happen for a state that was evaluated before; keep it honest
+            raise RuntimeError(f"structure {s}: its checkpointed geometry has no graph ({failure})")
+        return member
+
+    def _build_graph(self, m: _Member) -> str | None:
+        """Update ``m.graph`` at its current geometry; a message when it has none (diverged)."""
+        t0 = time.perf_counter()
+        searches = m.skin.n_searches
+        try:
+            graph = m.skin.update(m.z, m.state.positions, m.state.cell, m.pbc)
+        except StructureError as exc:
+            return f"the geometry became invalid: {exc}"
+        finally:
+            self.summary.graph_seconds += time.perf_counter() - t0
+        if graph.min_distance < MIN_SEPARATION:
+            return f"atoms came {graph.min_distance:.3g} Å apart (< {MIN_SEPARATION} Å)"
+        t1 = time.perf_counter()
+        m.graph = canonical_graph(graph)
+        self.summary.graph_seconds += time.perf_counter() - t1
+        self.summary.searches += m.skin.n_searches - searches
+        return None
+
+    def _finish(self, m: _Member, status: str, message: str = "", result=None) -> None:
+        energy, forces, stress = result if result is not None else (float("nan"), None, None)
+        self.done.append(_Finished(m.index, status, message, m.state, energy, forces, stress))
+        self.summary.steps += m.state.steps
+        if self.bar is not None:
+            self.bar.update(1, m.n_atoms)
+
+    # -- the loop --------------------------------------------------------------
+    def run(self) -> None:
+        n = self.reader.n_structures
+        pending = np.arange(self.next_index, n, dtype=np.int64)
+        items = _items(self.input_path, pending, self.graph_settings, self.workers) if len(pending) else None
+        waiting: _Member | None = None
+        fill = []
+        while True:
+            waiting = self._refill(items, waiting)
+            if not self.batch:
+                break
+            atoms = sum(m.n_atoms for m in self.batch)
+            fill.append(atoms)
+            if self.observer is not None:
+                following = None if waiting is None else waiting.n_atoms
+                self.observer([m.index for m in self.batch], atoms, following)
+            results = self._evaluate(self.batch)
+            self.calls += 1
+            self.summary.model_calls += 1
+            staying = []
+            for m, result in zip(self.batch, results):
+                if self._advance(m, result):
+                    staying.append(m)
+            self.batch = staying
+            if self.calls % self.settings.checkpoint_every == 0:
+                self._checkpoint()
+        self.summary.mean_batch_atoms = float(np.mean(fill)) if fill else 0.0
+        self._checkpoint()  # the last: nothing in flight, every structure entered
+
+    def _checkpoint(self) -> None:
+        slot = self.out.checkpoint(self.batch, self.next_index, self.calls)
+        self.out.commit(self.done)  # before pointing at the new slot: see the module doc
+        self.summary.computed += len(self.done)
+        self.done = []
+        self.out.point_at(slot)
+
+    def _refill(self, items, waiting: _Member | None) -> _Member | None:
+        """Admit structures in order while the budget holds; returns the one left waiting, if any."""
+        atoms = sum(m.n_atoms for m in self.batch)
+        degree = max((m.graph.max_degree for m in self.batch), default=0)
+        while True:
+            if waiting is None:
+                item = None if items is None else next(items, None)
+                if item is None:
+                    return None
+                if item.graph is None:  # an input status, as run gives it
+                    self.out.writer.commit_status([(item.index, item.status, item.message)])
+                    self.summary.computed += 1
+                    self.next_index = item.index + 1
+                    if self.bar is not None:
+                        self.bar.update(1, 0)
+                    continue
+                waiting = self._new_member(item.index)
+                if self.settings.cell and not waiting.pbc.all():
+                    self.out.writer.commit_status(
+                        [(item.index, "bad_cell", "--cell relaxes periodic cells only; this one is not")]
+                    )
+                    self.summary.computed += 1
+                    self.next_index = item.index + 1
+                    waiting = None
+                    continue
+                failure = self._build_graph(waiting)
+                if failure is not None:
+                    self._finish(waiting, "diverged", failure)
+                    self.next_index = item.index + 1
+                    waiting = None
+                    continue
+            grown_atoms = atoms + waiting.n_atoms
+            grown_degree = max(degree, waiting.graph.max_degree)
+            if self.batch and not self.limits.admit(grown_atoms, grown_degree):
+                return waiting
+            self.batch.append(waiting)
+            self.next_index = waiting.index + 1
+            atoms, degree = grown_atoms, grown_degree
+            waiting = None
+
+    def _evaluate(self, members: list[_Member]) -> list:
+        """``(energy, forces, stress)`` per member, or a string (too large alone); halves on failure."""
+        try:
+            out = self.runner.infer(collate([m.graph for m in members], self.dtype))
+        except BatchTooLargeError as exc:
+            if len(members) == 1:
+                return [f"failed alone in a batch: {str(exc).splitlines()[0][:130]}"]
+            half = len(members) // 2
+            return self._evaluate(members[:half]) + self._evaluate(members[half:])
+        self.summary.model_seconds += self.runner.last_inference_s
+        results, atom = [], 0
+        for k, m in enumerate(members):
+            n = m.n_atoms
+            stress = np.asarray(out["stress"][k], np.float64) if "stress" in out else None
+            forces = np.asarray(out["forces"][atom : atom + n], np.float64)
+            results.append((float(out["energy"][k]), forces, stress))
+            atom += n
+            self.summary.atom_evaluations += n
+        return results
+
+    def _advance(self, m: _Member, result) -> bool:
+        """Converged, out of steps, diverged (it leaves), or one FIRE step (it stays: True)."""
+        if isinstance(result, str):
+            self._finish(m, "too_large", result)
+            return False
+        energy, forces, stress = result
+        cell_stress = stress if self.settings.cell else None
+        finite = np.isfinite(energy) and np.isfinite(forces).all()
+        if not finite or (cell_stress is not None and not np.isfinite(cell_stress).all()):
+            self._finish(m, "diverged", "the model's energy, forces or stress are not finite")
+            return False
+        gforces = generalized_forces(m.state, forces, cell_stress)
+        if max_force(gforces) < self.settings.fmax:  # ASE's test
+            self._finish(m, "converged", "", result)
+            return False
+        if m.state.steps >= self.settings.steps:
+            self._finish(m, "not_converged", f"{m.state.steps} steps without converging", result)
+            return False
+        fire_step(m.state, gforces, self.settings.fire, self.settings.cell)
+        failure = self._build_graph(m)
+        if failure is not None:
+            self._finish(m, "diverged", failure)
+            return False
+        return True
+
+
+def _reference(reader: InputReader, out: _RelaxOutput) -> dict | None:
+    """Relaxed energies (and positions) against the input's ``relaxed_energy`` (``relaxed_positions``).
+
+    Over the converged structures: mean and largest absolute energy error
+    per atom (eV/atom), mean absolute error of the energy change the
+    relaxation brought (relaxed minus the reference's starting ``energy``,
+    when the input has it), and the RMS of position differences (Å).
+    """
+    fh = reader.fh
+    if "relaxed_energy" not in fh:
+        return None
+    status = out.fh["status"][...]
+    ok = np.flatnonzero(np.isin(status, [STATUS[k] for k in RELAXED]))
+    if not len(ok):
+        return {"structures": 0}
+    natoms = np.diff(reader.offsets)[ok]
+    ours = out.fh["energy"][...][ok]
+    ref = fh["relaxed_energy"][...][ok]
+    err = np.abs(ours - ref) / natoms
+    report = {
+        "structures": len(ok),
+        "relaxed_energy_mae_eV_per_atom": float(err.mean()),
+        "relaxed_energy_max_error_eV_per_atom": float(err.max()),
+    }
+    if "relaxed_positions" in fh:
+        sq, count = 0.0, 0
+        for s in ok:
+            a0, a1 = reader.offsets[s], reader.offsets[s + 1]
+            d = out.fh["positions"][a0:a1] - fh["relaxed_positions"][a0:a1]
+            sq += float(np.sum(d * d))
+            count += int(a1 - a0)
+        report["relaxed_positions_rms_A"] = float(np.sqrt(sq / count))
+    return report
