@@ -345,6 +345,8 @@ class SchemaWriter:
             self._raw.check(self.path)
             if not self.labelled:  # labels only when every structure has them
                 del self.fh["energy"], self.fh["forces"]
+            if not self.any_fixed:  # files without fixed atoms hash and read as before
+                del self.fh["fixed"]
             self.fh.close()
             self._raw.check(self.path)  # what closing wrote
             self._raw.close()

@@ -199,6 +199,13 @@ def run_cmd(
 @click.option("--steps", type=click.IntRange(min=0), default=300, show_default=True, help="Most FIRE steps.")
 @click.option("--cell", "relax_cell", is_flag=True, help="Relax the cell too (ASE's FrechetCellFilter).")
 @click.option(
+    "--checkpoint-every",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Model calls between checkpoints of the optimiser state (what --resume continues from).",
+)
+@click.option(
     "--max-atoms", type=click.IntRange(min=1), default=4096, show_default=True, help="Atoms per batch."
 )
 @click.option(
@@ -227,6 +234,7 @@ def relax_cmd(
     fmax,
     steps,
     relax_cell,
+    checkpoint_every,
     max_atoms,
     max_edges,
     workers,
@@ -254,7 +262,9 @@ def relax_cmd(
             input_path,
             output,
             model_path,
-            settings=RelaxSettings(fmax=fmax, steps=steps, cell=relax_cell),
+            settings=RelaxSettings(
+                fmax=fmax, steps=steps, cell=relax_cell, checkpoint_every=checkpoint_every
+            ),
             runtime=runtime,
             device=device,
             max_atoms=max_atoms,

@@ -258,13 +258,15 @@ def _relax_locked(
     from painn_export.version import __version__
 
     runner, facts = open_runner(model_path, runtime, device)
-    if settings.cell and not runner.has_stress:
+    if settings.cell and not facts.stress:
         raise CellNeedsStressError(
             f"--cell needs a model with stress, and {model_path or 'the bundled model'} has none "
             "(export it with stress, or relax the atoms only)"
         )
     runner.activate()
     try:
+        if settings.cell and not runner.has_stress:
+            raise CellNeedsStressError(f"--cell needs a model with stress, and {model_path} serves none")
         fingerprint = RelaxFingerprint(
             input_sha256=input_sha256(input_path),
             n_structures=info.n_structures,
@@ -516,6 +518,7 @@ class _Loop:
         energy, forces, stress = result if result is not None else (float("nan"), None, None)
         self.done.append(_Finished(m.index, status, message, m.state, energy, forces, stress))
         self.summary.steps += m.state.steps
+        self.summary.atoms += m.n_atoms
         if self.bar is not None:
             self.bar.update(1, m.n_atoms)
 

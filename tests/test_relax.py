@@ -1,0 +1,385 @@
+"""painn-batch relax: ASE's FIRE batched, in flight, with exact skin graphs and an exact resume."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk, fcc111
+from ase.calculators.emt import EMT
+from ase.constraints import FixAtoms
+from ase.filters import FrechetCellFilter
+from ase.optimize import FIRE
+from click.testing import CliRunner
+
+from painn_export import TargetNormalization, save_model
+from painn_export.ase import PaiNNCalculator
+from painn_export.export import export_onnx
+from painn_export.neighbors import SkinGraph, neighbor_graph
+from painn_export.schema import validate_input, write_input
+from painn_export.tolerances import compare, tolerance
+from pipelines.cli import main
+from pipelines.fire import FireParams, FireState, fire_step, generalized_forces
+from pipelines.output import STATUS
+from pipelines.relax import RelaxSettings, canonical_graph, relax_file
+
+from conftest import SMALL, make_model
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = "import sys; from pipelines.cli import main; sys.exit(main())"
+
+
+@pytest.fixture(scope="module")
+def demo64(tmp_path_factory):
+    """The bundled demo model (trained on EMT; direct forces, no stress) exported in float64."""
+    from painn_export.checkpoint import load_model
+    from painn_export.demo import demo_model_path
+
+    model = load_model(demo_model_path()).double().eval()
+    return export_onnx(model, tmp_path_factory.mktemp("demo") / "demo64.onnx", dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def stress_pt(tmp_path_factory):
+    """A small random gradient-force checkpoint (stress; not physical: its atoms run together)."""
+    config = dataclasses.replace(SMALL, direct_forces=False)
+    model = make_model(config, torch.float32, normalization=TargetNormalization(energy_std=0.1))
+    return save_model(model, tmp_path_factory.mktemp("stress") / "stress.pt")
+
+
+def assert_close(quantity: str, got, want, comparison: str, dtype: str, where: str = "") -> None:
+    """``got`` within the tolerance table's bound for ``(comparison, dtype, quantity)``."""
+    result = compare(quantity, got, want, tolerance(comparison, dtype, quantity))
+    assert result.passed, f"{comparison} {where}: {result.describe()}"
+
+
+def _fixed_of(atoms) -> np.ndarray:
+    mask = np.zeros(len(atoms), bool)
+    for c in atoms.constraints:
+        mask[c.index] = True
+    return mask
+
+
+def _write(path, structures) -> Path:
+    rows = [(a.numbers, a.positions, a.cell[:], a.pbc) for a in structures]
+    return write_input(path, rows, fixed=[_fixed_of(a) for a in structures])
+
+
+def _cu(seed, repeat=(2, 1, 1), rattle=0.1, a=3.61):
+    atoms = bulk("Cu", "fcc", a=a, cubic=True).repeat(repeat)
+    atoms.rattle(rattle, seed=seed)
+    return atoms
+
+
+def _slab(seed):
+    atoms = fcc111("Pt", size=(2, 2, 3), vacuum=6.0)
+    atoms.rattle(0.1, seed=seed)
+    atoms.set_constraint(FixAtoms(indices=range(4)))  # the bottom layer, as OC20 slabs
+    return atoms
+
+
+def _results(path):
+    with h5py.File(path) as fh:
+        return {k: fh[k][...] for k in ("positions", "cell", "energy", "forces", "steps", "status")}
+
+
+# -- the optimiser alone ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_cell", [False, True])
+def test_fire_state_follows_ase_fire_step_by_step(with_cell):
+    """Fed the same forces (EMT), FireState takes ASE FIRE's steps, fixed atoms and the cell included."""
+    atoms = _cu(2, repeat=(2, 2, 1), a=3.7)
+    atoms.cell[0, 1] += 0.2
+    atoms.set_constraint(FixAtoms(indices=[0, 3]))
+    ase_atoms = atoms.copy()
+    ase_atoms.calc = EMT()
+    want = []
+    opt = FIRE(FrechetCellFilter(ase_atoms) if with_cell else ase_atoms, logfile=None)
+    opt.attach(lambda: want.append((ase_atoms.positions.copy(), ase_atoms.cell[:].copy())))
+    opt.run(fmax=1e-9, steps=40)
+
+    state = FireState.start(atoms.positions, atoms.cell[:], _fixed_of(atoms), FireParams(), with_cell)
+    got = [(state.positions.copy(), state.cell.copy())]
+    probe = atoms.copy()
+    probe.set_constraint()
+    probe.calc = EMT()
+    for _ in range(40):
+        probe.positions[:] = state.positions
+        probe.cell[:] = state.cell
+        stress = probe.get_stress(voigt=False) if with_cell else None
+        fire_step(state, generalized_forces(state, probe.get_forces(), stress), FireParams(), with_cell)
+        got.append((state.positions.copy(), state.cell.copy()))
+    assert len(want) == len(got) == 41
+    for step, ((x, c), (x_ase, c_ase)) in enumerate(zip(got, want)):
+        assert_close("positions", x, x_ase, "fire_vs_ase", "float64", f"step {step}")
+        assert_close("cell", c, c_ase, "fire_vs_ase", "float64", f"step {step}")
+    # Fixed atoms keep their fractional coordinates (their Cartesian ones without the cell).
+    frac = got[-1][0][[0, 3]] @ np.linalg.inv(got[-1][1])
+    np.testing.assert_allclose(frac, atoms.positions[[0, 3]] @ np.linalg.inv(atoms.cell[:]), atol=1e-12)
+    if not with_cell:
+        np.testing.assert_array_equal(got[-1][0][[0, 3]], atoms.positions[[0, 3]])
+
+
+# -- the pipeline against ASE ------------------------------------------------------
+
+
+def test_relax_equals_ase_fire_with_the_calculator(tmp_path, demo64):
+    """Each structure's steps, status, geometry and energy equal ASE FIRE's with PaiNNCalculator."""
+    structures = [_cu(0), _cu(1), _slab(1), _cu(2)]
+    inp = _write(tmp_path / "in.h5", structures)
+    out = tmp_path / "out.h5"
+    # 40 atoms a batch: the 16-atom bulks and the 12-atom slab come and go in flight.
+    summary = relax_file(
+        inp, out, demo64, settings=RelaxSettings(fmax=0.02, steps=100), workers=0, max_atoms=40
+    )
+    got = _results(out)
+    assert summary.counts == {"converged": 4}
+    offsets = np.concatenate([[0], np.cumsum([len(a) for a in structures])])
+    for s, atoms in enumerate(structures):
+        atoms.calc = PaiNNCalculator.from_file(demo64, device="cpu")
+        opt = FIRE(atoms, logfile=None)
+        assert opt.run(fmax=0.02, steps=100)
+        a0, a1 = offsets[s], offsets[s + 1]
+        assert got["steps"][s] == opt.nsteps, f"structure {s}: steps differ from ASE's"
+        assert_close("positions", got["positions"][a0:a1], atoms.positions, "relax_vs_ase", "float64")
+        e_ase = atoms.get_potential_energy() / len(atoms)
+        assert_close("energy", got["energy"][s] / len(atoms), e_ase, "relax_vs_ase", "float64")
+        fixed = _fixed_of(atoms)
+        np.testing.assert_array_equal(got["positions"][a0:a1][fixed], atoms.positions[fixed])
+
+
+def test_relax_cell_equals_ase_fire_with_frechet_cell_filter(tmp_path, stress_pt):
+    """--cell: the cell and positions follow FIRE on ASE's FrechetCellFilter, fixed atoms too."""
+    structures = [_cu(3, rattle=0.05), _cu(4, rattle=0.05)]
+    structures[1].cell[0, 1] += 0.1
+    structures[1].set_constraint(FixAtoms(indices=[1]))
+    inp = _write(tmp_path / "in.h5", structures)
+    out = tmp_path / "out.h5"
+    steps = 8  # a random model: a few steps, before its atoms run together
+    settings = RelaxSettings(fmax=1e-6, steps=steps, cell=True)
+    relax_file(inp, out, stress_pt, settings=settings, runtime="torch", device="cpu", workers=0)
+    got = _results(out)
+    offsets = np.concatenate([[0], np.cumsum([len(a) for a in structures])])
+    for s, atoms in enumerate(structures):
+        start = atoms.cell[:].copy()
+        atoms.calc = PaiNNCalculator.from_file(stress_pt, "torch", device="cpu")
+        FIRE(FrechetCellFilter(atoms), logfile=None).run(fmax=1e-6, steps=steps)
+        assert got["status"][s] == STATUS["not_converged"] and got["steps"][s] == steps
+        x = got["positions"][offsets[s] : offsets[s + 1]]
+        assert_close("cell", got["cell"][s], atoms.cell[:], "relax_vs_ase", "float32", f"structure {s}")
+        assert_close("positions", x, atoms.positions, "relax_vs_ase", "float32", f"structure {s}")
+        assert np.abs(got["cell"][s] - start).max() > 1e-4, "the cell did not move"
+
+
+# -- graphs -------------------------------------------------------------------------
+
+
+def _emt_frames(atoms, with_cell: bool) -> list:
+    """(positions, cell) at each step of an ASE FIRE relaxation of ``atoms`` with EMT."""
+    atoms.calc = EMT()
+    frames = []
+    opt = FIRE(FrechetCellFilter(atoms) if with_cell else atoms, logfile=None)
+    opt.attach(lambda: frames.append((atoms.positions.copy(), atoms.cell[:].copy())))
+    opt.run(fmax=0.01, steps=60)
+    return frames
+
+
+def test_skin_graph_equals_fresh_graphs_along_a_relaxation():
+    """Along FIRE/EMT relaxations (atoms, then the cell), the skin list gives the fresh graph exactly."""
+    for with_cell in (False, True):
+        atoms = _cu(5, repeat=(2, 2, 1), rattle=0.15)
+        frames = _emt_frames(atoms, with_cell)
+        skin = SkinGraph(5.0, 12, skin=1.0)
+        assert len(frames) > 20
+        for x, cell in frames:
+            got = canonical_graph(skin.update(atoms.numbers, x, cell, atoms.pbc))
+            want = canonical_graph(neighbor_graph(x, cell, atoms.pbc, 5.0, 12, atomic_numbers=atoms.numbers))
+            for key in ("edge_index", "cell_shift", "edge_shift", "edge_slot", "edge_reverse"):
+                np.testing.assert_array_equal(getattr(got, key), getattr(want, key), err_msg=key)
+        if not with_cell:  # the cell moving is a new search each time, by design
+            assert skin.n_searches < len(frames) // 3, "the skin list was searched nearly every step"
+
+
+def test_canonical_order_does_not_depend_on_the_search():
+    """The same structure searched from two earlier geometries gives the same edge order."""
+    atoms = _cu(6, repeat=(2, 2, 1), rattle=0.1)
+    z, x, cell, pbc = atoms.numbers, atoms.positions, atoms.cell[:], atoms.pbc
+    a, b = SkinGraph(5.0, 12, skin=1.0), SkinGraph(5.0, 12, skin=1.0)
+    a.update(z, x + 0.2 * np.sin(np.arange(x.size)).reshape(x.shape), cell, pbc)
+    b.update(z, x - 0.2 * np.cos(np.arange(x.size)).reshape(x.shape), cell, pbc)
+    ga, gb = canonical_graph(a.update(z, x, cell, pbc)), canonical_graph(b.update(z, x, cell, pbc))
+    np.testing.assert_array_equal(ga.edge_index, gb.edge_index)
+    np.testing.assert_array_equal(ga.cell_shift, gb.cell_shift)
+
+
+# -- in-flight batching ---------------------------------------------------------------
+
+
+def test_batch_stays_full_while_structures_remain(tmp_path, demo64):
+    """A structure leaves when it ends, the next enters at once: no call runs a batch the next would fit."""
+    structures = [_cu(k, repeat=(1 + k % 2, 1, 1), rattle=0.05 + 0.02 * (k % 3)) for k in range(10)]
+    inp = _write(tmp_path / "in.h5", structures)
+    calls = []
+    relax_file(
+        inp,
+        tmp_path / "out.h5",
+        demo64,
+        settings=RelaxSettings(fmax=0.05, steps=60),
+        workers=0,
+        max_atoms=36,
+        observer=lambda members, atoms, following: calls.append((list(members), atoms, following)),
+    )
+    waiting = [(m, atoms, nxt) for m, atoms, nxt in calls if nxt is not None]
+    assert waiting, "every structure fitted at once: nothing to refill"
+    for members, atoms, following in waiting:
+        assert atoms <= 36 and atoms + following > 36, f"batch {members} had room for the next"
+    entered = {}
+    for k, (members, _, _) in enumerate(calls):
+        for s in members:
+            entered.setdefault(s, k)
+    assert sorted(entered) == list(range(10)) and sorted(entered.values()) == list(entered.values())
+    late = [s for s, k in entered.items() if k > 0]
+    assert any(entered[s] > 0 and set(calls[entered[s] - 1][0]) - {s} for s in late), "no refill mid-run"
+
+
+# -- statuses -------------------------------------------------------------------------
+
+
+def test_every_status(tmp_path, demo64, stress_pt):
+    """converged, not_converged, diverged, and run's input statuses, each with its data or message."""
+    rows = [(a.numbers, a.positions, a.cell[:], a.pbc) for a in (_cu(0, rattle=0.0), _cu(1, rattle=0.2))] + [
+        (np.array([29, 29]), np.array([[0.0, 0, 0], [np.nan, 0, 0]]), np.eye(3) * 5, [True] * 3),
+        (np.array([29, 29]), np.array([[0.0, 0, 0], [1.0, 0, 0]]), np.zeros((3, 3)), [True] * 3),
+        (np.array([29, 120]), np.array([[0.0, 0, 0], [2.0, 0, 0]]), np.zeros((3, 3)), [False] * 3),
+        (np.zeros(0, int), np.zeros((0, 3)), np.zeros((3, 3)), [False] * 3),
+        (np.array([29, 29]), np.array([[0.0, 0, 0], [0.2, 0, 0]]), np.zeros((3, 3)), [False] * 3),
+    ]
+    inp = write_input(tmp_path / "in.h5", rows)
+    out = tmp_path / "out.h5"
+    args = ["relax", str(inp), "--model", str(demo64), "-o", str(out), "--workers", "0", "-q"]
+    result = CliRunner().invoke(main, [*args, "--steps", "5", "--json"])
+    assert result.exit_code == 3, result.output
+    got = _results(out)
+    names = {v: k for k, v in STATUS.items()}
+    assert [names[int(c)] for c in got["status"]] == [
+        "converged",
+        "not_converged",
+        "nonfinite_positions",
+        "bad_cell",
+        "unknown_element",
+        "empty_structure",
+        "atoms_too_close",
+    ]
+    assert got["steps"][1] == 5 and np.isfinite(got["energy"][:2]).all()
+    assert np.isfinite(got["positions"][:16]).all() and np.isnan(got["energy"][2:]).all()
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["status_counts"]["converged"] == 1 and report["steps"] == got["steps"][:2].sum()
+
+    # diverged: a random model runs its atoms together.
+    inp2 = _write(tmp_path / "in2.h5", [_cu(3)])
+    summary = relax_file(
+        inp2, tmp_path / "d.h5", stress_pt, settings=RelaxSettings(steps=200), runtime="torch", workers=0
+    )
+    assert summary.counts == {"diverged": 1}
+    with h5py.File(tmp_path / "d.h5") as fh:
+        assert "apart" in fh["message"][0].decode()
+        assert 0 < fh["steps"][0] < 200 and np.isfinite(fh["positions"][...]).all()
+
+    # --cell: a model without stress is one line and exit 2; a cluster is a bad_cell.
+    result = CliRunner().invoke(main, [*args, "--cell", "--overwrite"])
+    assert result.exit_code == 2 and "--cell needs a model with stress" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    cluster = _cu(0)
+    cluster.pbc = False
+    inp3 = _write(tmp_path / "in3.h5", [cluster])
+    summary = relax_file(
+        inp3, tmp_path / "c.h5", stress_pt, settings=RelaxSettings(cell=True), runtime="torch", workers=0
+    )
+    assert summary.counts == {"bad_cell": 1}
+
+
+def test_fixed_mask_schema_and_convert_round_trip(tmp_path):
+    """FixAtoms -> convert -> 'fixed' -> the reader; a malformed 'fixed' is one clear error."""
+    import ase.io
+
+    from painn_export.schema import InputReader, SchemaError
+    from pipelines.convert import convert
+
+    slab = _slab(0)
+    ase.io.write(tmp_path / "s.extxyz", [slab, _cu(0)])
+    convert(tmp_path / "s.extxyz", tmp_path / "s.h5")
+    with InputReader(tmp_path / "s.h5") as reader:
+        np.testing.assert_array_equal(reader.fixed(0, 1), _fixed_of(slab))
+        assert not reader.fixed(1, 2).any()
+    plain = write_input(tmp_path / "plain.h5", [(a.numbers, a.positions, a.cell[:], a.pbc) for a in [_cu(0)]])
+    with h5py.File(plain, "a") as fh:
+        fh["fixed"] = np.zeros(3, bool)
+    with pytest.raises(SchemaError, match="'fixed'"):
+        validate_input(plain)
+
+
+def test_export_writes_relaxed_geometry_and_fixed_atoms(tmp_path, demo64):
+    import ase.io
+
+    inp = _write(tmp_path / "in.h5", [_slab(2)])
+    relax_file(inp, tmp_path / "out.h5", demo64, settings=RelaxSettings(steps=30), workers=0)
+    result = CliRunner().invoke(
+        main, ["export", str(tmp_path / "out.h5"), "--input", str(inp), "-o", str(tmp_path / "r.extxyz")]
+    )
+    assert result.exit_code == 0, result.output
+    back = ase.io.read(tmp_path / "r.extxyz")
+    np.testing.assert_allclose(back.positions, _results(tmp_path / "out.h5")["positions"], atol=1e-6)
+    np.testing.assert_array_equal(_fixed_of(back), _fixed_of(_slab(2)))
+
+
+# -- crash safety -----------------------------------------------------------------------
+
+
+def _cli(args, **kw):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-c", CLI, *args], env=env, cwd=ROOT, **kw)
+
+
+def _checkpoint_calls(partial: Path) -> int:
+    """Model calls recorded by the checkpoint in force of a file another process is writing."""
+    try:
+        with h5py.File(partial, "r", locking=False) as fh:
+            slot = int(fh["ckpt_slot"][0])
+            return int(fh[f"ckpt{slot}_meta"][1]) if slot else 0
+    except (OSError, KeyError):
+        return 0
+
+
+def test_sigkill_then_resume_is_bitwise_an_uninterrupted_run(tmp_path, demo64):
+    structures = [_cu(k, repeat=(1 + k % 2, 1, 1), rattle=0.1) for k in range(14)] + [_slab(3)]
+    inp = _write(tmp_path / "in.h5", structures)
+    options = ["--model", str(demo64), "--max-atoms", "40", "--fmax", "0.01", "--workers", "0"]
+    options += ["--checkpoint-every", "3", "-q", "--json"]
+    ref = tmp_path / "ref.h5"
+    assert _cli(["relax", str(inp), "-o", str(ref), *options]).wait(timeout=120) == 0
+
+    out, partial = tmp_path / "out.h5", tmp_path / "out.partial.h5"
+    for target, resume in ((10, []), (40, ["--resume"])):
+        proc = _cli(["relax", str(inp), "-o", str(out), *options, *resume], stdout=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while _checkpoint_calls(partial) < target and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL and not out.exists(), "the run ended before the kill"
+    proc = _cli(["relax", str(inp), "-o", str(out), *options, "--resume"], stdout=subprocess.PIPE)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and out.exists() and not partial.exists()
+    assert json.loads(stdout.decode().strip().splitlines()[-1])["already_done"] > 0
+    got, want = _results(out), _results(ref)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
