@@ -38,6 +38,7 @@ from painn_export.export import (
     example_inputs,
     graphs_for,
     onnx_metadata,
+    temporary_path,
     trace_gradient_graph,
 )
 from painn_export.model import PaiNN
@@ -46,9 +47,10 @@ from painn_export.tolerances import compare, tolerance
 
 PACKAGE_FACTS = "painn_export.json"  # inside the .pt2 zip, beside AOTInductor's own files
 
-# Inductor settings kept after measuring (docs/benchmarks.md, "AOTInductor"):
-# freezing folds the weights into the compiled code as constants.
-INDUCTOR_CONFIGS: dict[str, object] = {"freezing": True}
+# Inductor settings: its defaults. Freezing, loop ordering after fusion and
+# the tiling heuristics were measured and changed nothing beyond the noise
+# (docs/benchmarks.md, "AOTInductor").
+INDUCTOR_CONFIGS: dict[str, object] = {}
 
 
 class PackageMismatchError(RuntimeUnavailableError):
@@ -108,7 +110,7 @@ def export_aoti(
         program = torch.export.export(traced, example, dynamic_shapes=dynamic_shapes(names), strict=False)
     meta = {**onnx_metadata(model, dtype, stress), "painn_export.runtime": "aoti"}
     facts = {"metadata": meta, **_device_facts(device)}
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.pt2")  # AOTInductor wants the suffix
+    tmp = temporary_path(path, ".tmp.pt2")  # AOTInductor wants the suffix
     try:
         torch._inductor.aoti_compile_and_package(
             program, package_path=str(tmp), inductor_configs=dict(INDUCTOR_CONFIGS)

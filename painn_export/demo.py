@@ -154,10 +154,17 @@ def _cached(model, source: str | Path, suffix: str, device: str = "cpu") -> Path
 
 
 def _remove_stale_exports(path: Path) -> None:
-    """Delete ``PATH.<pid>.tmp`` (``.tmp.pt2``) files left by exports whose process was killed."""
-    for tmp in path.parent.glob(f"{path.name}.*.tmp*"):
+    """Delete this host's ``PATH.<host>-<pid>-<random>.tmp*`` files whose process was killed.
+
+    Another host's are never judged: its process ids mean nothing here (a
+    shared cache on NFS), so they stay until that host finishes or removes them.
+    """
+    import socket
+
+    host = socket.gethostname().replace(".", "_").replace("-", "_")
+    for tmp in path.parent.glob(f"{path.name}.{host}-*.tmp*"):
         try:
-            pid = int(tmp.name.removeprefix(path.name + ".").split(".")[0])
+            pid = int(tmp.name.removeprefix(f"{path.name}.{host}-").split("-")[0])
             os.kill(pid, 0)  # raises when no such process: the export was killed
         except ValueError:
             continue

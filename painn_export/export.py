@@ -44,6 +44,21 @@ from painn_export.slots import GraphInputs
 DEFAULT_OPSET = 18  # TensorRT 10's parser accepts opsets 9..20
 
 
+def temporary_path(path: Path, suffix: str = ".tmp") -> Path:
+    """A name beside ``path`` that no other process, on this host or another, writes to.
+
+    ``PATH.<host>-<pid>-<random>.tmp``: on a shared file system two nodes'
+    exports never share one, and a stale one is judged only by its own host
+    (:func:`painn_export.demo._remove_stale_exports`). The caller renames it
+    onto ``path`` when complete (atomic within a folder).
+    """
+    import secrets
+    import socket
+
+    host = socket.gethostname().replace(".", "_").replace("-", "_")
+    return path.with_name(f"{path.name}.{host}-{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+
+
 def graphs_for(model: PaiNN, samples) -> list:
     cfg = model.config
     return [
@@ -239,7 +254,7 @@ def export_onnx(
     for key, value in onnx_metadata(model, dtype, stress).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent exports never share one
+    tmp = temporary_path(path)  # concurrent exports, on any host, never share one
     try:
         onnx.save(proto, tmp)
         onnx.checker.check_model(str(tmp), full_check=True)

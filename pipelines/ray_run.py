@@ -2,17 +2,25 @@
 
 The plan, stage by stage:
 
-1. **Source.** The pending structures (all, or what ``--resume`` left) in
-   chunks of :data:`pipelines.batches.CHUNK` indices, one row each
-   (``ray.data.from_items``). The input reaches the workers *by its path*:
-   every node must see the HDF5 file at the same path (a shared file system,
-   or a copy at the same place). Only indices travel, never structures.
+0. **Preflight.** One small task on every alive node checks, before any
+   work, that it sees the input and the model at the driver's absolute paths
+   (the same file: its size and hash), and that it runs this package version.
+   A node that does not is one line naming the node and the path, or both
+   versions.
+1. **Source.** Chunk *numbers* (``ray.data.range``): the plan on the driver
+   does not grow with the input. The pending indices (all, or what
+   ``--resume`` left) go once into the object store; each graph task takes
+   its :data:`pipelines.batches.CHUNK` indices from there. The input reaches
+   the workers *by its path*: every node must see the HDF5 file at the same
+   path (a shared file system, or a copy at the same place). Only indices
+   travel, never structures.
 2. **Graphs**, as CPU tasks (``map_batches``, one chunk per call): each opens
    the input with the schema's reader and builds the chunk's graphs with the
    local pipeline's code (:func:`pipelines.graphs.items_from`), or a status.
 3. **Inference** on an actor pool (``map_batches`` with
-   ``ActorPoolStrategy``): each actor opens the model once (one Runner, GPUs
-   if asked), packs what it receives into batches by the local batcher's
+   ``ActorPoolStrategy``): each actor opens the model once (one Runner, on
+   the GPU Ray gave it if asked, with as many threads as the CPUs Ray gave
+   it: one), packs what it receives into batches by the local batcher's
    atom/edge budget and splits a batch that does not fit, exactly as the
    local pipeline (:func:`pipelines.batches.evaluate`).
 4. **Writing**, on the driver only: results stream back
@@ -25,8 +33,9 @@ its batch (``max_retries``, ``max_restarts``, ``max_task_retries``). A
 structure that never comes back stays *pending* in the partial output: the
 run then fails with that count, and ``--resume`` (local or Ray) computes only
 those. A killed driver leaves its ``.partial.h5`` as the local pipeline
-does. Ray is optional (``pip install painn-export[ray]``) and imported only
-here.
+does. Actors' errors reach the driver's log. Ray is optional (``pip
+install painn-export[ray]``) and imported only here; a run leaves Ray's
+logger and ``DataContext`` as it found them.
 """
 
 from __future__ import annotations
@@ -70,13 +79,11 @@ def import_ray():
 
 def connect(options: RayOptions) -> bool:
     """Join or start Ray as ``options`` say; True when this call started it (and should stop it)."""
-    import logging
-
     ray = import_ray()
-    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-run INFO lines are noise here
     if ray.is_initialized():
         return False
-    quiet = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    # Actors' and tasks' output (their errors) reaches this process's stderr.
+    quiet = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
     if options.address == "local":  # always a new Ray of its own, never another one on this machine
         ray.init(address="local", num_cpus=options.cpus, **quiet)
     else:
@@ -84,15 +91,77 @@ def connect(options: RayOptions) -> bool:
     return True
 
 
-def _graph_rows(batch: dict, input_path: str, settings) -> dict:
-    """Ray task: the graphs (or statuses) of the chunks in ``batch``, one row per structure."""
+class PreflightError(RuntimeError):
+    """A node that cannot run the job: it lacks a file, or runs another package version."""
+
+
+def _node_facts(paths: list[str]) -> dict:
+    """Ray task, pinned to one node: its name, package version, and each path's size and hash."""
+    import os
+    import socket
+
+    from painn_export.checkpoint import file_sha256
+    from painn_export.version import __version__
+
+    files = {}
+    for path in paths:
+        try:
+            files[path] = (os.path.getsize(path), file_sha256(path))
+        except OSError as exc:
+            files[path] = (None, exc.strerror or str(exc))
+    return {"node": socket.gethostname(), "version": __version__, "files": files}
+
+
+def preflight(ray, paths: list[str]) -> int:
+    """Check every alive node against this driver before any work; returns the number of nodes.
+
+    Raises :class:`PreflightError` naming the node and the path (or the versions).
+    """
+    import socket
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = _node_facts(paths)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    probe = ray.remote(num_cpus=0)(_node_facts)
+    refs = [
+        probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+            paths
+        )
+        for n in nodes
+    ]
+    for node, facts in zip(nodes, ray.get(refs)):
+        name = f"{facts['node']} ({node.get('NodeManagerAddress', '?')})"
+        if facts["version"] != here["version"]:
+            raise PreflightError(
+                f"node {name} runs painn-export {facts['version']}, this driver {here['version']} "
+                f"({socket.gethostname()}): install the same version on every node"
+            )
+        for path, (size, digest) in facts["files"].items():
+            if size is None:
+                raise PreflightError(
+                    f"node {name} cannot read {path}: {digest}; every node needs it at this path"
+                )
+            if (size, digest) != here["files"][path]:
+                raise PreflightError(f"node {name} sees another file at {path} than this driver does")
+    return len(nodes)
+
+
+def _graph_rows(batch: dict, pending, input_path: str, settings) -> dict:
+    """Ray task: the graphs (or statuses) of the chunks numbered in ``batch``, one row per structure."""
+    import ray
+
     from painn_export.schema import InputReader
+    from pipelines.batches import CHUNK
     from pipelines.graphs import for_float32_feed, items_from
 
+    if isinstance(pending, ray.ObjectRef):  # the object store's copy, read in place (zero-copy)
+        pending = ray.get(pending)
     rows = {"index": [], "status": [], "message": [], "graph": []}
     with InputReader(input_path) as reader:
-        for chunk in batch["indices"]:
-            for item in items_from(reader, settings, np.frombuffer(chunk, dtype=np.int64)):
+        for number in batch["id"]:
+            chunk = pending[int(number) * CHUNK : (int(number) + 1) * CHUNK]
+            for item in items_from(reader, settings, chunk):
                 rows["index"].append(item.index)
                 rows["status"].append(item.status)
                 rows["message"].append(item.message)
@@ -143,6 +212,10 @@ class _Inference:
         model_path, runtime, device, self.limits = self.job
         # One CPU thread: the CPU that Ray gave this actor. A GPU actor's device
         # is "cuda": Ray's CUDA_VISIBLE_DEVICES makes its own GPU cuda:0.
+        if runtime in ("torch", "aoti"):
+            import torch
+
+            torch.set_num_threads(1)
         self.runner, _ = open_runner(model_path, runtime, device, threads=1)
         self.runner.activate()
 
@@ -164,29 +237,43 @@ class _Inference:
 
 def evaluate_on_ray(job, pending: np.ndarray, options: RayOptions, writer, summary, bar) -> None:
     """Run the graph and inference stages of ``pending`` on Ray; commit what comes back through ``writer``."""
-    from pipelines.batches import chunks
+    import logging
+
+    from pipelines.batches import CHUNK
     from pipelines.signals import stop_on_signals
 
     ray = import_ray()
     started = connect(options)
+    data_logger = logging.getLogger("ray.data")
+    level = data_logger.level
+    context = ray.data.DataContext.get_current()
+    progress_bars = context.enable_progress_bars
     try:
         # A Ray started here sets its own SIGTERM handler (exit 1, without a word): the run's comes back.
         with stop_on_signals():
-            context = ray.data.DataContext.get_current()
+            data_logger.setLevel(logging.ERROR)  # its per-run INFO lines are noise here
             context.enable_progress_bars = False  # painn-batch draws its own
-            tasks = [{"indices": chunk.astype(np.int64).tobytes()} for chunk in chunks(pending)]
-            if not tasks:
+            n_chunks = -(-len(pending) // CHUNK)
+            if not n_chunks:
                 return
-            ds = _plan(ray, tasks, job, options)
+            input_path, model_path = job[0], job[1]
+            preflight(ray, [input_path, *([model_path] if model_path else [])])
+            ds = plan(ray, ray.put(pending), n_chunks, job, options)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 _commit(batch, writer, summary, bar)
     finally:
+        data_logger.setLevel(level)
+        context.enable_progress_bars = progress_bars
         if started:
             ray.shutdown()
 
 
-def _plan(ray, chunks: list[dict], job, options: RayOptions):
-    """The Ray Data pipeline: index chunks -> graph tasks -> inference actors."""
+def plan(ray, pending_ref, n_chunks: int, job, options: RayOptions):
+    """The Ray Data pipeline: chunk numbers -> graph tasks -> inference actors (lazy: nothing runs).
+
+    ``pending_ref`` is the object-store reference of the pending indices; the
+    driver's plan holds only ``n_chunks`` numbers' worth of blocks.
+    """
     input_path, model_path, runtime, settings, limits = job
     # The job rides on the class, not in constructor arguments: a restarted
     # actor must not depend on objects in the store.
@@ -194,10 +281,10 @@ def _plan(ray, chunks: list[dict], job, options: RayOptions):
     actor = type("Inference", (_Inference,), {"job": (model_path, runtime, device, limits)})
     with warnings.catch_warnings():  # retry arguments go through ray_remote_args (deprecated in Ray 2.60)
         warnings.simplefilter("ignore", DeprecationWarning)
-        ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
+        ds = ray.data.range(n_chunks)
         ds = ds.map_batches(
             _graph_rows,
-            fn_args=(input_path, settings),
+            fn_args=(pending_ref, input_path, settings),
             batch_size=1,
             batch_format="numpy",
             num_cpus=1,

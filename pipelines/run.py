@@ -211,7 +211,10 @@ def _run_locked(
                 else:
                     from pipelines.ray_run import evaluate_on_ray
 
-                    job = (str(input_path), model_path, runtime, settings, limits)
+                    # Absolute paths: every node resolves them the same way (the
+                    # preflight checks each node sees the same files there).
+                    model = str(Path(model_path).resolve()) if model_path else None
+                    job = (str(Path(input_path).resolve()), model, runtime, settings, limits)
                     evaluate_on_ray(job, pending, ray, writer, summary, bar)
             finally:
                 bar.close()

@@ -18,7 +18,10 @@ Runtimes, all float32 on the CPU with ``--threads`` threads:
   (:mod:`painn_export.reference`), the slow reference;
 - ``eager``: the scatter-free model (slot layout) in PyTorch;
 - ``onnxruntime``: the default export (slot layout, no scatter) on ONNX
-  Runtime's CPU provider.
+  Runtime's CPU provider;
+- ``aoti``: the same graph compiled ahead of time by AOTInductor
+  (``painn-export aoti``; compiled once per config in the parent, its compile
+  time and package size reported below the table).
 
 Ratios are against eager and the reference of the same run.
 """
@@ -41,11 +44,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-RUNTIMES = ("reference", "eager", "onnxruntime")
+RUNTIMES = ("reference", "eager", "onnxruntime", "aoti")
 LABELS = {
     "reference": "torch_scatter reference (edge list)",
     "eager": "scatter-free eager (slot layout)",
     "onnxruntime": "ONNX Runtime CPU (slot layout)",
+    "aoti": "AOTInductor CPU (slot layout)",
 }
 
 
@@ -118,13 +122,14 @@ def worker(spec: dict) -> dict:
                 e, f = reference_forward(state, model.config, model.normalization, **inputs)
             return {"energy": e.numpy(), "forces": f.numpy()}
     else:
-        from painn_export.runners import OnnxRuntimeRunner, TorchRunner
+        from painn_export.runners import AOTInductorRunner, OnnxRuntimeRunner, TorchRunner
 
-        runner = (
-            TorchRunner(model)
-            if kind == "eager"
-            else OnnxRuntimeRunner(spec["onnx"], threads=spec["threads"])
-        )
+        if kind == "eager":
+            runner = TorchRunner(model)
+        elif kind == "aoti":
+            runner = AOTInductorRunner(spec["aoti"], device="cpu", threads=spec["threads"])
+        else:
+            runner = OnnxRuntimeRunner(spec["onnx"], threads=spec["threads"])
         runner.activate()
 
         def run():
@@ -188,12 +193,21 @@ def main(argv: list[str] | None = None) -> int:
         "| peak RSS | repeat bitwise |"
     )
     print("| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |")
-    results = []
+    results, compiled = [], []
     for name in args.configs:
         with tempfile.TemporaryDirectory() as tmp:
-            onnx_path = None
+            onnx_path = aoti_path = None
             if "onnxruntime" in args.runtimes:
                 onnx_path = str(export_onnx(model_for(name), Path(tmp) / f"{name}.onnx"))
+            if "aoti" in args.runtimes:
+                from painn_export.aoti import export_aoti
+
+                start = time.perf_counter()
+                aoti_path = str(export_aoti(model_for(name), Path(tmp) / f"{name}.pt2"))
+                compiled.append(
+                    f"{name}: AOTInductor compile {time.perf_counter() - start:.0f} s (export, compile, "
+                    f"check against eager), package {Path(aoti_path).stat().st_size / 1e6:.1f} MB"
+                )
             for n_atoms in args.atoms:
                 rows = {}
                 for kind in args.runtimes:
@@ -204,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                         "repeats": args.repeats,
                         "threads": args.threads,
                         "onnx": onnx_path,
+                        "aoti": aoti_path,
                     }
                     rows[kind] = run_in_process(spec)
                 eager = rows.get("eager", {}).get("median_s")
@@ -226,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{r['peak_rss_mb']:.0f} MB | {'yes' if r['bitwise_repeatable'] else 'NO'} |",
                         flush=True,
                     )
+    for line in compiled:
+        print(f"# {line}")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(args.threads), "rows": results}, indent=1))
     return 0

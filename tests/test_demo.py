@@ -86,7 +86,10 @@ def test_readme_and_make_demo_commands_run_in_a_bare_copy(tmp_path):
 
 
 def test_a_killed_export_leaves_no_stale_file_in_the_cache(tmp_path):
-    """A temporary file of an export whose process is gone is removed by the next export."""
+    """A temporary file of an export whose process is gone (on this host) is removed by the next
+    export; another host's is left alone."""
+    import socket
+
     from painn_export.checkpoint import load_model
     from painn_export.demo import cached_onnx, demo_model_path
 
@@ -97,8 +100,12 @@ def test_a_killed_export_leaves_no_stale_file_in_the_cache(tmp_path):
     )
     dead_pid = int(proc.stdout)  # that process has exited
     path = cached_onnx(model, source)  # PAINN_EXPORT_CACHE is this test's folder
-    stale = path.with_name(f"{path.name}.{dead_pid}.tmp")
+    host = socket.gethostname().replace(".", "_").replace("-", "_")
+    stale = path.with_name(f"{path.name}.{host}-{dead_pid}-0a1b2c3d.tmp")
+    # another host's export in progress, on a shared cache: its pid means nothing here
+    elsewhere = path.with_name(f"{path.name}.other_node-{dead_pid}-0a1b2c3d.tmp")
     stale.write_bytes(b"half an export")
+    elsewhere.write_bytes(b"an export in progress on another node")
     path.unlink()
     assert cached_onnx(model, source) == path and path.is_file()
-    assert not stale.exists()
+    assert not stale.exists() and elsewhere.exists()

@@ -76,9 +76,11 @@ def test_a_worker_node_removed_mid_run_loses_nothing(tmp_path, checkpoint, fresh
 
     inp = write_input(tmp_path / "in.h5", _many(3000, seed=3))
     run_file(inp, tmp_path / "local.h5", checkpoint, runtime="torch", workers=0, progress=False)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    # The head runs the driver only, so the work goes to the worker nodes; the one that stays
+    # has two CPUs, so that the actor and the graph tasks still fit once the other is gone.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     doomed = cluster.add_node(num_cpus=1)
-    cluster.add_node(num_cpus=1)
+    cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     out = tmp_path / "ray.h5"
     cmd = ["run", str(inp), "--model", str(checkpoint), "--runtime", "torch", "-o", str(out), "-q"]
@@ -112,8 +114,8 @@ def _wait_until_busy(address: str, node_id: str, deadline: float) -> bool:
     ray.init(address=address, log_to_driver=False)
     try:
         while time.time() < deadline:
-            free = state.available_resources_per_node().get(node_id, {}).get("CPU", 1.0)
-            if free < 1.0:
+            node = state.available_resources_per_node().get(node_id)
+            if node is not None and node.get("CPU", 0.0) < 1.0:  # a resource all in use is not listed
                 return True
             time.sleep(0.02)
         return False
@@ -172,3 +174,67 @@ def test_without_ray_the_option_says_what_to_install(tmp_path, monkeypatch):
     inp = write_input(tmp_path / "in.h5", _many(2))
     result = CliRunner().invoke(main, ["run", str(inp), "--ray", "local"])
     assert result.exit_code == 2 and "pip install 'painn-export[ray]'" in result.output
+
+
+def test_relative_paths_from_another_directory_on_the_default_runtime(tmp_path, checkpoint, monkeypatch):
+    """The README's form: relative --model and input, ONNX Runtime (the default), from another folder."""
+    work = tmp_path / "job"
+    work.mkdir()
+    inp = write_input(work / "in.h5", _many(40, seed=8))
+    shutil.copy(checkpoint, work / "m.pt")
+    local = run_file(inp, tmp_path / "local.h5", checkpoint, workers=0, progress=False)
+    monkeypatch.chdir(work)
+    result = CliRunner().invoke(
+        main, ["run", "in.h5", "--model", "m.pt", "-o", "ray.h5", "--ray", "local", "--json", "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    assert local.runtime == "onnxruntime-cpu"
+    _assert_same_results(work / "ray.h5", tmp_path / "local.h5")
+
+
+class _StubRay:
+    """What preflight reads of Ray: the alive nodes, and each node's answer to the probe."""
+
+    def __init__(self, answers):
+        self.answers = answers
+
+    def nodes(self):
+        return [{"Alive": True, "NodeID": f"n{k}", "NodeManagerAddress": f"10.0.0.{k}"} for k in range(2)]
+
+    def remote(self, **_):
+        stub = self
+
+        class Probe:
+            def options(self, **_):
+                return self
+
+            def remote(self, paths):
+                return stub.answers.pop(0)
+
+        return lambda fn: Probe()
+
+    def get(self, refs):
+        return refs
+
+
+def test_preflight_names_the_node_and_what_it_lacks(tmp_path, monkeypatch):
+    """Another package version, a missing file or another file at the same path: one line, before work."""
+    from painn_export.version import __version__
+    from pipelines.ray_run import PreflightError, _node_facts, preflight
+
+    monkeypatch.setitem(sys.modules, "ray.util.scheduling_strategies", type(sys)("stub"))
+    sys.modules["ray.util.scheduling_strategies"].NodeAffinitySchedulingStrategy = lambda *a, **k: None
+    path = tmp_path / "in.h5"
+    path.write_bytes(b"structures")
+    good = _node_facts([str(path)])
+    assert good["version"] == __version__ and good["files"][str(path)][0] == len(b"structures")
+    cases = {
+        "runs painn-export 0.0.1": {**good, "node": "gpu7", "version": "0.0.1"},
+        "cannot read": {**good, "node": "gpu7", "files": {str(path): (None, "No such file or directory")}},
+        "sees another file": {**good, "node": "gpu7", "files": {str(path): (3, "abc")}},
+    }
+    for words, bad in cases.items():
+        with pytest.raises(PreflightError, match=words) as caught:
+            preflight(_StubRay([good, bad]), [str(path)])
+        assert "gpu7 (10.0.0.1)" in str(caught.value) and "\n" not in str(caught.value)
+    assert preflight(_StubRay([good, good]), [str(path)]) == 2
