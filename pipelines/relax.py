@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from painn_export.batch import Graph, collate
+from painn_export.batch import Graph, collate, slots_within_receiver
 from painn_export.errors import BatchTooLargeError
 from painn_export.neighbors import SkinGraph, StructureError
 from painn_export.schema import InputReader, validate_input
@@ -429,13 +429,17 @@ def canonical_graph(graph: Graph) -> Graph:
     ei, cs = graph.edge_index, graph.cell_shift
     order = np.lexsort((cs[:half, 2], cs[:half, 1], cs[:half, 0], ei[0, :half], ei[1, :half]))
     both = np.concatenate([order, order + half])
+    edge_index = ei[:, both]
     return Graph(
         atomic_numbers=graph.atomic_numbers,
         positions=graph.positions,
-        edge_index=ei[:, both],
+        edge_index=edge_index,
         cell_shift=cs[both],
         edge_shift=graph.edge_shift[both],
         cell=graph.cell,
+        edge_slot=slots_within_receiver(edge_index[1], graph.n_atoms),
+        # Still each one-sided pair then its reverse, in the same order.
+        edge_reverse=np.concatenate([np.arange(half, n), np.arange(half)]),
         min_distance=graph.min_distance,
     )
 

@@ -22,6 +22,7 @@ from click.testing import CliRunner
 
 from painn_export import TargetNormalization, save_model
 from painn_export.ase import PaiNNCalculator
+from painn_export.batch import reverse_edges
 from painn_export.export import export_onnx
 from painn_export.neighbors import SkinGraph, neighbor_graph
 from painn_export.schema import validate_input, write_input
@@ -205,6 +206,9 @@ def test_skin_graph_equals_fresh_graphs_along_a_relaxation():
             want = canonical_graph(neighbor_graph(x, cell, atoms.pbc, 5.0, 12, atomic_numbers=atoms.numbers))
             for key in ("edge_index", "cell_shift", "edge_shift", "edge_slot", "edge_reverse"):
                 np.testing.assert_array_equal(getattr(got, key), getattr(want, key), err_msg=key)
+            fresh = neighbor_graph(x, cell, atoms.pbc, 5.0, 12, atomic_numbers=atoms.numbers)
+            np.testing.assert_array_equal(got.edge_reverse, reverse_edges(got.edge_index, got.cell_shift))
+            np.testing.assert_array_equal(got.min_distance, fresh.min_distance)
         if not with_cell:  # the cell moving is a new search each time, by design
             assert skin.n_searches < len(frames) // 3, "the skin list was searched nearly every step"
 
@@ -305,6 +309,35 @@ def test_every_status(tmp_path, demo64, stress_pt):
         inp3, tmp_path / "c.h5", stress_pt, settings=RelaxSettings(cell=True), runtime="torch", workers=0
     )
     assert summary.counts == {"bad_cell": 1}
+
+
+def test_a_structure_too_large_alone_leaves_the_others_relaxing(tmp_path, demo64, monkeypatch):
+    """A batch the runtime cannot fit is halved; a structure that fails alone is too_large."""
+    import painn_export.runners as runners
+    from painn_export.errors import BatchTooLargeError
+
+    opened = runners.open_runner
+
+    def small_device(*args, **kwargs):
+        runner, facts = opened(*args, **kwargs)
+        infer = runner.infer
+
+        def limited(feed):
+            if len(feed["atomic_numbers"]) > 20:
+                raise BatchTooLargeError("out of memory (a test's 20-atom device)")
+            return infer(feed)
+
+        runner.infer = limited
+        return runner, facts
+
+    monkeypatch.setattr(runners, "open_runner", small_device)
+    inp = _write(tmp_path / "in.h5", [_cu(0), _cu(1, repeat=(2, 2, 2)), _cu(2)])
+    summary = relax_file(inp, tmp_path / "out.h5", demo64, settings=RelaxSettings(fmax=0.05), workers=0)
+    assert summary.counts == {"converged": 2, "too_large": 1}
+    got = _results(tmp_path / "out.h5")
+    assert got["status"][1] == STATUS["too_large"] and got["steps"][1] == 0
+    with h5py.File(tmp_path / "out.h5") as fh:
+        assert "failed alone in a batch: out of memory" in fh["message"][1].decode()
 
 
 def test_fixed_mask_schema_and_convert_round_trip(tmp_path):
