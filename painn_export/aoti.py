@@ -58,11 +58,26 @@ class PackageMismatchError(RuntimeUnavailableError):
 
 
 def _device_facts(device: str) -> dict[str, str]:
+    """What a package is tied to: torch, the device kind, and the GPU's sm or the CPU's vector ISA."""
     facts = {"torch_version": torch.__version__, "device": device.split(":")[0]}
     if facts["device"] == "cuda":
         major, minor = torch.cuda.get_device_capability(torch.device(device))
         facts["compute_capability"] = f"{major}.{minor}"
+    else:  # the C++ is built for this CPU's vector instructions (AVX2, AVX-512, ...)
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+        facts["cpu_vector_isa"] = str(pick_vec_isa()) or "none"
     return facts
+
+
+def device_tag(device: str) -> str:
+    """A short name of what a package for ``device`` is tied to (cache names): ``cuda-sm90``, ``cpu-avx2``."""
+    facts = _device_facts(device)
+    return f"{facts['device']}-" + (
+        f"sm{facts['compute_capability'].replace('.', '')}"
+        if "compute_capability" in facts
+        else facts["cpu_vector_isa"]
+    )
 
 
 def have_compiler() -> str | None:

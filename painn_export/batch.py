@@ -111,11 +111,45 @@ class Graph:
 
     def __post_init__(self) -> None:
         self._check()
-        # Derived once where the graph is built (a neighbour worker), never per batch.
+        # Derived once where the graph is built (a neighbour worker), never per batch;
+        # a caller's own are checked (O(E)): a wrong one would give wrong numbers silently.
         if self.edge_slot is None:
             object.__setattr__(self, "edge_slot", slots_within_receiver(self.edge_index[1], self.n_atoms))
+        else:
+            self._check_slots()
         if self.edge_reverse is None:
             object.__setattr__(self, "edge_reverse", reverse_edges(self.edge_index, self.cell_shift))
+        else:
+            self._check_reverse()
+
+    def _check_slots(self) -> None:
+        slot = np.asarray(self.edge_slot, dtype=np.int64)
+        if slot.shape != (self.n_edges,) or (self.n_edges and slot.min() < 0):
+            raise InvalidGraphError(
+                f"Graph.edge_slot must be {self.n_edges} slots >= 0, got shape {slot.shape}"
+            )
+        key = np.asarray(self.edge_index[1], dtype=np.int64) * (int(slot.max(initial=0)) + 1) + slot
+        if np.unique(key).size != self.n_edges:
+            raise InvalidGraphError("Graph.edge_slot puts two edges of one receiver in the same slot")
+
+    def _check_reverse(self) -> None:
+        rev = np.asarray(self.edge_reverse, dtype=np.int64)
+        n = self.n_edges
+        if rev.shape != (n,) or (n and (rev.min() < 0 or rev.max() >= n)):
+            raise InvalidGraphError(f"Graph.edge_reverse must be {n} edge indices, got shape {rev.shape}")
+        index = np.asarray(self.edge_index, dtype=np.int64)
+        shift = np.asarray(self.cell_shift, dtype=np.int64)
+        wrong = (
+            (rev[rev] != np.arange(n))
+            | (index[0, rev] != index[1])
+            | (index[1, rev] != index[0])
+            | np.any(shift[rev] != -shift, axis=1)
+        )
+        if wrong.any():
+            e = int(np.flatnonzero(wrong)[0])
+            raise InvalidGraphError(
+                f"Graph.edge_reverse[{e}] = {int(rev[e])} is not the reverse (i, j, -S) of edge {e}"
+            )
 
     def _check(self) -> None:
         n, e = self.n_atoms, self.edge_index.shape[-1] if self.edge_index.ndim == 2 else -1

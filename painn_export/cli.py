@@ -332,7 +332,7 @@ def parity_cmd(
             runner, facts = open_runner(onnx_path, "onnxruntime", device=device)
             runners.append((runner, facts.precision))
         if engine:
-            runner, _ = open_runner(engine, "tensorrt")
+            runner, _ = open_runner(engine, "tensorrt", device=device)
             runners.append((runner, runner.precision.replace("fp32", "float32")))
         if pt2:
             runner, facts = open_runner(pt2, "aoti", device=device)

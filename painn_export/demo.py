@@ -119,10 +119,9 @@ def cached_aoti(model, source: str | Path, device: str = "cpu") -> Path:
     """
     import torch
 
-    tag = f"torch{torch.__version__}-{device.split(':')[0]}"
-    if device.startswith("cuda"):
-        major, minor = torch.cuda.get_device_capability(torch.device(device))
-        tag += f"-sm{major}{minor}"
+    from painn_export.aoti import device_tag
+
+    tag = f"torch{torch.__version__}-{device_tag(device)}"
     return _cached(model, source, f"-{tag}.pt2", device)
 
 

@@ -216,8 +216,9 @@ def export_onnx(
 
     A direct-force model exports its forward pass. A gradient-force model
     (``direct_forces=False``) exports forward and backward: ``forces =
-    -∂E/∂positions`` and, with ``stress=True``, a ``cell`` input and a
-    ``atom_virial`` output (see :func:`trace_gradient_graph`). ``model`` is not
+    -∂E/∂positions`` and, with ``stress=True``, an ``atom_virial`` output
+    (each atom's share of ∂E/∂ε; the runners divide the system sums by the
+    volume: see :func:`trace_gradient_graph`). ``model`` is not
     changed (a copy is cast to ``dtype``).
     """
     import copy

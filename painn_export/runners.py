@@ -216,12 +216,22 @@ class OnnxRuntimeRunner(Runner):
         options.enable_mem_pattern = False
         if self.threads:
             options.intra_op_num_threads = self.threads
-        self.session = ort.InferenceSession(str(self.path), options, providers=self._providers(ort))
-        ran = self.session.get_providers()[0]
-        if self.device != "cpu" and ran == "CPUExecutionProvider":
+        auto = parse_device(self.requested)[0] == "auto"
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=self._providers(ort))
+            failed = self.device != "cpu" and self.session.get_providers()[0] == "CPUExecutionProvider"
+        except Exception:
+            if not auto or self.device == "cpu":
+                raise
+            failed = True
+        if failed and auto:  # the provider is there but no GPU works: auto means the CPU then
+            self.device = "cpu"
+            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        elif failed:
             raise RuntimeUnavailableError(
-                f"onnxruntime could not start its CUDA provider on {self.device}; use --device cpu"
+                f"onnxruntime could not start its CUDA provider on {self.device}; use --device cpu or auto"
             )
+        ran = self.session.get_providers()[0]
         self.provider = ran.removesuffix("ExecutionProvider").lower()
         self.name = "onnxruntime-" + self.provider
         self.input_names = tuple(i.name for i in self.session.get_inputs())
@@ -352,8 +362,9 @@ class AOTInductorRunner(Runner):
                 + ("" if built == "cuda" else "; use --device cpu or auto")
             )
         self.device = f"cuda:{index}" if kind == "cuda" else "cpu"
+        self._threads_before = torch.get_num_threads()
         if self.threads:
-            torch.set_num_threads(self.threads)
+            torch.set_num_threads(self.threads)  # process-wide: put back by deactivate()
         self.model, facts = load_package(self.path, self.device)
         meta = facts["metadata"]
         info = model_facts(meta, self.path)
@@ -379,10 +390,11 @@ class AOTInductorRunner(Runner):
 
     def _deactivate(self) -> None:
         self.model = None
+        self._torch.set_num_threads(self._threads_before)
 
 
 def open_runner(
-    path: str | Path | None, runtime: str = "onnxruntime", device: str = "cpu", threads: int | None = None
+    path: str | Path | None, runtime: str = "onnxruntime", device: str = "auto", threads: int | None = None
 ) -> tuple[Runner, ModelFacts]:
     """A runner for ``path`` and the model facts, for any model file.
 

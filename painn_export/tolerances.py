@@ -1,7 +1,8 @@
 """The one table of numerical tolerances, each with its reason.
 
 Keys are ``(comparison, dtype)``. Energies are compared per atom (eV/atom) so
-that one tolerance fits systems of any size; forces per component (eV/Å).
+that one tolerance fits systems of any size, except where an entry's reason
+says "per structure" (``other_batch``); forces per component (eV/Å).
 A value passes when ``|a - b| <= atol + rtol * |b|`` elementwise, ``b`` being
 the reference side, or when both are NaN (a stress undefined on both sides).
 """

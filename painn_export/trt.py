@@ -1,10 +1,11 @@
 """TensorRT engines from the exported ONNX file (TensorRT 10 Python API).
 
 The graph has no scatter (contract version 3), so no plugin is needed. Its
-outputs are per atom; the sums over systems are the host's, in float64
-(:mod:`painn_export.readout`), and the layers that write the outputs are
-pinned to FP32 in TF32/FP16 builds, so reduced precision never reaches a
-total.
+outputs are per atom; the sums over systems and the element references are
+the host's, in float64 (:mod:`painn_export.readout`), so no total is ever
+summed in FP16 or TF32. The layers that write the outputs are pinned to FP32
+in TF32/FP16 builds; what runs before them (the network's features) still
+runs at the precision the build allows.
 ``tensorrt`` is imported only here, lazily; without it (or without a GPU)
 :class:`~painn_export.runners.RuntimeUnavailableError` says what to install. Each
 engine gets a JSON sidecar (TensorRT version, GPU and compute capability,

@@ -35,7 +35,8 @@ def main() -> None:
     "model_path",
     type=click.Path(exists=True, dir_okay=False),
     default=None,
-    help="A checkpoint, an exported .onnx file or a TensorRT .engine (default: the bundled demo model).",
+    help="A checkpoint, an exported .onnx file, an AOTInductor .pt2 or a TensorRT .engine "
+    "(default: the bundled demo model).",
 )
 @click.option(
     "--runtime",
@@ -180,7 +181,8 @@ def run_cmd(
     "model_path",
     type=click.Path(exists=True, dir_okay=False),
     default=None,
-    help="A checkpoint, an exported .onnx file or a TensorRT .engine (default: the bundled demo model).",
+    help="A checkpoint, an exported .onnx file, an AOTInductor .pt2 or a TensorRT .engine "
+    "(default: the bundled demo model).",
 )
 @click.option(
     "--runtime",

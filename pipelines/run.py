@@ -98,6 +98,13 @@ def run_file(
     :class:`~painn_export.errors.RuntimeUnavailableError` before any work.
     """
     start = time.perf_counter()
+    if ray is not None and device.startswith("cuda") and not ray.gpus_per_actor:
+        from painn_export.errors import RuntimeUnavailableError
+
+        raise RuntimeUnavailableError(
+            f"--device {device} with --ray: the actors run where Ray puts them; give them GPUs "
+            "with --ray-gpus-per-actor (they then run on cuda)"
+        )
     info = validate_input(input_path)
     output_path = Path(output_path)
     partial = partial_path(output_path)

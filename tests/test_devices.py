@@ -51,7 +51,13 @@ def files(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "model, runtime",
-    [("ckpt", "torch"), ("ckpt", "onnxruntime"), ("onnx", "onnxruntime"), ("engine", "tensorrt")],
+    [
+        ("ckpt", "torch"),
+        ("ckpt", "onnxruntime"),
+        ("onnx", "onnxruntime"),
+        ("engine", "tensorrt"),
+        ("ckpt", "aoti"),
+    ],
 )
 @pytest.mark.parametrize("device", ["cuda", "cuda:1"])
 def test_run_on_cuda_without_one_is_one_line_and_exit_2(files, tmp_path, model, runtime, device):
@@ -63,6 +69,15 @@ def test_run_on_cuda_without_one_is_one_line_and_exit_2(files, tmp_path, model, 
     assert len(lines) == 1 and "Traceback" not in result.output, result.output
     assert any(word in lines[0] for word in ("CUDA", "GPU", "TensorRT")), lines[0]
     assert not out.exists() and not (tmp_path / "out.partial.h5").exists()
+
+
+def test_ray_on_cuda_without_gpus_for_the_actors_is_refused(files, tmp_path):
+    """--device cuda with --ray but no --ray-gpus-per-actor would run the actors on the CPU: refused."""
+    pytest.importorskip("ray")
+    args = ["run", str(files["input"]), "-o", str(tmp_path / "o.h5"), "--device", "cuda", "--ray", "local"]
+    result = CliRunner().invoke(batch_main, args)
+    assert result.exit_code == 2 and "--ray-gpus-per-actor" in result.output, result.output
+    assert not (tmp_path / "o.partial.h5").exists()
 
 
 def test_run_on_auto_uses_the_cpu_and_says_so(files, tmp_path):

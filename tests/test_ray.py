@@ -184,11 +184,19 @@ def test_relative_paths_from_another_directory_on_the_default_runtime(tmp_path, 
     shutil.copy(checkpoint, work / "m.pt")
     local = run_file(inp, tmp_path / "local.h5", checkpoint, workers=0, progress=False)
     monkeypatch.chdir(work)
+    import pipelines.ray_run as ray_run
+
+    jobs, evaluate = [], ray_run.evaluate_on_ray
+    monkeypatch.setattr(
+        ray_run, "evaluate_on_ray", lambda job, *rest: jobs.append(job) or evaluate(job, *rest)
+    )
     result = CliRunner().invoke(
         main, ["run", "in.h5", "--model", "m.pt", "-o", "ray.h5", "--ray", "local", "--json", "-q"]
     )
     assert result.exit_code == 0, result.output
     assert local.runtime == "onnxruntime-cpu"
+    # what the nodes are sent: absolute paths (a worker resolves a relative one in its own folder)
+    assert jobs and jobs[0][0] == str(work / "in.h5") and jobs[0][1] == str(work / "m.pt")
     _assert_same_results(work / "ray.h5", tmp_path / "local.h5")
 
 

@@ -118,11 +118,11 @@ def test_one_slot_count_for_collate_and_the_batcher(rng):
 
 # Graphs a caller can build -------------------------------------------------------------
 
-pytest.importorskip("torch_scatter", reason="torch-scatter not installed (pip install .[reference])")
-from painn_export.reference import reference_forward  # noqa: E402
-
 
 def assert_as_reference(model, graphs, label):
+    pytest.importorskip("torch_scatter", reason="torch-scatter not installed (pip install .[reference])")
+    from painn_export.reference import reference_forward
+
     gradient = not model.config.direct_forces
     kind = "scatter_free_vs_reference" + ("_gradient" if gradient else "")
     got = predict(model, graphs)
@@ -211,3 +211,10 @@ def test_graphs_the_model_cannot_evaluate_are_refused_in_one_line(rng):
         Graph(np.zeros(0, np.int64), empty, np.zeros((2, 0), np.int64), np.zeros((0, 3), np.int64), empty)
     with pytest.raises(InvalidGraphError, match="no graphs"):
         collate([])
+    # a caller's own slots and reverses are checked, not trusted
+    e = mol.n_edges
+    with pytest.raises(InvalidGraphError, match="same slot"):
+        dataclasses.replace(mol, edge_slot=np.zeros(e, np.int64))
+    with pytest.raises(InvalidGraphError, match="is not the reverse"):
+        dataclasses.replace(mol, edge_reverse=np.roll(mol.edge_reverse, 1))
+    assert dataclasses.replace(mol, edge_reverse=mol.edge_reverse.copy()).n_edges == e  # a right one passes
