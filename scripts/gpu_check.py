@@ -39,8 +39,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FULL = {"demo": (10_000, 100_000), "ocp": (5_000, 20_000), "structures": 20_000, "repeats": 3}
@@ -110,26 +108,12 @@ def parity(device: str, quick: bool, zoo: dict) -> list[dict]:
     return rows
 
 
-def batch(config, n_atoms: int, seed: int = 0):
-    """Periodic structures of 80-120 atoms up to ``n_atoms`` (as scripts/bench_runtimes.py)."""
-    from painn_export.batch import collate
-    from painn_export.export import graphs_for
-    from painn_export.samples import bulk
+def batch(config, n_atoms: int):
+    """Periodic structures of 80-120 atoms up to ``n_atoms``: the batch of scripts/bench_runtimes.py."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_runtimes import make_batch
 
-    rng = np.random.default_rng(seed)
-    elements = np.array([13, 28, 29, 46, 47, 78, 79])
-    samples, total = [], 0
-    while total < n_atoms:
-        n = int(min(rng.integers(80, 121), max(n_atoms - total, 2)))
-        samples.append(bulk(rng, n, elements, spacing=2.42))
-        total += n
-
-    class Holder:  # graphs_for reads model.config only
-        pass
-
-    holder = Holder()
-    holder.config = config
-    return collate(graphs_for(holder, samples), np.float32)
+    return make_batch(config, n_atoms)
 
 
 class CompiledRunner:
