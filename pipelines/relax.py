@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from painn_export.batch import Graph, collate, slots_within_receiver
+from painn_export.batch import Graph, collate
 from painn_export.errors import BatchTooLargeError
 from painn_export.neighbors import SkinGraph, StructureError
 from painn_export.schema import InputReader, validate_input
@@ -437,9 +437,8 @@ def canonical_graph(graph: Graph) -> Graph:
         cell_shift=cs[both],
         edge_shift=graph.edge_shift[both],
         cell=graph.cell,
-        edge_slot=slots_within_receiver(edge_index[1], graph.n_atoms),
-        # Still each one-sided pair then its reverse, in the same order.
-        edge_reverse=np.concatenate([np.arange(half, n), np.arange(half)]),
+        # Slots and reverse index derived by Graph (each one-sided pair then
+        # its reverse, in the same order: the reverse index's fast path).
         min_distance=graph.min_distance,
     )
 
