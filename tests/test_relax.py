@@ -392,7 +392,7 @@ def _checkpoint_calls(partial: Path) -> int:
         return 0
 
 
-def test_sigkill_then_resume_is_bitwise_an_uninterrupted_run(tmp_path, demo64):
+def test_sigterm_and_sigkill_then_resume_is_bitwise_an_uninterrupted_run(tmp_path, demo64):
     structures = [_cu(k, repeat=(1 + k % 2, 1, 1), rattle=0.1) for k in range(14)] + [_slab(3)]
     inp = _write(tmp_path / "in.h5", structures)
     options = ["--model", str(demo64), "--max-atoms", "40", "--fmax", "0.01", "--workers", "0"]
@@ -401,14 +401,21 @@ def test_sigkill_then_resume_is_bitwise_an_uninterrupted_run(tmp_path, demo64):
     assert _cli(["relax", str(inp), "-o", str(ref), *options]).wait(timeout=120) == 0
 
     out, partial = tmp_path / "out.h5", tmp_path / "out.partial.h5"
-    for target, resume in ((10, []), (40, ["--resume"])):
-        proc = _cli(["relax", str(inp), "-o", str(out), *options, *resume], stdout=subprocess.PIPE)
+    # A scheduler's SIGTERM first (exit 143, work kept), then a SIGKILL mid-resume.
+    for target, sig, resume in ((10, signal.SIGTERM, []), (40, signal.SIGKILL, ["--resume"])):
+        args = ["relax", str(inp), "-o", str(out), *options, *resume]
+        proc = _cli(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 120
         while _checkpoint_calls(partial) < target and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        assert proc.returncode == -signal.SIGKILL and not out.exists(), "the run ended before the kill"
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=30)
+        assert not out.exists(), "the run ended before the signal"
+        if sig == signal.SIGKILL:
+            assert proc.returncode == -signal.SIGKILL
+        else:
+            assert proc.returncode == 143 and "stopped by SIGTERM" in stderr.decode(), stderr.decode()
+            assert "--resume" in stderr.decode() and not (tmp_path / "out.h5.lock").exists()
     proc = _cli(["relax", str(inp), "-o", str(out), *options, "--resume"], stdout=subprocess.PIPE)
     stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0 and out.exists() and not partial.exists()
