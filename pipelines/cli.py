@@ -208,6 +208,14 @@ def run_cmd(
     help="Model calls between checkpoints of the optimiser state (what --resume continues from).",
 )
 @click.option(
+    "--trajectory-every",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="Keep every Nth step's positions, cell, energy and fmax in the output (0: none).",
+)
+@click.option(
     "--max-atoms", type=click.IntRange(min=1), default=4096, show_default=True, help="Atoms per batch."
 )
 @click.option(
@@ -237,6 +245,7 @@ def relax_cmd(
     steps,
     relax_cell,
     checkpoint_every,
+    trajectory_every,
     max_atoms,
     max_edges,
     workers,
@@ -265,7 +274,11 @@ def relax_cmd(
             output,
             model_path,
             settings=RelaxSettings(
-                fmax=fmax, steps=steps, cell=relax_cell, checkpoint_every=checkpoint_every
+                fmax=fmax,
+                steps=steps,
+                cell=relax_cell,
+                checkpoint_every=checkpoint_every,
+                trajectory_every=trajectory_every,
             ),
             runtime=runtime,
             device=device,

@@ -32,6 +32,9 @@ Output datasets, beyond ``run``'s (:mod:`pipelines.output`):
 ``positions``      float64  ``[Σn, 3]``     Å, final geometry (NaN until final)
 ``cell``           float64  ``[S, 3, 3]``   Å, final cell (changes only with ``--cell``)
 ``steps``          int32    ``[S]``         FIRE steps taken (-1 until final)
+``trajectory_*``   float64  ``[Σn, F, 3]``  ``--trajectory-every N``: positions at steps 0, N, 2N, ...
+                                            (NaN after the end); ``_cell`` ``[S, F, 3, 3]``,
+                                            ``_energy`` and ``_fmax`` ``[S, F]``; F = steps // N + 1
 ``ckpt_slot``      int8     ``[1]``         the checkpoint slot in force (0: none yet)
 ``ckptK_*``        ...                      slot K (1, 2): the state of the structures in flight
 =================  =======  ==============  ==============================================
@@ -85,6 +88,7 @@ class RelaxSettings:
     cell: bool = False  # relax the cell too (FrechetCellFilter)
     fire: FireParams = field(default_factory=FireParams)
     checkpoint_every: int = 20  # model calls between checkpoints of the optimiser state
+    trajectory_every: int = 0  # keep every Nth step's geometry and energy (0: none)
     skin: float = SKIN  # Å
 
 
@@ -96,6 +100,7 @@ class RelaxFingerprint(Fingerprint):
     max_steps: int = 300
     relax_cell: bool = False
     optimizer: str = "FIRE"
+    trajectory_every: int = 0
 
 
 @dataclass
@@ -212,14 +217,26 @@ def relax_file(
     return summary
 
 
-def _datasets(n_structures: int, n_atoms: int) -> dict:
-    """The relaxation's datasets beyond ``run``'s: ``name -> (shape, dtype, fill)``."""
+def _datasets(n_structures: int, n_atoms: int, frames: int = 0) -> dict:
+    """The relaxation's datasets beyond ``run``'s: ``name -> (shape, dtype, fill)``.
+
+    ``frames`` > 0 (``--trajectory-every N``): frame ``f`` holds step ``f N``.
+    """
     sets = {
         "positions": ((n_atoms, 3), np.float64, np.nan),
         "cell": ((n_structures, 3, 3), np.float64, np.nan),
         "steps": ((n_structures,), np.int32, -1),
         "ckpt_slot": ((1,), np.int8, 0),
     }
+    if frames:
+        sets.update(
+            {
+                "trajectory_positions": ((n_atoms, frames, 3), np.float64, np.nan),
+                "trajectory_cell": ((n_structures, frames, 3, 3), np.float64, np.nan),
+                "trajectory_energy": ((n_structures, frames), np.float64, np.nan),
+                "trajectory_fmax": ((n_structures, frames), np.float64, np.nan),
+            }
+        )
     for k in (1, 2):
         sets.update(
             {
@@ -281,6 +298,7 @@ def _relax_locked(
             fmax=float(settings.fmax),
             max_steps=int(settings.steps),
             relax_cell=bool(settings.cell),
+            trajectory_every=int(settings.trajectory_every),
         )
         if resume and not partial.exists() and output_path.exists():
             check_resumable(output_path, fingerprint)
@@ -288,7 +306,8 @@ def _relax_locked(
         elif resume and partial.exists():
             check_resumable(partial, fingerprint)
         else:
-            create(partial, fingerprint, extra=_datasets(info.n_structures, info.n_atoms))
+            frames = settings.steps // settings.trajectory_every + 1 if settings.trajectory_every else 0
+            create(partial, fingerprint, extra=_datasets(info.n_structures, info.n_atoms, frames))
 
         with InputReader(input_path) as reader:
             out = _RelaxOutput(partial, reader.offsets)
@@ -362,6 +381,14 @@ class _RelaxOutput:
         ]
         self.writer.commit_results(rows)  # flushes, then the statuses
         self.writer.commit_status([(d.index, d.status, d.message) for d in done if d.forces is None])
+
+    def frame(self, m: _Member, f: int, energy: float, fmax: float) -> None:
+        """Trajectory frame ``f`` of ``m`` (its current geometry); rewritten alike on a resume."""
+        fh, off, s = self.fh, self.offsets, m.index
+        fh["trajectory_positions"][off[s] : off[s + 1], f] = m.state.positions
+        fh["trajectory_cell"][s, f] = m.state.cell
+        fh["trajectory_energy"][s, f] = energy
+        fh["trajectory_fmax"][s, f] = fmax
 
     def checkpoint(self, members: list[_Member], next_index: int, calls: int) -> int:
         """Write the members' state into the free slot (flushed); returns that slot."""
@@ -633,7 +660,11 @@ class _Loop:
             self._finish(m, "diverged", "the model's energy, forces or stress are not finite")
             return False
         gforces = generalized_forces(m.state, forces, cell_stress)
-        if max_force(gforces) < self.settings.fmax:  # ASE's test
+        fmax = max_force(gforces)
+        every = self.settings.trajectory_every
+        if every and m.state.steps % every == 0:
+            self.out.frame(m, m.state.steps // every, energy, fmax)
+        if fmax < self.settings.fmax:  # ASE's test
             self._finish(m, "converged", "", result)
             return False
         if m.state.steps >= self.settings.steps:

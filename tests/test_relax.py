@@ -139,17 +139,36 @@ def test_relax_equals_ase_fire_with_the_calculator(tmp_path, demo64):
     inp = _write(tmp_path / "in.h5", structures)
     out = tmp_path / "out.h5"
     # 40 atoms a batch: the 16-atom bulks and the 12-atom slab come and go in flight.
-    summary = relax_file(
-        inp, out, demo64, settings=RelaxSettings(fmax=0.02, steps=100), workers=0, max_atoms=40
-    )
+    settings = RelaxSettings(fmax=0.02, steps=100, trajectory_every=5)
+    summary = relax_file(inp, out, demo64, settings=settings, workers=0, max_atoms=40)
     got = _results(out)
+    with h5py.File(out) as fh:
+        frames, frame_energy = fh["trajectory_positions"][...], fh["trajectory_energy"][...]
     assert summary.counts == {"converged": 4}
     offsets = np.concatenate([[0], np.cumsum([len(a) for a in structures])])
     for s, atoms in enumerate(structures):
         atoms.calc = PaiNNCalculator.from_file(demo64, device="cpu")
         opt = FIRE(atoms, logfile=None)
+        path = []
+
+        def keep(path=path, atoms=atoms):
+            path.append((atoms.positions.copy(), atoms.get_potential_energy()))
+
+        opt.attach(keep)
         assert opt.run(fmax=0.02, steps=100)
         a0, a1 = offsets[s], offsets[s + 1]
+        for f, (x_ase, e_ase) in enumerate(path[::5]):  # step for step: every 5th step kept
+            where = f"structure {s} step {5 * f}"
+            assert_close("positions", frames[a0:a1, f], x_ase, "relax_vs_ase", "float64", where)
+            assert_close(
+                "energy",
+                frame_energy[s, f] / len(atoms),
+                e_ase / len(atoms),
+                "relax_vs_ase",
+                "float64",
+                where,
+            )
+        assert np.isnan(frame_energy[s, len(path[::5]) :]).all()
         assert got["steps"][s] == opt.nsteps, f"structure {s}: steps differ from ASE's"
         assert_close("positions", got["positions"][a0:a1], atoms.positions, "relax_vs_ase", "float64")
         e_ase = atoms.get_potential_energy() / len(atoms)
