@@ -194,6 +194,12 @@ def check_resumable(path: Path, fp: Fingerprint) -> None:
         from painn_export.errors import one_line
 
         raise ResumeError(f"{path}: unreadable ({one_line(exc)}); delete it to start over") from exc
+    extra = sorted(set(stored) - set(asdict(fp)))
+    if extra:  # e.g. a relaxation's partial file given to `run`
+        raise ResumeError(
+            f"{path} was written by another painn-batch command (its fingerprint has {', '.join(extra)}): "
+            "resume it with that command, or write to another output"
+        )
     for key, value in asdict(fp).items():
         got = stored.get(key)
         got = got.item() if hasattr(got, "item") else got

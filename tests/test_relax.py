@@ -359,6 +359,17 @@ def test_a_structure_too_large_alone_leaves_the_others_relaxing(tmp_path, demo64
         assert "failed alone in a batch: out of memory" in fh["message"][1].decode()
 
 
+def test_run_and_relax_do_not_resume_each_others_files(tmp_path, demo64):
+    inp = _write(tmp_path / "in.h5", [_cu(0)])
+    out = tmp_path / "out.h5"
+    relax_file(inp, out, demo64, settings=RelaxSettings(steps=3), workers=0)
+    args = [str(inp), "--model", str(demo64), "-o", str(out), "--workers", "0", "-q", "--resume"]
+    result = CliRunner().invoke(main, ["run", *args])
+    assert result.exit_code == 1 and "written by another painn-batch command" in result.output
+    result = CliRunner().invoke(main, ["relax", *args, "--steps", "4"])
+    assert result.exit_code == 1 and "max_steps=3" in result.output
+
+
 def test_fixed_mask_schema_and_convert_round_trip(tmp_path):
     """FixAtoms -> convert -> 'fixed' -> the reader; a malformed 'fixed' is one clear error."""
     import ase.io
