@@ -25,6 +25,7 @@ extxyz, under prefixed keys (``painn_energy``, ``painn_forces``,
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,6 +84,7 @@ def read_ase(
         import ase.io
     except ImportError as exc:
         raise ImportError("converting ASE-readable files needs ASE: pip install painn-export[ase]") from exc
+    warned = False
     for k, atoms in enumerate(ase.io.iread(str(path), index=index)):
         energy = forces = None
         if energy_key:
@@ -98,25 +100,32 @@ def read_ase(
         elif atoms.calc is not None and "forces" in atoms.calc.results:
             forces = np.asarray(atoms.calc.results["forces"], dtype=np.float64)
         cell = np.asarray(atoms.cell[:])
-        fixed = _fixed_mask(atoms, path, k)
+        fixed, others = _fixed_mask(atoms)
+        if others and not warned:  # once per file
+            warned = True
+            logging.getLogger(__name__).warning(
+                "%s: structure %d has %s constraints, which the schema cannot hold: dropped "
+                "(only FixAtoms is carried, as 'fixed')",
+                path,
+                k,
+                ", ".join(others),
+            )
         yield (atoms.numbers, atoms.positions, cell, atoms.pbc, energy, forces, f"{k}", fixed)
 
 
-def _fixed_mask(atoms, path: Path, k: int) -> np.ndarray | None:
-    """``[n]`` bool: the atoms ASE's ``FixAtoms`` constraints hold (None: none); others are refused."""
+def _fixed_mask(atoms) -> tuple[np.ndarray | None, list[str]]:
+    """``[n]`` bool: the atoms ASE's ``FixAtoms`` constraints hold (None: none), and the other
+    constraints' type names, which the schema cannot hold (``relax`` would not honour them)."""
     from ase.constraints import FixAtoms
 
-    if not atoms.constraints:
-        return None
     mask = np.zeros(len(atoms), dtype=bool)
+    others = []
     for c in atoms.constraints:
-        if not isinstance(c, FixAtoms):
-            raise ConvertError(
-                f"{path}: structure {k} has a {type(c).__name__} constraint; only FixAtoms is carried "
-                "(as the 'fixed' mask): remove the others first"
-            )
-        mask[c.index] = True
-    return mask
+        if isinstance(c, FixAtoms):
+            mask[c.index] = True
+        else:
+            others.append(type(c).__name__)
+    return (mask if mask.any() else None), others
 
 
 def _dataset(path: Path, group, name: str, key: str, shape: tuple | None = None) -> np.ndarray:

@@ -370,9 +370,10 @@ def test_run_and_relax_do_not_resume_each_others_files(tmp_path, demo64):
     assert result.exit_code == 1 and "max_steps=3" in result.output
 
 
-def test_fixed_mask_schema_and_convert_round_trip(tmp_path):
-    """FixAtoms -> convert -> 'fixed' -> the reader; a malformed 'fixed' is one clear error."""
+def test_fixed_mask_schema_and_convert_round_trip(tmp_path, caplog):
+    """FixAtoms -> convert -> 'fixed' -> the reader (others dropped, with a warning); bad 'fixed' refused."""
     import ase.io
+    from ase.constraints import FixBondLength
 
     from painn_export.schema import InputReader, SchemaError
     from pipelines.convert import convert
@@ -383,6 +384,14 @@ def test_fixed_mask_schema_and_convert_round_trip(tmp_path):
     with InputReader(tmp_path / "s.h5") as reader:
         np.testing.assert_array_equal(reader.fixed(0, 1), _fixed_of(slab))
         assert not reader.fixed(1, 2).any()
+    bonded = _cu(1)
+    bonded.set_constraint([FixAtoms(indices=[0]), FixBondLength(1, 2)])
+    ase.io.write(tmp_path / "b.traj", bonded)
+    with caplog.at_level("WARNING"):
+        convert(tmp_path / "b.traj", tmp_path / "b.h5")
+    assert "FixBondLengths constraints, which the schema cannot hold: dropped" in caplog.text
+    with InputReader(tmp_path / "b.h5") as reader:
+        assert reader.fixed(0, 1).tolist() == [True] + [False] * 7
     plain = write_input(tmp_path / "plain.h5", [(a.numbers, a.positions, a.cell[:], a.pbc) for a in [_cu(0)]])
     with h5py.File(plain, "a") as fh:
         fh["fixed"] = np.zeros(3, bool)
