@@ -22,6 +22,60 @@ from painn_export.errors import one_line
 EXIT_SOME_FAILED = 3
 
 
+def _options(*decorators):
+    """One decorator applying ``decorators`` in order (options shared by ``run`` and ``relax``)."""
+
+    def apply(fn):
+        for decorator in reversed(decorators):
+            fn = decorator(fn)
+        return fn
+
+    return apply
+
+
+model_options = _options(
+    click.option(
+        "--model",
+        "model_path",
+        type=click.Path(exists=True, dir_okay=False),
+        default=None,
+        help="A checkpoint, an exported .onnx file, an AOTInductor .pt2 or a TensorRT .engine "
+        "(default: the bundled demo model).",
+    ),
+    click.option(
+        "--runtime",
+        type=click.Choice(["torch", "onnxruntime", "tensorrt", "aoti"]),
+        default="onnxruntime",
+        show_default=True,
+    ),
+)
+batch_options = _options(
+    click.option(
+        "--max-atoms", type=click.IntRange(min=1), default=4096, show_default=True, help="Atoms per batch."
+    ),
+    click.option(
+        "--max-edges",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Padded edges per batch: atoms x neighbour slots per atom (default: no limit).",
+    ),
+    click.option(
+        "--workers",
+        type=click.IntRange(min=0),
+        default=None,
+        help="Neighbour-list worker processes (0: in the main process). Default: spare cores, 1 to 4.",
+    ),
+)
+control_options = _options(
+    device_option("Where the runtime runs (auto: a GPU where this runtime can use one, else the CPU)."),
+    click.option("--resume", is_flag=True, help="Continue OUT.partial.h5 (same input, model and settings)."),
+    click.option("--overwrite", is_flag=True, help="Start over, replacing OUT and OUT.partial.h5."),
+    click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout."),
+    click.option("-v", "--verbose", count=True, help="More log output (-vv: debug)."),
+    click.option("-q", "--quiet", is_flag=True, help="No progress bar, only errors."),
+)
+
+
 @click.group(cls=GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="painn-export")
 def main() -> None:
@@ -30,36 +84,9 @@ def main() -> None:
 
 @main.command("run")
 @click.argument("input_path", type=click.Path(dir_okay=False))
-@click.option(
-    "--model",
-    "model_path",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="A checkpoint, an exported .onnx file, an AOTInductor .pt2 or a TensorRT .engine "
-    "(default: the bundled demo model).",
-)
-@click.option(
-    "--runtime",
-    type=click.Choice(["torch", "onnxruntime", "tensorrt", "aoti"]),
-    default="onnxruntime",
-    show_default=True,
-)
+@model_options
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Default: INPUT with .out.h5.")
-@click.option(
-    "--max-atoms", type=click.IntRange(min=1), default=4096, show_default=True, help="Atoms per batch."
-)
-@click.option(
-    "--max-edges",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Padded edges per batch: atoms x neighbour slots per atom (default: no limit).",
-)
-@click.option(
-    "--workers",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Neighbour-list worker processes (0: in the main process). Default: spare cores, 1 to 4.",
-)
+@batch_options
 @click.option(
     "--ray",
     "ray_address",
@@ -84,12 +111,7 @@ def main() -> None:
     show_default=True,
     help="Structures per actor call.",
 )
-@device_option("Where the runtime runs (auto: a GPU where this runtime can use one, else the CPU).")
-@click.option("--resume", is_flag=True, help="Continue OUT.partial.h5 (same input, model and runtime).")
-@click.option("--overwrite", is_flag=True, help="Start over, replacing OUT and OUT.partial.h5.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv: debug).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar, only errors.")
+@control_options
 def run_cmd(
     input_path,
     model_path,
@@ -176,20 +198,7 @@ def run_cmd(
 
 @main.command("relax")
 @click.argument("input_path", type=click.Path(dir_okay=False))
-@click.option(
-    "--model",
-    "model_path",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="A checkpoint, an exported .onnx file, an AOTInductor .pt2 or a TensorRT .engine "
-    "(default: the bundled demo model).",
-)
-@click.option(
-    "--runtime",
-    type=click.Choice(["torch", "onnxruntime", "tensorrt", "aoti"]),
-    default="onnxruntime",
-    show_default=True,
-)
+@model_options
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Default: INPUT with .relaxed.h5.")
 @click.option(
     "--fmax",
@@ -215,27 +224,8 @@ def run_cmd(
     metavar="N",
     help="Keep every Nth step's positions, cell, energy and fmax in the output (0: none).",
 )
-@click.option(
-    "--max-atoms", type=click.IntRange(min=1), default=4096, show_default=True, help="Atoms per batch."
-)
-@click.option(
-    "--max-edges",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Padded edges per batch: atoms x neighbour slots per atom (default: no limit).",
-)
-@click.option(
-    "--workers",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Processes that read and check the input (0: in the main process). Default: spare cores, 1 to 4.",
-)
-@device_option("Where the runtime runs (auto: a GPU where this runtime can use one, else the CPU).")
-@click.option("--resume", is_flag=True, help="Continue OUT.partial.h5 (same input, model and settings).")
-@click.option("--overwrite", is_flag=True, help="Start over, replacing OUT and OUT.partial.h5.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv: debug).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar, only errors.")
+@batch_options
+@control_options
 def relax_cmd(
     input_path,
     model_path,

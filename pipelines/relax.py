@@ -59,18 +59,13 @@ from pipelines.output import (
     RELAXED,
     STATUS,
     Fingerprint,
-    OutputLock,
     Writer,
     check_resumable,
     create,
     input_sha256,
-    output_folder,
-    partial_path,
-    refuse_same_file,
 )
 from pipelines.progress import Progress
-from pipelines.run import RunInterruptedError, _items, _refuse_to_replace
-from pipelines.signals import signal_of, stop_on_signals
+from pipelines.run import neighbour_items, output_session
 
 __all__ = ["CellNeedsStressError", "RelaxSettings", "RelaxSummary", "relax_file"]
 
@@ -189,30 +184,22 @@ def relax_file(
     start = time.perf_counter()
     info = validate_input(input_path)
     output_path = Path(output_path)
-    partial = partial_path(output_path)
-    try:
-        with stop_on_signals(), output_folder(output_path), OutputLock(output_path):
-            refuse_same_file(output_path, input_path)
-            refuse_same_file(partial, input_path)
-            if not resume and not overwrite:
-                _refuse_to_replace(output_path, partial)
-            summary = _relax_locked(
-                input_path,
-                output_path,
-                partial,
-                info,
-                model_path,
-                settings,
-                runtime=runtime,
-                device=device,
-                limits=(max_atoms, max_edges),
-                workers=workers,
-                resume=resume,
-                progress=progress,
-                observer=observer,
-            )
-    except KeyboardInterrupt as exc:
-        raise RunInterruptedError(signal_of(exc), partial) from exc
+    with output_session(input_path, output_path, resume, overwrite) as partial:
+        summary = _relax_locked(
+            input_path,
+            output_path,
+            partial,
+            info,
+            model_path,
+            settings,
+            runtime=runtime,
+            device=device,
+            limits=(max_atoms, max_edges),
+            workers=workers,
+            resume=resume,
+            progress=progress,
+            observer=observer,
+        )
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -556,7 +543,11 @@ class _Loop:
     def run(self) -> None:
         n = self.reader.n_structures
         pending = np.arange(self.next_index, n, dtype=np.int64)
-        items = _items(self.input_path, pending, self.graph_settings, self.workers) if len(pending) else None
+        items = (
+            neighbour_items(self.input_path, pending, self.graph_settings, self.workers)
+            if len(pending)
+            else None
+        )
         waiting: _Member | None = None
         fill = []
         while True:

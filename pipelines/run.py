@@ -27,6 +27,8 @@ import os
 import signal
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -107,34 +109,47 @@ def run_file(
         )
     info = validate_input(input_path)
     output_path = Path(output_path)
+    with output_session(input_path, output_path, resume, overwrite) as partial:
+        summary = _run_locked(
+            input_path,
+            output_path,
+            partial,
+            info,
+            model_path,
+            runtime=runtime,
+            device=device,
+            limits=(max_atoms, max_edges),
+            workers=workers,
+            resume=resume,
+            progress=progress,
+            ray=ray,
+        )
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+@contextmanager
+def output_session(input_path, output_path: Path, resume: bool, overwrite: bool) -> Iterator[Path]:
+    """What every command that writes an output runs inside; yields the partial file's path.
+
+    Stop signals (their one line and exit code), the output's folder (made,
+    and removed again if the command fails before writing), its lock, and the
+    refusals: the output is the input, or exists without ``resume`` or
+    ``overwrite``. A stop signal becomes :class:`RunInterruptedError`.
+    """
     partial = partial_path(output_path)
     try:
         with stop_on_signals(), output_folder(output_path), OutputLock(output_path):
             refuse_same_file(output_path, input_path)
             refuse_same_file(partial, input_path)
             if not resume and not overwrite:
-                _refuse_to_replace(output_path, partial)
-            summary = _run_locked(
-                input_path,
-                output_path,
-                partial,
-                info,
-                model_path,
-                runtime=runtime,
-                device=device,
-                limits=(max_atoms, max_edges),
-                workers=workers,
-                resume=resume,
-                progress=progress,
-                ray=ray,
-            )
+                refuse_to_replace(output_path, partial)
+            yield partial
     except KeyboardInterrupt as exc:
         raise RunInterruptedError(signal_of(exc), partial) from exc
-    summary.seconds = time.perf_counter() - start
-    return summary
 
 
-def _refuse_to_replace(output_path: Path, partial: Path) -> None:
+def refuse_to_replace(output_path: Path, partial: Path) -> None:
     """Work on disk is never started over silently: name --resume and --overwrite."""
     if partial.exists():
         try:
@@ -213,7 +228,7 @@ def _run_locked(
             bar = Progress(len(pending), enabled=progress, label=f"{runner.name} on {runner.device}")
             try:
                 if ray is None:
-                    items = _items(str(input_path), pending, settings, workers)
+                    items = neighbour_items(str(input_path), pending, settings, workers)
                     evaluate(items, runner, writer, limits, summary, bar)
                 else:
                     from pipelines.ray_run import evaluate_on_ray
@@ -242,7 +257,7 @@ def _run_locked(
     return summary
 
 
-def _items(input_path: str, pending: np.ndarray, settings: GraphSettings, workers: int):
+def neighbour_items(input_path: str, pending: np.ndarray, settings: GraphSettings, workers: int):
     """Items of every pending structure, in order, from a bounded window of worker tasks."""
     if workers <= 0:
         # In this process: a reader of its own (no module state), closed after the run.
