@@ -42,7 +42,7 @@ class EdgeGeometry(NamedTuple):
     """What the messages need of the edges: directions per slot, radial basis per pair."""
 
     unit_vector: torch.Tensor  # [N, K, 3] r̂_ij, from centre i to neighbour j
-    basis: torch.Tensor  # [P, R + 1] each pair's masked radial basis, the mask appended
+    basis: torch.Tensor  # [P + 1, R + 1] each pair's masked radial basis, mask appended; last row zero
 
 
 class PaiNNMessage(nn.Module):
@@ -99,7 +99,7 @@ class PaiNNMessage(nn.Module):
         weight = torch.cat(
             [self.rbf_proj.weight[rows].t(), self.rbf_proj.bias[rows].unsqueeze(0)]
         )  # [R+1, F]
-        per_pair = edges.basis @ weight  # [P, F]
+        per_pair = edges.basis @ weight  # [P + 1, F]; the last (padding's) row is 0 @ W = 0
         return pairs_to_slots(per_pair, graph.pair_slots, graph.slot_pair, graph.exportable_backward)
 
     def forward(
@@ -342,7 +342,7 @@ class PaiNN(nn.Module):
         flat_mask = mask.reshape(-1, 1)  # [N * K, 1]
         basis = torch.cat([rbf * flat_mask, flat_mask], dim=-1)  # [N * K, R + 1], padding: all zeros
         per_pair = slots_to_pairs(basis, graph.pair_slots, graph.slot_pair, graph.exportable_backward)
-        return EdgeGeometry(unit_vector, per_pair)  # basis [P, R + 1]
+        return EdgeGeometry(unit_vector, per_pair)  # basis [P + 1, R + 1]
 
     def representation(self, graph: GraphInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Final scalar ``s`` ``[N, F]`` and vector ``v`` ``[N, 3, F]`` features (paper Fig. 2)."""

@@ -20,10 +20,12 @@ in one fixed order (bitwise repeatable):
 - :func:`gather_neighbors` ``x[neighbors]``; its adjoint gathers the
   gradient through the reverse slots and sums over the slot axis (invariants
   1-2: the slots that read ``x_j`` are exactly the reverses of row ``j``).
-- :func:`slots_to_pairs` reads each pair's value at its first slot; its
-  adjoint gives that value back to that slot only.
-- :func:`pairs_to_slots` gives each slot its pair's value (zero for padding);
-  its adjoint sums a pair's (one or two) slots.
+- :func:`slots_to_pairs` reads each pair's value at its first slot, and
+  appends one zero row (row ``P``: what padding slots read); its adjoint
+  gives each value back to that slot only.
+- :func:`pairs_to_slots` gives each slot its pair's row of ``[P + 1, ...]``
+  (padding: row ``P``, zero in the model); its adjoint sums a pair's (one
+  or two) slots, and the padding slots into row ``P``.
 
 ``torch.autograd.gradcheck`` checks each against its forward
 (tests/test_slots.py), with spare pairs, padding and a fully packed layout.
@@ -135,13 +137,23 @@ def gather_neighbors(
     return _GatherNeighbors.apply(x, neighbors, reverse)
 
 
+def _with_none(first_slots: torch.Tensor, n_slots_total: int) -> torch.Tensor:
+    """``[P + 1]``: each pair's first slot, then "none" (``N * K``) for the padding's zero row.
+
+    Written as arithmetic on a slice (no constant-of-shape on int64, which
+    TensorRT lacks).
+    """
+    none = first_slots[:1] * 0 + n_slots_total
+    return torch.cat([first_slots, none])
+
+
 class _SlotsToPairs(torch.autograd.Function):
-    """Each pair's row read at its first slot (zero for a spare pair); the adjoint returns it there."""
+    """Each pair's row read at its first slot (zero for a spare pair), and a zero row for padding."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, pair_slots: torch.Tensor, slot_pair: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(pair_slots, slot_pair)
-        return take_or_zero(x, pair_slots[:, 0])  # [P, ...]
+        return take_or_zero(x, _with_none(pair_slots[:, 0], x.shape[0]))  # [P + 1, ...]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -151,26 +163,32 @@ class _SlotsToPairs(torch.autograd.Function):
         slots = torch.arange(pairs.shape[0], dtype=pairs.dtype, device=pairs.device)
         has_pair = pairs < n_pairs
         safe = _inside_or_zero(pairs, has_pair)  # a padding slot reads pair 0, masked below
-        # [N * K]: the slot its pair was read at (a padding slot has no pair)
+        # [N * K]: the slot its pair was read at (the zero row P depends on no slot)
         first = (pair_slots[:, 0].index_select(0, safe) == slots) & has_pair
         keep = first.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
         return grad.index_select(0, safe) * keep, None, None
 
 
 class _PairsToSlots(torch.autograd.Function):
-    """Each slot's pair row (zero for padding); the adjoint sums a pair's slots."""
+    """Each slot's row of ``y`` ``[P + 1, ...]``: its pair's, or the last (zero) row for padding.
+
+    The adjoint sums a pair's (one or two) slots, and the padding slots into
+    the last row.
+    """
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, pair_slots: torch.Tensor, slot_pair: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(pair_slots)
-        zero = y.new_zeros(1, *y.shape[1:])
-        return take(torch.cat([y, zero]), slot_pair)  # [N, K, ...]; row P is the padding's zero
+        ctx.save_for_backward(pair_slots, slot_pair)
+        return take(y, slot_pair)  # [N, K, ...]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (pair_slots,) = ctx.saved_tensors
+        pair_slots, slot_pair = ctx.saved_tensors
         flat = grad.reshape(-1, *grad.shape[2:])  # [N * K, ...]
-        return take_or_zero(flat, pair_slots[:, 0]) + take_or_zero(flat, pair_slots[:, 1]), None, None
+        pairs = take_or_zero(flat, pair_slots[:, 0]) + take_or_zero(flat, pair_slots[:, 1])  # [P, ...]
+        padding = (slot_pair.reshape(-1) == pair_slots.shape[0]).to(flat.dtype)  # [N * K]
+        padding = padding.view(-1, *([1] * (flat.dim() - 1)))
+        return torch.cat([pairs, (flat * padding).sum(dim=0, keepdim=True)]), None, None
 
 
 def slots_to_pairs(
@@ -179,19 +197,20 @@ def slots_to_pairs(
     slot_pair: torch.Tensor,  # [N, K]
     exportable_backward: bool,
 ) -> torch.Tensor:
-    """``[P, ...]``: each pair's row of ``x`` at its first slot, zero for a spare pair."""
+    """``[P + 1, ...]``: each pair's row of ``x`` at its first slot (zero for a spare pair), then the
+    zero row that padding slots read. Padding costs no copy per use: the row is made once here."""
     if exportable_backward:
         return _SlotsToPairs.apply(x, pair_slots, slot_pair)
-    return take_or_zero(x, pair_slots[:, 0])
+    return take_or_zero(x, _with_none(pair_slots[:, 0], x.shape[0]))
 
 
 def pairs_to_slots(
-    y: torch.Tensor,  # [P, ...]
+    y: torch.Tensor,  # [P + 1, ...], the last row zero
     pair_slots: torch.Tensor,  # [P, 2]
     slot_pair: torch.Tensor,  # [N, K]
     exportable_backward: bool,
 ) -> torch.Tensor:
-    """``[N, K, ...]``: each slot's pair row of ``y``, zero for a padding slot."""
+    """``[N, K, ...]``: each slot's pair row of ``y``; padding slots read its last (zero) row."""
     if exportable_backward:
         return _PairsToSlots.apply(y, pair_slots, slot_pair)
-    return take(torch.cat([y, y.new_zeros(1, *y.shape[1:])]), slot_pair)
+    return take(y, slot_pair)

@@ -84,7 +84,7 @@ def test_slots_to_pairs_backward_is_the_adjoint(layout, rng):
 def test_pairs_to_slots_backward_is_the_adjoint(layout, rng):
     feed = layouts(rng)[layout]
     pair_slots, slot_pair = _tensors(feed, "pair_slots", "slot_pair")
-    y = torch.randn(pair_slots.shape[0], 2, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(pair_slots.shape[0] + 1, 2, dtype=torch.float64, requires_grad=True)  # + padding's row
     assert torch.autograd.gradcheck(lambda y: _PairsToSlots.apply(y, pair_slots, slot_pair), (y,))
 
 
@@ -94,13 +94,14 @@ def test_gradcheck_catches_a_wrong_adjoint(rng):
     class Doubled(_PairsToSlots):
         @staticmethod
         def backward(ctx, grad):
-            (pair_slots,) = ctx.saved_tensors
+            pair_slots, _ = ctx.saved_tensors
             flat = grad.reshape(-1, *grad.shape[2:])
-            return 2 * flat.index_select(0, pair_slots[:, 0].clamp(max=flat.shape[0] - 1)), None, None
+            index = torch.cat([pair_slots[:, 0], pair_slots[:1, 0]]).clamp(max=flat.shape[0] - 1)
+            return 2 * flat.index_select(0, index), None, None
 
     feed = layouts(rng)["self_images"]
     pair_slots, slot_pair = _tensors(feed, "pair_slots", "slot_pair")
-    y = torch.randn(pair_slots.shape[0], 2, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(pair_slots.shape[0] + 1, 2, dtype=torch.float64, requires_grad=True)
     with pytest.raises(RuntimeError, match="Jacobian mismatch"):
         torch.autograd.gradcheck(lambda y: Doubled.apply(y, pair_slots, slot_pair), (y,))
 
