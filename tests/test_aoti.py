@@ -190,3 +190,40 @@ def test_without_a_compiler_it_says_so_in_one_line(tmp_path, monkeypatch):
     )
     assert result.exit_code == 2 and "C++ compiler" in result.output, result.output
     assert not (tmp_path / "x.pt2").exists()
+
+
+def test_cli_paths_to_a_package(packages, tmp_path, monkeypatch):
+    """parity --pt2, run --runtime aoti on the checkpoint (cached package), and painn-export aoti itself."""
+    _, path = packages["direct"]
+    ckpt = packages["ckpt"]
+    result = CliRunner().invoke(
+        export_main, ["parity", "--checkpoint", str(ckpt), "--pt2", str(path), "--device", "cpu", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["passed"] and "aoti-cpu" in {r["runtime"] for r in report["rows"]}
+    monkeypatch.setenv("PAINN_EXPORT_CACHE", str(packages["cache"]))
+    inp = write_input(
+        tmp_path / "in.h5", [(s.atomic_numbers, s.positions, s.cell, s.pbc) for s in example_set()[:3]]
+    )
+    args = [
+        "run",
+        str(inp),
+        "--model",
+        str(ckpt),
+        "--runtime",
+        "aoti",
+        "-o",
+        str(tmp_path / "o.h5"),
+        "--json",
+    ]
+    result = CliRunner().invoke(batch_main, [*args, "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["runtime"] == "aoti-cpu"
+    gradient = save_model(make_model(GRADIENT, torch.float32), tmp_path / "g.pt")
+    out = tmp_path / "g.pt2"
+    result = CliRunner().invoke(
+        export_main, ["aoti", "--checkpoint", str(gradient), "-o", str(out), "--stress"]
+    )
+    assert result.exit_code == 0 and "checked against eager" in result.output, result.output
+    assert json.loads(read_package_facts(out)["metadata"]["painn_export.outputs"])[-1] == "atom_virial"
