@@ -143,16 +143,11 @@ def run_cmd(
         except RayUnavailableError as exc:
             raise click.UsageError(str(exc)) from exc
         ray = RayOptions(ray_address, ray_actors, ray_gpus_per_actor, actor_batch=ray_batch)
-    from painn_export.errors import InferenceError, RuntimeUnavailableError
-    from painn_export.schema import SchemaError
-    from pipelines.output import ResumeError, partial_path
-    from pipelines.run import RunInterruptedError, WorkerError, default_workers, run_file
+    from pipelines.run import default_workers, run_file
 
-    level = logging.ERROR if quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     output = output or str(input_path).removesuffix(".h5") + ".out.h5"
-    try:
-        summary = run_file(
+    _execute(
+        lambda: run_file(
             input_path,
             output,
             model_path,
@@ -165,19 +160,39 @@ def run_cmd(
             overwrite=overwrite,
             progress=False if quiet else None,
             ray=ray,
-        )
+        ),
+        output,
+        as_json=as_json,
+        verbose=verbose,
+        quiet=quiet,
+        describe=lambda r: f"{r['structures_per_s']} structures/s",
+    )
+
+
+def _execute(work, output, *, as_json, verbose, quiet, describe, unavailable_errors=()) -> None:
+    """Run ``work`` (a run or a relaxation) and report as every painn-batch command does.
+
+    One line and the exit code for each kind of failure (a stop signal: 128 +
+    the signal; a runtime or device this machine cannot give, and
+    ``unavailable_errors``: 2; bad input or files: 1; a failure midway: 1,
+    naming the partial output to resume); then the JSON summary or one line
+    (``describe`` adds the command's own rate), and exit 3 if some structure failed.
+    """
+    from painn_export.errors import InferenceError, RuntimeUnavailableError
+    from painn_export.schema import SchemaError
+    from pipelines.output import ResumeError, partial_path
+    from pipelines.run import RunInterruptedError, WorkerError
+
+    level = logging.ERROR if quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = work()
     except RunInterruptedError as exc:
         click.echo(f"painn-batch: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except RuntimeUnavailableError as exc:  # a runtime or device this machine cannot give
+    except (RuntimeUnavailableError, *unavailable_errors) as exc:  # exit 2, one line
         unavailable(one_line(exc, limit=None))
-    except (
-        SchemaError,
-        ResumeError,
-        ValueError,
-        FileNotFoundError,
-        ImportError,
-    ) as exc:
+    except (SchemaError, ResumeError, ValueError, FileNotFoundError, ImportError) as exc:
         raise click.ClickException(one_line(exc, limit=None)) from exc
     except (InferenceError, WorkerError, OSError) as exc:  # OSError: a full disk, a file system gone
         partial = partial_path(Path(output))
@@ -189,7 +204,7 @@ def run_cmd(
     elif not quiet:
         click.echo(
             f"wrote {output}: {report['status_counts']} in {report['seconds']} s "
-            f"({report['structures_per_s']} structures/s, {report['runtime']} on {report['device']})",
+            f"({describe(report)}, {report['runtime']} on {report['device']})",
             err=True,
         )
     if not summary.all_ok:
@@ -249,27 +264,23 @@ def relax_cmd(
     """Relax every structure in INPUT_PATH with FIRE (ASE's), many structures per batch."""
     if resume and overwrite:
         raise click.UsageError("give --resume or --overwrite, not both")
-    from painn_export.errors import InferenceError, RuntimeUnavailableError
-    from painn_export.schema import SchemaError
-    from pipelines.output import ResumeError, partial_path
     from pipelines.relax import CellNeedsStressError, RelaxSettings, relax_file
-    from pipelines.run import RunInterruptedError, WorkerError, default_workers
+    from pipelines.run import default_workers
 
-    level = logging.ERROR if quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     output = output or str(input_path).removesuffix(".h5") + ".relaxed.h5"
-    try:
-        summary = relax_file(
+    settings = RelaxSettings(
+        fmax=fmax,
+        steps=steps,
+        cell=relax_cell,
+        checkpoint_every=checkpoint_every,
+        trajectory_every=trajectory_every,
+    )
+    _execute(
+        lambda: relax_file(
             input_path,
             output,
             model_path,
-            settings=RelaxSettings(
-                fmax=fmax,
-                steps=steps,
-                cell=relax_cell,
-                checkpoint_every=checkpoint_every,
-                trajectory_every=trajectory_every,
-            ),
+            settings=settings,
             runtime=runtime,
             device=device,
             max_atoms=max_atoms,
@@ -278,30 +289,14 @@ def relax_cmd(
             resume=resume,
             overwrite=overwrite,
             progress=False if quiet else None,
-        )
-    except RunInterruptedError as exc:
-        click.echo(f"painn-batch: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except (RuntimeUnavailableError, CellNeedsStressError) as exc:  # exit 2, one line
-        unavailable(one_line(exc, limit=None))
-    except (SchemaError, ResumeError, ValueError, FileNotFoundError, ImportError) as exc:
-        raise click.ClickException(one_line(exc, limit=None)) from exc
-    except (InferenceError, WorkerError, OSError) as exc:
-        partial = partial_path(Path(output))
-        kept = f"; what was computed is kept in {partial}: fix the cause, then rerun with --resume"
-        raise click.ClickException(one_line(exc) + (kept if partial.exists() else "")) from exc
-    report = summary.as_dict()
-    if as_json:
-        click.echo(json.dumps(report, allow_nan=False))
-    elif not quiet:
-        click.echo(
-            f"wrote {output}: {report['status_counts']} in {report['seconds']} s "
-            f"({report['steps']} steps, {report['us_per_atom_step']} us/atom/step, "
-            f"{report['runtime']} on {report['device']})",
-            err=True,
-        )
-    if not summary.all_ok:
-        sys.exit(EXIT_SOME_FAILED)
+        ),
+        output,
+        as_json=as_json,
+        verbose=verbose,
+        quiet=quiet,
+        describe=lambda r: f"{r['steps']} steps, {r['us_per_atom_step']} us/atom/step",
+        unavailable_errors=(CellNeedsStressError,),
+    )
 
 
 @main.command("convert")
