@@ -122,6 +122,14 @@ class Graph:
         else:
             self._check_reverse()
 
+    @classmethod
+    def from_checked(cls, **fields) -> Graph:
+        """The graph of ``fields`` taken from one already checked (built in another process):
+        no second check, as unpickling it would do. Only for arrays of a :class:`Graph`."""
+        graph = cls.__new__(cls)
+        graph.__dict__.update(fields)
+        return graph
+
     def _check_slots(self) -> None:
         slot = np.asarray(self.edge_slot, dtype=np.int64)
         if slot.shape != (self.n_edges,) or (self.n_edges and slot.min() < 0):

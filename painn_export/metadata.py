@@ -28,6 +28,8 @@ class ModelFacts:
     precision: str = "float32"  # of the runtime's inputs and weights
     readout: SystemReadout = field(default_factory=SystemReadout)  # what the host adds per system
     stress: bool = False  # the graph returns per-atom virials (stress)
+    # A TensorRT engine's optimisation profiles (painn_export.trt.Profile): the batches it admits.
+    profiles: tuple = ()
 
 
 class NotAModelError(ValueError):

@@ -8,8 +8,12 @@ numpy arrays, runs the graph, and returns ``{"energy", "forces"}`` (and
 sums per system (:mod:`painn_export.readout`); ``deactivate()`` frees.
 ``input_names``/``output_names`` are the graph's, and say which contract
 variant the runner serves; extra feed entries are ignored. ``device`` says
-where it runs (``cpu``, ``cuda:0``), and ``provider`` what ran it. Each records the wall time
-of its last inference in ``last_inference_s``. A failed inference raises
+where it runs (``cpu``, ``cuda:0``), ``provider`` what kind of engine ran it
+(``cpu``, ``cuda``, ``tensorrt``) and ``gpu`` the GPU's name (empty on the
+CPU); :meth:`Runner.identity` is what a run's fingerprint records of it, and
+:func:`describe` predicts it from a model file without starting anything
+(a Ray driver's view). Each records the wall time of its last inference in
+``last_inference_s``. A failed inference raises
 :class:`~painn_export.errors.BatchTooLargeError` (memory, engine profile: a
 smaller batch may work) or :class:`~painn_export.errors.InferenceError`
 (anything else), whatever the runtime's own exception type.
@@ -20,6 +24,7 @@ from __future__ import annotations
 import json
 import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +53,26 @@ def parse_device(device: str) -> tuple[str, int]:
     raise ValueError(f"device must be {DEVICES}, got {device!r}")
 
 
+@dataclass(frozen=True)
+class RunnerIdentity:
+    """What evaluated a run's structures: results of two runs mix only when these agree.
+
+    It is what an output's fingerprint records (:mod:`pipelines.output`), and
+    what a Ray actor reports back to its driver.
+    """
+
+    runtime: str  # the runner's name once active: onnxruntime-cpu, torch-cuda-float32, aoti-cpu, tensorrt
+    precision: str  # of its inputs and weights (a TensorRT engine's kernels: fp32, tf32, fp16)
+    stress: bool  # it returns stress
+    device: str  # cpu or cuda (not which GPU: any GPU of the same kind continues a run)
+    provider: str  # cpu, cuda or tensorrt: the execution provider or device that ran it
+
+
+def torch_runner_name(device: str, dtype: str) -> str:
+    """The name of eager PyTorch's runner on ``device`` (``cpu``, ``cuda:N``) in ``dtype``."""
+    return f"torch-{device.split(':')[0]}-{dtype}"
+
+
 class Runner(ABC):
     name = "runner"
 
@@ -59,11 +84,19 @@ class Runner(ABC):
         self.output_names: tuple[str, ...] = output_names()
         self.readout = SystemReadout()
         self.device = "cpu"  # where it runs, once active
-        self.provider = "cpu"  # what ran it, once active (an execution provider, a GPU)
+        self.provider = "cpu"  # what ran it, once active: cpu, cuda, tensorrt
+        self.gpu = ""  # the GPU's name, once active on one
 
     @property
     def has_stress(self) -> bool:
         return VIRIAL_OUTPUT in self.output_names
+
+    def identity(self) -> RunnerIdentity:
+        """What ran (once active): the fields a run's fingerprint records."""
+        if not self.active:
+            raise RuntimeError(f"{self.name}: its identity is known once it is active")
+        kind = self.device.split(":")[0]
+        return RunnerIdentity(self.name, self.precision, self.has_stress, kind, self.provider)
 
     def __enter__(self) -> Runner:
         self.activate()
@@ -141,11 +174,11 @@ class TorchRunner(Runner):
                     f"torch: no CUDA device {index} (torch {torch.__version__} sees "
                     f"{torch.cuda.device_count()}); use --device cpu or auto"
                 )
-            self.device = f"cuda:{index}"
-            self.provider = torch.cuda.get_device_name(index)
+            self.device, self.provider = f"cuda:{index}", "cuda"
+            self.gpu = torch.cuda.get_device_name(index)
         else:
             self.device = self.provider = "cpu"
-        self.name = f"torch-{self.device.split(':')[0]}-{self.dtype}"
+        self.name = torch_runner_name(self.device, self.dtype)
         dtype = getattr(torch, self.dtype)
         self.model = copy.deepcopy(self.source).to(device=self.device, dtype=dtype).eval()
 
@@ -234,6 +267,7 @@ class OnnxRuntimeRunner(Runner):
         ran = self.session.get_providers()[0]
         self.provider = ran.removesuffix("ExecutionProvider").lower()
         self.name = "onnxruntime-" + self.provider
+
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_names = tuple(o.name for o in self.session.get_outputs())
         meta = self.session.get_modelmeta().custom_metadata_map
@@ -290,8 +324,8 @@ class TensorRTRunner(Runner):
         self.output_names = tuple(n for n in names if not is_input[n])
         self.stream = self._torch.cuda.Stream()
         self._profile = 0
-        self.device = "cuda:0"
-        self.provider = self._torch.cuda.get_device_name(0)
+        self.device, self.provider = "cuda:0", "tensorrt"
+        self.gpu = self._torch.cuda.get_device_name(0)
 
     def _select_profile(self, feed) -> None:
         n_atoms, n_slots = feed["neighbors"].shape
@@ -371,7 +405,8 @@ class AOTInductorRunner(Runner):
         self.readout, self.precision = info.readout, info.precision
         self.input_names = tuple(json.loads(meta["painn_export.inputs"]))
         self.output_names = tuple(json.loads(meta["painn_export.outputs"]))
-        self.provider = torch.cuda.get_device_name(index) if kind == "cuda" else "cpu"
+        self.provider = kind
+        self.gpu = torch.cuda.get_device_name(index) if kind == "cuda" else ""
         self.name = f"aoti-{kind}"
         self._torch = torch
 
@@ -420,14 +455,10 @@ def open_runner(
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model file")
     if path.suffix == ".engine":
-        from painn_export.trt import read_sidecar
-
         if kind == "cpu":
             raise RuntimeUnavailableError(f"{path}: a TensorRT engine runs on a GPU only, not --device cpu")
-        side = read_sidecar(path)
-        meta = side["model_metadata"]  # the engine's own copy: its ONNX file may be gone
-        facts = model_facts(meta, path)
-        return TensorRTRunner(path, side.get("precision", "fp32"), facts.readout), facts
+        facts = engine_facts(path)
+        return TensorRTRunner(path, facts.precision, facts.readout), facts
     if path.suffix == ".pt2":
         from painn_export.aoti import read_package_facts
 
@@ -469,3 +500,72 @@ def open_runner(
         stress=model.gradient_forces,
     )
     return TorchRunner(model, device=device, stress=model.gradient_forces), facts
+
+
+def engine_facts(path: Path) -> ModelFacts:
+    """A TensorRT engine's facts from its sidecar (no TensorRT): its kernels' precision, its profiles."""
+    from painn_export.metadata import model_facts
+    from painn_export.trt import read_profiles, read_sidecar
+
+    side = read_sidecar(path)
+    facts = model_facts(side["model_metadata"], path)  # the engine's own copy: its ONNX may be gone
+    return replace(facts, precision=side.get("precision", "fp32"), profiles=tuple(read_profiles(path)))
+
+
+def describe(
+    path: str | Path | None, runtime: str = "onnxruntime", device: str = "cpu"
+) -> tuple[RunnerIdentity, ModelFacts]:
+    """What :func:`open_runner` would run, and the model's facts, read from the file alone.
+
+    Nothing is imported, exported or started: no runtime, no GPU, no
+    compile (a checkpoint is read for its config). It is how a Ray driver
+    learns what its actors will run. ``device`` must be ``cpu`` or
+    ``cuda[:N]``: ``auto`` depends on the machine that runs it. The
+    identity equals the started runner's (a test holds them together).
+    """
+    from painn_export.metadata import model_facts, read_metadata
+
+    kind, _ = parse_device(device)
+    if kind == "auto":
+        raise ValueError("describe needs the device the runner will use (cpu or cuda), not auto")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if path is None:
+        from painn_export.demo import demo_model_path
+
+        path = demo_model_path()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model file")
+    if path.suffix == ".engine":
+        if kind == "cpu":
+            raise RuntimeUnavailableError(f"{path}: a TensorRT engine runs on a GPU only, not --device cpu")
+        facts = engine_facts(path)
+        return RunnerIdentity("tensorrt", facts.precision, facts.stress, "cuda", "tensorrt"), facts
+    if path.suffix == ".pt2":
+        from painn_export.aoti import read_package_facts
+
+        facts = model_facts(read_package_facts(path)["metadata"], path)
+        return RunnerIdentity(f"aoti-{kind}", facts.precision, facts.stress, kind, kind), facts
+    if path.suffix == ".onnx":
+        facts = model_facts(read_metadata(path), path)
+        return RunnerIdentity(f"onnxruntime-{kind}", facts.precision, facts.stress, kind, kind), facts
+    if runtime == "tensorrt":
+        raise ValueError(f"{path}: --runtime tensorrt needs an engine built from an ONNX export")
+    from painn_export.checkpoint import load_model
+
+    model = load_model(path)
+    cfg, gradient = model.config, model.gradient_forces
+    facts = ModelFacts(
+        cfg.cutoff,
+        cfg.max_neighbors,
+        cfg.num_elements,
+        gradient,
+        readout=SystemReadout.of(model.normalization),
+        stress=gradient,
+    )
+    if runtime == "torch":
+        name = torch_runner_name(kind, "float32")
+    else:  # onnxruntime and aoti export it (float32, with stress when its forces are gradients)
+        name = f"{'onnxruntime' if runtime == 'onnxruntime' else 'aoti'}-{kind}"
+    return RunnerIdentity(name, "float32", gradient, kind, kind), facts

@@ -34,7 +34,8 @@ class Summary:
     output: str = ""
     runtime: str = ""
     device: str = ""  # where the runtime ran (cpu, cuda:0)
-    provider: str = ""  # what ran it (an execution provider, a GPU's name)
+    provider: str = ""  # what ran it: cpu, cuda, tensorrt
+    gpu: str = ""  # the GPU's name, when one ran it
     model_seconds: float = 0.0  # wall time inside the runtime's inference calls
     n_structures: int = 0
     computed: int = 0  # structures given a final status by this run
@@ -52,6 +53,7 @@ class Summary:
             "runtime": self.runtime,
             "device": self.device,
             "provider": self.provider,
+            "gpu": self.gpu,
             "n_structures": self.n_structures,
             "computed": self.computed,
             "already_done": self.already_done,
@@ -88,10 +90,9 @@ class Limits:
         return atoms <= self.atoms and atoms * slots <= self.edge_slots and slots <= self.slots
 
 
-def batch_limits(runner, max_atoms: int, max_edges: int | None) -> Limits:
-    """Batch limits: the user's, within a TensorRT engine's largest profile."""
+def batch_limits(profiles, max_atoms: int, max_edges: int | None) -> Limits:
+    """Batch limits: the user's, within a TensorRT engine's largest profile (``ModelFacts.profiles``)."""
     limits = Limits(max_atoms, float(max_edges or np.inf), np.inf)
-    profiles = getattr(runner, "profiles", None) or []
     if profiles:
         limits = Limits(
             min(max_atoms, max(p.atoms[2] for p in profiles)),

@@ -125,7 +125,9 @@ class Fingerprint:
     stress: bool
     package_version: str
     device: str = "cpu"  # cpu or cuda: where the runtime ran
-    provider: str = "cpu"  # what ran it: an execution provider, a GPU's name
+    provider: str = (
+        "cpu"  # what ran it: cpu, cuda (torch, AOTInductor, ONNX Runtime's CUDA provider), tensorrt
+    )
 
 
 def input_sha256(path: str | Path) -> str:

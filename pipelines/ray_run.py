@@ -17,16 +17,26 @@ The plan, stage by stage:
 2. **Graphs**, as CPU tasks (``map_batches``, one chunk per call): each opens
    the input with the schema's reader and builds the chunk's graphs with the
    local pipeline's code (:func:`pipelines.graphs.items_from`), or a status.
+   A graph travels as its arrays, one tensor column each (Arrow's
+   variable-shaped tensors), never as a pickled object.
 3. **Inference** on an actor pool (``map_batches`` with
    ``ActorPoolStrategy``): each actor opens the model once (one Runner, on
    the GPU Ray gave it if asked, with as many threads as the CPUs Ray gave
    it: one), packs what it receives into batches by the local batcher's
    atom/edge budget and splits a batch that does not fit, exactly as the
-   local pipeline (:func:`pipelines.batches.evaluate`).
+   local pipeline (:func:`pipelines.batches.evaluate`). A checkpoint is
+   exported (or compiled) by the actors, into their own cache.
 4. **Writing**, on the driver only: results stream back
    (``iter_batches``) and go through the crash-safe writer of the local
    pipeline, so the output, its statuses, fingerprints and ``--resume`` are
-   the same.
+   the same. Every result says what computed it (the actor's package
+   version, model file hash and runner identity); one that differs from
+   what the driver recorded in the fingerprint ends the run in one line.
+
+The driver itself never starts a runtime: it reads what the actors will
+run, and the model's facts, from the model file alone
+(:func:`painn_export.runners.describe`), so it needs neither their GPU nor
+their libraries.
 
 Faults: Ray retries a failed graph task, restarts a dead actor and retries
 its batch (``max_retries``, ``max_restarts``, ``max_task_retries``). A
@@ -40,9 +50,9 @@ logger and ``DataContext`` as it found them.
 
 from __future__ import annotations
 
-import pickle
+import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -66,6 +76,34 @@ class RayOptions:
     # Structures per actor call, packed there into model batches: larger packs
     # better, smaller streams results back sooner and loses less to a dead node.
     actor_batch: int = 512
+
+    @property
+    def device(self) -> str:
+        """Where the actors run: ``cuda`` (the GPU Ray gave each) with GPUs per actor, else ``cpu``."""
+        return "cuda" if self.gpus_per_actor else "cpu"
+
+
+@dataclass(frozen=True)
+class RayJob:
+    """What every task and actor of a run needs, resolved on the driver (absolute paths)."""
+
+    input_path: str
+    model_path: str | None  # None: the bundled demo model
+    runtime: str
+    settings: object  # pipelines.graphs.GraphSettings
+    limits: object  # pipelines.batches.Limits
+    expected: dict  # what must compute the results: version, model_sha256 and the runner's identity
+
+
+def ran_by(identity, model_sha256: str) -> dict:
+    """What computed a result: the package version, the model file's hash, the runner's identity."""
+    from painn_export.version import __version__
+
+    return {"package_version": __version__, "model_sha256": model_sha256, **asdict(identity)}
+
+
+class ActorMismatchError(RuntimeError):
+    """An actor computed with another package version, model file or runner than the driver recorded."""
 
 
 def import_ray():
@@ -172,22 +210,64 @@ def _graph_rows(batch: dict, pending, input_path: str, settings) -> dict:
 
     if isinstance(pending, ray.ObjectRef):  # the object store's copy, read in place (zero-copy)
         pending = ray.get(pending)
-    rows = {"index": [], "status": [], "message": [], "graph": []}
+    items = []
     with InputReader(input_path) as reader:
         for number in batch["id"]:
             chunk = pending[int(number) * CHUNK : (int(number) + 1) * CHUNK]
-            for item in items_from(reader, settings, chunk):
-                rows["index"].append(item.index)
-                rows["status"].append(item.status)
-                rows["message"].append(item.message)
-                graph = b"" if item.graph is None else pickle.dumps(for_float32_feed(item.graph))
-                rows["graph"].append(graph)
-    return {
-        "index": np.asarray(rows["index"], dtype=np.int64),
-        "status": np.asarray(rows["status"], dtype=object),
-        "message": np.asarray(rows["message"], dtype=object),
-        "graph": np.asarray(rows["graph"], dtype=object),
+            items += items_from(reader, settings, chunk)
+    graphs = [None if it.graph is None else for_float32_feed(it.graph) for it in items]
+    columns = {
+        "index": np.asarray([it.index for it in items], dtype=np.int64),
+        "status": np.asarray([it.status for it in items], dtype=object),
+        "message": np.asarray([it.message for it in items], dtype=object),
+        "min_distance": np.asarray([np.inf if g is None else g.min_distance for g in graphs]),
     }
+    for name, empty in GRAPH_ARRAYS.items():
+        columns[name] = _ragged([empty if g is None else _array(g, name, empty) for g in graphs])
+    return columns
+
+
+# A graph's arrays, as tensor columns: each with its "no graph" (or "no cell") value, of its rank and dtype.
+GRAPH_ARRAYS = {
+    "atomic_numbers": np.zeros(0, np.int64),
+    "positions": np.zeros((0, 3)),
+    "edge_index": np.zeros((2, 0), np.int32),
+    "cell_shift": np.zeros((0, 3), np.int32),
+    "edge_shift": np.zeros((0, 3), np.float32),
+    "edge_slot": np.zeros(0, np.int32),
+    "edge_reverse": np.zeros(0, np.int32),
+    "cell": np.zeros((0, 3)),
+}
+
+
+def _array(graph, name: str, empty: np.ndarray) -> np.ndarray:
+    value = getattr(graph, name)
+    return empty if value is None else np.asarray(value, dtype=empty.dtype)
+
+
+def _ragged(arrays: list) -> np.ndarray:
+    """A 1-d object column of arrays (Ray Data stores it as a variable-shaped tensor column).
+
+    Filled one by one: numpy would stack arrays of equal shapes into one
+    array of higher rank.
+    """
+    column = np.empty(len(arrays), dtype=object)
+    for k, array in enumerate(arrays):
+        column[k] = array
+    return column
+
+
+def _graph_of(batch: dict, k: int):
+    """Row ``k``'s graph, rebuilt from its tensor columns; None for a structure without one."""
+    from painn_export.batch import Graph
+
+    if not len(batch["atomic_numbers"][k]):
+        return None
+    arrays = {name: np.asarray(batch[name][k]) for name in GRAPH_ARRAYS}
+    if not len(arrays["cell"]):
+        arrays["cell"] = None
+    # Checked where it was built (the graph task): not again per batch.
+    return Graph.from_checked(**arrays, min_distance=float(batch["min_distance"][k]))
 
 
 class _Collector:
@@ -203,36 +283,51 @@ class _Collector:
     def commit_status(self, rows) -> None:
         self.statuses += rows
 
-    def as_batch(self) -> dict:
-        rows = [(i, e, f, st, kind, "") for i, e, f, st, kind in self.results]
-        rows += [(i, np.nan, None, None, kind, message) for i, kind, message in self.statuses]
+    def as_batch(self, ran_by: str, model_seconds: float) -> dict:
+        """Columns of what came back: forces ``[n, 3]`` (``[0, 3]`` for none) and stress ``[3, 3]``
+        (``[0, 3]`` for none) as tensor columns; who computed it, and its seconds in the runtime."""
+        no_forces, no_stress = np.zeros((0, 3)), np.zeros((0, 3))
+        rows = [(i, e, f, no_stress if st is None else st, kind, "") for i, e, f, st, kind in self.results]
+        rows += [(i, np.nan, no_forces, no_stress, kind, message) for i, kind, message in self.statuses]
+        seconds = np.zeros(len(rows))
+        seconds[:1] = model_seconds  # the batch's, on its first row
         return {
             "index": np.asarray([r[0] for r in rows], dtype=np.int64),
             "energy": np.asarray([r[1] for r in rows], dtype=np.float64),
-            "forces": np.asarray([b"" if r[2] is None else pickle.dumps(r[2]) for r in rows], dtype=object),
-            "stress": np.asarray([b"" if r[3] is None else pickle.dumps(r[3]) for r in rows], dtype=object),
+            "forces": _ragged([np.asarray(r[2], dtype=np.float64) for r in rows]),
+            "stress": _ragged([np.asarray(r[3], dtype=np.float64) for r in rows]),
             "status": np.asarray([r[4] for r in rows], dtype=object),
             "message": np.asarray([r[5] for r in rows], dtype=object),
+            "ran_by": np.asarray([ran_by] * len(rows), dtype=object),
+            "model_seconds": seconds,
         }
 
 
 class _Inference:
     """Ray actor: one Runner, opened once; evaluates what it receives as the local pipeline would."""
 
-    job: tuple = ()  # (model_path, runtime, device, limits), set on the subclass made per run
+    job: tuple = ()  # (RayJob, device), set on the subclass made per run
 
     def __init__(self) -> None:
+        import socket
+
+        from painn_export.checkpoint import file_sha256
+        from painn_export.demo import demo_model_path
         from painn_export.runners import open_runner
 
-        model_path, runtime, device, self.limits = self.job
+        job, device = self.job
         # One CPU thread: the CPU that Ray gave this actor. A GPU actor's device
         # is "cuda": Ray's CUDA_VISIBLE_DEVICES makes its own GPU cuda:0.
-        if runtime in ("torch", "aoti"):
+        if job.runtime in ("torch", "aoti"):
             import torch
 
             torch.set_num_threads(1)
-        self.runner, _ = open_runner(model_path, runtime, device, threads=1)
+        self.limits = job.limits
+        self.runner, _ = open_runner(job.model_path, job.runtime, device, threads=1)
         self.runner.activate()
+        model_sha256 = file_sha256(job.model_path or demo_model_path())
+        report = {**ran_by(self.runner.identity(), model_sha256), "node": socket.gethostname()}
+        self.ran_by = json.dumps({**report, "gpu": self.runner.gpu}, sort_keys=True)
 
     def __call__(self, batch: dict) -> dict:
         from pipelines.batches import Summary, evaluate
@@ -240,17 +335,15 @@ class _Inference:
         from pipelines.progress import Progress
 
         items = [
-            Item(int(i), pickle.loads(g) if len(g) else None, str(status), str(message))
-            for i, g, status, message in zip(
-                batch["index"], batch["graph"], batch["status"], batch["message"]
-            )
+            Item(int(i), _graph_of(batch, k), str(status), str(message))
+            for k, (i, status, message) in enumerate(zip(batch["index"], batch["status"], batch["message"]))
         ]
-        sink = _Collector()
-        evaluate(items, self.runner, sink, self.limits, Summary(), Progress(0, enabled=False))
-        return sink.as_batch()
+        sink, summary = _Collector(), Summary()
+        evaluate(items, self.runner, sink, self.limits, summary, Progress(0, enabled=False))
+        return sink.as_batch(self.ran_by, summary.model_seconds)
 
 
-def evaluate_on_ray(job, pending: np.ndarray, options: RayOptions, writer, summary, bar) -> None:
+def evaluate_on_ray(job: RayJob, pending: np.ndarray, options: RayOptions, writer, summary, bar) -> None:
     """Run the graph and inference stages of ``pending`` on Ray; commit what comes back through ``writer``."""
     import logging
 
@@ -271,11 +364,10 @@ def evaluate_on_ray(job, pending: np.ndarray, options: RayOptions, writer, summa
             n_chunks = -(-len(pending) // CHUNK)
             if not n_chunks:
                 return
-            input_path, model_path = job[0], job[1]
-            preflight(ray, [input_path, *([model_path] if model_path else [])])
+            preflight(ray, [job.input_path, *([job.model_path] if job.model_path else [])])
             ds = plan(ray, ray.put(pending), n_chunks, job, options)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                _commit(batch, writer, summary, bar)
+                _commit(batch, job.expected, writer, summary, bar)
     finally:
         data_logger.setLevel(level)
         context.enable_progress_bars = progress_bars
@@ -283,23 +375,21 @@ def evaluate_on_ray(job, pending: np.ndarray, options: RayOptions, writer, summa
             ray.shutdown()
 
 
-def plan(ray, pending_ref, n_chunks: int, job, options: RayOptions):
+def plan(ray, pending_ref, n_chunks: int, job: RayJob, options: RayOptions):
     """The Ray Data pipeline: chunk numbers -> graph tasks -> inference actors (lazy: nothing runs).
 
     ``pending_ref`` is the object-store reference of the pending indices; the
     driver's plan holds only ``n_chunks`` numbers' worth of blocks.
     """
-    input_path, model_path, runtime, settings, limits = job
     # The job rides on the class, not in constructor arguments: a restarted
     # actor must not depend on objects in the store.
-    device = "cuda" if options.gpus_per_actor else "cpu"
-    actor = type("Inference", (_Inference,), {"job": (model_path, runtime, device, limits)})
+    actor = type("Inference", (_Inference,), {"job": (job, options.device)})
     with warnings.catch_warnings():  # retry arguments go through ray_remote_args (deprecated in Ray 2.60)
         warnings.simplefilter("ignore", DeprecationWarning)
         ds = ray.data.range(n_chunks)
         ds = ds.map_batches(
             _graph_rows,
-            fn_args=(pending_ref, input_path, settings),
+            fn_args=(pending_ref, job.input_path, job.settings),
             batch_size=1,
             batch_format="numpy",
             num_cpus=1,
@@ -317,16 +407,24 @@ def plan(ray, pending_ref, n_chunks: int, job, options: RayOptions):
         )
 
 
-def _commit(batch: dict, writer, summary, bar) -> None:
-    """Write one batch of results from the cluster through the crash-safe writer."""
+def _commit(batch: dict, expected: dict, writer, summary, bar) -> None:
+    """Write one batch of results from the cluster through the crash-safe writer.
+
+    Refuses (:class:`ActorMismatchError`, before writing) a batch computed by
+    anything else than what the run's fingerprint records.
+    """
+    for report in set(batch["ran_by"]):
+        _check_ran_by(json.loads(report), expected)
+        summary.gpu = summary.gpu or json.loads(report)["gpu"]
+    summary.model_seconds += float(np.sum(batch["model_seconds"]))
     results, failed, atoms = [], [], 0
     for i, e, f, st, status, message in zip(
         batch["index"], batch["energy"], batch["forces"], batch["stress"], batch["status"], batch["message"]
     ):
         if len(f):
-            forces = pickle.loads(f)
+            forces = np.asarray(f)
             atoms += len(forces)
-            results.append((int(i), float(e), forces, pickle.loads(st) if len(st) else None, str(status)))
+            results.append((int(i), float(e), forces, np.asarray(st) if len(st) else None, str(status)))
         else:
             failed.append((int(i), str(status), str(message)))
     writer.commit_results(results)
@@ -334,3 +432,13 @@ def _commit(batch: dict, writer, summary, bar) -> None:
     summary.computed += len(results) + len(failed)
     summary.atoms += atoms
     bar.update(len(results) + len(failed), atoms)
+
+
+def _check_ran_by(report: dict, expected: dict) -> None:
+    """One line naming the actor's node and the first thing it ran differently from the driver."""
+    for key, want in expected.items():
+        if report.get(key) != want:
+            raise ActorMismatchError(
+                f"an actor on node {report.get('node', '?')} computed with {key}={report.get(key)!r}, "
+                f"and this driver recorded {want!r}: run the same painn-export and model on every node"
+            )

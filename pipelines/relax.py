@@ -43,7 +43,7 @@ Output datasets, beyond ``run``'s (:mod:`pipelines.output`):
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -276,12 +276,8 @@ def _relax_locked(
             n_structures=info.n_structures,
             n_atoms=info.n_atoms,
             model_sha256=file_sha256(model_path or demo_model_path()),
-            runtime=runner.name,
-            precision=runner.precision,
-            stress=runner.has_stress,
             package_version=__version__,
-            device=runner.device.split(":")[0],
-            provider=runner.provider,
+            **asdict(runner.identity()),
             fmax=float(settings.fmax),
             max_steps=int(settings.steps),
             relax_cell=bool(settings.cell),
@@ -303,6 +299,7 @@ def _relax_locked(
                 runtime=runner.name,
                 device=runner.device,
                 provider=runner.provider,
+                gpu=runner.gpu,
                 n_structures=info.n_structures,
             )
             try:
@@ -314,7 +311,7 @@ def _relax_locked(
                     settings,
                     out,
                     summary,
-                    batch_limits(runner, *limits),
+                    batch_limits(facts.profiles, *limits),
                     workers,
                     observer,
                 )

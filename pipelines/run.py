@@ -29,6 +29,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -100,12 +101,12 @@ def run_file(
     :class:`~painn_export.errors.RuntimeUnavailableError` before any work.
     """
     start = time.perf_counter()
-    if ray is not None and device.startswith("cuda") and not ray.gpus_per_actor:
+    if ray is not None and device != "auto" and device.split(":")[0] != ray.device:
         from painn_export.errors import RuntimeUnavailableError
 
         raise RuntimeUnavailableError(
-            f"--device {device} with --ray: the actors run where Ray puts them; give them GPUs "
-            "with --ray-gpus-per-actor (they then run on cuda)"
+            f"--device {device} with --ray: the actors run on the GPU Ray gives each with "
+            "--ray-gpus-per-actor, else on a CPU; leave --device auto, or give them GPUs"
         )
     info = validate_input(input_path)
     output_path = Path(output_path)
@@ -184,23 +185,25 @@ def _run_locked(
 ) -> Summary:
     from painn_export.checkpoint import file_sha256
     from painn_export.demo import demo_model_path
-    from painn_export.runners import open_runner
+    from painn_export.runners import describe, open_runner
     from painn_export.version import __version__
 
-    runner, facts = open_runner(model_path, runtime, device)
-    runner.activate()
+    model_sha256 = file_sha256(model_path or demo_model_path())
+    if ray is None:
+        runner, facts = open_runner(model_path, runtime, device)
+        runner.activate()
+        identity = runner.identity()
+    else:  # the actors run it: this driver reads what they will run from the file, and starts nothing
+        runner = None
+        identity, facts = describe(model_path, runtime, ray.device)
     try:
         fingerprint = Fingerprint(
             input_sha256=input_sha256(input_path),
             n_structures=info.n_structures,
             n_atoms=info.n_atoms,
-            model_sha256=file_sha256(model_path or demo_model_path()),
-            runtime=runner.name,
-            precision=runner.precision,
-            stress=runner.has_stress,
+            model_sha256=model_sha256,
             package_version=__version__,
-            device=runner.device.split(":")[0],
-            provider=runner.provider,
+            **asdict(identity),
         )
         if resume and not partial.exists() and output_path.exists():
             check_resumable(output_path, fingerprint)
@@ -215,28 +218,31 @@ def _run_locked(
         writer = Writer(partial, offsets)
         summary = Summary(
             output=str(output_path),
-            runtime=runner.name,
-            device=runner.device,
-            provider=runner.provider,
+            runtime=identity.runtime,
+            device=runner.device if runner else identity.device,
+            provider=identity.provider,
+            gpu=runner.gpu if runner else "",  # on Ray: what the actors report
             n_structures=info.n_structures,
         )
         try:
             pending = writer.pending()
             summary.already_done = info.n_structures - len(pending)
-            limits = batch_limits(runner, *limits)
+            limits = batch_limits(facts.profiles, *limits)
             settings = GraphSettings(facts.cutoff, facts.max_neighbors, facts.num_elements)
-            bar = Progress(len(pending), enabled=progress, label=f"{runner.name} on {runner.device}")
+            where = f"Ray actors on {identity.device}" if runner is None else runner.device
+            bar = Progress(len(pending), enabled=progress, label=f"{identity.runtime} on {where}")
             try:
                 if ray is None:
                     items = neighbour_items(str(input_path), pending, settings, workers)
                     evaluate(items, runner, writer, limits, summary, bar)
                 else:
-                    from pipelines.ray_run import evaluate_on_ray
+                    from pipelines.ray_run import RayJob, evaluate_on_ray, ran_by
 
                     # Absolute paths: every node resolves them the same way (the
                     # preflight checks each node sees the same files there).
                     model = str(Path(model_path).resolve()) if model_path else None
-                    job = (str(Path(input_path).resolve()), model, runtime, settings, limits)
+                    expected = ran_by(identity, model_sha256)
+                    job = RayJob(str(Path(input_path).resolve()), model, runtime, settings, limits, expected)
                     evaluate_on_ray(job, pending, ray, writer, summary, bar)
             finally:
                 bar.close()
@@ -253,7 +259,8 @@ def _run_locked(
         if finished:
             partial.replace(output_path)
     finally:
-        runner.deactivate()
+        if runner is not None:
+            runner.deactivate()
     return summary
 
 

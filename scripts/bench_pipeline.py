@@ -107,11 +107,11 @@ def driver_commit_rate(
     tmp: Path, atoms: int = 60, batch: int = 512, batches: int = 40
 ) -> tuple[float, float]:
     """Structures/s and MB/s the Ray driver writes: results of ``atoms``-atom structures, as they come back."""
-    import pickle
+    import json
 
     from pipelines.output import Fingerprint, Writer, create
     from pipelines.progress import Progress
-    from pipelines.ray_run import _commit
+    from pipelines.ray_run import _commit, _ragged
     from pipelines.run import Summary
 
     n = batch * batches
@@ -124,18 +124,18 @@ def driver_commit_rate(
         {
             "index": np.arange(b * batch, (b + 1) * batch, dtype=np.int64),
             "energy": rng.normal(size=batch),
-            "forces": np.array(
-                [pickle.dumps(rng.normal(size=(atoms, 3))) for _ in range(batch)], dtype=object
-            ),
-            "stress": np.array([b""] * batch, dtype=object),
+            "forces": _ragged([rng.normal(size=(atoms, 3)) for _ in range(batch)]),
+            "stress": _ragged([np.zeros((0, 3))] * batch),
             "status": np.array(["ok"] * batch, dtype=object),
             "message": np.array([""] * batch, dtype=object),
+            "ran_by": np.array([json.dumps({"node": "here", "gpu": ""})] * batch, dtype=object),
+            "model_seconds": np.zeros(batch),
         }
         for b in range(batches)
     ]
     t = time.perf_counter()
     for block in blocks:
-        _commit(block, writer, summary, bar)
+        _commit(block, {}, writer, summary, bar)
     seconds = time.perf_counter() - t
     writer.close()
     return n / seconds, n * atoms * 3 * 8 / seconds / 1e6
@@ -181,8 +181,9 @@ def ray_plan_only(n_structures: int) -> dict:
     """
     import ray
 
+    from pipelines.batches import Limits
     from pipelines.graphs import GraphSettings
-    from pipelines.ray_run import RayOptions, connect, plan
+    from pipelines.ray_run import RayJob, RayOptions, connect, plan
 
     def rss_mib() -> float:
         with open("/proc/self/statm") as fh:
@@ -195,7 +196,8 @@ def ray_plan_only(n_structures: int) -> dict:
         pending = np.arange(n_structures, dtype=np.int64)
         ref = ray.put(pending)
         del pending
-        job = ("/nonexistent/in.h5", None, "onnxruntime", GraphSettings(6.0, 50, 100), None)
+        settings, limits = GraphSettings(6.0, 50, 100), Limits(4096, np.inf, np.inf)
+        job = RayJob("/nonexistent/in.h5", None, "onnxruntime", settings, limits, expected={})
         ds = plan(ray, ref, -(-n_structures // 128), job, RayOptions("local"))
         seconds = time.perf_counter() - start
         after = rss_mib()

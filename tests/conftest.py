@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -6,6 +8,7 @@ from painn_export import PaiNN, PaiNNConfig, TargetNormalization
 
 # Small enough to be fast, big enough to have every code path (F even, >1 layer).
 SMALL = PaiNNConfig(hidden_channels=16, num_layers=2, num_rbf=8, cutoff=5.0, max_neighbors=20)
+GRADIENT = dataclasses.replace(SMALL, direct_forces=False)  # forces as -dE/dx (stress possible)
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,6 @@ Each package is compiled once per test run (a session fixture that is the
 runtime's own cache, so ``--runtime aoti`` on the checkpoint reuses it).
 """
 
-import dataclasses
 import json
 import zipfile
 
@@ -27,9 +26,7 @@ from painn_export.schema import write_input
 from pipelines.cli import main as batch_main
 
 from checks import assert_close
-from conftest import SMALL, make_model
-
-GRADIENT = dataclasses.replace(SMALL, direct_forces=False)
+from conftest import GRADIENT, SMALL, make_model
 
 
 @pytest.fixture(scope="session")

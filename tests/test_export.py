@@ -1,6 +1,5 @@
 """ONNX export: parity with PyTorch across shapes, determinism, the TensorRT operator check, metadata, CLI."""
 
-import dataclasses
 import json
 import sys
 
@@ -26,7 +25,7 @@ from painn_export.runners import (
 from painn_export.samples import bulk, example_set, single_atom
 from painn_export.tolerances import compare, tolerance
 
-from conftest import SMALL, make_model
+from conftest import GRADIENT, SMALL, make_model
 
 SCATTERS = {"ScatterND", "ScatterElements", "Scatter"}
 
@@ -233,9 +232,6 @@ def test_cli_trt_without_tensorrt_is_one_clear_line(exported, tmp_path, monkeypa
 def test_cli_refuses_two_models():
     result = CliRunner().invoke(main, ["onnx", "--checkpoint", "x.pt", "--random-init", "demo"])
     assert result.exit_code == 2 and "not both" in result.output
-
-
-GRADIENT = dataclasses.replace(SMALL, direct_forces=False)
 
 
 @pytest.fixture(scope="module")

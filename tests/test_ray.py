@@ -5,6 +5,7 @@ stops its own Ray.
 """
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -177,15 +178,28 @@ def test_without_ray_the_option_says_what_to_install(tmp_path, monkeypatch):
 
 
 def test_relative_paths_from_another_directory_on_the_default_runtime(tmp_path, checkpoint, monkeypatch):
-    """The README's form: relative --model and input, ONNX Runtime (the default), from another folder."""
+    """The README's form: relative --model and input, ONNX Runtime (the default), from another folder.
+
+    The driver starts no runtime and exports nothing: the actors export the
+    checkpoint into their (here empty) cache, and their results say what ran.
+    """
     work = tmp_path / "job"
     work.mkdir()
     inp = write_input(work / "in.h5", _many(40, seed=8))
     shutil.copy(checkpoint, work / "m.pt")
     local = run_file(inp, tmp_path / "local.h5", checkpoint, workers=0, progress=False)
     monkeypatch.chdir(work)
+    cache = tmp_path / "actors-cache"
+    monkeypatch.setenv("PAINN_EXPORT_CACHE", str(cache))  # Ray starts here: its workers inherit it
+    import painn_export.demo
+    import painn_export.runners
     import pipelines.ray_run as ray_run
 
+    def refuse(*_, **__):
+        raise AssertionError("the driver exported or started a runtime")
+
+    monkeypatch.setattr(painn_export.demo, "cached_onnx", refuse)
+    monkeypatch.setattr(painn_export.runners.Runner, "activate", refuse)
     jobs, evaluate = [], ray_run.evaluate_on_ray
     monkeypatch.setattr(
         ray_run, "evaluate_on_ray", lambda job, *rest: jobs.append(job) or evaluate(job, *rest)
@@ -194,10 +208,17 @@ def test_relative_paths_from_another_directory_on_the_default_runtime(tmp_path, 
         main, ["run", "in.h5", "--model", "m.pt", "-o", "ray.h5", "--ray", "local", "--json", "-q"]
     )
     assert result.exit_code == 0, result.output
-    assert local.runtime == "onnxruntime-cpu"
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["runtime"] == local.runtime == "onnxruntime-cpu"
+    assert 0 < summary["model_fraction"] < 1  # the actors' seconds in the runtime, reported back
+    assert len(list(cache.glob("m-*.onnx"))) == 1  # exported by an actor
     # what the nodes are sent: absolute paths (a worker resolves a relative one in its own folder)
-    assert jobs and jobs[0][0] == str(work / "in.h5") and jobs[0][1] == str(work / "m.pt")
+    assert jobs and jobs[0].input_path == str(work / "in.h5") and jobs[0].model_path == str(work / "m.pt")
     _assert_same_results(work / "ray.h5", tmp_path / "local.h5")
+    with h5py.File(tmp_path / "local.h5") as a, h5py.File(work / "ray.h5") as b:
+        assert {k: v for k, v in a.attrs.items() if k.startswith("fingerprint")} == {
+            k: v for k, v in b.attrs.items() if k.startswith("fingerprint")
+        }
 
 
 class _StubRay:

@@ -20,10 +20,8 @@ from painn_export.neighbors import neighbor_graph
 from painn_export.slots import _GatherNeighbors, _PairsToSlots, _SlotsToPairs
 from painn_export.tolerances import compare, tolerance
 
-from conftest import SMALL, make_model
+from conftest import GRADIENT, SMALL, make_model
 from structures import molecule, predict, reference_feed, tiny_cell
-
-GRADIENT = dataclasses.replace(SMALL, direct_forces=False)
 
 
 def simple_cubic() -> Graph:

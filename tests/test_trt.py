@@ -37,16 +37,15 @@ def test_a_batch_at_the_largest_slot_profile_fits():
     from painn_export.neighbors import neighbor_graph
     from pipelines.batches import batch_limits
 
-    class Engine:  # what batch_limits reads of a TensorRT runner
-        profiles = (Profile(atoms=(1, 64, 1000), slots=(8, 8, 8)),)
+    profiles = (Profile(atoms=(1, 64, 1000), slots=(8, 8, 8)),)  # an engine's (ModelFacts.profiles)
 
     # one atom, its eight images in a plane: every slot of K = 8 holds an edge
     g = neighbor_graph(np.zeros((1, 3)), np.diag([2.5, 2.5, 10.0]), np.array([1, 1, 0], bool), 3.6, 50)
     assert g.max_degree == 8
-    limits = batch_limits(Engine(), max_atoms=4096, max_edges=None)
+    limits = batch_limits(profiles, max_atoms=4096, max_edges=None)
     assert limits.admit(10, g.max_degree)
     feed = collate([g] * 10)
-    assert Engine.profiles[0].admits(*feed["neighbors"].shape)
+    assert profiles[0].admits(*feed["neighbors"].shape)
 
 
 def test_cli_profiles_trtexec_style():
