@@ -128,16 +128,22 @@ META_PREFIX = "painn_export."
 
 # The slot axis is padded to a multiple of this, so that a run sees few shapes
 # (ONNX Runtime's arena, TensorRT's profiles) at a cost of < SLOT_MULTIPLE
-# padded slots per atom.
+# padded slots per atom; below it, to a power of two (1, 2, 4, 8), so that a
+# batch of small molecules is not padded to eight times its edges.
 SLOT_MULTIPLE = 8
 
 
 def slot_count(max_degree: int) -> int:
     """Slots per atom for a batch whose busiest atom has ``max_degree`` edges.
 
-    The one rule: collate, the batcher's limits and TensorRT's profiles all use it.
+    1, 2, 4 or 8 up to eight edges, then multiples of 8 (never fewer than one
+    slot: an edgeless batch has one padding slot per atom). The one rule:
+    collate, the batcher's limits and TensorRT's profiles all use it.
     """
-    return max(SLOT_MULTIPLE, -(-int(max_degree) // SLOT_MULTIPLE) * SLOT_MULTIPLE)
+    degree = max(1, int(max_degree))
+    if degree <= SLOT_MULTIPLE:
+        return 1 << (degree - 1).bit_length()
+    return -(-degree // SLOT_MULTIPLE) * SLOT_MULTIPLE
 
 
 STRESS_NEEDS_GRADIENT = (

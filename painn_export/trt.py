@@ -40,7 +40,7 @@ class Profile:
     """
 
     atoms: tuple[int, int, int] = (1, 2048, 16384)
-    slots: tuple[int, int, int] = (8, 64, 128)
+    slots: tuple[int, int, int] = (1, 64, 128)
 
     def __post_init__(self) -> None:
         for name in ("atoms", "slots"):
@@ -50,7 +50,7 @@ class Profile:
         if any(slot_count(k) != k for k in self.slots):
             raise ValueError(
                 f"profile slots {self.slots}: each must be a slot count collate makes "
-                f"(a multiple of 8, at least 8), e.g. {tuple(slot_count(k) for k in self.slots)}"
+                f"(1, 2, 4, 8, then multiples of 8), e.g. {tuple(slot_count(k) for k in self.slots)}"
             )
 
     def input_shapes(self) -> dict[str, tuple[tuple[int, ...], ...]]:

@@ -181,6 +181,7 @@ def _execute(work, output, *, as_json, verbose, quiet, describe, unavailable_err
     from painn_export.errors import InferenceError, RuntimeUnavailableError
     from painn_export.schema import SchemaError
     from pipelines.output import ResumeError, partial_path
+    from pipelines.ray_run import ClusterError
     from pipelines.run import RunInterruptedError, WorkerError
 
     level = logging.ERROR if quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
@@ -194,7 +195,8 @@ def _execute(work, output, *, as_json, verbose, quiet, describe, unavailable_err
         unavailable(one_line(exc, limit=None))
     except (SchemaError, ResumeError, ValueError, FileNotFoundError, ImportError) as exc:
         raise click.ClickException(one_line(exc, limit=None)) from exc
-    except (InferenceError, WorkerError, OSError) as exc:  # OSError: a full disk, a file system gone
+    # OSError: a full disk, a file system gone; ClusterError: a Ray node that differs from the driver
+    except (InferenceError, WorkerError, ClusterError, OSError) as exc:
         partial = partial_path(Path(output))
         kept = f"; what was computed is kept in {partial}: fix the cause, then rerun with --resume"
         raise click.ClickException(one_line(exc) + (kept if partial.exists() else "")) from exc

@@ -45,13 +45,15 @@ run then fails with that count, and ``--resume`` (local or Ray) computes only
 those. A killed driver leaves its ``.partial.h5`` as the local pipeline
 does. Actors' errors reach the driver's log. Ray is optional (``pip
 install painn-export[ray]``) and imported only here; a run leaves Ray's
-logger and ``DataContext`` as it found them.
+logger and ``DataContext`` as it found them (:func:`cluster`).
 """
 
 from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -62,6 +64,10 @@ RETRIES = 3
 
 class RayUnavailableError(ImportError):
     """Ray is not installed; the message says what to install."""
+
+
+class ClusterError(RuntimeError):
+    """A Ray cluster that cannot run this job as the driver recorded it; the message names the node."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,7 @@ def ran_by(identity, model_sha256: str) -> dict:
     return {"package_version": __version__, "model_sha256": model_sha256, **asdict(identity)}
 
 
-class ActorMismatchError(RuntimeError):
+class ActorMismatchError(ClusterError):
     """An actor computed with another package version, model file or runner than the driver recorded."""
 
 
@@ -129,7 +135,7 @@ def connect(options: RayOptions) -> bool:
     return True
 
 
-class PreflightError(RuntimeError):
+class PreflightError(ClusterError):
     """A node that cannot run the job: it lacks a file, or runs another package version."""
 
 
@@ -184,7 +190,7 @@ def preflight(ray, paths: list[str]) -> int:
         for n in nodes
     ]
     for node, facts in zip(nodes, ray.get(refs)):
-        name = f"{facts['node']} ({node.get('NodeManagerAddress', '?')})"
+        name = f"{facts['node']} ({node.get('NodeManagerAddress', '?')}, Ray node {node['NodeID'][:8]})"
         if facts["version"] != here["version"]:
             raise PreflightError(
                 f"node {name} runs painn-export {facts['version']}, this driver {here['version']} "
@@ -343,36 +349,54 @@ class _Inference:
         return sink.as_batch(self.ran_by, summary.model_seconds)
 
 
-def evaluate_on_ray(job: RayJob, pending: np.ndarray, options: RayOptions, writer, summary, bar) -> None:
-    """Run the graph and inference stages of ``pending`` on Ray; commit what comes back through ``writer``."""
+@contextmanager
+def cluster(options: RayOptions, paths: list[str]) -> Iterator:
+    """Ray, joined or started as ``options`` say, with every node checked against ``paths``.
+
+    Yields the ``ray`` module. Before any output file exists, a node that
+    lacks a file or runs another version is :class:`PreflightError`. On the
+    way out Ray's ``ray.data`` logger and ``DataContext`` are as they were,
+    and a Ray started here is stopped.
+    """
     import logging
 
-    from pipelines.batches import CHUNK
     from pipelines.signals import stop_on_signals
 
     ray = import_ray()
-    started = connect(options)
+    # A Ray started here sets its own SIGTERM handler (exit 1, without a word): the run's is used.
+    with stop_on_signals():
+        started = connect(options)
     data_logger = logging.getLogger("ray.data")
     level = data_logger.level
     context = ray.data.DataContext.get_current()
     progress_bars = context.enable_progress_bars
     try:
-        # A Ray started here sets its own SIGTERM handler (exit 1, without a word): the run's comes back.
+        data_logger.setLevel(logging.ERROR)  # its per-run INFO lines are noise here
+        context.enable_progress_bars = False  # painn-batch draws its own
         with stop_on_signals():
-            data_logger.setLevel(logging.ERROR)  # its per-run INFO lines are noise here
-            context.enable_progress_bars = False  # painn-batch draws its own
-            n_chunks = -(-len(pending) // CHUNK)
-            if not n_chunks:
-                return
-            preflight(ray, [job.input_path, *([job.model_path] if job.model_path else [])])
-            ds = plan(ray, ray.put(pending), n_chunks, job, options)
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                _commit(batch, job.expected, writer, summary, bar)
+            preflight(ray, paths)
+        yield ray
     finally:
         data_logger.setLevel(level)
         context.enable_progress_bars = progress_bars
         if started:
             ray.shutdown()
+
+
+def evaluate_on_ray(job: RayJob, pending: np.ndarray, options: RayOptions, writer, summary, bar) -> None:
+    """Run the graph and inference stages of ``pending`` on Ray (inside :func:`cluster`); commit
+    what comes back through ``writer``."""
+    from pipelines.batches import CHUNK
+    from pipelines.signals import stop_on_signals
+
+    ray = import_ray()
+    n_chunks = -(-len(pending) // CHUNK)
+    if not n_chunks:
+        return
+    with stop_on_signals():
+        ds = plan(ray, ray.put(pending), n_chunks, job, options)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            _commit(batch, job.expected, writer, summary, bar)
 
 
 def plan(ray, pending_ref, n_chunks: int, job: RayJob, options: RayOptions):

@@ -28,7 +28,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -96,6 +96,8 @@ def run_file(
     holds a lock on ``output_path``: a second run on it is refused. With
     ``ray`` (a :class:`pipelines.ray_run.RayOptions`) the graphs and the
     inference run on a Ray cluster; this process still writes the output.
+    Before an output file exists, every Ray node is checked to see the same
+    input and model files and to run the same package version.
     ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) is where the runtime
     runs; one it cannot give raises
     :class:`~painn_export.errors.RuntimeUnavailableError` before any work.
@@ -110,21 +112,30 @@ def run_file(
         )
     info = validate_input(input_path)
     output_path = Path(output_path)
-    with output_session(input_path, output_path, resume, overwrite) as partial:
-        summary = _run_locked(
-            input_path,
-            output_path,
-            partial,
-            info,
-            model_path,
-            runtime=runtime,
-            device=device,
-            limits=(max_atoms, max_edges),
-            workers=workers,
-            resume=resume,
-            progress=progress,
-            ray=ray,
-        )
+    with ExitStack() as stack:
+        if ray is not None:  # every node checked before an output file exists
+            from pipelines.ray_run import cluster
+
+            paths = [str(Path(p).resolve()) for p in (input_path, model_path) if p is not None]
+            try:
+                stack.enter_context(cluster(ray, paths))
+            except KeyboardInterrupt as exc:
+                raise RunInterruptedError(signal_of(exc), partial_path(output_path)) from exc
+        with output_session(input_path, output_path, resume, overwrite) as partial:
+            summary = _run_locked(
+                input_path,
+                output_path,
+                partial,
+                info,
+                model_path,
+                runtime=runtime,
+                device=device,
+                limits=(max_atoms, max_edges),
+                workers=workers,
+                resume=resume,
+                progress=progress,
+                ray=ray,
+            )
     summary.seconds = time.perf_counter() - start
     return summary
 

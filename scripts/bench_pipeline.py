@@ -2,6 +2,7 @@
 
     python scripts/bench_pipeline.py [--structures 2000] [--memory-factor 10] [--model PATH]
                                      [--runtime onnxruntime] [--workers N] [--repeats 3]
+                                     [--ray [--ray-actors N]] [--ray-plan-only N]
 
 1. Generates a file of periodic bulk, slab and molecular structures of 20-100
    atoms (the demo model's elements; seeded).
@@ -13,6 +14,10 @@
    lists and writing are completely hidden behind inference).
 5. Peak resident memory of ``painn-batch run`` in a subprocess on the file
    and on one ``--memory-factor`` times larger (its workers included).
+6. ``--ray``: the same run on Ray on this machine, cold (``--ray local``:
+   each run starts and stops its own Ray) and warm (a Ray already running,
+   as ``--ray auto`` joins on a cluster), each repeat timed; and how fast the
+   driver commits what comes back.
 """
 
 from __future__ import annotations
@@ -86,8 +91,8 @@ def model_only(path: Path, model: str | None, runtime: str, max_atoms: int, repe
 
 def end_to_end(
     path: Path, model, runtime: str, max_atoms: int, workers: int, repeats: int, ray=None
-) -> float:
-    """Median wall seconds of ``run_file`` (local, or on Ray with ``ray`` options; Ray start-up included)."""
+) -> list[float]:
+    """Wall seconds of ``run_file``, each repeat (local, or on Ray with ``ray`` options)."""
     from pipelines.run import run_file
 
     times = []
@@ -100,7 +105,12 @@ def end_to_end(
         times.append(time.perf_counter() - t)
         assert summary.all_ok, summary.as_dict()
         out.unlink()
-    return statistics.median(times)
+    return times
+
+
+def spread(times: list[float]) -> str:
+    """``median s (min-max)`` of repeated wall times."""
+    return f"{statistics.median(times):8.2f} s ({min(times):.2f}-{max(times):.2f})"
 
 
 def driver_commit_rate(
@@ -247,13 +257,15 @@ def main(argv: list[str] | None = None) -> int:
 
         n_atoms = validate_input(small).n_atoms
         t_model = model_only(small, args.model, args.runtime, args.max_atoms, args.repeats)
-        t_e2e = end_to_end(small, args.model, args.runtime, args.max_atoms, workers, args.repeats)
+        e2e = end_to_end(small, args.model, args.runtime, args.max_atoms, workers, args.repeats)
+        t_e2e = statistics.median(e2e)
         rows = {
             "structures": args.structures,
             "atoms": n_atoms,
             "workers": workers,
             "model_only_s": t_model,
             "end_to_end_s": t_e2e,
+            "end_to_end_runs_s": e2e,
             "model_only_structures_per_s": args.structures / t_model,
             "end_to_end_structures_per_s": args.structures / t_e2e,
             "efficiency": t_model / t_e2e,
@@ -262,20 +274,32 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.structures} structures ({n_atoms} atoms), {args.runtime}, {workers} neighbour worker(s)"
         )
         print(f"  model only : {t_model:8.2f} s  {args.structures / t_model:8.1f} structures/s")
-        print(f"  end to end : {t_e2e:8.2f} s  {args.structures / t_e2e:8.1f} structures/s")
+        print(f"  end to end : {spread(e2e)}  {args.structures / t_e2e:8.1f} structures/s")
         print(f"  efficiency : {t_model / t_e2e:8.2f}")
         if args.ray:
-            from pipelines.ray_run import RayOptions
+            from pipelines.ray_run import RayOptions, connect
 
-            options = RayOptions("local", actors=args.ray_actors, cpus=os.cpu_count())
-            t_ray = end_to_end(
-                small, args.model, args.runtime, args.max_atoms, workers, args.repeats, options
-            )
-            rows.update({"ray_s": t_ray, "ray_structures_per_s": args.structures / t_ray})
-            print(
-                f"  ray local  : {t_ray:8.2f} s  {args.structures / t_ray:8.1f} structures/s "
-                f"({t_e2e / t_ray:.2f}x the local pipeline; {args.ray_actors} actor(s), Ray start included)"
-            )
+            # Cold: each run starts its own Ray and stops it (--ray local). Warm: a Ray already
+            # running that the run joins (--ray auto on a cluster): the actors still start per run.
+            cold = RayOptions("local", actors=args.ray_actors, cpus=os.cpu_count())
+            warm = RayOptions("auto", actors=args.ray_actors)
+            t_cold = end_to_end(small, args.model, args.runtime, args.max_atoms, workers, args.repeats, cold)
+            import ray
+
+            connect(cold)
+            try:
+                t_warm = end_to_end(
+                    small, args.model, args.runtime, args.max_atoms, workers, args.repeats, warm
+                )
+            finally:
+                ray.shutdown()
+            for name, times in (("ray_cold", t_cold), ("ray_warm", t_warm)):
+                median = statistics.median(times)
+                rows.update({f"{name}_s": median, f"{name}_runs_s": times})
+                print(
+                    f"  {name:10} : {spread(times)}  {args.structures / median:8.1f} structures/s "
+                    f"({t_e2e / median:.2f}x the local pipeline; {args.ray_actors} actor(s))"
+                )
             rate, mbps = driver_commit_rate(Path(tmp))
             rows.update({"driver_commit_structures_per_s": rate})
             print(f"  driver     : commits {rate:8.0f} structures/s of 60 atoms ({mbps:.0f} MB/s of forces)")

@@ -56,9 +56,16 @@ def test_ray_local_equals_the_local_pipeline(tmp_path, checkpoint, fresh_ray):
     _, rows, expected_bad = _structures()
     inp = write_input(tmp_path / "in.h5", rows)
     local = run_file(inp, tmp_path / "local.h5", checkpoint, runtime="torch", workers=0, progress=False)
+    import logging
+
+    context = ray.data.DataContext.get_current()
+    before = (logging.getLogger("ray.data").level, context.enable_progress_bars)
     on_ray = run_file(
         inp, tmp_path / "ray.h5", checkpoint, runtime="torch", progress=False, ray=RayOptions("local", cpus=2)
     )
+    # Ray's process-wide state as it was; the Ray started for the run is stopped
+    after = (logging.getLogger("ray.data").level, ray.data.DataContext.get_current().enable_progress_bars)
+    assert after == before and not ray.is_initialized()
     assert on_ray.counts == local.counts and on_ray.counts["ok"] == len(rows) - len(expected_bad)
     s_local, e_local, f_local = _statuses(tmp_path / "local.h5")
     s_ray, e_ray, f_ray = _statuses(tmp_path / "ray.h5")
@@ -125,14 +132,17 @@ def _wait_until_busy(address: str, node_id: str, deadline: float) -> bool:
 
 
 def test_sigkill_of_the_driver_then_resume_equals_an_uninterrupted_run(tmp_path, checkpoint):
-    inp = write_input(tmp_path / "in.h5", _many(400, seed=5))
+    inp = write_input(tmp_path / "in.h5", _many(800, seed=5))
     run_file(inp, tmp_path / "local.h5", checkpoint, runtime="torch", workers=0, progress=False)
     out = tmp_path / "ray.h5"
     cmd = ["run", str(inp), "--model", str(checkpoint), "--runtime", "torch", "-o", str(out), "-q"]
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths have a limit
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", CLI, *cmd, "--ray", "local"], stderr=subprocess.PIPE, env=env
+        # Small actor calls: results come back (and are written) in steps of 32, not all at once.
+        [sys.executable, "-c", CLI, *cmd, "--ray", "local", "--ray-batch", "32"],
+        stderr=subprocess.PIPE,
+        env=env,
     )
     partial = tmp_path / "ray.partial.h5"
     try:
@@ -265,5 +275,115 @@ def test_preflight_names_the_node_and_what_it_lacks(tmp_path, monkeypatch):
     for words, bad in cases.items():
         with pytest.raises(PreflightError, match=words) as caught:
             preflight(_StubRay([good, bad]), [str(path)])
-        assert "gpu7 (10.0.0.1)" in str(caught.value) and "\n" not in str(caught.value)
+        assert "gpu7 (10.0.0.1, Ray node n1)" in str(caught.value) and "\n" not in str(caught.value)
     assert preflight(_StubRay([good, good]), [str(path)]) == 2
+
+
+def _readme_cluster_command() -> str:
+    """The README's driver command for a cluster (the ``--ray auto`` line), continuation joined."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("### On a Ray cluster", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = block.replace("\\\n", " ").splitlines()
+    (line,) = [line for line in lines if "--ray auto" in line]
+    return line.split("#", 1)[0].strip()
+
+
+def test_the_readme_cluster_example_on_three_nodes(tmp_path, checkpoint, fresh_ray, monkeypatch):
+    """The README's cluster command, as written, on a head and two worker nodes of this machine.
+
+    The default runtime (ONNX Runtime) on the README's relative paths; the
+    result equals the local pipeline's. Then a node whose Python finds
+    another painn-export version joins: the same command is refused before
+    any work, in one line naming that version and the node.
+    """
+    from ray.cluster_utils import Cluster
+
+    from painn_export.checkpoint import load_model
+    from painn_export.export import export_onnx
+
+    command = _readme_cluster_command()
+    assert command.startswith("cd /shared && painn-batch run structures.h5 --ray auto"), command
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    write_input(shared / "structures.h5", _many(300, seed=11))
+    export_onnx(load_model(checkpoint), shared / "painn.onnx")
+    local = tmp_path / "local.h5"
+    run_file(shared / "structures.h5", local, shared / "painn.onnx", workers=0, progress=False)
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        env = {
+            **os.environ,
+            "RAY_ADDRESS": cluster.address,  # what `ray start --head` leaves for `--ray auto` to find
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        }
+        script = command.replace("/shared", str(shared))
+        done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        summary = json.loads(done.stdout.strip().splitlines()[-1])
+        assert summary["runtime"] == "onnxruntime-cpu" and summary["status_counts"]["ok"] == 300
+        _assert_same_results(shared / "out.h5", local)
+
+        # A fourth node finds another painn-export first on its path: a real other version.
+        shadow = tmp_path / "other-version"
+        shutil.copytree(
+            Path(__file__).resolve().parents[1] / "painn_export",
+            shadow / "painn_export",
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
+        (shadow / "painn_export" / "version.py").write_text('__version__ = "0.0.0+other"\n')
+        monkeypatch.setenv("PYTHONPATH", str(shadow))  # the node's processes inherit it
+        odd = cluster.add_node(num_cpus=1)
+        monkeypatch.delenv("PYTHONPATH")
+        cluster.wait_for_nodes()
+        (shared / "out.h5").unlink()
+        done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        cluster.shutdown()
+    assert done.returncode == 1, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("Error")]
+    assert len(lines) == 1 and "runs painn-export 0.0.0+other" in lines[0], done.stderr[-3000:]
+    assert f"Ray node {odd.node_id[:8]})" in lines[0]  # the node: host, address and Ray's id
+    assert not (shared / "out.h5").exists() and not (shared / "out.partial.h5").exists()
+
+
+def test_results_from_an_actor_that_ran_something_else_are_refused(tmp_path):
+    """What an actor reports with each result must be what the driver recorded: else one line, nothing
+    written."""
+    from pipelines.output import Fingerprint, Writer, create
+    from pipelines.progress import Progress
+    from pipelines.ray_run import ActorMismatchError, _commit, _ragged
+    from pipelines.run import Summary
+
+    expected = {"package_version": "1.0", "model_sha256": "abc", "runtime": "onnxruntime-cpu"}
+    path = tmp_path / "out.partial.h5"
+    create(path, Fingerprint("x", 2, 6, "abc", "onnxruntime-cpu", "float32", False, "1.0"))
+    writer = Writer(path, np.array([0, 3, 6]))
+
+    def block(**report):
+        ran_by = json.dumps({**expected, **report, "node": "gpu7", "gpu": ""})
+        return {
+            "index": np.arange(2),
+            "energy": np.ones(2),
+            "forces": _ragged([np.ones((3, 3))] * 2),
+            "stress": _ragged([np.zeros((0, 3))] * 2),
+            "status": np.array(["ok"] * 2, dtype=object),
+            "message": np.array([""] * 2, dtype=object),
+            "ran_by": np.array([ran_by] * 2, dtype=object),
+            "model_seconds": np.array([0.5, 0.0]),
+        }
+
+    for wrong in ({"package_version": "0.9"}, {"model_sha256": "def"}, {"runtime": "onnxruntime-cuda"}):
+        summary = Summary(n_structures=2)
+        with pytest.raises(ActorMismatchError, match="on node gpu7") as caught:
+            _commit(block(**wrong), expected, writer, summary, Progress(2, enabled=False))
+        (key,) = wrong
+        assert f"{key}=" in str(caught.value) and "\n" not in str(caught.value)
+        assert len(writer.pending()) == 2  # nothing written
+    summary = Summary(n_structures=2)
+    _commit(block(), expected, writer, summary, Progress(2, enabled=False))
+    assert len(writer.pending()) == 0 and summary.model_seconds == 0.5 and summary.atoms == 6
+    writer.close()

@@ -20,6 +20,7 @@ from painn_export.neighbors import neighbor_graph
 from painn_export.slots import _GatherNeighbors, _PairsToSlots, _SlotsToPairs
 from painn_export.tolerances import compare, tolerance
 
+from checks import assert_close
 from conftest import GRADIENT, SMALL, make_model
 from structures import molecule, predict, reference_feed, tiny_cell
 
@@ -113,6 +114,31 @@ def test_one_slot_count_for_collate_and_the_batcher(rng):
     assert eight.max_degree == 8  # four side and four diagonal images: every slot of K = 8 full
     feed = collate([eight])
     assert feed["neighbors"].shape[1] == slot_count(8) == 8 and (feed["neighbor_mask"] == 1).all()
+
+
+def test_slot_counts_are_few_and_small_molecules_are_not_padded_to_eight():
+    counts = {d: slot_count(d) for d in range(0, 41)}
+    assert [counts[d] for d in range(0, 9)] == [1, 1, 2, 4, 4, 8, 8, 8, 8]
+    assert all(counts[d] % 8 == 0 and d <= counts[d] < d + 8 for d in range(9, 41))
+    assert len(set(counts.values())) == 4 + 4  # 1, 2, 4, 8, 16, 24, 32, 40: few shapes per run
+
+
+@pytest.mark.parametrize("n_atoms, slots", [(1, 1), (2, 1), (3, 2), (4, 4), (5, 4)])
+def test_small_molecules_on_their_few_slots_equal_the_reference(n_atoms, slots, rng):
+    """A batch of n-atom molecules (in-degree n - 1) runs on slot_count(n - 1) slots, and each
+    molecule's energy and forces equal those of the same molecule in a batch padded to 16 slots."""
+    model = make_model(GRADIENT)
+    graphs = []
+    for _ in range(3):  # a bent chain 0.9 Å apart: every pair within the cutoff, in-degree n - 1
+        pos = np.arange(n_atoms)[:, None] * np.array([0.9, 0.3, 0.0]) + rng.normal(0, 0.05, (n_atoms, 3))
+        z = rng.integers(1, 84, n_atoms)
+        graphs.append(neighbor_graph(pos, np.eye(3) * 20, np.zeros(3, bool), 5.0, 20, atomic_numbers=z))
+    feed = collate(graphs)
+    assert feed["neighbors"].shape[1] == slots
+    got = model.predict(feed)
+    want = model.predict(collate(graphs, n_slots=16))
+    for key in ("energy", "forces"):
+        assert_close(key, got[key], want[key], "other_batch", "float64")
 
 
 # Graphs a caller can build -------------------------------------------------------------
