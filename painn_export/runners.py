@@ -302,30 +302,45 @@ class OnnxRuntimeRunner(Runner):
 
 
 class TensorRTRunner(Runner):
-    """A serialized TensorRT engine built by :func:`painn_export.trt.build_engine`."""
+    """A serialized TensorRT engine built by :func:`painn_export.trt.build_engine`, on ``device``
+    (``cuda``, ``cuda:N``; ``auto`` is ``cuda``: an engine runs on a GPU only)."""
 
     def __init__(
-        self, engine_path: str | Path, precision: str = "fp32", readout: SystemReadout | None = None
+        self,
+        engine_path: str | Path,
+        precision: str = "fp32",
+        readout: SystemReadout | None = None,
+        device: str = "cuda",
     ) -> None:
         super().__init__()
+        kind, self.index = parse_device(device)
+        if kind == "cpu":
+            raise RuntimeUnavailableError(f"{engine_path}: a TensorRT engine runs on a GPU only, not cpu")
         self.engine_path = Path(engine_path)
         self.precision = precision  # fp32, tf32 or fp16 kernels (its inputs are float32)
         self.readout = readout or SystemReadout()
         self.name = "tensorrt"
 
     def _activate(self) -> None:
-        from painn_export.trt import load_engine, read_profiles
+        from painn_export.trt import import_tensorrt, load_engine, read_profiles
 
-        self.engine, self.context, self._torch = load_engine(self.engine_path)
+        _, torch = import_tensorrt()  # without TensorRT: what to install, first
+        if not torch.cuda.is_available() or self.index >= torch.cuda.device_count():
+            raise RuntimeUnavailableError(
+                f"tensorrt: no CUDA device {self.index} (torch {torch.__version__} sees "
+                f"{torch.cuda.device_count()}); a TensorRT engine runs on a GPU only"
+            )
+        with torch.cuda.device(self.index):  # the engine, its context and stream live on that GPU
+            self.engine, self.context, self._torch = load_engine(self.engine_path)
+            self.stream = torch.cuda.Stream()
         self.profiles = read_profiles(self.engine_path)
         names = [self.engine.get_tensor_name(k) for k in range(self.engine.num_io_tensors)]
         is_input = {n: self.engine.get_tensor_mode(n).name == "INPUT" for n in names}
         self.input_names = tuple(n for n in names if is_input[n])
         self.output_names = tuple(n for n in names if not is_input[n])
-        self.stream = self._torch.cuda.Stream()
         self._profile = 0
-        self.device, self.provider = "cuda:0", "tensorrt"
-        self.gpu = self._torch.cuda.get_device_name(0)
+        self.device, self.provider = f"cuda:{self.index}", "tensorrt"
+        self.gpu = torch.cuda.get_device_name(self.index)
 
     def _select_profile(self, feed) -> None:
         n_atoms, n_slots = feed["neighbors"].shape
@@ -342,24 +357,27 @@ class TensorRTRunner(Runner):
 
     def _infer(self, feed):
         torch = self._torch
-        self._select_profile(feed)
-        buffers = {}
-        for name in self.input_names:
-            array = np.ascontiguousarray(feed[name])
-            tensor = torch.from_numpy(array).to("cuda")
-            if tensor.is_floating_point():
-                tensor = tensor.float()
-            buffers[name] = tensor
-            self.context.set_input_shape(name, tuple(tensor.shape))
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        for name in self.output_names:
-            shape = tuple(self.context.get_tensor_shape(name))
-            buffers[name] = torch.empty(shape, dtype=torch.float32, device="cuda")
-            self.context.set_tensor_address(name, buffers[name].data_ptr())
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise RuntimeError("tensorrt: execute_async_v3 failed")
-        self.stream.synchronize()
-        return {name: buffers[name].cpu().numpy() for name in self.output_names}
+        with torch.cuda.device(self.index):
+            self._select_profile(feed)
+            buffers = {}
+            for name in self.input_names:
+                array = np.ascontiguousarray(feed[name])
+                tensor = torch.from_numpy(array).to(self.device)
+                if tensor.is_floating_point():
+                    tensor = tensor.float()
+                buffers[name] = tensor
+                self.context.set_input_shape(name, tuple(tensor.shape))
+                self.context.set_tensor_address(name, tensor.data_ptr())
+            for name in self.output_names:
+                shape = tuple(self.context.get_tensor_shape(name))
+                buffers[name] = torch.empty(shape, dtype=torch.float32, device=self.device)
+                self.context.set_tensor_address(name, buffers[name].data_ptr())
+            # The inputs were copied on the current stream: the engine's stream waits for them.
+            self.stream.wait_stream(torch.cuda.current_stream())
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError("tensorrt: execute_async_v3 failed")
+            self.stream.synchronize()
+            return {name: buffers[name].cpu().numpy() for name in self.output_names}
 
     def _deactivate(self) -> None:
         self.context = self.engine = None
@@ -455,10 +473,8 @@ def open_runner(
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model file")
     if path.suffix == ".engine":
-        if kind == "cpu":
-            raise RuntimeUnavailableError(f"{path}: a TensorRT engine runs on a GPU only, not --device cpu")
         facts = engine_facts(path)
-        return TensorRTRunner(path, facts.precision, facts.readout), facts
+        return TensorRTRunner(path, facts.precision, facts.readout, device=device), facts
     if path.suffix == ".pt2":
         from painn_export.aoti import read_package_facts
 

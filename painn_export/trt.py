@@ -74,7 +74,8 @@ class Profile:
         return self.atoms[0] <= n_atoms <= self.atoms[2] and self.slots[0] <= n_slots <= self.slots[2]
 
 
-def _import_tensorrt():
+def import_tensorrt():
+    """``(tensorrt, torch)``; without TensorRT or a visible GPU, one line saying which."""
     try:
         import tensorrt as trt
     except ImportError as exc:
@@ -143,7 +144,7 @@ def build_engine(
     from painn_export.contract import CONTRACT_VERSION
     from painn_export.metadata import read_metadata
 
-    trt, torch = _import_tensorrt()
+    trt, torch = import_tensorrt()
     version = read_metadata(onnx_path).get("painn_export.contract_version")
     if version != str(CONTRACT_VERSION):
         raise ValueError(
@@ -227,7 +228,7 @@ def _pin_outputs_to_fp32(trt, network) -> None:
 
 def load_engine(path: str | Path):
     """Deserialize an engine after checking its sidecar; returns (engine, context, torch)."""
-    trt, torch = _import_tensorrt()
+    trt, torch = import_tensorrt()
     path = Path(path)
     sidecar = read_sidecar(path)
     ident = device_identity(torch)

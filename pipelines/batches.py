@@ -19,6 +19,7 @@ from painn_export.contract import slot_count
 from painn_export.errors import BatchTooLargeError, one_line
 from pipelines.graphs import Item
 from pipelines.output import SUCCESS
+from pipelines.signals import check_stop
 
 CHUNK = 128  # structures per neighbour-graph task (a worker's, or a Ray task's)
 
@@ -120,6 +121,7 @@ def evaluate(items, runner, writer, limits: Limits, summary, bar) -> None:
         failed = []
 
     for item in items:
+        check_stop()
         if item.graph is None:
             failed.append((item.index, item.status, item.message))
             if len(failed) >= CHUNK:

@@ -387,7 +387,7 @@ def evaluate_on_ray(job: RayJob, pending: np.ndarray, options: RayOptions, write
     """Run the graph and inference stages of ``pending`` on Ray (inside :func:`cluster`); commit
     what comes back through ``writer``."""
     from pipelines.batches import CHUNK
-    from pipelines.signals import stop_on_signals
+    from pipelines.signals import check_stop, stop_on_signals
 
     ray = import_ray()
     n_chunks = -(-len(pending) // CHUNK)
@@ -396,6 +396,7 @@ def evaluate_on_ray(job: RayJob, pending: np.ndarray, options: RayOptions, write
     with stop_on_signals():
         ds = plan(ray, ray.put(pending), n_chunks, job, options)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            check_stop()
             _commit(batch, job.expected, writer, summary, bar)
 
 

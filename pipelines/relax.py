@@ -66,6 +66,7 @@ from pipelines.output import (
 )
 from pipelines.progress import Progress
 from pipelines.run import neighbour_items, output_session
+from pipelines.signals import check_stop
 
 __all__ = ["CellNeedsStressError", "RelaxSettings", "RelaxSummary", "relax_file"]
 
@@ -548,6 +549,7 @@ class _Loop:
         waiting: _Member | None = None
         fill = []
         while True:
+            check_stop()
             waiting = self._refill(items, waiting)
             if not self.batch:
                 break

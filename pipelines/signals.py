@@ -2,7 +2,8 @@
 
 During a run, each of them unwinds the run the way Ctrl-C does: a
 :class:`Stopped` exception (a ``KeyboardInterrupt``) is raised in the main
-thread, what was computed stays in the partial output, temporary files and
+thread (and again at the loops' safe points, :func:`check_stop`, should
+Python have swallowed it), what was computed stays in the partial output, temporary files and
 the lock are removed, and the command exits with the shell's convention,
 128 + the signal's number (130, 143, 129). Neighbour workers ignore them and
 leave the stopping to the run, which ends them.
@@ -39,6 +40,18 @@ def _stop(signum, frame) -> None:
         return  # already unwinding: let the cleanup finish
     _state["received"] = signum
     raise Stopped(signum)
+
+
+def check_stop() -> None:
+    """Raise :class:`Stopped` if a stop signal came and its exception was swallowed.
+
+    The handler raises wherever the main thread is, and Python ignores an
+    exception raised inside a weakref callback or a ``__del__`` (it prints
+    "Exception ignored in ..." and goes on). Each pipeline loop calls this
+    once per batch, so such a signal still stops the run, one batch later.
+    """
+    if _state["depth"] and _state["received"] is not None:
+        raise Stopped(_state["received"])
 
 
 @contextmanager

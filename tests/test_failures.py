@@ -244,3 +244,43 @@ def test_one_line_keeps_the_cause():
     assert one_line(ours, limit=None).endswith("delete it to start over")  # the advice stays
     long = "First sentence of the cause. " + "Then details. " * 40
     assert one_line(long, limit=60) == "First sentence of the cause. Then details. Then details. [...]"
+
+
+def test_a_stop_signal_whose_exception_python_swallowed_still_stops_the_loop():
+    """A signal whose handler runs inside a weakref callback: Python prints "Exception ignored"
+    and goes on. The pipeline loop's next safe point raises it again (seen in a run: a Ctrl-C
+    during garbage collection let the run finish with exit 0)."""
+    import gc
+    import weakref
+
+    from pipelines.batches import Limits, Summary, evaluate
+    from pipelines.graphs import Item
+    from pipelines.progress import Progress
+    from pipelines.signals import Stopped, stop_on_signals
+
+    class Thing:
+        pass
+
+    seen = []
+
+    def items():
+        for k in range(5):
+            seen.append(k)
+            if k == 1:  # the handler runs inside the callback, and its Stopped is ignored there
+                thing = Thing()
+                ref = weakref.ref(thing, lambda _: signal.raise_signal(signal.SIGTERM))
+                del thing
+                gc.collect()
+                assert ref() is None
+            yield Item(k, None, "invalid_structure", "no graph")
+
+    class Sink:
+        def commit_results(self, rows):
+            pass
+
+        def commit_status(self, rows):
+            pass
+
+    with stop_on_signals(), pytest.raises(Stopped) as caught:
+        evaluate(items(), None, Sink(), Limits(10, 1e9, 1e9), Summary(), Progress(0, enabled=False))
+    assert caught.value.signum == signal.SIGTERM and seen == [0, 1]
