@@ -5,8 +5,9 @@
 For each count, a file of that many two-atom molecules (H2-like, 0.74 Å,
 seeded) is evaluated by ``painn-batch run`` (bundled demo model, one batch
 when ``--max-atoms`` allows, ``--workers 0``) in a fresh process; its peak
-resident memory is reported. The runtime's own size is the row of the
-smallest count. Before contract version 3 the graph held a one-hot
+resident memory is reported. The runtime's own size is the peak resident
+memory of a process that only opens the same runtime on the model (the
+"runtime only" row: the interpreter, its libraries and the session). Before contract version 3 the graph held a one-hot
 ``[n_atoms, n_systems]`` matrix: 20 000 atoms × 10 000 systems of float32 is
 0.8 GB per copy.
 """
@@ -49,6 +50,17 @@ def peak_rss_mib(args: list[str]) -> tuple[float, float]:
     return int(out.stdout.strip().splitlines()[-1]) / 1024, time.perf_counter() - start
 
 
+def runtime_only_mib(runtime: str) -> float:
+    """Peak RSS (MiB) of a child process that opens and starts ``runtime`` on the demo model, and no more."""
+    code = (
+        "import resource, sys; from painn_export.runners import open_runner\n"
+        "runner, _ = open_runner(None, sys.argv[1], 'cpu'); runner.activate()\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, runtime], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -63,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("| systems | atoms | peak RSS | wall |")
     print("| ---: | ---: | ---: | ---: |")
+    print(f"| runtime only | 0 | {runtime_only_mib(args.runtime):.0f} MiB | |", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.systems:
             inp = molecules(Path(tmp) / f"m{n}.h5", n)
