@@ -26,6 +26,7 @@ valid and are evaluated as upstream would (each counts once per listing).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -126,6 +127,9 @@ class Graph:
     def from_checked(cls, **fields) -> Graph:
         """The graph of ``fields`` taken from one already checked (built in another process):
         no second check, as unpickling it would do. Only for arrays of a :class:`Graph`."""
+        unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"Graph has no field {', '.join(sorted(unknown))}")
         graph = cls.__new__(cls)
         graph.__dict__.update(fields)
         return graph

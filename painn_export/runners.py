@@ -481,10 +481,7 @@ def open_runner(
         facts = model_facts(read_package_facts(path)["metadata"], path)
         return AOTInductorRunner(path, device=device, threads=threads), facts
     if path.suffix == ".onnx":
-        if runtime == "tensorrt":
-            raise ValueError(f"{path}: --runtime tensorrt needs an engine (painn-export trt {path.name})")
-        if runtime != "onnxruntime":
-            raise ValueError(f"{path}: an ONNX file runs on onnxruntime, not {runtime}; pass the checkpoint")
+        _check_onnx_runtime(path, runtime)
         facts = model_facts(read_metadata(path), path)
         return OnnxRuntimeRunner(path, device=device, threads=threads), facts
     from painn_export.checkpoint import load_model
@@ -518,6 +515,14 @@ def open_runner(
     return TorchRunner(model, device=device, stress=model.gradient_forces), facts
 
 
+def _check_onnx_runtime(path: Path, runtime: str) -> None:
+    """An ONNX file runs on ONNX Runtime only: another runtime is refused, saying what to pass."""
+    if runtime == "tensorrt":
+        raise ValueError(f"{path}: --runtime tensorrt needs an engine (painn-export trt {path.name})")
+    if runtime != "onnxruntime":
+        raise ValueError(f"{path}: an ONNX file runs on onnxruntime, not {runtime}; pass the checkpoint")
+
+
 def engine_facts(path: Path) -> ModelFacts:
     """A TensorRT engine's facts from its sidecar (no TensorRT): its kernels' precision, its profiles."""
     from painn_export.metadata import model_facts
@@ -533,8 +538,9 @@ def describe(
 ) -> tuple[RunnerIdentity, ModelFacts]:
     """What :func:`open_runner` would run, and the model's facts, read from the file alone.
 
-    Nothing is imported, exported or started: no runtime, no GPU, no
-    compile (a checkpoint is read for its config). It is how a Ray driver
+    Nothing is exported, compiled or started: no runtime, no GPU (a
+    checkpoint is loaded on the CPU for its config). It refuses what
+    :func:`open_runner` refuses, with the same words. It is how a Ray driver
     learns what its actors will run. ``device`` must be ``cpu`` or
     ``cuda[:N]``: ``auto`` depends on the machine that runs it. The
     identity equals the started runner's (a test holds them together).
@@ -559,11 +565,19 @@ def describe(
         facts = engine_facts(path)
         return RunnerIdentity("tensorrt", facts.precision, facts.stress, "cuda", "tensorrt"), facts
     if path.suffix == ".pt2":
-        from painn_export.aoti import read_package_facts
+        from painn_export.aoti import PackageMismatchError, read_package_facts
 
-        facts = model_facts(read_package_facts(path)["metadata"], path)
+        package = read_package_facts(path)
+        built = package.get("device", "cpu")
+        if built != kind:  # what the runner refuses when it starts, said before anything starts
+            raise PackageMismatchError(
+                f"{path} was compiled for device {built}, not {kind}; compile it for {kind} "
+                "with painn-export aoti (or --runtime aoti on the checkpoint)"
+            )
+        facts = model_facts(package["metadata"], path)
         return RunnerIdentity(f"aoti-{kind}", facts.precision, facts.stress, kind, kind), facts
     if path.suffix == ".onnx":
+        _check_onnx_runtime(path, runtime)
         facts = model_facts(read_metadata(path), path)
         return RunnerIdentity(f"onnxruntime-{kind}", facts.precision, facts.stress, kind, kind), facts
     if runtime == "tensorrt":

@@ -80,15 +80,22 @@ class Limits:
     atoms: int
     edge_slots: float  # atoms x slots per atom (the padded edges the model evaluates)
     slots: float  # slots per atom
+    # Fewest slots per atom a batch is given: a TensorRT engine's smallest profile
+    # (one built before slot counts below 8 existed starts at 8); else 1.
+    min_slots: int = 1
+
+    def slots_for(self, max_degree: int) -> int:
+        """Slots per atom of a batch whose busiest atom has ``max_degree`` edges: what collate is given."""
+        return max(slot_count(max_degree), self.min_slots)
 
     def admit(self, atoms: int, max_degree: int) -> bool:
-        """A batch of ``atoms`` whose busiest atom has ``max_degree`` edges fits.
-
-        Slots per atom are :func:`~painn_export.contract.slot_count`'s, the
-        number collate gives the batch.
-        """
-        slots = slot_count(max_degree)
+        """A batch of ``atoms`` whose busiest atom has ``max_degree`` edges fits."""
+        slots = self.slots_for(max_degree)
         return atoms <= self.atoms and atoms * slots <= self.edge_slots and slots <= self.slots
+
+    def collate(self, graphs, dtype=np.float32) -> dict:
+        """The feed of ``graphs`` on :meth:`slots_for` slots per atom."""
+        return collate(graphs, dtype, n_slots=self.slots_for(max(g.max_degree for g in graphs)))
 
 
 def batch_limits(profiles, max_atoms: int, max_edges: int | None) -> Limits:
@@ -99,6 +106,7 @@ def batch_limits(profiles, max_atoms: int, max_edges: int | None) -> Limits:
             min(max_atoms, max(p.atoms[2] for p in profiles)),
             limits.edge_slots,
             max(p.slots[2] for p in profiles),
+            min(p.slots[0] for p in profiles),
         )
     return limits
 
@@ -130,23 +138,23 @@ def evaluate(items, runner, writer, limits: Limits, summary, bar) -> None:
         g = item.graph
         grown_atoms, grown_degree = atoms + g.n_atoms, max(degree, g.max_degree)
         if batch and not limits.admit(grown_atoms, grown_degree):
-            run_batch(runner, batch, writer, summary, bar)
+            run_batch(runner, batch, writer, summary, bar, limits)
             batch, grown_atoms, grown_degree = [], g.n_atoms, g.max_degree
         batch.append(item)
         atoms, degree = grown_atoms, grown_degree
     if batch:
-        run_batch(runner, batch, writer, summary, bar)
+        run_batch(runner, batch, writer, summary, bar, limits)
     flush_failed()
 
 
-def run_batch(runner, batch: list[Item], writer, summary: Summary, bar) -> None:
+def run_batch(runner, batch: list[Item], writer, summary: Summary, bar, limits: Limits) -> None:
     """Evaluate ``batch`` and commit it; split it in halves when it does not fit the runtime.
 
     Only a batch that is too large (memory, an engine profile) is split; any
     other failure ends the run with its message, work so far kept.
     """
     try:
-        out = runner.infer(collate([it.graph for it in batch], np.float32))
+        out = runner.infer(limits.collate([it.graph for it in batch]))
     except BatchTooLargeError as exc:
         if len(batch) == 1:
             message = f"failed alone in a batch: {one_line(exc, limit=130)}"
@@ -155,8 +163,8 @@ def run_batch(runner, batch: list[Item], writer, summary: Summary, bar) -> None:
             bar.update(1, 0)
             return
         half = len(batch) // 2
-        run_batch(runner, batch[:half], writer, summary, bar)
-        run_batch(runner, batch[half:], writer, summary, bar)
+        run_batch(runner, batch[:half], writer, summary, bar, limits)
+        run_batch(runner, batch[half:], writer, summary, bar, limits)
         return
     summary.model_seconds += runner.last_inference_s
     rows, bad = [], []

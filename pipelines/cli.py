@@ -105,6 +105,13 @@ def main() -> None:
     help="GPUs per actor.",
 )
 @click.option(
+    "--ray-cpus-per-actor",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="CPUs per actor: its runtime's threads.",
+)
+@click.option(
     "--ray-batch",
     type=click.IntRange(min=1),
     default=512,
@@ -123,6 +130,7 @@ def run_cmd(
     ray_address,
     ray_actors,
     ray_gpus_per_actor,
+    ray_cpus_per_actor,
     ray_batch,
     device,
     resume,
@@ -142,7 +150,13 @@ def run_cmd(
             import_ray()
         except RayUnavailableError as exc:
             raise click.UsageError(str(exc)) from exc
-        ray = RayOptions(ray_address, ray_actors, ray_gpus_per_actor, actor_batch=ray_batch)
+        ray = RayOptions(
+            ray_address,
+            ray_actors,
+            ray_gpus_per_actor,
+            actor_batch=ray_batch,
+            cpus_per_actor=ray_cpus_per_actor,
+        )
     from pipelines.run import default_workers, run_file
 
     output = output or str(input_path).removesuffix(".h5") + ".out.h5"

@@ -22,7 +22,7 @@ The plan, stage by stage:
 3. **Inference** on an actor pool (``map_batches`` with
    ``ActorPoolStrategy``): each actor opens the model once (one Runner, on
    the GPU Ray gave it if asked, with as many threads as the CPUs Ray gave
-   it: one), packs what it receives into batches by the local batcher's
+   it: ``--ray-cpus-per-actor``, one by default), packs what it receives into batches by the local batcher's
    atom/edge budget and splits a batch that does not fit, exactly as the
    local pipeline (:func:`pipelines.batches.evaluate`). A checkpoint is
    exported (or compiled) by the actors, into their own cache.
@@ -82,6 +82,7 @@ class RayOptions:
     # Structures per actor call, packed there into model batches: larger packs
     # better, smaller streams results back sooner and loses less to a dead node.
     actor_batch: int = 512
+    cpus_per_actor: int = 1  # Ray reserves them for each actor; its runtime runs that many threads
 
     @property
     def device(self) -> str:
@@ -292,7 +293,9 @@ class _Collector:
     def as_batch(self, ran_by: str, model_seconds: float) -> dict:
         """Columns of what came back: forces ``[n, 3]`` (``[0, 3]`` for none) and stress ``[3, 3]``
         (``[0, 3]`` for none) as tensor columns; who computed it, and its seconds in the runtime."""
-        no_forces, no_stress = np.zeros((0, 3)), np.zeros((0, 3))
+        # The runtime's own dtype travels (float32: half the bytes of float64); one dtype per column.
+        dtype = self.results[0][2].dtype if self.results else np.float64
+        no_forces, no_stress = np.zeros((0, 3), dtype), np.zeros((0, 3), dtype)
         rows = [(i, e, f, no_stress if st is None else st, kind, "") for i, e, f, st, kind in self.results]
         rows += [(i, np.nan, no_forces, no_stress, kind, message) for i, kind, message in self.statuses]
         seconds = np.zeros(len(rows))
@@ -300,8 +303,8 @@ class _Collector:
         return {
             "index": np.asarray([r[0] for r in rows], dtype=np.int64),
             "energy": np.asarray([r[1] for r in rows], dtype=np.float64),
-            "forces": _ragged([np.asarray(r[2], dtype=np.float64) for r in rows]),
-            "stress": _ragged([np.asarray(r[3], dtype=np.float64) for r in rows]),
+            "forces": _ragged([np.asarray(r[2], dtype=dtype) for r in rows]),
+            "stress": _ragged([np.asarray(r[3], dtype=dtype) for r in rows]),
             "status": np.asarray([r[4] for r in rows], dtype=object),
             "message": np.asarray([r[5] for r in rows], dtype=object),
             "ran_by": np.asarray([ran_by] * len(rows), dtype=object),
@@ -312,7 +315,7 @@ class _Collector:
 class _Inference:
     """Ray actor: one Runner, opened once; evaluates what it receives as the local pipeline would."""
 
-    job: tuple = ()  # (RayJob, device), set on the subclass made per run
+    job: tuple = ()  # (RayJob, device, threads), set on the subclass made per run
 
     def __init__(self) -> None:
         import socket
@@ -321,15 +324,15 @@ class _Inference:
         from painn_export.demo import demo_model_path
         from painn_export.runners import open_runner
 
-        job, device = self.job
-        # One CPU thread: the CPU that Ray gave this actor. A GPU actor's device
-        # is "cuda": Ray's CUDA_VISIBLE_DEVICES makes its own GPU cuda:0.
+        job, device, threads = self.job
+        # As many CPU threads as the CPUs Ray gave this actor. A GPU actor's
+        # device is "cuda": Ray's CUDA_VISIBLE_DEVICES makes its own GPU cuda:0.
         if job.runtime in ("torch", "aoti"):
             import torch
 
-            torch.set_num_threads(1)
+            torch.set_num_threads(threads)
         self.limits = job.limits
-        self.runner, _ = open_runner(job.model_path, job.runtime, device, threads=1)
+        self.runner, _ = open_runner(job.model_path, job.runtime, device, threads=threads)
         self.runner.activate()
         model_sha256 = file_sha256(job.model_path or demo_model_path())
         report = {**ran_by(self.runner.identity(), model_sha256), "node": socket.gethostname()}
@@ -408,7 +411,7 @@ def plan(ray, pending_ref, n_chunks: int, job: RayJob, options: RayOptions):
     """
     # The job rides on the class, not in constructor arguments: a restarted
     # actor must not depend on objects in the store.
-    actor = type("Inference", (_Inference,), {"job": (job, options.device)})
+    actor = type("Inference", (_Inference,), {"job": (job, options.device, options.cpus_per_actor)})
     with warnings.catch_warnings():  # retry arguments go through ray_remote_args (deprecated in Ray 2.60)
         warnings.simplefilter("ignore", DeprecationWarning)
         ds = ray.data.range(n_chunks)
@@ -425,7 +428,7 @@ def plan(ray, pending_ref, n_chunks: int, job: RayJob, options: RayOptions):
             batch_size=options.actor_batch,
             batch_format="numpy",
             concurrency=max(1, options.actors),
-            num_cpus=1,
+            num_cpus=options.cpus_per_actor,
             num_gpus=options.gpus_per_actor or None,
             max_restarts=RETRIES,
             max_task_retries=RETRIES,

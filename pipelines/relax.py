@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from painn_export.batch import Graph, collate
+from painn_export.batch import Graph
 from painn_export.errors import BatchTooLargeError
 from painn_export.neighbors import SkinGraph, StructureError
 from painn_export.schema import InputReader, validate_input
@@ -621,7 +621,7 @@ class _Loop:
     def _evaluate(self, members: list[_Member]) -> list:
         """``(energy, forces, stress)`` per member, or a string (too large alone); halves on failure."""
         try:
-            out = self.runner.infer(collate([m.graph for m in members], self.dtype))
+            out = self.runner.infer(self.limits.collate([m.graph for m in members], self.dtype))
         except BatchTooLargeError as exc:
             if len(members) == 1:
                 return [f"failed alone in a batch: {str(exc).splitlines()[0][:130]}"]

@@ -103,39 +103,30 @@ def run_file(
     :class:`~painn_export.errors.RuntimeUnavailableError` before any work.
     """
     start = time.perf_counter()
-    if ray is not None and device != "auto" and device.split(":")[0] != ray.device:
+    if ray is not None and device != "auto" and device != ray.device:
         from painn_export.errors import RuntimeUnavailableError
 
         raise RuntimeUnavailableError(
             f"--device {device} with --ray: the actors run on the GPU Ray gives each with "
-            "--ray-gpus-per-actor, else on a CPU; leave --device auto, or give them GPUs"
+            "--ray-gpus-per-actor (Ray picks which), else on a CPU; give --device auto, cuda or cpu"
         )
     info = validate_input(input_path)
     output_path = Path(output_path)
-    with ExitStack() as stack:
-        if ray is not None:  # every node checked before an output file exists
-            from pipelines.ray_run import cluster
-
-            paths = [str(Path(p).resolve()) for p in (input_path, model_path) if p is not None]
-            try:
-                stack.enter_context(cluster(ray, paths))
-            except KeyboardInterrupt as exc:
-                raise RunInterruptedError(signal_of(exc), partial_path(output_path)) from exc
-        with output_session(input_path, output_path, resume, overwrite) as partial:
-            summary = _run_locked(
-                input_path,
-                output_path,
-                partial,
-                info,
-                model_path,
-                runtime=runtime,
-                device=device,
-                limits=(max_atoms, max_edges),
-                workers=workers,
-                resume=resume,
-                progress=progress,
-                ray=ray,
-            )
+    with output_session(input_path, output_path, resume, overwrite) as partial:
+        summary = _run_locked(
+            input_path,
+            output_path,
+            partial,
+            info,
+            model_path,
+            runtime=runtime,
+            device=device,
+            limits=(max_atoms, max_edges),
+            workers=workers,
+            resume=resume,
+            progress=progress,
+            ray=ray,
+        )
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -200,13 +191,20 @@ def _run_locked(
     from painn_export.version import __version__
 
     model_sha256 = file_sha256(model_path or demo_model_path())
+    stack = ExitStack()
     if ray is None:
         runner, facts = open_runner(model_path, runtime, device)
         runner.activate()
         identity = runner.identity()
     else:  # the actors run it: this driver reads what they will run from the file, and starts nothing
+        from pipelines.ray_run import cluster
+
         runner = None
         identity, facts = describe(model_path, runtime, ray.device)
+        # Every node checked (same files, same version) before the output file exists;
+        # Ray (started here, or joined) is left as found when the run ends.
+        paths = [str(Path(p).resolve()) for p in (input_path, model_path) if p is not None]
+        stack.enter_context(cluster(ray, paths))
     try:
         fingerprint = Fingerprint(
             input_sha256=input_sha256(input_path),
@@ -272,6 +270,7 @@ def _run_locked(
     finally:
         if runner is not None:
             runner.deactivate()
+        stack.close()
     return summary
 
 

@@ -76,6 +76,14 @@ def tiny_cell(rng) -> Structure:
     return Structure("tiny_cell", rng.integers(1, 84, 2), pos, cell, np.array([True, True, True]))
 
 
+def chain(rng, n: int, cutoff: float = 5.0) -> Graph:
+    """A bent chain of ``n`` atoms 0.9 Å apart: every pair within ``cutoff``, in-degree ``n - 1``
+    (a batch of them runs on :func:`~painn_export.contract.slot_count` ``(n - 1)`` slots)."""
+    pos = np.arange(n)[:, None] * np.array([0.9, 0.3, 0.0]) + rng.normal(0, 0.05, (n, 3))
+    z = rng.integers(1, 84, n)
+    return neighbor_graph(pos, np.eye(3) * 20, np.zeros(3, bool), cutoff, 50, atomic_numbers=z)
+
+
 def all_kinds(rng) -> list[Structure]:
     return [bulk(rng), slab(rng), molecule(rng), tiny_cell(rng)]
 

@@ -27,6 +27,7 @@ from pipelines.cli import main as batch_main
 
 from checks import assert_close
 from conftest import GRADIENT, SMALL, make_model
+from structures import chain
 
 
 @pytest.fixture(scope="session")
@@ -74,6 +75,35 @@ def test_package_matches_float64_torch_at_the_edges_of_its_ranges(packages, kind
     quantities = {r.comparison.quantity for r in rows}
     assert "repeat:forces" in quantities and not nondeterministic(rows)
     assert ("stress" in quantities) == (kind == "gradient")
+
+
+@pytest.mark.parametrize("n_atoms, slots", [(1, 1), (2, 1), (3, 2), (5, 4)])
+def test_package_on_few_slots_matches_torch(packages, n_atoms, slots):
+    """Batches of small molecules run on 1, 2 or 4 slots per atom, within the package's Dim range."""
+    model, path = packages["gradient"]
+    rng = np.random.default_rng(n_atoms)
+    graphs = [chain(rng, n_atoms, model.config.cutoff) for _ in range(3)]
+    want = model.predict(collate(graphs, np.float64), stress=True)
+    feed = collate(graphs, np.float32)
+    assert feed["neighbors"].shape[1] == slots
+    with AOTInductorRunner(path, threads=2) as runner:
+        got = runner.infer(feed)
+    for key in ("energy", "forces", "stress"):
+        assert_close(key, got[key], want[key], "aoti_vs_torch", "float32")
+
+
+def test_describe_equals_the_started_package_runner(packages, monkeypatch):
+    """What a Ray driver records for a .pt2, and for --runtime aoti on a checkpoint, is what runs."""
+    from painn_export.runners import describe
+
+    monkeypatch.setenv("PAINN_EXPORT_CACHE", str(packages["cache"]))
+    for path, runtime in ((packages["gradient"][1], "aoti"), (packages["ckpt"], "aoti")):
+        identity, facts = describe(path, runtime, "cpu")
+        runner, opened = open_runner(path, runtime, "cpu")
+        with runner:
+            assert identity == runner.identity() and facts == opened
+    with pytest.raises(PackageMismatchError, match="compiled for device cpu, not cuda"):
+        describe(packages["gradient"][1], "aoti", "cuda")
 
 
 def test_package_is_bitwise_repeatable_with_two_threads(packages):

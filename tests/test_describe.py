@@ -77,6 +77,16 @@ def test_describe_reads_an_engine_without_tensorrt(files):
         describe(engine, "tensorrt", "cpu")
 
 
+@pytest.mark.parametrize("runtime, device", [("torch", "cpu"), ("aoti", "cpu"), ("tensorrt", "cuda")])
+def test_describe_refuses_what_open_runner_refuses(files, runtime, device):
+    """An ONNX file on another runtime: the same words from the driver as from a runner."""
+    with pytest.raises(ValueError) as opened:
+        open_runner(files["direct.onnx"], runtime, device)
+    with pytest.raises(ValueError) as described:
+        describe(files["direct.onnx"], runtime, device)
+    assert str(described.value) == str(opened.value)
+
+
 def test_describe_needs_a_device_not_auto(files):
     with pytest.raises(ValueError, match="not auto"):
         describe(files["direct.onnx"], "onnxruntime", "auto")

@@ -96,7 +96,7 @@ def test_run_on_auto_uses_the_cpu_and_says_so(files, tmp_path):
     result = CliRunner().invoke(batch_main, args)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])
-    assert summary["device"] == "cpu" and summary["provider"] == "cpu"
+    assert summary["device"] == "cpu" and summary["provider"] == "cpu" and summary["gpu"] == ""
     assert summary["runtime"] == "onnxruntime-cpu" and 0 < summary["model_fraction"] <= 1
     import h5py
 

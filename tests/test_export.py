@@ -26,6 +26,7 @@ from painn_export.samples import bulk, example_set, single_atom
 from painn_export.tolerances import compare, tolerance
 
 from conftest import GRADIENT, SMALL, make_model
+from structures import chain
 
 SCATTERS = {"ScatterND", "ScatterElements", "Scatter"}
 
@@ -268,6 +269,21 @@ def test_gradient_graph_matches_torch_with_stress(gradient_exports, precision):
     meta = read_metadata(paths[precision])
     assert meta["painn_export.forces"] == "gradient"
     assert json.loads(meta["painn_export.outputs"]) == ["atom_energy", "forces", "atom_virial"]
+
+
+@pytest.mark.parametrize("n_atoms, slots", [(1, 1), (2, 1), (3, 2), (5, 4)])
+def test_gradient_graph_on_few_slots_matches_torch(gradient_exports, n_atoms, slots):
+    """Batches of small molecules run on 1, 2 or 4 slots per atom: the exported graph agrees there."""
+    model, _, paths = gradient_exports
+    rng = np.random.default_rng(n_atoms)
+    graphs = [chain(rng, n_atoms, model.config.cutoff) for _ in range(3)]
+    want = model.predict(collate(graphs, np.float64), stress=True)
+    feed = collate(graphs, np.float32)
+    assert feed["neighbors"].shape[1] == slots
+    with OnnxRuntimeRunner(paths["float32"]) as runner:
+        got = runner.infer(feed)
+    for key in ("energy", "forces", "stress"):
+        assert compare(key, got[key], want[key], tolerance("onnxruntime_vs_torch", "float32", key)).passed
 
 
 def test_gradient_graph_has_no_scatter_and_passes_the_tensorrt_operator_check(gradient_exports):

@@ -387,3 +387,35 @@ def test_results_from_an_actor_that_ran_something_else_are_refused(tmp_path):
     _commit(block(), expected, writer, summary, Progress(2, enabled=False))
     assert len(writer.pending()) == 0 and summary.model_seconds == 0.5 and summary.atoms == 6
     writer.close()
+
+
+def test_an_actor_takes_the_cpus_it_was_given_and_reports_what_ran(tmp_path, checkpoint, monkeypatch):
+    """The graph task's tensor columns, then the inference actor, in this process (no Ray): the
+    runtime gets the actor's CPUs as threads, every row says what computed it, and the results
+    equal the local pipeline's."""
+    from painn_export.checkpoint import file_sha256
+    from painn_export.runners import describe
+    from pipelines.batches import batch_limits
+    from pipelines.graphs import GraphSettings
+    from pipelines.ray_run import RayJob, _graph_rows, _Inference, ran_by
+
+    monkeypatch.setenv("PAINN_EXPORT_CACHE", str(tmp_path / "cache"))
+    inp = write_input(tmp_path / "in.h5", _many(20, seed=2))
+    local = tmp_path / "local.h5"
+    run_file(inp, local, checkpoint, workers=0, progress=False)
+    identity, facts = describe(checkpoint, "onnxruntime", "cpu")
+    settings = GraphSettings(facts.cutoff, facts.max_neighbors, facts.num_elements)
+    expected = ran_by(identity, file_sha256(checkpoint))
+    job = RayJob(str(inp), str(checkpoint), "onnxruntime", settings, batch_limits((), 4096, None), expected)
+    actor = type("Inference", (_Inference,), {"job": (job, "cpu", 2)})()
+    assert actor.runner.threads == 2
+    rows = _graph_rows({"id": np.array([0])}, np.arange(20), str(inp), settings)
+    assert rows["positions"].dtype == object and rows["positions"][0].ndim == 2  # one array a row
+    out = actor(rows)
+    report = json.loads(out["ran_by"][0])
+    assert {k: report[k] for k in expected} == expected and report["gpu"] == ""
+    order = np.argsort(out["index"])
+    want = _read(local)
+    assert_close("energy", out["energy"][order], want["energy"], "repeat", "any")
+    forces = np.concatenate([out["forces"][k] for k in order])
+    assert_close("forces", forces, want["forces"], "repeat", "any")

@@ -22,7 +22,7 @@ from painn_export.tolerances import compare, tolerance
 
 from checks import assert_close
 from conftest import GRADIENT, SMALL, make_model
-from structures import molecule, predict, reference_feed, tiny_cell
+from structures import chain, molecule, predict, reference_feed, tiny_cell
 
 
 def simple_cubic() -> Graph:
@@ -128,11 +128,7 @@ def test_small_molecules_on_their_few_slots_equal_the_reference(n_atoms, slots, 
     """A batch of n-atom molecules (in-degree n - 1) runs on slot_count(n - 1) slots, and each
     molecule's energy and forces equal those of the same molecule in a batch padded to 16 slots."""
     model = make_model(GRADIENT)
-    graphs = []
-    for _ in range(3):  # a bent chain 0.9 Å apart: every pair within the cutoff, in-degree n - 1
-        pos = np.arange(n_atoms)[:, None] * np.array([0.9, 0.3, 0.0]) + rng.normal(0, 0.05, (n_atoms, 3))
-        z = rng.integers(1, 84, n_atoms)
-        graphs.append(neighbor_graph(pos, np.eye(3) * 20, np.zeros(3, bool), 5.0, 20, atomic_numbers=z))
+    graphs = [chain(rng, n_atoms) for _ in range(3)]
     feed = collate(graphs)
     assert feed["neighbors"].shape[1] == slots
     got = model.predict(feed)

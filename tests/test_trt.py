@@ -48,6 +48,24 @@ def test_a_batch_at_the_largest_slot_profile_fits():
     assert profiles[0].admits(*feed["neighbors"].shape)
 
 
+def test_an_engine_whose_profiles_start_at_eight_slots_still_takes_small_molecules():
+    """Engines built before slot counts below 8 existed: a batch of diatomics (one slot would do)
+    is given the engine's smallest slot count, so it fits a profile instead of failing as too large."""
+    from painn_export.batch import collate
+    from painn_export.neighbors import neighbor_graph
+    from pipelines.batches import batch_limits
+
+    old = (Profile(atoms=(1, 64, 1000), slots=(8, 64, 128)),)
+    pos = np.array([[0.0, 0.0, 0.0], [0.74, 0.0, 0.0]])
+    g = neighbor_graph(pos, np.eye(3) * 20, np.zeros(3, bool), 5.0, 50)
+    assert g.max_degree == 1 and collate([g] * 10)["neighbors"].shape[1] == 1
+    limits = batch_limits(old, max_atoms=4096, max_edges=None)
+    assert limits.admit(20, g.max_degree)
+    feed = limits.collate([g] * 10)
+    assert feed["neighbors"].shape[1] == 8 and old[0].admits(*feed["neighbors"].shape)
+    assert limits.slots_for(9) == 16 and batch_limits((), 4096, None).slots_for(1) == 1
+
+
 def test_cli_profiles_trtexec_style():
     from painn_export.cli import _profiles
 
