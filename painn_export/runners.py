@@ -462,16 +462,8 @@ def open_runner(
     """
     from painn_export.metadata import model_facts, read_metadata
 
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     kind, _ = parse_device(device)
-    if path is None:
-        from painn_export.demo import demo_model_path
-
-        path = demo_model_path()
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such model file")
+    path = _model_file(path, runtime)
     if path.suffix == ".engine":
         facts = engine_facts(path)
         return TensorRTRunner(path, facts.precision, facts.readout, device=device), facts
@@ -503,8 +495,27 @@ def open_runner(
             raise RuntimeUnavailableError(f"torch {torch.__version__} sees no GPU: use --device cpu or auto")
         target = device if device.startswith("cuda:") else target
         return open_runner(cached_aoti(model, path, target), "aoti", target, threads)
+    return TorchRunner(model, device=device, stress=model.gradient_forces), checkpoint_facts(model)
+
+
+def _model_file(path: str | Path | None, runtime: str) -> Path:
+    """The model file to open (None: the bundled demo model); an unknown runtime or no file is refused."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if path is None:
+        from painn_export.demo import demo_model_path
+
+        path = demo_model_path()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model file")
+    return path
+
+
+def checkpoint_facts(model) -> ModelFacts:
+    """The facts of a model loaded from a checkpoint (it serves stress when its forces are gradients)."""
     cfg = model.config
-    facts = ModelFacts(
+    return ModelFacts(
         cfg.cutoff,
         cfg.max_neighbors,
         cfg.num_elements,
@@ -512,7 +523,6 @@ def open_runner(
         readout=SystemReadout.of(model.normalization),
         stress=model.gradient_forces,
     )
-    return TorchRunner(model, device=device, stress=model.gradient_forces), facts
 
 
 def _check_onnx_runtime(path: Path, runtime: str) -> None:
@@ -550,15 +560,7 @@ def describe(
     kind, _ = parse_device(device)
     if kind == "auto":
         raise ValueError("describe needs the device the runner will use (cpu or cuda), not auto")
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
-    if path is None:
-        from painn_export.demo import demo_model_path
-
-        path = demo_model_path()
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such model file")
+    path = _model_file(path, runtime)
     if path.suffix == ".engine":
         if kind == "cpu":
             raise RuntimeUnavailableError(f"{path}: a TensorRT engine runs on a GPU only, not --device cpu")
@@ -585,15 +587,7 @@ def describe(
     from painn_export.checkpoint import load_model
 
     model = load_model(path)
-    cfg, gradient = model.config, model.gradient_forces
-    facts = ModelFacts(
-        cfg.cutoff,
-        cfg.max_neighbors,
-        cfg.num_elements,
-        gradient,
-        readout=SystemReadout.of(model.normalization),
-        stress=gradient,
-    )
+    facts, gradient = checkpoint_facts(model), model.gradient_forces
     if runtime == "torch":
         name = torch_runner_name(kind, "float32")
     else:  # onnxruntime and aoti export it (float32, with stress when its forces are gradients)
