@@ -21,6 +21,7 @@ from painn_export.export import export_onnx, graphs_for
 from painn_export.samples import example_set
 from painn_export.schema import SchemaError, validate_input, write_input
 from painn_export.tolerances import compare, tolerance
+from pipelines.batches import batch_limits
 from pipelines.cli import main
 from pipelines.run import STATUS
 
@@ -150,6 +151,7 @@ def test_malformed_files_fail_before_work(tmp_path):
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = "import sys; from pipelines.cli import main; sys.exit(main())"
+NO_LIMITS = batch_limits((), 1_000_000, None)  # what run_batch collates with: the slot rule, no engine
 
 
 def _many(n: int, seed: int = 0):
@@ -368,7 +370,7 @@ def test_batches_that_do_not_fit_are_split_down_to_one_structure(tmp_path):
             )
 
     items, writer, summary = _split_setup(tmp_path)
-    run_batch(_fake_runner(fail), items, writer, summary, Progress(len(items), enabled=False))
+    run_batch(_fake_runner(fail), items, writer, summary, Progress(len(items), enabled=False), NO_LIMITS)
     status, message = writer.fh["status"][...], writer.fh["message"][...]
     writer.close()
     assert summary.computed == len(items)
@@ -387,7 +389,7 @@ def test_other_runtime_errors_end_the_run_instead_of_splitting(tmp_path):
 
     items, writer, summary = _split_setup(tmp_path)
     with pytest.raises(InferenceError, match="Invalid Feed Input Name"):
-        run_batch(_fake_runner(fail), items, writer, summary, Progress(len(items), enabled=False))
+        run_batch(_fake_runner(fail), items, writer, summary, Progress(len(items), enabled=False), NO_LIMITS)
     assert not writer.fh["status"][...].any()  # nothing marked: --resume computes them all
     writer.close()
 
