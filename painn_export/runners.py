@@ -267,7 +267,6 @@ class OnnxRuntimeRunner(Runner):
         ran = self.session.get_providers()[0]
         self.provider = ran.removesuffix("ExecutionProvider").lower()
         self.name = "onnxruntime-" + self.provider
-
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_names = tuple(o.name for o in self.session.get_outputs())
         meta = self.session.get_modelmeta().custom_metadata_map
@@ -313,9 +312,7 @@ class TensorRTRunner(Runner):
         device: str = "cuda",
     ) -> None:
         super().__init__()
-        kind, self.index = parse_device(device)
-        if kind == "cpu":
-            raise RuntimeUnavailableError(f"{engine_path}: a TensorRT engine runs on a GPU only, not cpu")
+        self.index = _engine_device(engine_path, device)
         self.engine_path = Path(engine_path)
         self.precision = precision  # fp32, tf32 or fp16 kernels (its inputs are float32)
         self.readout = readout or SystemReadout()
@@ -324,8 +321,8 @@ class TensorRTRunner(Runner):
     def _activate(self) -> None:
         from painn_export.trt import import_tensorrt, load_engine, read_profiles
 
-        _, torch = import_tensorrt()  # without TensorRT: what to install, first
-        if not torch.cuda.is_available() or self.index >= torch.cuda.device_count():
+        _, torch = import_tensorrt()  # without TensorRT or any GPU: what is missing, first
+        if self.index >= torch.cuda.device_count():
             raise RuntimeUnavailableError(
                 f"tensorrt: no CUDA device {self.index} (torch {torch.__version__} sees "
                 f"{torch.cuda.device_count()}); a TensorRT engine runs on a GPU only"
@@ -533,6 +530,14 @@ def _check_onnx_runtime(path: Path, runtime: str) -> None:
         raise ValueError(f"{path}: an ONNX file runs on onnxruntime, not {runtime}; pass the checkpoint")
 
 
+def _engine_device(path: str | Path, device: str) -> int:
+    """The GPU index a TensorRT engine runs on for ``device``; the CPU is refused."""
+    kind, index = parse_device(device)
+    if kind == "cpu":
+        raise RuntimeUnavailableError(f"{path}: a TensorRT engine runs on a GPU only, not --device cpu")
+    return index
+
+
 def engine_facts(path: Path) -> ModelFacts:
     """A TensorRT engine's facts from its sidecar (no TensorRT): its kernels' precision, its profiles."""
     from painn_export.metadata import model_facts
@@ -562,8 +567,7 @@ def describe(
         raise ValueError("describe needs the device the runner will use (cpu or cuda), not auto")
     path = _model_file(path, runtime)
     if path.suffix == ".engine":
-        if kind == "cpu":
-            raise RuntimeUnavailableError(f"{path}: a TensorRT engine runs on a GPU only, not --device cpu")
+        _engine_device(path, device)
         facts = engine_facts(path)
         return RunnerIdentity("tensorrt", facts.precision, facts.stress, "cuda", "tensorrt"), facts
     if path.suffix == ".pt2":

@@ -8,7 +8,6 @@ graphs, never the raw input, travel between processes. Imports stay light
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -131,12 +130,18 @@ def structure_item(s: int, z, pos, cell, pbc, settings: GraphSettings) -> Item:
 
 
 def for_float32_feed(graph: Graph) -> Graph:
-    """``graph`` with int32 indices and shifts and float32 edge shifts (what a float32 feed keeps)."""
-    return dataclasses.replace(
-        graph,
-        edge_index=graph.edge_index.astype(np.int32),
-        cell_shift=graph.cell_shift.astype(np.int32),
-        edge_shift=graph.edge_shift.astype(np.float32),
-        edge_slot=graph.edge_slot.astype(np.int32),
-        edge_reverse=graph.edge_reverse.astype(np.int32),
+    """``graph`` with int32 indices and shifts and float32 edge shifts (what a float32 feed keeps).
+
+    The same edges in narrower types: not checked again (``dataclasses.replace``
+    would, at about half a millisecond a structure).
+    """
+    return Graph.from_checked(
+        **{
+            **vars(graph),
+            "edge_index": graph.edge_index.astype(np.int32),
+            "cell_shift": graph.cell_shift.astype(np.int32),
+            "edge_shift": graph.edge_shift.astype(np.float32),
+            "edge_slot": graph.edge_slot.astype(np.int32),
+            "edge_reverse": graph.edge_reverse.astype(np.int32),
+        }
     )

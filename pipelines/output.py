@@ -212,6 +212,24 @@ def check_resumable(path: Path, fp: Fingerprint) -> None:
             )
 
 
+def open_partial(
+    partial: Path,
+    output_path: Path,
+    fp: Fingerprint,
+    resume: bool,
+    extra: dict[str, tuple[tuple[int, ...], type, float]] | None = None,
+) -> None:
+    """Make ``partial`` the file this run writes: resumed (a finished output resumes to itself, a
+    partial one continues) after :func:`check_resumable`, or created anew (:func:`create`)."""
+    if resume and not partial.exists() and output_path.exists():
+        check_resumable(output_path, fp)
+        output_path.replace(partial)
+    elif resume and partial.exists():
+        check_resumable(partial, fp)
+    else:
+        create(partial, fp, extra=extra)
+
+
 def _contiguous_runs(indices: list[int]) -> list[slice]:
     """Slices of ``indices`` (sorted) over which they increase by one: one HDF5 write each."""
     if not indices:

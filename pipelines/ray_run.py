@@ -213,7 +213,7 @@ def _graph_rows(batch: dict, pending, input_path: str, settings) -> dict:
 
     from painn_export.schema import InputReader
     from pipelines.batches import CHUNK
-    from pipelines.graphs import for_float32_feed, items_from
+    from pipelines.graphs import items_from
 
     if isinstance(pending, ray.ObjectRef):  # the object store's copy, read in place (zero-copy)
         pending = ray.get(pending)
@@ -222,7 +222,7 @@ def _graph_rows(batch: dict, pending, input_path: str, settings) -> dict:
         for number in batch["id"]:
             chunk = pending[int(number) * CHUNK : (int(number) + 1) * CHUNK]
             items += items_from(reader, settings, chunk)
-    graphs = [None if it.graph is None else for_float32_feed(it.graph) for it in items]
+    graphs = [it.graph for it in items]  # already in the float32 feed's types (structure_item)
     columns = {
         "index": np.asarray([it.index for it in items], dtype=np.int64),
         "status": np.asarray([it.status for it in items], dtype=object),
@@ -335,8 +335,9 @@ class _Inference:
         self.runner, _ = open_runner(job.model_path, job.runtime, device, threads=threads)
         self.runner.activate()
         model_sha256 = file_sha256(job.model_path or demo_model_path())
-        report = {**ran_by(self.runner.identity(), model_sha256), "node": socket.gethostname()}
-        self.ran_by = json.dumps({**report, "gpu": self.runner.gpu}, sort_keys=True)
+        report = ran_by(self.runner.identity(), model_sha256)
+        report.update(node=socket.gethostname(), gpu=self.runner.gpu)
+        self.ran_by = json.dumps(report, sort_keys=True)
 
     def __call__(self, batch: dict) -> dict:
         from pipelines.batches import Summary, evaluate
@@ -441,9 +442,10 @@ def _commit(batch: dict, expected: dict, writer, summary, bar) -> None:
     Refuses (:class:`ActorMismatchError`, before writing) a batch computed by
     anything else than what the run's fingerprint records.
     """
-    for report in set(batch["ran_by"]):
-        _check_ran_by(json.loads(report), expected)
-        summary.gpu = summary.gpu or json.loads(report)["gpu"]
+    for text in set(batch["ran_by"]):
+        report = json.loads(text)
+        _check_ran_by(report, expected)
+        summary.gpu = summary.gpu or report["gpu"]
     summary.model_seconds += float(np.sum(batch["model_seconds"]))
     results, failed, atoms = [], [], 0
     for i, e, f, st, status, message in zip(

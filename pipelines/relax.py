@@ -43,7 +43,7 @@ Output datasets, beyond ``run``'s (:mod:`pipelines.output`):
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -60,12 +60,10 @@ from pipelines.output import (
     STATUS,
     Fingerprint,
     Writer,
-    check_resumable,
-    create,
-    input_sha256,
+    open_partial,
 )
 from pipelines.progress import Progress
-from pipelines.run import neighbour_items, output_session
+from pipelines.run import fingerprint_fields, neighbour_items, output_session
 from pipelines.signals import check_stop
 
 __all__ = ["CellNeedsStressError", "RelaxSettings", "RelaxSummary", "relax_file"]
@@ -260,7 +258,6 @@ def _relax_locked(
     from painn_export.checkpoint import file_sha256
     from painn_export.demo import demo_model_path
     from painn_export.runners import open_runner
-    from painn_export.version import __version__
 
     runner, facts = open_runner(model_path, runtime, device)
     if settings.cell and not facts.stress:
@@ -272,26 +269,17 @@ def _relax_locked(
     try:
         if settings.cell and not runner.has_stress:
             raise CellNeedsStressError(f"--cell needs a model with stress, and {model_path} serves none")
+        model_sha256 = file_sha256(model_path or demo_model_path())
         fingerprint = RelaxFingerprint(
-            input_sha256=input_sha256(input_path),
-            n_structures=info.n_structures,
-            n_atoms=info.n_atoms,
-            model_sha256=file_sha256(model_path or demo_model_path()),
-            package_version=__version__,
-            **asdict(runner.identity()),
+            **fingerprint_fields(input_path, info, model_sha256, runner.identity()),
             fmax=float(settings.fmax),
             max_steps=int(settings.steps),
             relax_cell=bool(settings.cell),
             trajectory_every=int(settings.trajectory_every),
         )
-        if resume and not partial.exists() and output_path.exists():
-            check_resumable(output_path, fingerprint)
-            output_path.replace(partial)  # a finished output resumes to itself
-        elif resume and partial.exists():
-            check_resumable(partial, fingerprint)
-        else:
-            frames = settings.steps // settings.trajectory_every + 1 if settings.trajectory_every else 0
-            create(partial, fingerprint, extra=_datasets(info.n_structures, info.n_atoms, frames))
+        frames = settings.steps // settings.trajectory_every + 1 if settings.trajectory_every else 0
+        extra = _datasets(info.n_structures, info.n_atoms, frames)
+        open_partial(partial, output_path, fingerprint, resume, extra)
 
         with InputReader(input_path) as reader:
             out = _RelaxOutput(partial, reader.offsets)

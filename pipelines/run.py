@@ -44,9 +44,8 @@ from pipelines.output import (
     OutputLock,
     ResumeError,
     Writer,
-    check_resumable,
-    create,
     input_sha256,
+    open_partial,
     output_folder,
     partial_path,
     refuse_same_file,
@@ -188,7 +187,6 @@ def _run_locked(
     from painn_export.checkpoint import file_sha256
     from painn_export.demo import demo_model_path
     from painn_export.runners import describe, open_runner
-    from painn_export.version import __version__
 
     model_sha256 = file_sha256(model_path or demo_model_path())
     stack = ExitStack()
@@ -206,21 +204,8 @@ def _run_locked(
         paths = [str(Path(p).resolve()) for p in (input_path, model_path) if p is not None]
         stack.enter_context(cluster(ray, paths))
     try:
-        fingerprint = Fingerprint(
-            input_sha256=input_sha256(input_path),
-            n_structures=info.n_structures,
-            n_atoms=info.n_atoms,
-            model_sha256=model_sha256,
-            package_version=__version__,
-            **asdict(identity),
-        )
-        if resume and not partial.exists() and output_path.exists():
-            check_resumable(output_path, fingerprint)
-            output_path.replace(partial)  # a finished output resumes to itself
-        elif resume and partial.exists():
-            check_resumable(partial, fingerprint)
-        else:
-            create(partial, fingerprint)
+        fingerprint = Fingerprint(**fingerprint_fields(input_path, info, model_sha256, identity))
+        open_partial(partial, output_path, fingerprint, resume)
 
         with InputReader(input_path) as reader:
             offsets = reader.offsets
@@ -272,6 +257,20 @@ def _run_locked(
             runner.deactivate()
         stack.close()
     return summary
+
+
+def fingerprint_fields(input_path, info, model_sha256: str, identity) -> dict:
+    """What every command's fingerprint records: the input, the model file, the package, what ran."""
+    from painn_export.version import __version__
+
+    return {
+        "input_sha256": input_sha256(input_path),
+        "n_structures": info.n_structures,
+        "n_atoms": info.n_atoms,
+        "model_sha256": model_sha256,
+        "package_version": __version__,
+        **asdict(identity),
+    }
 
 
 def neighbour_items(input_path: str, pending: np.ndarray, settings: GraphSettings, workers: int):

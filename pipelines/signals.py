@@ -47,8 +47,10 @@ def check_stop() -> None:
 
     The handler raises wherever the main thread is, and Python ignores an
     exception raised inside a weakref callback or a ``__del__`` (it prints
-    "Exception ignored in ..." and goes on). Each pipeline loop calls this
-    once per batch, so such a signal still stops the run, one batch later.
+    "Exception ignored in ..." and goes on). The pipeline loops call this at
+    their safe points (each structure run takes in, each relaxation step,
+    each result batch from Ray: a dictionary lookup), so such a signal
+    still stops the run there.
     """
     if _state["depth"] and _state["received"] is not None:
         raise Stopped(_state["received"])
