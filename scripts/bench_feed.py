@@ -1,0 +1,149 @@
+"""Feed rate: graphs and the model's feed built on the host (per structure) against on a device (per batch).
+
+    python scripts/bench_feed.py [--structures 1000] [--atoms 68] [--batch 250]
+                                 [--device cpu] [--repeats 3] [--cutoff 12] [--max-neighbors 50]
+
+Generates ``--structures`` periodic bulk structures of ``--atoms`` atoms on
+average (30 % spread; the demo elements, ~2.4 Å apart; seeded), with the OCP
+graph settings by default (12 Å, cap 50), and times, per atom:
+
+- host: ``neighbor_graph`` per structure then ``collate`` per batch of
+  ``--batch`` structures, on one core (what one neighbour worker does, plus
+  the main process's collate); with ``canonical_graph`` too (the edge order
+  the device path produces, which a host path would need for bitwise equal feeds);
+- device: ``device_feed`` per batch of ``--batch`` structures on ``--device``
+  (float32 feed; torch's threads on the CPU), after one warm-up batch (Warp
+  compiles its kernels on the first call of a process: reported apart).
+
+Prints the median of ``--repeats`` in µs/atom, the atoms per second each
+reaches, and how many host cores would feed a GPU that takes 200 000 atoms/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ELEMENTS = np.array([13, 28, 29, 46, 47, 78, 79])
+GPU_ATOMS_PER_S = 200_000  # what one GPU evaluates at OCP settings (issue 32)
+
+
+def structures(n: int, atoms: int, seed: int = 0):
+    from painn_export.samples import bulk
+
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(int(0.7 * atoms), int(1.3 * atoms) + 1, n)
+    return [bulk(rng, int(k), ELEMENTS) for k in sizes]
+
+
+def batches(samples, size: int):
+    for start in range(0, len(samples), size):
+        part = samples[start : start + size]
+        yield (
+            (
+                np.concatenate([s.positions for s in part]),
+                np.stack([s.cell for s in part]),
+                np.stack([s.pbc for s in part]),
+                np.concatenate([s.atomic_numbers for s in part]).astype(np.int64),
+                np.array([len(s.positions) for s in part]),
+            ),
+            part,
+        )
+
+
+def host(samples, size: int, cutoff: float, k: int, canonical: bool) -> float:
+    """Seconds for every batch: neighbor_graph per structure, then collate (float32)."""
+    from painn_export.batch import collate
+    from painn_export.device_graphs import canonical_graph
+    from painn_export.neighbors import neighbor_graph
+
+    t = time.perf_counter()
+    for _, part in batches(samples, size):
+        graphs = [
+            neighbor_graph(s.positions, s.cell, s.pbc, cutoff, k, atomic_numbers=s.atomic_numbers)
+            for s in part
+        ]
+        if canonical:
+            graphs = [canonical_graph(g) for g in graphs]
+        collate(graphs, np.float32)
+    return time.perf_counter() - t
+
+
+def device(samples, size: int, cutoff: float, k: int, where: str) -> float:
+    """Seconds for every batch: device_feed (float32), synchronised at the end."""
+    import torch
+
+    from painn_export.device_graphs import device_feed
+
+    t = time.perf_counter()
+    for arrays, _ in batches(samples, size):
+        device_feed(*arrays, cutoff=cutoff, max_neighbors=k, device=where)
+    if where.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--structures", type=int, default=1000)
+    parser.add_argument("--atoms", type=int, default=68, help="mean atoms per structure")
+    parser.add_argument("--batch", type=int, default=250, help="structures per batch")
+    parser.add_argument("--device", default="cpu", help="where device_feed runs, e.g. cuda:0")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cutoff", type=float, default=12.0)
+    parser.add_argument("--max-neighbors", type=int, default=50)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from painn_export.device_graphs import init_kernels
+
+    samples = structures(args.structures, args.atoms)
+    n_atoms = sum(len(s.positions) for s in samples)
+    settings = (args.cutoff, args.max_neighbors)
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {platform.python_version()}, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), device {args.device}"
+    )
+    if args.device.startswith("cuda"):
+        print(f"GPU: {torch.cuda.get_device_name(torch.device(args.device))}")
+    print(
+        f"{len(samples)} periodic structures, {n_atoms} atoms ({n_atoms / len(samples):.0f} per structure), "
+        f"cutoff {args.cutoff} Å, cap {args.max_neighbors}, {args.batch} structures per batch"
+    )
+    print(f"Warp kernel cache: {init_kernels()}")
+
+    first = samples[: args.batch]
+    t = time.perf_counter()
+    device(first, args.batch, *settings, args.device)
+    print(f"first device batch (kernel compile or cache load): {time.perf_counter() - t:.1f} s")
+    host(first, args.batch, *settings, True)  # numba's kernel, vesin's buffers
+
+    rows = [
+        ("host: neighbor_graph + collate (1 core)", lambda: host(samples, args.batch, *settings, False)),
+        ("host, canonical edge order (1 core)", lambda: host(samples, args.batch, *settings, True)),
+        (f"device_feed on {args.device}", lambda: device(samples, args.batch, *settings, args.device)),
+    ]
+    times = {}
+    print(f"\n| path | µs/atom (median of {args.repeats}) | atoms/s | cores for {GPU_ATOMS_PER_S} atoms/s |")
+    print("| --- | --- | --- | --- |")
+    for name, run in rows:
+        seconds = statistics.median(run() for _ in range(args.repeats))
+        times[name] = seconds
+        per_atom = seconds / n_atoms * 1e6
+        cores = GPU_ATOMS_PER_S * per_atom * 1e-6
+        print(f"| {name} | {per_atom:.2f} | {n_atoms / seconds:,.0f} | {cores:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
