@@ -128,7 +128,14 @@ def main() -> None:
 @with_model_options
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="model.onnx", show_default=True)
 @click.option("--opset", type=int, default=18, show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float64", "float16", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="float16/bfloat16: the network in that dtype; inputs, geometry and outputs stay float32 "
+    "(for TensorRT engines: painn-export trt builds them strongly typed).",
+)
 @click.option(
     "--stress",
     is_flag=True,
@@ -172,6 +179,16 @@ def onnx_cmd(
         rows = run_parity(model, [(OnnxRuntimeRunner(path, device=device), dtype)], samples)
     except RuntimeUnavailableError as exc:
         unavailable(exc)
+    except Exception as exc:
+        if "NOT_IMPLEMENTED" not in str(exc):  # onnxruntime's words for a kernel it lacks
+            raise
+        from painn_export.errors import one_line
+
+        unavailable(
+            f"{path} is written, but onnxruntime cannot run a {dtype} graph on --device {device} "
+            f"({one_line(exc, 160)}); check it on a GPU (painn-export trt, then parity --engine), "
+            "or pass --skip-check"
+        )
     click.echo(format_table(rows))
     _exit_on_failure(rows)
 
@@ -231,18 +248,31 @@ def _exit_on_failure(rows) -> None:
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="model.engine", show_default=True)
 @click.option("--min-atoms", type=int, multiple=True, help="Per profile; repeat for several profiles.")
 @click.option("--opt-atoms", type=int, multiple=True)
-@click.option("--max-atoms", type=int, multiple=True)
+@click.option(
+    "--max-atoms", type=int, multiple=True, help="Default: painn-batch's default --max-atoms (4096)."
+)
 @click.option("--min-slots", type=int, multiple=True, help="Neighbour slots per atom (contract n_slots).")
 @click.option("--opt-slots", type=int, multiple=True)
 @click.option("--max-slots", type=int, multiple=True)
-@click.option("--fp16", is_flag=True, help="Allow fp16 kernels.")
+@click.option(
+    "--fp16",
+    is_flag=True,
+    help="TensorRT 10 and a float32 file only: allow fp16 kernels. TensorRT 11 (strongly typed): "
+    "export with painn-export onnx --dtype float16 instead.",
+)
 @click.option("--tf32/--no-tf32", default=True, show_default=True, help="Allow TF32 matmuls.")
 @click.option("--workspace", type=float, default=4.0, show_default=True, help="Builder workspace, GiB.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="Read and update this timing cache.")
 def trt_cmd(onnx_path, output, fp16, tf32, workspace, timing_cache, **ranges):
-    """Build a TensorRT engine (with a JSON sidecar) from an exported ONNX file."""
-    from painn_export.runners import RuntimeUnavailableError
-    from painn_export.trt import build_engine
+    """Build a TensorRT engine (with a JSON sidecar) from an exported ONNX file.
+
+    TensorRT 11 builds strongly typed networks: the engine's precision is the
+    file's (painn-export onnx --dtype float16 / bfloat16). TensorRT 10 builds
+    a float32 file weakly typed (--tf32, --fp16) and a float16/bfloat16 file
+    strongly typed.
+    """
+    from painn_export.errors import RuntimeUnavailableError
+    from painn_export.trt import build_engine, read_sidecar
 
     try:
         profiles = _profiles(ranges)
@@ -259,7 +289,12 @@ def trt_cmd(onnx_path, output, fp16, tf32, workspace, timing_cache, **ranges):
         unavailable(exc)
     except (ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"wrote {path} and {path}.json ({len(profiles)} profile(s))")
+    side = read_sidecar(path)
+    click.echo(
+        f"wrote {path} and {path}.json ({len(profiles)} profile(s), {side['precision']}, "
+        f"{'strongly' if side['strongly_typed'] else 'weakly'} typed, TensorRT {side['tensorrt_version']}; "
+        f"a context needs {side['device_memory_bytes'] / (1 << 20):.0f} MiB of device memory)"
+    )
 
 
 def _profiles(ranges: dict) -> list:

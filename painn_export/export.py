@@ -15,10 +15,10 @@ package version.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -36,27 +36,73 @@ from painn_export.contract import (
     input_names,
     output_names,
 )
-from painn_export.model import PaiNN
+from painn_export.model import EdgeGeometry, PaiNN
 from painn_export.neighbors import neighbor_graph
 from painn_export.samples import example_set
 from painn_export.slots import GraphInputs
 
 DEFAULT_OPSET = 18  # TensorRT 10's parser accepts opsets 9..20
+# Graph dtypes: float32/float64 compute in their own dtype throughout; float16/bfloat16 compute
+# the network in that dtype, with float32 inputs, geometry and outputs (ReducedPrecisionPaiNN).
+EXPORT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+REDUCED_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def temporary_path(path: Path, suffix: str = ".tmp") -> Path:
-    """A name beside ``path`` that no other process, on this host or another, writes to.
+def input_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a graph's float inputs: its own, or float32 for a float16/bfloat16 graph."""
+    return torch.float32 if dtype in REDUCED_DTYPES else dtype
 
-    ``PATH.<host>-<pid>-<random>.tmp``: on a shared file system two nodes'
-    exports never share one, and a stale one is judged only by its own host
-    (:func:`painn_export.demo._remove_stale_exports`). The caller renames it
-    onto ``path`` when complete (atomic within a folder).
+
+class ReducedPrecisionPaiNN(PaiNN):
+    """PaiNN whose network runs in float16 or bfloat16 and whose geometry runs in float32.
+
+    What runs in which precision (the exported graph is this, op for op):
+
+    - float32: the float inputs (positions, shifts, mask), the edge vectors
+      ``x_j + s - x_i`` (a difference of nearby coordinates: in float16 a
+      40 Å cell keeps only ~0.03 Å of them), distances, unit vectors, the
+      radial basis and the cutoff envelope (exp/sin/powers of d/c, whose
+      gradient near the cutoff is a small difference); in gradient graphs also
+      their backward, so forces and virials are assembled in float32;
+    - ``dtype``: the embedding, every Linear, LayerNorm and SiLU, the messages
+      and their slot sums, the updates, the energy head and the direct force head
+      (and, in gradient graphs, the backward through them);
+    - float32 again: the outputs (per-atom energies, forces, virials) leave the
+      graph in float32; the sums per system are the host's, in float64
+      (:mod:`painn_export.readout`).
+
+    Build it with :meth:`of`; the model it is made from is not changed.
     """
-    import secrets
-    import socket
 
-    host = socket.gethostname().replace(".", "_").replace("-", "_")
-    return path.with_name(f"{path.name}.{host}-{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+    compute_dtype: torch.dtype = torch.float16
+
+    @classmethod
+    def of(cls, model: PaiNN, dtype: torch.dtype) -> ReducedPrecisionPaiNN:
+        """A copy of ``model``: its layers in ``dtype`` (float16, bfloat16), its radial basis in float32."""
+        if dtype not in REDUCED_DTYPES:
+            raise ValueError(f"a reduced-precision model computes in float16 or bfloat16, not {dtype}")
+        narrow = cls(model.config, model.normalization)
+        narrow.load_state_dict(model.state_dict())
+        narrow.provenance = dict(model.provenance)
+        narrow.compute_dtype = dtype
+        for child in narrow.children():
+            # the radial basis's parameters (frequencies, widths) keep their float32 digits
+            child.to(torch.float32 if child is narrow.radial_basis else dtype)
+        return narrow.eval()
+
+    def per_atom(self, feed: dict[str, np.ndarray], virial: bool = False) -> dict[str, np.ndarray]:
+        """The graph's outputs (numpy float32) of a collated feed, its floats given in float32 (as the
+        export's inputs are), not in the network's dtype."""
+        device = self.atom_emb.embeddings.weight.device
+        graph = GraphInputs.from_feed(feed, torch.float32, device, self.gradient_forces)
+        with torch.inference_mode(self.config.direct_forces):  # gradient forces need autograd
+            outputs = self(graph, virial=virial)
+        return {n: t.detach().float().cpu().numpy() for n, t in zip(output_names(virial), outputs)}
+
+    def edge_geometry(self, graph) -> EdgeGeometry:
+        """Unit vectors and radial basis computed in float32 from float32 inputs, then narrowed."""
+        edges = super().edge_geometry(graph)  # [N, K, 3] and [P + 1, R + 1], float32
+        return EdgeGeometry(edges.unit_vector.to(self.compute_dtype), edges.basis.to(self.compute_dtype))
 
 
 def graphs_for(model: PaiNN, samples) -> list:
@@ -97,7 +143,9 @@ class ContractModule(torch.nn.Module):
             pair_slots,
             neighbor_reverse,
         )
-        return self.model(graph, virial=self.stress)
+        outputs = self.model(graph, virial=self.stress)
+        # float32 or wider out of every graph (a reduced-precision network's direct forces are narrow)
+        return tuple(t.to(torch.promote_types(t.dtype, torch.float32)) for t in outputs)
 
 
 def example_inputs(model: PaiNN, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -118,7 +166,7 @@ def example_inputs(model: PaiNN, dtype: torch.dtype) -> tuple[torch.Tensor, ...]
     n_pairs = sum(g.n_edges for g in graphs) // 2 + 1  # (dummy pairs may be added)
     while n_pairs in taken | {n_slots}:
         n_pairs += 1
-    dtype_np = np.float64 if dtype == torch.float64 else np.float32
+    dtype_np = np.float64 if input_dtype(dtype) == torch.float64 else np.float32
     feed = collate(graphs, dtype_np, n_slots=n_slots, n_pairs=n_pairs)
     return tuple(torch.from_numpy(feed[name]) for name in input_names(model.gradient_forces))
 
@@ -178,7 +226,8 @@ def onnx_metadata(model: PaiNN, dtype: torch.dtype, stress: bool = False) -> dic
         "max_neighbors": str(cfg.max_neighbors),
         "elements": json.dumps(list(range(1, cfg.num_elements + 1))),
         "units": json.dumps(UNITS),
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),  # what the network computes in
+        "input_dtype": str(input_dtype(dtype)).removeprefix("torch."),  # what its float inputs take
         "inputs": json.dumps(list(input_names(model.gradient_forces))),
         "outputs": json.dumps(list(output_names(stress))),
         "forces": "direct" if model.config.direct_forces else "gradient",
@@ -212,7 +261,11 @@ def export_onnx(
     dtype: torch.dtype = torch.float32,
     stress: bool = False,
 ) -> Path:
-    """Write ``model`` as ONNX at ``path`` (float32 or float64 graph) and check it.
+    """Write ``model`` as ONNX at ``path`` and check it.
+
+    ``dtype`` float32 or float64: the whole graph, inputs and outputs, in it.
+    float16 or bfloat16: the network in it, with float32 inputs, geometry and
+    outputs (:class:`ReducedPrecisionPaiNN` says what runs in which precision).
 
     A direct-force model exports its forward pass. A gradient-force model
     (``direct_forces=False``) exports forward and backward: ``forces =
@@ -221,17 +274,20 @@ def export_onnx(
     volume: see :func:`trace_gradient_graph`). ``model`` is not
     changed (a copy is cast to ``dtype``).
     """
-    import copy
-
     import onnx
 
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    from painn_export.files import written_whole
+
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype must be float32, float64, float16 or bfloat16, got {dtype}")
     if stress and model.config.direct_forces:
         raise ValueError(STRESS_NEEDS_GRADIENT)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = copy.deepcopy(model).to(dtype).eval()
+    if dtype in REDUCED_DTYPES:
+        model = ReducedPrecisionPaiNN.of(model, dtype)
+    else:
+        model = copy.deepcopy(model).to(dtype).eval()
     names = input_names(model.gradient_forces)
     example = example_inputs(model, dtype)
     with _quiet_exporter():
@@ -255,13 +311,9 @@ def export_onnx(
     for key, value in onnx_metadata(model, dtype, stress).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    tmp = temporary_path(path)  # concurrent exports, on any host, never share one
-    try:
+    with written_whole(path) as tmp:  # concurrent exports, on any host, never share one
         onnx.save(proto, tmp)
         onnx.checker.check_model(str(tmp), full_check=True)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

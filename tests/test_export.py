@@ -11,17 +11,12 @@ from click.testing import CliRunner
 
 from painn_export.batch import collate
 from painn_export.cli import main
+from painn_export.errors import RuntimeUnavailableError
 from painn_export.export import export_onnx, graphs_for
 from painn_export.metadata import read_metadata
 from painn_export.opcheck import check_model, load_facts, parse_operator_table
 from painn_export.parity import nondeterministic, run_parity
-from painn_export.runners import (
-    OnnxRuntimeRunner,
-    Runner,
-    RuntimeUnavailableError,
-    TensorRTRunner,
-    TorchRunner,
-)
+from painn_export.runners import OnnxRuntimeRunner, Runner, TensorRTRunner, TorchRunner
 from painn_export.samples import bulk, example_set, single_atom
 from painn_export.tolerances import compare, tolerance
 
@@ -390,3 +385,95 @@ def test_parity_reports_a_nondeterministic_runtime(exported):
     truth_rows = [r for r in rows if not r.comparison.quantity.startswith("repeat:")]
     assert all(r.comparison.passed for r in truth_rows)
     assert {r.comparison.quantity for r in nondeterministic(rows)} == {"repeat:energy", "repeat:forces"}
+
+
+# --- float16 / bfloat16 exports: the network narrow, inputs, geometry and outputs float32 -------
+
+
+@pytest.fixture(scope="module")
+def reduced_exports(tmp_path_factory):
+    """float16 direct (by the CLI, which runs its ONNX Runtime check), float16 gradient with stress
+    and bfloat16 direct (by the API)."""
+    from painn_export import save_model
+
+    tmp = tmp_path_factory.mktemp("reduced")
+    direct, gradient = make_model(SMALL, torch.float32), make_model(GRADIENT, torch.float32)
+    ckpt = save_model(direct, tmp / "direct.pt")
+    f16 = tmp / "direct_f16.onnx"
+    result = CliRunner().invoke(
+        main, ["onnx", "--checkpoint", str(ckpt), "-o", str(f16), "--dtype", "float16"]
+    )
+    paths = {
+        "float16": f16,
+        "float16_stress": export_onnx(gradient, tmp / "gradient_f16.onnx", dtype=torch.float16, stress=True),
+        "bfloat16": export_onnx(direct, tmp / "direct_bf16.onnx", dtype=torch.bfloat16),
+    }
+    return {"direct": direct, "gradient": gradient, "ckpt": ckpt, "cli": result, **paths}
+
+
+def test_cli_onnx_float16_runs_its_check_in_float16_tolerances(reduced_exports):
+    result = reduced_exports["cli"]
+    assert result.exit_code == 0, result.output
+    assert "float16" in result.output and "FAIL" not in result.output
+    assert "onnxruntime-cpu" in result.output
+
+
+@pytest.mark.parametrize("key", ["float16", "float16_stress", "bfloat16"])
+def test_reduced_precision_graphs_take_and_give_float32_and_pass_the_tensorrt_check(reduced_exports, key):
+    """float32 inputs and outputs around a float16/bfloat16 network; the precision is in the metadata;
+    TensorRT's ONNX-parser facts accept every node and type."""
+    path = reduced_exports[key]
+    graph = onnx.load(str(path)).graph
+    narrow = onnx.TensorProto.FLOAT16 if key.startswith("float16") else onnx.TensorProto.BFLOAT16
+    assert {i.type.tensor_type.elem_type for i in graph.input} == {
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.INT64,
+    }
+    assert {o.type.tensor_type.elem_type for o in graph.output} == {onnx.TensorProto.FLOAT}
+    weights = [t for t in graph.initializer if t.data_type in (narrow, onnx.TensorProto.FLOAT)]
+    assert sum(t.data_type == narrow for t in weights) > sum(
+        t.data_type == onnx.TensorProto.FLOAT for t in weights
+    )
+    meta = read_metadata(path)
+    assert meta["painn_export.dtype"] == ("float16" if key.startswith("float16") else "bfloat16")
+    assert meta["painn_export.input_dtype"] == "float32"
+    report = check_model(path)
+    assert report.ok, report.violations
+    assert not SCATTERS & set(report.operators)
+
+
+@pytest.mark.parametrize("key", ["float16", "float16_stress"])
+def test_float16_graph_matches_float64_torch_on_onnxruntime(reduced_exports, key):
+    """Energies, forces (and stress) within the float16 entry of the tolerance table, twice bitwise."""
+    model = reduced_exports["gradient" if key.endswith("stress") else "direct"]
+    runner = OnnxRuntimeRunner(reduced_exports[key], threads=2)
+    rows = run_parity(model, [(runner, "float16")], example_set(num_elements=83, large=256))
+    failures = [r.as_dict() for r in rows if not r.comparison.passed]
+    assert not failures, failures
+    quantities = {r.comparison.quantity for r in rows}
+    assert ("stress" in quantities) == key.endswith("stress")
+
+
+def test_onnxruntime_cpu_runs_some_float16_nodes_in_float32(reduced_exports, tmp_path):
+    """What docs/gpu.md says of the float16 check on ONNX Runtime's CPU provider: it inserts casts
+    around the nodes it has no float16 kernel for, so it is not TensorRT's all-float16 arithmetic."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(reduced_exports["float16"]), options, providers=["CPUExecutionProvider"])
+    names = [n.name for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert sum(name.startswith("InsertedPrecisionFreeCast") for name in names) > 0
+
+
+def test_bfloat16_graph_is_refused_by_onnxruntime_cpu_in_one_line(reduced_exports, tmp_path):
+    """ONNX Runtime's CPU provider has no bfloat16 Gemm: the CLI writes the file, then says so (exit 2)."""
+    with pytest.raises(Exception, match="NOT_IMPLEMENTED"), OnnxRuntimeRunner(reduced_exports["bfloat16"]):
+        pass
+    out = tmp_path / "bf16.onnx"
+    result = CliRunner().invoke(
+        main, ["onnx", "--checkpoint", str(reduced_exports["ckpt"]), "-o", str(out), "--dtype", "bfloat16"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "cannot run a bfloat16 graph" in result.output and "--skip-check" in result.output
+    assert "Traceback" not in result.output and out.is_file()
