@@ -38,9 +38,9 @@ from painn_export.export import (
     example_inputs,
     graphs_for,
     onnx_metadata,
-    temporary_path,
     trace_gradient_graph,
 )
+from painn_export.files import temporary_path
 from painn_export.model import PaiNN
 from painn_export.samples import example_set
 from painn_export.tolerances import compare, tolerance

@@ -26,7 +26,6 @@ provenance. It loads with ``weights_only=True``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -38,6 +37,7 @@ from typing import Any
 import torch
 
 from painn_export.config import PaiNNConfig, TargetNormalization
+from painn_export.files import file_sha256, written_whole
 from painn_export.model import PaiNN
 
 log = logging.getLogger(__name__)
@@ -67,14 +67,6 @@ _NORMALIZER_KEYS = {"target": "energy", "energy": "energy", "grad_target": "forc
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be interpreted; the message names the key."""
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _package_version() -> str:
@@ -350,9 +342,8 @@ def save_model(model: PaiNN, path: str | Path, provenance: Mapping[str, Any] | N
         "provenance": {k: v for k, v in merged.items() if isinstance(v, (str, int, float, bool, type(None)))},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with written_whole(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

@@ -164,6 +164,11 @@ def output_names(stress: bool = False) -> tuple[str, ...]:
     return tuple(f.name for f in OUTPUTS if f.where in wanted)
 
 
+def output_shape(name: str, n_atoms: int) -> tuple[int, ...]:
+    """The shape of graph output ``name`` for a feed of ``n_atoms`` atoms (every output is per atom)."""
+    return tuple(n_atoms if a == "n_atoms" else a for a in _BY_NAME[name].axes)
+
+
 def feed_names(gradient: bool = False) -> tuple[str, ...]:
     """What a feed must hold for such a graph: its inputs and the host's entries."""
     return input_names(gradient) + HOST_INPUTS

@@ -106,12 +106,16 @@ def _unwritable(folder: Path, private: bool = False) -> str | None:
     return None
 
 
-def cached_onnx(model, source: str | Path) -> Path:
-    """An ONNX Runtime export of ``model`` (loaded from ``source``), made once and reused."""
-    return _cached(model, source, ".onnx")
+def _dtype_tag(dtype: str) -> str:
+    return "" if dtype == "float32" else f"-{dtype}"  # float32 caches keep their names
 
 
-def cached_aoti(model, source: str | Path, device: str = "cpu") -> Path:
+def cached_onnx(model, source: str | Path, dtype: str = "float32") -> Path:
+    """An ONNX Runtime export of ``model`` (loaded from ``source``) in ``dtype``, made once and reused."""
+    return _cached(model, source, f"{_dtype_tag(dtype)}.onnx", dtype=dtype)
+
+
+def cached_aoti(model, source: str | Path, device: str = "cpu", dtype: str = "float32") -> Path:
     """An AOTInductor package of ``model`` for ``device`` (cpu, cuda), compiled once and reused.
 
     The name holds the torch version and the device (and the GPU's compute
@@ -121,18 +125,20 @@ def cached_aoti(model, source: str | Path, device: str = "cpu") -> Path:
 
     from painn_export.aoti import device_tag
 
-    tag = f"torch{torch.__version__}-{device_tag(device)}"
-    return _cached(model, source, f"-{tag}.pt2", device)
+    tag = f"torch{torch.__version__}-{device_tag(device)}{_dtype_tag(dtype)}"
+    return _cached(model, source, f"-{tag}.pt2", device, dtype)
 
 
-def _cached(model, source: str | Path, suffix: str, device: str = "cpu") -> Path:
+def _cached(model, source: str | Path, suffix: str, device: str = "cpu", dtype: str = "float32") -> Path:
     """An export of ``model`` named by its source's hash, the package and contract versions, and ``suffix``.
 
     Gradient-force models are exported with the stress output. A cache
     written for another layout (contract version) is never read.
     """
-    from painn_export.checkpoint import file_sha256
+    import torch
+
     from painn_export.contract import CONTRACT_VERSION
+    from painn_export.files import file_sha256, remove_stale_temporaries
     from painn_export.version import __version__
 
     # load_model records the source file's hash; hash it here only for other callers.
@@ -140,34 +146,13 @@ def _cached(model, source: str | Path, suffix: str, device: str = "cpu") -> Path
     digest = digest[:16]
     path = cache_dir() / f"{Path(source).stem}-{digest}-v{__version__}-c{CONTRACT_VERSION}{suffix}"
     if not path.is_file():
-        _remove_stale_exports(path)
+        remove_stale_temporaries(path)  # this host's, left by killed exports
         if suffix.endswith(".pt2"):
             from painn_export.aoti import export_aoti
 
-            export_aoti(model, path, device=device, stress=model.gradient_forces)
+            export_aoti(model, path, device=device, stress=model.gradient_forces, dtype=getattr(torch, dtype))
         else:
             from painn_export.export import export_onnx
 
-            export_onnx(model, path, stress=model.gradient_forces)
+            export_onnx(model, path, stress=model.gradient_forces, dtype=getattr(torch, dtype))
     return path
-
-
-def _remove_stale_exports(path: Path) -> None:
-    """Delete this host's ``PATH.<host>-<pid>-<random>.tmp*`` files whose process was killed.
-
-    Another host's are never judged: its process ids mean nothing here (a
-    shared cache on NFS), so they stay until that host finishes or removes them.
-    """
-    import socket
-
-    host = socket.gethostname().replace(".", "_").replace("-", "_")
-    for tmp in path.parent.glob(f"{path.name}.{host}-*.tmp*"):
-        try:
-            pid = int(tmp.name.removeprefix(f"{path.name}.{host}-").split("-")[0])
-            os.kill(pid, 0)  # raises when no such process: the export was killed
-        except ValueError:
-            continue
-        except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
-        except PermissionError:
-            continue  # another user's live process

@@ -38,6 +38,11 @@ class NotAModelError(ValueError):
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The ``painn_export.*`` metadata of an exported ONNX file, without loading its weights."""
+    return read_onnx_io(path)[0]
+
+
+def read_onnx_io(path: str | Path) -> tuple[dict[str, str], tuple[str, ...], tuple[str, ...]]:
+    """``(metadata, graph input names, graph output names)`` of an ONNX file, without its weights."""
     import onnx
 
     try:
@@ -46,7 +51,10 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise NotAModelError(
             f"{path}: not a readable ONNX file ({type(exc).__name__}); export it with painn-export onnx"
         ) from exc
-    return {p.key: p.value for p in proto.metadata_props}
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = tuple(i.name for i in proto.graph.input if i.name not in initializers)
+    outputs = tuple(o.name for o in proto.graph.output)
+    return {p.key: p.value for p in proto.metadata_props}, inputs, outputs
 
 
 def model_facts(meta: dict[str, str], source: str | Path) -> ModelFacts:

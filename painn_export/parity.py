@@ -11,7 +11,7 @@ failure names the structure.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ import torch
 from painn_export.batch import collate
 from painn_export.export import graphs_for
 from painn_export.model import PaiNN
-from painn_export.runners import Runner, TorchRunner
+from painn_export.runners import Runner, TorchRunner, runtime_of
 from painn_export.tolerances import Comparison, compare, tolerance
 
 
@@ -29,6 +29,8 @@ class ParityRow:
     precision: str
     comparison: Comparison
     worst_structure: str
+    # [n_structures] largest |difference| of each structure (for reports); not part of the row's value
+    per_structure: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def as_dict(self) -> dict:
         c = self.comparison
@@ -47,13 +49,8 @@ class ParityRow:
 
 
 def _comparison_kind(runner: Runner) -> str:
-    if runner.name.startswith("onnxruntime"):
-        return "onnxruntime_vs_torch"
-    if runner.name.startswith("tensorrt"):
-        return "tensorrt_vs_torch"
-    if runner.name.startswith("aoti"):
-        return "aoti_vs_torch"
-    return "torch_vs_torch"
+    """The tolerance table's row for ``runner`` against PyTorch: ``<runtime>_vs_torch``."""
+    return f"{runtime_of(runner.name)}_vs_torch"
 
 
 def run_parity(model: PaiNN, runners: list[tuple[Runner, str]], samples, repeats: int = 2) -> list[ParityRow]:
@@ -86,34 +83,43 @@ def run_parity(model: PaiNN, runners: list[tuple[Runner, str]], samples, repeats
             runs = [runner.infer(feed) for _ in range(max(1, repeats))]
         got = runs[0]
         kind = _comparison_kind(runner)
-        comparisons = [
-            compare(
-                "energy_per_atom",
-                got["energy"] / natoms,
-                expected["energy"] / natoms,
-                tolerance(kind, precision, "energy"),
-            ),
-            compare("forces", got["forces"], expected["forces"], tolerance(kind, precision, "forces")),
+        checks = [
+            ("energy_per_atom", got["energy"] / natoms, expected["energy"] / natoms, "energy"),
+            ("forces", got["forces"], expected["forces"], "forces"),
         ]
         if "stress" in got:
-            comparisons.append(
-                compare("stress", got["stress"], expected["stress"], tolerance(kind, precision, "stress"))
-            )
+            checks.append(("stress", got["stress"], expected["stress"], "stress"))
+        tols = [tolerance(kind, precision, q) for *_, q in checks]
         for again in runs[1:]:
-            for quantity in got:
-                comparisons.append(
-                    compare(
-                        f"repeat:{quantity}",
-                        again[quantity],
-                        got[quantity],
-                        tolerance("repeat", "any", quantity),
-                    )
+            checks += [(f"repeat:{q}", again[q], got[q], q) for q in got]
+            tols += [tolerance("repeat", "any", q) for q in got]
+        for (quantity, actual, reference, _), tol in zip(checks, tols):
+            c = compare(quantity, actual, reference, tol)
+            atoms = system_of_atom if quantity.endswith("forces") else None
+            per = _per_structure(actual, reference, len(names), atoms)
+            rows.append(
+                ParityRow(
+                    runner.name, precision, c, worst(quantity, c.worst_index if c.max_abs > 0 else -1), per
                 )
-        rows += [
-            ParityRow(runner.name, precision, c, worst(c.quantity, c.worst_index if c.max_abs > 0 else -1))
-            for c in comparisons
-        ]
+            )
     return rows
+
+
+def _per_structure(actual, reference, n_structures: int, system_of_atom: np.ndarray | None) -> np.ndarray:
+    """``[n_structures]``: the largest |actual - reference| of each structure; NaN on both sides
+    counts as equal, as in :func:`~painn_export.tolerances.compare`.
+
+    Rows are structures (energy ``[n]``, stress ``[n, 3, 3]``), or atoms of
+    the structures ``system_of_atom`` gives (forces ``[n_atoms, 3]``).
+    """
+    a = np.asarray(actual, dtype=np.float64)
+    b = np.asarray(reference, dtype=np.float64)
+    err = np.where(np.isnan(a) & np.isnan(b), 0.0, np.abs(a - b)).reshape(len(a), -1).max(axis=1)
+    if system_of_atom is None:
+        return err
+    per = np.zeros(n_structures)
+    np.maximum.at(per, system_of_atom, err)
+    return per
 
 
 def nondeterministic(rows: list[ParityRow]) -> list[ParityRow]:

@@ -21,11 +21,12 @@ the dataset.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from painn_export.files import WatchedFile, temporary_path
 
 REQUIRED = {
     "atomic_numbers": ("i", 1),
@@ -223,40 +224,6 @@ def write_input(path: str | Path, structures, energies=None, forces=None, ids=No
     return Path(path)
 
 
-class _WatchedFile(io.FileIO):
-    """A file for HDF5 to write through that keeps its first write error.
-
-    HDF5 learns of a failed write through a Python file object only as a
-    warning, and crashes closing a file whose writes fail (h5py issue 914).
-    So after the first error (a full disk) further writes are dropped, HDF5
-    closes cleanly, and :meth:`check` raises the error: the caller then
-    deletes the file, whose content no longer matters.
-    """
-
-    error: OSError | None = None
-
-    def write(self, data) -> int:
-        if self.error is None:
-            try:
-                return super().write(data)
-            except OSError as exc:
-                self.error = exc
-        return len(memoryview(data))
-
-    def truncate(self, size=None) -> int:
-        if self.error is None:
-            try:
-                return super().truncate(size)
-            except OSError as exc:
-                self.error = exc
-        return self.tell() if size is None else size
-
-    def check(self, name: str | Path) -> None:
-        """Raise the kept write error, naming ``name``."""
-        if self.error is not None:
-            raise OSError(self.error.errno, self.error.strerror, str(name))
-
-
 class SchemaWriter:
     """Appends structures to a new schema file, block by block (chunked, resizable datasets).
 
@@ -270,10 +237,8 @@ class SchemaWriter:
         import h5py
 
         self.path = Path(path)
-        self._tmp = self.path.with_name(self.path.name + ".writing")
-        # Through a Python file object: HDF5's own driver crashes closing a file
-        # on a full disk (h5py #914); this way a full disk is an OSError.
-        self._raw = _WatchedFile(self._tmp, "w+")
+        self._tmp = temporary_path(self.path)
+        self._raw = WatchedFile(self._tmp, "w+")  # see WatchedFile: a full disk is an OSError
         self.fh = h5py.File(self._raw, "w")
         self.attrs = self.fh.attrs
         self.n_structures = self.n_atoms = 0

@@ -1,11 +1,21 @@
-"""Packing structures into batches and evaluating them: the part the local and the Ray pipelines share.
+"""Packing structures into batches and evaluating them: the one rule run, relax and Ray share.
 
-Items (a graph, or a status for a structure that has none) are packed in
-order up to the batch limits (atoms, padded edge slots, slots per atom) and
-run; a batch the runtime cannot fit is split in halves down to
-one structure (``too_large``), any other failure ends the run. Results go to
-a *writer* with ``commit_results``/``commit_status``: the output file's
-:class:`~pipelines.output.Writer` locally, a collector on a Ray actor.
+- :class:`Limits` and :class:`Budget`: what one batch may hold (atoms,
+  padded edge slots, slots per atom, a TensorRT engine's profiles), and
+  whether the next graph still fits.
+- :func:`infer_split`: one batch through the runner, its feed collated in
+  the runner's own float dtype (:attr:`~painn_export.runners.Runner.feed_dtype`:
+  a float64 model is fed float64); a batch the runtime cannot fit (memory,
+  an engine profile) is split in halves down to one structure, which is
+  then ``too_large``. The retry runs *after* the failed attempt's exception
+  is gone, with the runner's cached device memory given back: a traceback
+  holds the failed forward's tensors (its frames), and a retry inside the
+  ``except`` would run with that memory still taken.
+- :func:`evaluate`: ``run``'s loop over items (a graph, or a status for a
+  structure that has none) in order. Results go to a *writer* with
+  ``commit_results``/``commit_status``: the output file's
+  :class:`~pipelines.output.Writer` locally, a collector on a Ray actor.
+  Any failure other than "too large" ends the run.
 """
 
 from __future__ import annotations
@@ -17,17 +27,9 @@ import numpy as np
 from painn_export.batch import collate
 from painn_export.contract import slot_count
 from painn_export.errors import BatchTooLargeError, one_line
-from pipelines.graphs import Item
+from pipelines.graphs import CHUNK, Item
 from pipelines.output import SUCCESS
 from pipelines.signals import check_stop
-
-CHUNK = 128  # structures per neighbour-graph task (a worker's, or a Ray task's)
-
-
-def chunks(pending: np.ndarray):
-    """Runs of pending structure indices, at most CHUNK each: one neighbour-graph task each."""
-    for lo in range(0, len(pending), CHUNK):
-        yield pending[lo : lo + CHUNK]
 
 
 @dataclass
@@ -93,8 +95,8 @@ class Limits:
         slots = self.slots_for(max_degree)
         return atoms <= self.atoms and atoms * slots <= self.edge_slots and slots <= self.slots
 
-    def collate(self, graphs, dtype=np.float32) -> dict:
-        """The feed of ``graphs`` on :meth:`slots_for` slots per atom."""
+    def collate(self, graphs, dtype) -> dict:
+        """The feed of ``graphs``, floats in ``dtype``, on :meth:`slots_for` slots per atom."""
         return collate(graphs, dtype, n_slots=self.slots_for(max(g.max_degree for g in graphs)))
 
 
@@ -111,6 +113,68 @@ def batch_limits(profiles, max_atoms: int, max_edges: int | None) -> Limits:
     return limits
 
 
+class Budget:
+    """The atoms and busiest atom of a batch being packed, against its :class:`Limits`."""
+
+    def __init__(self, limits: Limits, graphs=()) -> None:
+        self.limits = limits
+        self.count = self.atoms = self.degree = 0
+        for g in graphs:
+            self.add(g)
+
+    def admits(self, graph) -> bool:
+        """``graph`` may join: the batch is empty (a graph alone always tries) or stays within the limits."""
+        return not self.count or self.limits.admit(
+            self.atoms + graph.n_atoms, max(self.degree, graph.max_degree)
+        )
+
+    def add(self, graph) -> None:
+        self.count += 1
+        self.atoms += graph.n_atoms
+        self.degree = max(self.degree, graph.max_degree)
+
+
+# One structure's numbers from a batch: (energy eV, forces [n, 3] eV/Å, stress [3, 3] eV/Å³ or None).
+Evaluation = tuple[float, np.ndarray, "np.ndarray | None"]
+TOO_LARGE = "failed alone in a batch: "  # how a too_large message starts
+
+
+def infer_split(runner, graphs: list, limits: Limits, summary=None) -> list[Evaluation | str]:
+    """Each graph's :data:`Evaluation`, in order, or a ``too_large`` message for one that fails alone.
+
+    ``summary.model_seconds`` (when given) adds the runtime's time of every
+    batch that ran. Only :class:`~painn_export.errors.BatchTooLargeError`
+    splits; any other failure propagates.
+    """
+    results: list = [None] * len(graphs)
+    todo = [(0, len(graphs))]  # ranges of graphs still to run, in order
+    while todo:
+        check_stop()
+        lo, hi = todo.pop()
+        failure = None
+        try:
+            out = runner.infer(limits.collate(graphs[lo:hi], runner.feed_dtype))
+        except BatchTooLargeError as exc:
+            failure = one_line(exc, limit=130)  # only its words outlive the handler: not its frames
+        if failure is not None:  # the exception, its traceback and the failed tensors are gone now
+            runner.free_memory()
+            if hi - lo == 1:
+                results[lo] = TOO_LARGE + failure
+            else:
+                mid = (lo + hi) // 2
+                todo += [(mid, hi), (lo, mid)]  # popped from the end: the first half runs first
+            continue
+        if summary is not None:
+            summary.model_seconds += runner.last_inference_s
+        atom = 0
+        for k in range(hi - lo):
+            n = graphs[lo + k].n_atoms
+            stress = out["stress"][k] if "stress" in out else None
+            results[lo + k] = (float(out["energy"][k]), out["forces"][atom : atom + n], stress)
+            atom += n
+    return results
+
+
 def evaluate(items, runner, writer, limits: Limits, summary, bar) -> None:
     """Pack ``items`` (in order) into batches within ``limits``, run each, commit through ``writer``.
 
@@ -118,7 +182,7 @@ def evaluate(items, runner, writer, limits: Limits, summary, bar) -> None:
     file's :class:`~pipelines.output.Writer`, or a collector on a Ray actor).
     """
     batch: list[Item] = []
-    atoms = degree = 0
+    budget = Budget(limits)
     failed: list[tuple[int, str, str]] = []
 
     def flush_failed():
@@ -135,52 +199,31 @@ def evaluate(items, runner, writer, limits: Limits, summary, bar) -> None:
             if len(failed) >= CHUNK:
                 flush_failed()
             continue
-        g = item.graph
-        grown_atoms, grown_degree = atoms + g.n_atoms, max(degree, g.max_degree)
-        if batch and not limits.admit(grown_atoms, grown_degree):
+        if not budget.admits(item.graph):
             run_batch(runner, batch, writer, summary, bar, limits)
-            batch, grown_atoms, grown_degree = [], g.n_atoms, g.max_degree
+            batch, budget = [], Budget(limits)
         batch.append(item)
-        atoms, degree = grown_atoms, grown_degree
+        budget.add(item.graph)
     if batch:
         run_batch(runner, batch, writer, summary, bar, limits)
     flush_failed()
 
 
 def run_batch(runner, batch: list[Item], writer, summary: Summary, bar, limits: Limits) -> None:
-    """Evaluate ``batch`` and commit it; split it in halves when it does not fit the runtime.
-
-    Only a batch that is too large (memory, an engine profile) is split; any
-    other failure ends the run with its message, work so far kept.
-    """
-    try:
-        out = runner.infer(limits.collate([it.graph for it in batch]))
-    except BatchTooLargeError as exc:
-        if len(batch) == 1:
-            message = f"failed alone in a batch: {one_line(exc, limit=130)}"
-            writer.commit_status([(batch[0].index, "too_large", message)])
-            summary.computed += 1
-            bar.update(1, 0)
-            return
-        half = len(batch) // 2
-        run_batch(runner, batch[:half], writer, summary, bar, limits)
-        run_batch(runner, batch[half:], writer, summary, bar, limits)
-        return
-    summary.model_seconds += runner.last_inference_s
+    """Evaluate ``batch`` (:func:`infer_split`) and commit each structure's result or status."""
     rows, bad = [], []
-    atom = 0
-    for k, it in enumerate(batch):
-        n = it.graph.n_atoms
-        e, f = float(out["energy"][k]), out["forces"][atom : atom + n]
-        atom += n
-        stress = out["stress"][k] if "stress" in out else None
+    for it, result in zip(batch, infer_split(runner, [it.graph for it in batch], limits, summary)):
+        if isinstance(result, str):
+            bad.append((it.index, "too_large", result))
+            continue
+        e, f, stress = result
         if not (np.isfinite(e) and np.isfinite(f).all()):
             bad.append((it.index, "nonfinite_output", "model output is not finite"))
             continue
         kind = "ok" if stress is None or np.isfinite(stress).all() else "ok_no_stress"
         rows.append((it.index, e, f, stress, kind))
-        summary.atoms += n
+        summary.atoms += it.graph.n_atoms
     writer.commit_results(rows)
     writer.commit_status(bad)
     summary.computed += len(batch)
-    bar.update(len(batch), sum(it.graph.n_atoms for it in batch))
+    bar.update(len(batch), sum(it.graph.n_atoms for it in batch if it.graph is not None))

@@ -9,15 +9,20 @@ Ctrl-C, 143 SIGTERM, 129 SIGHUP (what was done is kept: rerun with --resume).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import click
 
 from painn_export.cli import GuardedGroup, device_option, unavailable
 from painn_export.errors import one_line
+from painn_export.runners.base import RUNTIMES
+from pipelines.options import RelaxSettings, RunOptions
+from pipelines.report import DEFAULT_MAX_POINTS
 
 EXIT_SOME_FAILED = 3
 
@@ -33,6 +38,24 @@ def _options(*decorators):
     return apply
 
 
+_RUN_FIELDS = tuple(f.name for f in fields(RunOptions))
+
+
+def _collect_run_options(fn):
+    """Hand ``fn`` one frozen :class:`RunOptions` built from the run options it was given."""
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs):
+        given = {name: kwargs.pop(name) for name in _RUN_FIELDS if name in kwargs}
+        if given.get("resume") and given.get("overwrite"):
+            raise click.UsageError("give --resume or --overwrite, not both")
+        if kwargs.get("quiet"):
+            given["progress"] = False
+        return fn(options=RunOptions(**given), **kwargs)
+
+    return wrapper
+
+
 model_options = _options(
     click.option(
         "--model",
@@ -44,25 +67,37 @@ model_options = _options(
     ),
     click.option(
         "--runtime",
-        type=click.Choice(["torch", "onnxruntime", "tensorrt", "aoti"]),
-        default="onnxruntime",
-        show_default=True,
+        type=click.Choice(RUNTIMES),
+        default=RunOptions.runtime,
+        help="Default: the model file's own (a checkpoint: onnxruntime; .onnx: onnxruntime; "
+        ".pt2: aoti; .engine: tensorrt). A runtime that does not fit the file is refused.",
+    ),
+    click.option(
+        "--dtype",
+        type=click.Choice(["float32", "float64"]),
+        default=RunOptions.dtype,
+        help="A checkpoint's precision on its runtime (exported in it for onnxruntime and aoti). "
+        "Default: the model file's own (a checkpoint: float32); an exported file in another is refused.",
     ),
 )
 batch_options = _options(
     click.option(
-        "--max-atoms", type=click.IntRange(min=1), default=4096, show_default=True, help="Atoms per batch."
+        "--max-atoms",
+        type=click.IntRange(min=1),
+        default=RunOptions.max_atoms,
+        show_default=True,
+        help="Atoms per batch.",
     ),
     click.option(
         "--max-edges",
         type=click.IntRange(min=1),
-        default=None,
+        default=RunOptions.max_edges,
         help="Padded edges per batch: atoms x neighbour slots per atom (default: no limit).",
     ),
     click.option(
         "--workers",
         type=click.IntRange(min=0),
-        default=None,
+        default=RunOptions.workers,
         help="Neighbour-list worker processes (0: in the main process). Default: spare cores, 1 to 4.",
     ),
 )
@@ -119,32 +154,25 @@ def main() -> None:
     help="Structures per actor call.",
 )
 @control_options
+@_collect_run_options
 def run_cmd(
     input_path,
     model_path,
-    runtime,
     output,
-    max_atoms,
-    max_edges,
-    workers,
     ray_address,
     ray_actors,
     ray_gpus_per_actor,
     ray_cpus_per_actor,
     ray_batch,
-    device,
-    resume,
-    overwrite,
+    options,
     as_json,
     verbose,
     quiet,
 ):
     """Compute energies and forces of every structure in INPUT_PATH."""
-    if resume and overwrite:
-        raise click.UsageError("give --resume or --overwrite, not both")
     ray = None
     if ray_address is not None:
-        from pipelines.ray_run import RayOptions, RayUnavailableError, import_ray
+        from pipelines.ray_cluster import RayOptions, RayUnavailableError, import_ray
 
         try:
             import_ray()
@@ -157,24 +185,11 @@ def run_cmd(
             actor_batch=ray_batch,
             cpus_per_actor=ray_cpus_per_actor,
         )
-    from pipelines.run import default_workers, run_file
+    from pipelines.run import run_file
 
     output = output or str(input_path).removesuffix(".h5") + ".out.h5"
     _execute(
-        lambda: run_file(
-            input_path,
-            output,
-            model_path,
-            runtime=runtime,
-            device=device,
-            max_atoms=max_atoms,
-            max_edges=max_edges,
-            workers=default_workers() if workers is None else workers,
-            resume=resume,
-            overwrite=overwrite,
-            progress=False if quiet else None,
-            ray=ray,
-        ),
+        lambda: run_file(input_path, output, model_path, options=options, ray=ray),
         output,
         as_json=as_json,
         verbose=verbose,
@@ -194,9 +209,9 @@ def _execute(work, output, *, as_json, verbose, quiet, describe, unavailable_err
     """
     from painn_export.errors import InferenceError, RuntimeUnavailableError
     from painn_export.schema import SchemaError
-    from pipelines.output import ResumeError, partial_path
-    from pipelines.ray_run import ClusterError
-    from pipelines.run import RunInterruptedError, WorkerError
+    from pipelines.graphs import WorkerError
+    from pipelines.output import ResumeError, RunInterruptedError, partial_path
+    from pipelines.ray_cluster import ClusterError
 
     level = logging.ERROR if quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -234,54 +249,52 @@ def _execute(work, output, *, as_json, verbose, quiet, describe, unavailable_err
 @click.option(
     "--fmax",
     type=click.FloatRange(min=0, min_open=True),
-    default=0.05,
+    default=RelaxSettings.fmax,
     show_default=True,
     help="Converged when the largest force on a free atom (and cell row with --cell) is below it, eV/Å.",
 )
-@click.option("--steps", type=click.IntRange(min=0), default=300, show_default=True, help="Most FIRE steps.")
+@click.option(
+    "--steps",
+    type=click.IntRange(min=0),
+    default=RelaxSettings.steps,
+    show_default=True,
+    help="Most FIRE steps.",
+)
 @click.option("--cell", "relax_cell", is_flag=True, help="Relax the cell too (ASE's FrechetCellFilter).")
 @click.option(
     "--checkpoint-every",
     type=click.IntRange(min=1),
-    default=20,
+    default=RelaxSettings.checkpoint_every,
     show_default=True,
     help="Model calls between checkpoints of the optimiser state (what --resume continues from).",
 )
 @click.option(
     "--trajectory-every",
     type=click.IntRange(min=0),
-    default=0,
+    default=RelaxSettings.trajectory_every,
     show_default=True,
     metavar="N",
     help="Keep every Nth step's positions, cell, energy and fmax in the output (0: none).",
 )
 @batch_options
 @control_options
+@_collect_run_options
 def relax_cmd(
     input_path,
     model_path,
-    runtime,
     output,
     fmax,
     steps,
     relax_cell,
     checkpoint_every,
     trajectory_every,
-    max_atoms,
-    max_edges,
-    workers,
-    device,
-    resume,
-    overwrite,
+    options,
     as_json,
     verbose,
     quiet,
 ):
     """Relax every structure in INPUT_PATH with FIRE (ASE's), many structures per batch."""
-    if resume and overwrite:
-        raise click.UsageError("give --resume or --overwrite, not both")
-    from pipelines.relax import CellNeedsStressError, RelaxSettings, relax_file
-    from pipelines.run import default_workers
+    from pipelines.relax import CellNeedsStressError, relax_file
 
     output = output or str(input_path).removesuffix(".h5") + ".relaxed.h5"
     settings = RelaxSettings(
@@ -292,20 +305,7 @@ def relax_cmd(
         trajectory_every=trajectory_every,
     )
     _execute(
-        lambda: relax_file(
-            input_path,
-            output,
-            model_path,
-            settings=settings,
-            runtime=runtime,
-            device=device,
-            max_atoms=max_atoms,
-            max_edges=max_edges,
-            workers=default_workers() if workers is None else workers,
-            resume=resume,
-            overwrite=overwrite,
-            progress=False if quiet else None,
-        ),
+        lambda: relax_file(input_path, output, model_path, settings=settings, options=options),
         output,
         as_json=as_json,
         verbose=verbose,
@@ -344,12 +344,65 @@ def convert_cmd(source, output, fmt, energy_key, forces_key):
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False), required=True)
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="extxyz file to write.")
 @click.option("--prefix", default="painn_", show_default=True, help="Prefix of the result keys.")
-def export_cmd(result, input_path, output, prefix):
+@click.option(
+    "--index",
+    "indices",
+    metavar="I,J,...",
+    help="Only these structures (0-based indices, comma-separated; painn-batch report lists them).",
+)
+def export_cmd(result, input_path, output, prefix, indices):
     """Write RESULT (a painn-batch output) with its input structures as extxyz."""
     from pipelines.convert import ConvertError, export_extxyz
 
     try:
-        n = export_extxyz(result, input_path, output, prefix)
+        chosen = [int(i) for i in indices.split(",")] if indices else None
+    except ValueError as exc:
+        raise click.BadParameter(f"{indices!r}: give integers and commas", param_hint="--index") from exc
+    try:
+        n = export_extxyz(result, input_path, output, prefix, chosen)
     except (ConvertError, ImportError, OSError) as exc:
         raise click.ClickException(one_line(exc)) from exc
     click.echo(f"wrote {output}: {n} structures", err=True)
+
+
+@main.command("report")
+@click.argument("output_path", metavar="OUT.h5", type=click.Path(dir_okay=False))
+@click.option(
+    "--input",
+    "input_path",
+    type=click.Path(dir_okay=False),
+    help="The file OUT.h5 was computed from (checked): per-atom figures, errors against its labels, ids.",
+)
+@click.option(
+    "--output",
+    "-o",
+    "folder",
+    type=click.Path(),
+    help="Report folder (default: OUT.report); an earlier report there is replaced.",
+)
+@click.option(
+    "--max-points",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_POINTS,
+    show_default=True,
+    help="Points in a scatter plot; past that, a 2-D histogram.",
+)
+@click.option(
+    "--list-ids",
+    "status",
+    metavar="STATUS",
+    help="Instead of a report, print the index, id and message of each structure with STATUS.",
+)
+def report_cmd(output_path, input_path, folder, max_points, status):
+    """Write a report of OUT.h5 (a run or relax output): index.html, one PNG per figure, report.json."""
+    from pipelines.report import ReportError, list_ids, write_report
+
+    try:
+        if status:
+            for index, name, message in list_ids(output_path, status, input_path):
+                click.echo(f"{index}\t{name}\t{message}")
+            return
+        index = write_report(output_path, input_path, folder, max_points=max_points)
+    except ReportError as exc:
+        raise click.ClickException(one_line(exc, limit=None)) from exc
+    click.echo(f"wrote {index}", err=True)

@@ -8,7 +8,9 @@ graphs, never the raw input, travel between processes. Imports stay light
 
 from __future__ import annotations
 
+import os
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +18,9 @@ import numpy as np
 from painn_export.batch import Graph
 from painn_export.neighbors import StructureError, neighbor_graph
 from painn_export.schema import InputReader
+from pipelines.signals import run_ignoring_stop_signals
+
+CHUNK = 128  # structures per neighbour-graph task (a worker's, or a Ray task's)
 
 MIN_SEPARATION = 0.5  # Å; closer atoms are physically meaningless for these models
 
@@ -25,16 +30,24 @@ class GraphSettings:
     cutoff: float  # Å
     max_neighbors: int
     num_elements: int
+    feed_dtype: str = "float32"  # the runner's feed: float32 graphs travel narrowed (for_float32_feed)
+
+    @classmethod
+    def of(cls, facts, runner_or_dtype) -> GraphSettings:
+        """The settings for a model's facts and its runner (or the runner's feed dtype)."""
+        dtype = getattr(runner_or_dtype, "feed_dtype", runner_or_dtype)
+        return cls(facts.cutoff, facts.max_neighbors, facts.num_elements, np.dtype(dtype).name)
 
 
 @dataclass(frozen=True)
 class Item:
     """One structure after the neighbour stage: a graph, or a status and message.
 
-    The graph travels in the dtypes of the pipeline's float32 feed (int32
+    For a float32 feed the graph travels in its dtypes (int32
     ``edge_index``, ``cell_shift``, ``edge_slot`` and ``edge_reverse``, float32 ``edge_shift``; see
     :func:`for_float32_feed`): half the bytes of the float64 graph, which
-    the workers would otherwise pickle and the main process unpickle.
+    the workers would otherwise pickle and the main process unpickle. A
+    float64 feed keeps its graph's float64 shifts.
     """
 
     index: int
@@ -126,7 +139,7 @@ def structure_item(s: int, z, pos, cell, pbc, settings: GraphSettings) -> Item:
         what = "atoms or periodic images" if np.asarray(pbc).any() else "atoms"
         message = f"{what} {graph.min_distance:.3g} Å apart (< {MIN_SEPARATION} Å)"
         return Item(s, None, "atoms_too_close", message)
-    return Item(s, for_float32_feed(graph), "ok", "")
+    return Item(s, for_float32_feed(graph) if settings.feed_dtype == "float32" else graph, "ok", "")
 
 
 def for_float32_feed(graph: Graph) -> Graph:
@@ -145,3 +158,57 @@ def for_float32_feed(graph: Graph) -> Graph:
             "edge_reverse": graph.edge_reverse.astype(np.int32),
         }
     )
+
+
+class WorkerError(RuntimeError):
+    """A neighbour-list worker process died or could not start."""
+
+
+def chunks(pending: np.ndarray):
+    """Runs of pending structure indices, at most CHUNK each: one neighbour-graph task each."""
+    for lo in range(0, len(pending), CHUNK):
+        yield pending[lo : lo + CHUNK]
+
+
+def neighbour_items(input_path: str, pending: np.ndarray, settings: GraphSettings, workers: int):
+    """Items of every pending structure, in order, from a bounded window of worker tasks."""
+    if workers <= 0:
+        # In this process: a reader of its own (no module state), closed after the run.
+        with InputReader(input_path) as reader:
+            for chunk in chunks(pending):
+                yield from items_from(reader, settings, chunk)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    # spawn: the workers never inherit the runtime's threads or open HDF5 handles.
+    ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=ctx,
+        initializer=run_ignoring_stop_signals,
+        initargs=(init_worker_process, input_path, settings),
+    )
+    window: deque = deque()
+    try:
+        for chunk in chunks(pending):
+            window.append(pool.submit(build_items, chunk))
+            if len(window) > 2 * workers:
+                yield from window.popleft().result()
+        while window:
+            yield from window.popleft().result()
+    except BrokenProcessPool as exc:
+        raise WorkerError(
+            "a neighbour-list worker process died or could not start (killed, out of memory, "
+            "or the input became unreadable)"
+        ) from exc
+    finally:
+        # Without waiting: the workers exit in the background while the last
+        # batch runs (they are joined at interpreter exit at the latest).
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def default_workers() -> int:
+    """One neighbour worker per spare core, at least one."""
+    return max(1, min(4, (os.cpu_count() or 2) - 1))

@@ -27,12 +27,16 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from painn_export.files import FileWriteError, WatchedFile, written_whole
+from pipelines.signals import signal_of, stop_on_signals
 
 # Per-structure status codes written to the output's `status` dataset.
 STATUS = {
@@ -62,32 +66,8 @@ class ResumeError(ValueError):
     """A partial output that cannot be resumed for this run; the message says why."""
 
 
-class OutputWriteError(OSError):
-    """The output could not be written (disk full, file size limit, I/O error): names file and cause."""
-
-    def __init__(self, path: Path, exc: BaseException) -> None:
-        from painn_export.errors import os_reason
-
-        super().__init__(f"cannot write {path}: {os_reason(exc)}")
-
-
-@contextmanager
-def written_whole(path: Path, suffix: str) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write: renamed to ``path`` when the block ends well.
-
-    On any failure (a full disk, a stop signal) it is removed, so nothing but
-    a complete file ever has the final name and nothing is left beside it;
-    an OS error becomes an :class:`OutputWriteError` naming ``path``.
-    """
-    tmp = path.with_name(path.name + suffix)
-    try:
-        yield tmp
-        tmp.replace(path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and not isinstance(exc, OutputWriteError):
-            raise OutputWriteError(path, exc) from exc
-        raise
+# An output that could not be written (disk full, file size limit, I/O error): names file and cause.
+OutputWriteError = FileWriteError
 
 
 @contextmanager
@@ -159,28 +139,34 @@ def create(
     """
     import h5py
 
-    with (
-        written_whole(path, ".creating") as tmp,
-        open(tmp, "w+b") as raw,
-        h5py.File(raw, "w") as fh,
-    ):
-        shapes = {"energy": (fp.n_structures,), "forces": (fp.n_atoms, 3)}
-        if fp.stress:
-            shapes["stress"] = (fp.n_structures, 3, 3)
-        datasets = {name: (shape, np.float64, np.nan) for name, shape in shapes.items()}
-        for name, (shape, dtype, fill) in {**datasets, **(extra or {})}.items():
-            ds = fh.create_dataset(name, shape=shape, dtype=dtype)
-            for lo in range(0, shape[0], _FILL_ROWS):
-                hi = min(lo + _FILL_ROWS, shape[0])
-                ds[lo:hi] = np.full((hi - lo, *shape[1:]), fill, dtype=dtype)
-        fh.create_dataset("status", data=np.zeros(fp.n_structures, np.int8))
-        fh.create_dataset("message", data=np.zeros(fp.n_structures, f"S{MESSAGE_BYTES}"))
-        fh["energy"].attrs["units"] = "eV"
-        fh["forces"].attrs["units"] = "eV/Angstrom"
-        if fp.stress:
-            fh["stress"].attrs["units"] = "eV/Angstrom^3"
-        fh.attrs.update({f"fingerprint_{k}": v for k, v in asdict(fp).items()})
-        fh.attrs["status_codes"] = json.dumps(status_codes)
+    with written_whole(path) as tmp, WatchedFile(tmp, "w+") as raw:
+        fh = h5py.File(raw, "w")
+        try:
+            _fill(fh, fp, status_codes, extra)
+        finally:
+            fh.close()
+        raw.check(path)
+
+
+def _fill(fh, fp: Fingerprint, status_codes: dict[str, int], extra) -> None:
+    """Every dataset of a new output, allocated and filled (NaN, pending), and the fingerprint."""
+    shapes = {"energy": (fp.n_structures,), "forces": (fp.n_atoms, 3)}
+    if fp.stress:
+        shapes["stress"] = (fp.n_structures, 3, 3)
+    datasets = {name: (shape, np.float64, np.nan) for name, shape in shapes.items()}
+    for name, (shape, dtype, fill) in {**datasets, **(extra or {})}.items():
+        ds = fh.create_dataset(name, shape=shape, dtype=dtype)
+        for lo in range(0, shape[0], _FILL_ROWS):
+            hi = min(lo + _FILL_ROWS, shape[0])
+            ds[lo:hi] = np.full((hi - lo, *shape[1:]), fill, dtype=dtype)
+    fh.create_dataset("status", data=np.zeros(fp.n_structures, np.int8))
+    fh.create_dataset("message", data=np.zeros(fp.n_structures, f"S{MESSAGE_BYTES}"))
+    fh["energy"].attrs["units"] = "eV"
+    fh["forces"].attrs["units"] = "eV/Angstrom"
+    if fp.stress:
+        fh["stress"].attrs["units"] = "eV/Angstrom^3"
+    fh.attrs.update({f"fingerprint_{k}": v for k, v in asdict(fp).items()})
+    fh.attrs["status_codes"] = json.dumps(status_codes)
 
 
 def check_resumable(path: Path, fp: Fingerprint) -> None:
@@ -364,3 +350,69 @@ def refuse_same_file(output: Path, *inputs: str | Path) -> None:
             raise ValueError(
                 f"{output} is the input file {source}: choose another output, the input would be lost"
             )
+
+
+class RunInterruptedError(RuntimeError):
+    """A stop signal (Ctrl-C, SIGTERM, SIGHUP): what was done is kept; ``--resume`` continues."""
+
+    def __init__(self, sig: signal.Signals, partial: Path) -> None:
+        if partial.exists():
+            what = f"what was computed is kept in {partial}: rerun with --resume to continue"
+        else:
+            what = "before any result was written: rerun the command to start"
+        super().__init__(f"stopped by {sig.name}; {what}")
+        self.signal = sig
+        self.exit_code = 128 + sig  # the shell's convention: 130 SIGINT, 129 SIGHUP, 143 SIGTERM
+
+
+@contextmanager
+def output_session(input_path, output_path: Path, resume: bool, overwrite: bool) -> Iterator[Path]:
+    """What every command that writes an output runs inside; yields the partial file's path.
+
+    Stop signals (their one line and exit code), the output's folder (made,
+    and removed again if the command fails before writing), its lock, and the
+    refusals: the output is the input, or exists without ``resume`` or
+    ``overwrite``. A stop signal becomes :class:`RunInterruptedError`.
+    """
+    partial = partial_path(output_path)
+    try:
+        with stop_on_signals(), output_folder(output_path), OutputLock(output_path):
+            refuse_same_file(output_path, input_path)
+            refuse_same_file(partial, input_path)
+            if not resume and not overwrite:
+                refuse_to_replace(output_path, partial)
+            yield partial
+    except KeyboardInterrupt as exc:
+        raise RunInterruptedError(signal_of(exc), partial) from exc
+
+
+def refuse_to_replace(output_path: Path, partial: Path) -> None:
+    """Work on disk is never started over silently: name --resume and --overwrite."""
+    if partial.exists():
+        try:
+            import h5py
+
+            with h5py.File(partial, "r") as fh:
+                done = int(np.count_nonzero(fh["status"][...]))
+            what = f"holds {done} finished structures of an earlier run"
+        except (OSError, KeyError):
+            what = "is left from an earlier run"
+        raise ResumeError(f"{partial} {what}: continue it with --resume, or start over with --overwrite")
+    if output_path.exists():
+        raise ResumeError(
+            f"{output_path} exists: replace it with --overwrite, or complete/check it with --resume"
+        )
+
+
+def fingerprint_fields(input_path, info, model_sha256: str, identity) -> dict:
+    """What every command's fingerprint records: the input, the model file, the package, what ran."""
+    from painn_export.version import __version__
+
+    return {
+        "input_sha256": input_sha256(input_path),
+        "n_structures": info.n_structures,
+        "n_atoms": info.n_atoms,
+        "model_sha256": model_sha256,
+        "package_version": __version__,
+        **asdict(identity),
+    }

@@ -43,47 +43,35 @@ Output datasets, beyond ``run``'s (:mod:`pipelines.output`):
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from painn_export.batch import Graph
-from painn_export.errors import BatchTooLargeError
 from painn_export.neighbors import SkinGraph, StructureError
 from painn_export.schema import InputReader, validate_input
-from pipelines.batches import Summary, batch_limits
-from pipelines.fire import FireParams, FireState, fire_step, generalized_forces, max_force
-from pipelines.graphs import MIN_SEPARATION, GraphSettings
+from pipelines.batches import Budget, Summary, batch_limits, infer_split
+from pipelines.fire import FireState, fire_step, generalized_forces, max_force
+from pipelines.graphs import MIN_SEPARATION, GraphSettings, neighbour_items
+from pipelines.options import RelaxSettings, RunOptions
 from pipelines.output import (
     RELAXED,
     STATUS,
     Fingerprint,
     Writer,
+    fingerprint_fields,
     open_partial,
+    output_session,
 )
 from pipelines.progress import Progress
-from pipelines.run import fingerprint_fields, neighbour_items, output_session
 from pipelines.signals import check_stop
 
 __all__ = ["CellNeedsStressError", "RelaxSettings", "RelaxSummary", "relax_file"]
 
-SKIN = 1.0  # Å: Verlet skin of each structure's neighbour list
-
 
 class CellNeedsStressError(ValueError):
     """``--cell`` with a model that has no stress output."""
-
-
-@dataclass(frozen=True)
-class RelaxSettings:
-    fmax: float = 0.05  # eV/Å (and eV on the cell rows with cell=True)
-    steps: int = 300  # most FIRE steps per structure
-    cell: bool = False  # relax the cell too (FrechetCellFilter)
-    fire: FireParams = field(default_factory=FireParams)
-    checkpoint_every: int = 20  # model calls between checkpoints of the optimiser state
-    trajectory_every: int = 0  # keep every Nth step's geometry and energy (0: none)
-    skin: float = SKIN  # Å
 
 
 @dataclass(frozen=True)
@@ -162,42 +150,26 @@ def relax_file(
     output_path: str | Path,
     model_path: str | Path | None = None,
     *,
-    settings: RelaxSettings = RelaxSettings(),
-    runtime: str = "onnxruntime",
-    device: str = "auto",
-    max_atoms: int = 4096,
-    max_edges: int | None = None,
-    workers: int = 1,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool | None = None,
+    settings: RelaxSettings | None = None,
+    options: RunOptions | None = None,
     observer=None,
+    **changes,
 ) -> RelaxSummary:
     """Relax every structure of ``input_path``; write the results to ``output_path``.
 
-    Files, locks, signals, ``resume`` and ``overwrite`` behave as in
-    :func:`pipelines.run.run_file`. ``observer``, if given, is called before
-    each model call with ``(indices in the batch, atoms in it, atoms of the
-    next structure waiting or None)``.
+    ``options`` (or their fields as keywords), files, locks, signals,
+    ``resume`` and ``overwrite`` behave as in :func:`pipelines.run.run_file`.
+    ``observer``, if given, is called before each model call with
+    ``(indices in the batch, atoms in it, atoms of the next structure waiting or None)``.
     """
     start = time.perf_counter()
+    options = RunOptions.of(options, **changes)
+    settings = settings or RelaxSettings()
     info = validate_input(input_path)
     output_path = Path(output_path)
-    with output_session(input_path, output_path, resume, overwrite) as partial:
+    with output_session(input_path, output_path, options.resume, options.overwrite) as partial:
         summary = _relax_locked(
-            input_path,
-            output_path,
-            partial,
-            info,
-            model_path,
-            settings,
-            runtime=runtime,
-            device=device,
-            limits=(max_atoms, max_edges),
-            workers=workers,
-            resume=resume,
-            progress=progress,
-            observer=observer,
+            input_path, output_path, partial, info, model_path, settings, options, observer
         )
     summary.seconds = time.perf_counter() - start
     return summary
@@ -240,36 +212,24 @@ def _datasets(n_structures: int, n_atoms: int, frames: int = 0) -> dict:
 
 
 def _relax_locked(
-    input_path,
-    output_path: Path,
-    partial: Path,
-    info,
-    model_path,
-    settings: RelaxSettings,
-    *,
-    runtime,
-    device,
-    limits,
-    workers,
-    resume,
-    progress,
-    observer,
+    input_path, output_path: Path, partial: Path, info, model_path, settings: RelaxSettings, options, observer
 ) -> RelaxSummary:
-    from painn_export.checkpoint import file_sha256
-    from painn_export.demo import demo_model_path
-    from painn_export.runners import open_runner
+    from painn_export.files import file_sha256
+    from painn_export.runners import loader_for
 
-    runner, facts = open_runner(model_path, runtime, device)
+    loader = loader_for(model_path, options.runtime, options.dtype)
+    facts = loader.facts()
     if settings.cell and not facts.stress:
         raise CellNeedsStressError(
             f"--cell needs a model with stress, and {model_path or 'the bundled model'} has none "
             "(export it with stress, or relax the atoms only)"
         )
+    runner = loader.runner(options.device)
     runner.activate()
     try:
         if settings.cell and not runner.has_stress:
             raise CellNeedsStressError(f"--cell needs a model with stress, and {model_path} serves none")
-        model_sha256 = file_sha256(model_path or demo_model_path())
+        model_sha256 = file_sha256(loader.path)
         fingerprint = RelaxFingerprint(
             **fingerprint_fields(input_path, info, model_sha256, runner.identity()),
             fmax=float(settings.fmax),
@@ -279,7 +239,7 @@ def _relax_locked(
         )
         frames = settings.steps // settings.trajectory_every + 1 if settings.trajectory_every else 0
         extra = _datasets(info.n_structures, info.n_atoms, frames)
-        open_partial(partial, output_path, fingerprint, resume, extra)
+        open_partial(partial, output_path, fingerprint, options.resume, extra)
 
         with InputReader(input_path) as reader:
             out = _RelaxOutput(partial, reader.offsets)
@@ -300,13 +260,13 @@ def _relax_locked(
                     settings,
                     out,
                     summary,
-                    batch_limits(facts.profiles, *limits),
-                    workers,
+                    batch_limits(facts.profiles, options.max_atoms, options.max_edges),
+                    options.neighbour_workers,
                     observer,
                 )
                 bar = Progress(
                     info.n_structures - summary.already_done,
-                    enabled=progress,
+                    enabled=options.progress,
                     label=f"relax, {runner.name} on {runner.device}",
                 )
                 loop.bar = bar
@@ -452,8 +412,7 @@ class _Loop:
         self.input_path, self.reader, self.runner, self.facts = input_path, reader, runner, facts
         self.settings, self.out, self.summary, self.limits = settings, out, summary, limits
         self.workers, self.observer = workers, observer
-        self.graph_settings = GraphSettings(facts.cutoff, facts.max_neighbors, facts.num_elements)
-        self.dtype = np.float64 if runner.precision == "float64" else np.float32
+        self.graph_settings = GraphSettings.of(facts, runner)
         self.bar = None
         self.done: list[_Finished] = []  # finished since the last checkpoint
         self.batch: list[_Member] = []
@@ -568,8 +527,7 @@ class _Loop:
 
     def _refill(self, items, waiting: _Member | None) -> _Member | None:
         """Admit structures in order while the budget holds; returns the one left waiting, if any."""
-        atoms = sum(m.n_atoms for m in self.batch)
-        degree = max((m.graph.max_degree for m in self.batch), default=0)
+        budget = Budget(self.limits, [m.graph for m in self.batch])
         while True:
             if waiting is None:
                 item = None if items is None else next(items, None)
@@ -597,34 +555,26 @@ class _Loop:
                     self.next_index = item.index + 1
                     waiting = None
                     continue
-            grown_atoms = atoms + waiting.n_atoms
-            grown_degree = max(degree, waiting.graph.max_degree)
-            if self.batch and not self.limits.admit(grown_atoms, grown_degree):
+            if not budget.admits(waiting.graph):
                 return waiting
             self.batch.append(waiting)
+            budget.add(waiting.graph)
             self.next_index = waiting.index + 1
-            atoms, degree = grown_atoms, grown_degree
             waiting = None
 
     def _evaluate(self, members: list[_Member]) -> list:
-        """``(energy, forces, stress)`` per member, or a string (too large alone); halves on failure."""
-        try:
-            out = self.runner.infer(self.limits.collate([m.graph for m in members], self.dtype))
-        except BatchTooLargeError as exc:
-            if len(members) == 1:
-                return [f"failed alone in a batch: {str(exc).splitlines()[0][:130]}"]
-            half = len(members) // 2
-            return self._evaluate(members[:half]) + self._evaluate(members[half:])
-        self.summary.model_seconds += self.runner.last_inference_s
-        results, atom = [], 0
-        for k, m in enumerate(members):
-            n = m.n_atoms
-            stress = np.asarray(out["stress"][k], np.float64) if "stress" in out else None
-            forces = np.asarray(out["forces"][atom : atom + n], np.float64)
-            results.append((float(out["energy"][k]), forces, stress))
-            atom += n
-            self.summary.atom_evaluations += n
-        return results
+        """``(energy, forces, stress)`` per member (float64), or a too_large message (:func:`infer_split`)."""
+        results = infer_split(self.runner, [m.graph for m in members], self.limits, self.summary)
+        out = []
+        for m, result in zip(members, results):
+            if isinstance(result, str):
+                out.append(result)
+                continue
+            energy, forces, stress = result
+            stress = None if stress is None else np.asarray(stress, np.float64)
+            out.append((energy, np.asarray(forces, np.float64), stress))
+            self.summary.atom_evaluations += m.n_atoms
+        return out
 
     def _advance(self, m: _Member, result) -> bool:
         """Converged, out of steps, diverged (it leaves), or one FIRE step (it stays: True)."""

@@ -23,54 +23,30 @@ what is done kept (:mod:`pipelines.signals`).
 
 from __future__ import annotations
 
-import os
-import signal
 import time
-from collections import deque
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import asdict
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
 from painn_export.schema import InputReader, validate_input
-from pipelines.batches import Summary, batch_limits, chunks, evaluate
-from pipelines.graphs import GraphSettings, build_items, init_worker_process, items_from
+from pipelines.batches import Summary, batch_limits, evaluate
+from pipelines.graphs import GraphSettings, WorkerError, neighbour_items
+from pipelines.options import RunOptions
 from pipelines.output import (
     STATUS,
     SUCCESS,
     Fingerprint,
-    OutputLock,
     ResumeError,
+    RunInterruptedError,
     Writer,
-    input_sha256,
+    fingerprint_fields,
     open_partial,
-    output_folder,
-    partial_path,
-    refuse_same_file,
+    output_session,
 )
 from pipelines.progress import Progress
-from pipelines.signals import run_ignoring_stop_signals, signal_of, stop_on_signals
 
-__all__ = ["STATUS", "ResumeError", "RunInterruptedError", "Summary", "WorkerError", "run_file"]
-
-
-class WorkerError(RuntimeError):
-    """A neighbour-list worker process died or could not start."""
-
-
-class RunInterruptedError(RuntimeError):
-    """A stop signal (Ctrl-C, SIGTERM, SIGHUP): what was done is kept; ``--resume`` continues."""
-
-    def __init__(self, sig: signal.Signals, partial: Path) -> None:
-        if partial.exists():
-            what = f"what was computed is kept in {partial}: rerun with --resume to continue"
-        else:
-            what = "before any result was written: rerun the command to start"
-        super().__init__(f"stopped by {sig.name}; {what}")
-        self.signal = sig
-        self.exit_code = 128 + sig  # the shell's convention: 130 SIGINT, 129 SIGHUP, 143 SIGTERM
+__all__ = ["STATUS", "ResumeError", "RunInterruptedError", "RunOptions", "Summary", "WorkerError", "run_file"]
 
 
 def run_file(
@@ -78,134 +54,68 @@ def run_file(
     output_path: str | Path,
     model_path: str | Path | None = None,
     *,
-    runtime: str = "onnxruntime",
-    device: str = "auto",
-    max_atoms: int = 4096,
-    max_edges: int | None = None,
-    workers: int = 1,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool | None = None,
+    options: RunOptions | None = None,
     ray=None,
+    **changes,
 ) -> Summary:
     """Evaluate every structure of ``input_path``; write results to ``output_path``.
 
-    An existing output or partial output is never replaced silently: pass
-    ``resume`` to continue (or check) it, ``overwrite`` to start over. A run
-    holds a lock on ``output_path``: a second run on it is refused. With
-    ``ray`` (a :class:`pipelines.ray_run.RayOptions`) the graphs and the
-    inference run on a Ray cluster; this process still writes the output.
-    Before an output file exists, every Ray node is checked to see the same
-    input and model files and to run the same package version.
-    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) is where the runtime
-    runs; one it cannot give raises
-    :class:`~painn_export.errors.RuntimeUnavailableError` before any work.
+    ``options`` (:class:`~pipelines.options.RunOptions`; its fields may also
+    be given as keywords) say which runtime, device, batch limits and
+    workers, and whether to resume or overwrite. An existing output or
+    partial output is never replaced silently: ``resume`` continues (or
+    checks) it, ``overwrite`` starts over. A run holds a lock on
+    ``output_path``: a second run on it is refused. With ``ray`` (a
+    :class:`pipelines.ray_cluster.RayOptions`) the graphs and the inference
+    run on a Ray cluster; this process still writes the output. Before an
+    output file exists, every Ray node is checked to see the same input and
+    model files and to run the same package version. A device the runtime
+    cannot give raises :class:`~painn_export.errors.RuntimeUnavailableError`
+    before any work.
     """
     start = time.perf_counter()
-    if ray is not None and device != "auto" and device != ray.device:
+    options = RunOptions.of(options, **changes)
+    if ray is not None and options.device != "auto" and options.device != ray.device:
         from painn_export.errors import RuntimeUnavailableError
 
         raise RuntimeUnavailableError(
-            f"--device {device} with --ray: the actors run on the GPU Ray gives each with "
+            f"--device {options.device} with --ray: the actors run on the GPU Ray gives each with "
             "--ray-gpus-per-actor (Ray picks which), else on a CPU; give --device auto, cuda or cpu"
         )
     info = validate_input(input_path)
     output_path = Path(output_path)
-    with output_session(input_path, output_path, resume, overwrite) as partial:
-        summary = _run_locked(
-            input_path,
-            output_path,
-            partial,
-            info,
-            model_path,
-            runtime=runtime,
-            device=device,
-            limits=(max_atoms, max_edges),
-            workers=workers,
-            resume=resume,
-            progress=progress,
-            ray=ray,
-        )
+    with output_session(input_path, output_path, options.resume, options.overwrite) as partial:
+        summary = _run_locked(input_path, output_path, partial, info, model_path, options, ray)
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-@contextmanager
-def output_session(input_path, output_path: Path, resume: bool, overwrite: bool) -> Iterator[Path]:
-    """What every command that writes an output runs inside; yields the partial file's path.
+def _run_locked(input_path, output_path: Path, partial: Path, info, model_path, options, ray) -> Summary:
+    from painn_export.files import file_sha256
+    from painn_export.runners import loader_for
 
-    Stop signals (their one line and exit code), the output's folder (made,
-    and removed again if the command fails before writing), its lock, and the
-    refusals: the output is the input, or exists without ``resume`` or
-    ``overwrite``. A stop signal becomes :class:`RunInterruptedError`.
-    """
-    partial = partial_path(output_path)
-    try:
-        with stop_on_signals(), output_folder(output_path), OutputLock(output_path):
-            refuse_same_file(output_path, input_path)
-            refuse_same_file(partial, input_path)
-            if not resume and not overwrite:
-                refuse_to_replace(output_path, partial)
-            yield partial
-    except KeyboardInterrupt as exc:
-        raise RunInterruptedError(signal_of(exc), partial) from exc
-
-
-def refuse_to_replace(output_path: Path, partial: Path) -> None:
-    """Work on disk is never started over silently: name --resume and --overwrite."""
-    if partial.exists():
-        try:
-            import h5py
-
-            with h5py.File(partial, "r") as fh:
-                done = int(np.count_nonzero(fh["status"][...]))
-            what = f"holds {done} finished structures of an earlier run"
-        except (OSError, KeyError):
-            what = "is left from an earlier run"
-        raise ResumeError(f"{partial} {what}: continue it with --resume, or start over with --overwrite")
-    if output_path.exists():
-        raise ResumeError(
-            f"{output_path} exists: replace it with --overwrite, or complete/check it with --resume"
-        )
-
-
-def _run_locked(
-    input_path,
-    output_path: Path,
-    partial: Path,
-    info,
-    model_path,
-    *,
-    runtime,
-    device,
-    limits,
-    workers,
-    resume,
-    progress,
-    ray,
-) -> Summary:
-    from painn_export.checkpoint import file_sha256
-    from painn_export.demo import demo_model_path
-    from painn_export.runners import describe, open_runner
-
-    model_sha256 = file_sha256(model_path or demo_model_path())
+    loader = loader_for(model_path, options.runtime, options.dtype)
+    facts = loader.facts()
+    model_sha256 = file_sha256(loader.path)
     stack = ExitStack()
     if ray is None:
-        runner, facts = open_runner(model_path, runtime, device)
+        runner = loader.runner(options.device)
         runner.activate()
         identity = runner.identity()
+        feed_dtype = runner.feed_dtype
     else:  # the actors run it: this driver reads what they will run from the file, and starts nothing
-        from pipelines.ray_run import cluster
+        from pipelines.ray_cluster import cluster
 
         runner = None
-        identity, facts = describe(model_path, runtime, ray.device)
-        # Every node checked (same files, same version) before the output file exists;
+        identity = loader.identity(ray.device)
+        feed_dtype = np.float64 if identity.precision == "float64" else np.float32
+        # Every node checked (same files, same version, enough GPUs) before the output file exists;
         # Ray (started here, or joined) is left as found when the run ends.
         paths = [str(Path(p).resolve()) for p in (input_path, model_path) if p is not None]
         stack.enter_context(cluster(ray, paths))
     try:
         fingerprint = Fingerprint(**fingerprint_fields(input_path, info, model_sha256, identity))
-        open_partial(partial, output_path, fingerprint, resume)
+        open_partial(partial, output_path, fingerprint, options.resume)
 
         with InputReader(input_path) as reader:
             offsets = reader.offsets
@@ -221,28 +131,37 @@ def _run_locked(
         try:
             pending = writer.pending()
             summary.already_done = info.n_structures - len(pending)
-            limits = batch_limits(facts.profiles, *limits)
-            settings = GraphSettings(facts.cutoff, facts.max_neighbors, facts.num_elements)
+            limits = batch_limits(facts.profiles, options.max_atoms, options.max_edges)
+            settings = GraphSettings.of(facts, feed_dtype)
             where = f"Ray actors on {identity.device}" if runner is None else runner.device
-            bar = Progress(len(pending), enabled=progress, label=f"{identity.runtime} on {where}")
+            bar = Progress(len(pending), enabled=options.progress, label=f"{identity.runtime} on {where}")
             try:
                 if ray is None:
-                    items = neighbour_items(str(input_path), pending, settings, workers)
+                    items = neighbour_items(str(input_path), pending, settings, options.neighbour_workers)
                     evaluate(items, runner, writer, limits, summary, bar)
                 else:
-                    from pipelines.ray_run import RayJob, evaluate_on_ray, ran_by
+                    from pipelines.ray_columns import ran_by
+                    from pipelines.ray_run import RayJob, evaluate_on_ray
 
                     # Absolute paths: every node resolves them the same way (the
                     # preflight checks each node sees the same files there).
                     model = str(Path(model_path).resolve()) if model_path else None
                     expected = ran_by(identity, model_sha256)
-                    job = RayJob(str(Path(input_path).resolve()), model, runtime, settings, limits, expected)
+                    job = RayJob(
+                        str(Path(input_path).resolve()),
+                        model,
+                        options.runtime,
+                        options.dtype,
+                        settings,
+                        limits,
+                        expected,
+                    )
                     evaluate_on_ray(job, pending, ray, writer, summary, bar)
             finally:
                 bar.close()
             summary.counts = writer.status_counts()
             if info.has_reference:
-                _add_mae(summary, input_path, writer)
+                add_mae(summary, input_path, writer)
             finished = len(writer.pending()) == 0
             if ray is not None and not finished:
                 raise WorkerError(
@@ -259,60 +178,7 @@ def _run_locked(
     return summary
 
 
-def fingerprint_fields(input_path, info, model_sha256: str, identity) -> dict:
-    """What every command's fingerprint records: the input, the model file, the package, what ran."""
-    from painn_export.version import __version__
-
-    return {
-        "input_sha256": input_sha256(input_path),
-        "n_structures": info.n_structures,
-        "n_atoms": info.n_atoms,
-        "model_sha256": model_sha256,
-        "package_version": __version__,
-        **asdict(identity),
-    }
-
-
-def neighbour_items(input_path: str, pending: np.ndarray, settings: GraphSettings, workers: int):
-    """Items of every pending structure, in order, from a bounded window of worker tasks."""
-    if workers <= 0:
-        # In this process: a reader of its own (no module state), closed after the run.
-        with InputReader(input_path) as reader:
-            for chunk in chunks(pending):
-                yield from items_from(reader, settings, chunk)
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
-    # spawn: the workers never inherit the runtime's threads or open HDF5 handles.
-    ctx = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(
-        workers,
-        mp_context=ctx,
-        initializer=run_ignoring_stop_signals,
-        initargs=(init_worker_process, input_path, settings),
-    )
-    window: deque = deque()
-    try:
-        for chunk in chunks(pending):
-            window.append(pool.submit(build_items, chunk))
-            if len(window) > 2 * workers:
-                yield from window.popleft().result()
-        while window:
-            yield from window.popleft().result()
-    except BrokenProcessPool as exc:
-        raise WorkerError(
-            "a neighbour-list worker process died or could not start (killed, out of memory, "
-            "or the input became unreadable)"
-        ) from exc
-    finally:
-        # Without waiting: the workers exit in the background while the last
-        # batch runs (they are joined at interpreter exit at the latest).
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _add_mae(summary: Summary, input_path, writer: Writer, block: int = 4096) -> None:
+def add_mae(summary: Summary, input_path, writer: Writer, block: int = 4096) -> None:
     """MAE against the input's reference labels over successful structures, in blocks."""
 
     ok_codes = [STATUS[k] for k in SUCCESS]
@@ -337,8 +203,3 @@ def _add_mae(summary: Summary, input_path, writer: Writer, block: int = 4096) ->
             n_f += f_err.size
     summary.energy_mae_per_atom = e_sum / n_s if n_s else None
     summary.forces_mae = f_sum / n_f if n_f else None
-
-
-def default_workers() -> int:
-    """One neighbour worker per spare core, at least one."""
-    return max(1, min(4, (os.cpu_count() or 2) - 1))

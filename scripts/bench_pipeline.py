@@ -121,7 +121,7 @@ def driver_commit_rate(
 
     from pipelines.output import Fingerprint, Writer, create
     from pipelines.progress import Progress
-    from pipelines.ray_run import _commit, _ragged
+    from pipelines.ray_columns import commit, ragged
     from pipelines.run import Summary
 
     n = batch * batches
@@ -134,8 +134,8 @@ def driver_commit_rate(
         {
             "index": np.arange(b * batch, (b + 1) * batch, dtype=np.int64),
             "energy": rng.normal(size=batch),
-            "forces": _ragged([rng.normal(size=(atoms, 3)) for _ in range(batch)]),
-            "stress": _ragged([np.zeros((0, 3))] * batch),
+            "forces": ragged([rng.normal(size=(atoms, 3)) for _ in range(batch)]),
+            "stress": ragged([np.zeros((0, 3))] * batch),
             "status": np.array(["ok"] * batch, dtype=object),
             "message": np.array([""] * batch, dtype=object),
             "ran_by": np.array([json.dumps({"node": "here", "gpu": ""})] * batch, dtype=object),
@@ -145,7 +145,7 @@ def driver_commit_rate(
     ]
     t = time.perf_counter()
     for block in blocks:
-        _commit(block, {}, writer, summary, bar)
+        commit(block, {}, writer, summary, bar)
     seconds = time.perf_counter() - t
     writer.close()
     return n / seconds, n * atoms * 3 * 8 / seconds / 1e6
@@ -193,7 +193,8 @@ def ray_plan_only(n_structures: int) -> dict:
 
     from pipelines.batches import Limits
     from pipelines.graphs import GraphSettings
-    from pipelines.ray_run import RayJob, RayOptions, connect, plan
+    from pipelines.ray_cluster import RayOptions, connect
+    from pipelines.ray_run import RayJob, plan
 
     def rss_mib() -> float:
         with open("/proc/self/statm") as fh:
@@ -207,7 +208,7 @@ def ray_plan_only(n_structures: int) -> dict:
         ref = ray.put(pending)
         del pending
         settings, limits = GraphSettings(6.0, 50, 100), Limits(4096, np.inf, np.inf)
-        job = RayJob("/nonexistent/in.h5", None, "onnxruntime", settings, limits, expected={})
+        job = RayJob("/nonexistent/in.h5", None, "onnxruntime", None, settings, limits, expected={})
         ds = plan(ray, ref, -(-n_structures // 128), job, RayOptions("local"))
         seconds = time.perf_counter() - start
         after = rss_mib()
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
 
-    from pipelines.run import default_workers
+    from pipelines.graphs import default_workers
 
     workers = default_workers() if args.workers is None else args.workers
     print(
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  end to end : {spread(e2e)}  {args.structures / t_e2e:8.1f} structures/s")
         print(f"  efficiency : {t_model / t_e2e:8.2f}")
         if args.ray:
-            from pipelines.ray_run import RayOptions, connect
+            from pipelines.ray_cluster import RayOptions, connect
 
             # Cold: each run starts its own Ray and stops it (--ray local). Warm: a Ray already
             # running that the run joins (--ray auto on a cluster): the actors still start per run.

@@ -18,6 +18,7 @@ FLOORS = {
     0: {  # core: the contract, the model and the graph, with no runtime library
         "painn_export",
         "painn_export.version",
+        "painn_export.files",
         "painn_export.contract",
         "painn_export.errors",
         "painn_export.config",
@@ -45,19 +46,51 @@ FLOORS = {
         "painn_export.opcheck",
         "painn_export.trt",
         "painn_export.runners",
+        "painn_export.runners.base",
+        "painn_export.runners.loaders",
+        "painn_export.runners.eager",
+        "painn_export.runners.ort",
+        "painn_export.runners.aot",
+        "painn_export.runners.engine",
         "painn_export.demo",
     },
-    2: {"painn_export.parity", "painn_export.ase", "painn_export.cli"},  # applications
+    2: {  # applications
+        "painn_export.parity",
+        "painn_export.ase",
+        "painn_export.cli",
+        "painn_export.plots",
+        "painn_export.parity_report",
+    },
 }
 FLOOR_OF = {m: f for f, mods in FLOORS.items() for m in mods}
 PIPELINES = 3  # the pipelines package: on top of everything
 
 
+# Modules that never import torch, not even through another module of the project: the
+# neighbour workers block torch (pipelines.graphs), and a driver that only reads files needs none.
+NUMPY_ONLY = {
+    "painn_export.version",
+    "painn_export.files",
+    "painn_export.contract",
+    "painn_export.errors",
+    "painn_export.readout",
+    "painn_export.metadata",
+    "painn_export.batch",
+    "painn_export.neighbors",
+    "painn_export._neighbors_kernel",
+    "painn_export.schema",
+    "painn_export.samples",
+}
+
+
 def modules() -> dict[str, Path]:
     out = {}
     for package in ("painn_export", "pipelines"):
-        for path in sorted((ROOT / package).glob("*.py")):
-            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            if "data" in parts:
+                continue
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
             out[name] = path
     return out
 
@@ -137,10 +170,38 @@ def test_readme_layout_table_lists_the_floors():
     listed: dict[int, set[str]] = {}
     for row in re.findall(r"^\| (\d) [^|]*\| ([^|]*) \|", section, re.M):
         floor_number, cell = int(row[0]), row[1]
-        names = re.findall(r"`(?:data/)?([a-z_]+)\.py`", cell)
-        listed[floor_number] = {"painn_export" if n == "__init__" else f"painn_export.{n}" for n in names}
+        names = re.findall(r"`(?:data/)?((?:runners/)?[a-z_]+)\.py`", cell)
+        listed[floor_number] = {
+            "painn_export"
+            if n == "__init__"
+            else "painn_export." + n.replace("/__init__", "").replace("/", ".")
+            for n in names
+        }
     want = {f: {m for m in mods if m != "painn_export"} for f, mods in FLOORS.items()}
     assert {f: listed.get(f, set()) - {"painn_export"} for f in want} == want
+
+
+def test_the_numpy_only_floor_never_imports_torch():
+    """Each NUMPY_ONLY module imports in a fresh interpreter where ``import torch`` fails, and none
+    of them imports (even lazily) a project module outside that set."""
+    import subprocess
+    import sys
+
+    deps = graph()
+    leaks = [
+        f"{m} imports {d}"
+        for m in sorted(NUMPY_ONLY)
+        for d in sorted(deps[m])
+        if d not in NUMPY_ONLY | {"painn_export"}
+    ]
+    assert not leaks, "\n".join(leaks)
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['cupy'] = None\n"
+        + "".join(f"import {m}\n" for m in sorted(NUMPY_ONLY))
+        + "assert 'torch' not in {k for k, v in sys.modules.items() if v is not None}"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize(

@@ -104,6 +104,37 @@ def test_run_matches_model_and_flags_bad_inputs(tmp_path, runtime):
     assert not (tmp_path / "out.partial.h5").exists()
 
 
+@pytest.mark.parametrize("how", ["onnx_float64", "torch_float64"])
+def test_a_float64_model_is_fed_float64_through_the_pipeline(tmp_path, how):
+    """A float64 export, and the float64 torch runtime, give the float64 model's numbers through
+    `painn-batch run` and `relax` (one step), within 1e-10 relative: the feed is collated in the
+    runner's dtype (it was float32 for every runner: 4e-6 eV off, with a fingerprint saying float64)."""
+    from painn_export.checkpoint import load_model
+    from painn_export.demo import demo_model_path
+    from pipelines.relax import RelaxSettings, relax_file
+    from pipelines.run import run_file
+
+    model = load_model(demo_model_path()).to(torch.float64)
+    samples = [s for s in example_set(seed=3, sizes=(40, 90)) if s.positions.shape[0] > 1]
+    inp = write_input(tmp_path / "in.h5", [(s.atomic_numbers, s.positions, s.cell, s.pbc) for s in samples])
+    if how == "onnx_float64":
+        model_path, kw = export_onnx(model, tmp_path / "m64.onnx", dtype=torch.float64), {}
+    else:
+        model_path, kw = demo_model_path(), {"runtime": "torch", "dtype": "float64"}
+    want = model.predict(collate(graphs_for(model, samples), np.float64))
+    natoms = np.array([s.positions.shape[0] for s in samples])
+    summary = run_file(inp, tmp_path / "o.h5", model_path, workers=0, progress=False, **kw)
+    relaxed = relax_file(
+        inp, tmp_path / "r.h5", model_path, settings=RelaxSettings(steps=0), workers=0, progress=False, **kw
+    )
+    assert summary.counts == {"ok": len(samples)} and relaxed.counts == {"not_converged": len(samples)}
+    for out in ("o.h5", "r.h5"):
+        with h5py.File(tmp_path / out) as fh:
+            assert fh.attrs["fingerprint_precision"] == "float64"
+            assert_close("energy", fh["energy"][...] / natoms, want["energy"] / natoms, "pipeline", "float64")
+            assert_close("forces", fh["forces"][...], want["forces"], "pipeline", "float64")
+
+
 def test_all_ok_exits_zero_and_reports_mae(tmp_path):
     model = make_model(SMALL, torch.float32)
     path = save_model(model, tmp_path / "m.pt")
@@ -376,6 +407,43 @@ def test_batches_that_do_not_fit_are_split_down_to_one_structure(tmp_path):
     assert summary.computed == len(items)
     assert all(status[k] == STATUS["ok"] for k in range(6))
     assert status[-1] == STATUS["too_large"] and b"Failed to allocate" in message[-1]
+
+
+def test_a_split_batch_is_retried_after_the_failed_attempt_is_freed(tmp_path):
+    """Out of memory: the halves run after the failed forward's arrays are gone (a traceback holds
+    its frames; a retry inside the ``except`` ran with that memory still taken, pytorch #18853), and
+    after the runner gave back its cached device memory. A weak reference to an array the failing
+    call made must be dead when the next call starts. ``run_batch`` is what ``run`` and the Ray
+    actors call; ``relax`` calls the same ``infer_split``."""
+    import weakref
+
+    from pipelines.batches import infer_split, run_batch
+    from pipelines.progress import Progress
+
+    made, calls = [], []
+
+    def fail(feed):
+        alive = [ref for ref in made if ref() is not None]
+        assert not alive, "retried while the failed attempt's activations were alive"
+        calls.append(len(feed["positions"]))
+        if len(feed["positions"]) > 40:
+            activations = np.ones((1000, 64))  # what the failed forward had allocated
+            made.append(weakref.ref(activations))
+            raise _OrtFailError("Failed to allocate memory for requested buffer of size 67108864")
+
+    runner = _fake_runner(fail)
+    freed = []
+    runner.free_memory = lambda: freed.append(len(calls))
+    items, writer, summary = _split_setup(tmp_path)
+    run_batch(runner, items, writer, summary, Progress(len(items), enabled=False), NO_LIMITS)
+    status = writer.fh["status"][...]
+    writer.close()
+    assert len(made) >= 2 and freed == [k for k, n in enumerate(calls, 1) if n > 40]
+    assert (status[:6] == STATUS["ok"]).all() and status[-1] == STATUS["too_large"]
+    made.clear()
+    results = infer_split(runner, [it.graph for it in items], NO_LIMITS)
+    assert isinstance(results[-1], str) and results[-1].startswith("failed alone in a batch: ")
+    assert all(isinstance(r, tuple) for r in results[:-1]) and len(made) >= 2
 
 
 def test_other_runtime_errors_end_the_run_instead_of_splitting(tmp_path):

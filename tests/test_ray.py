@@ -25,7 +25,7 @@ from test_pipeline import CLI, _done, _many, _read, _structures
 from painn_export import save_model
 from painn_export.schema import write_input
 from pipelines.cli import main
-from pipelines.ray_run import RayOptions
+from pipelines.ray_cluster import RayOptions
 from pipelines.run import run_file
 
 from checks import assert_close
@@ -259,13 +259,13 @@ class _StubRay:
 def test_preflight_names_the_node_and_what_it_lacks(tmp_path, monkeypatch):
     """Another package version, a missing file or another file at the same path: one line, before work."""
     from painn_export.version import __version__
-    from pipelines.ray_run import PreflightError, _node_facts, preflight
+    from pipelines.ray_cluster import PreflightError, node_facts, preflight
 
     monkeypatch.setitem(sys.modules, "ray.util.scheduling_strategies", type(sys)("stub"))
     sys.modules["ray.util.scheduling_strategies"].NodeAffinitySchedulingStrategy = lambda *a, **k: None
     path = tmp_path / "in.h5"
     path.write_bytes(b"structures")
-    good = _node_facts([str(path)])
+    good = node_facts([str(path)])
     assert good["version"] == __version__ and good["files"][str(path)][0] == len(b"structures")
     cases = {
         "runs painn-export 0.0.1": {**good, "node": "gpu7", "version": "0.0.1"},
@@ -355,7 +355,7 @@ def test_results_from_an_actor_that_ran_something_else_are_refused(tmp_path):
     written."""
     from pipelines.output import Fingerprint, Writer, create
     from pipelines.progress import Progress
-    from pipelines.ray_run import ActorMismatchError, _commit, _ragged
+    from pipelines.ray_columns import ActorMismatchError, commit, ragged
     from pipelines.run import Summary
 
     expected = {"package_version": "1.0", "model_sha256": "abc", "runtime": "onnxruntime-cpu"}
@@ -368,8 +368,8 @@ def test_results_from_an_actor_that_ran_something_else_are_refused(tmp_path):
         return {
             "index": np.arange(2),
             "energy": np.ones(2),
-            "forces": _ragged([np.ones((3, 3))] * 2),
-            "stress": _ragged([np.zeros((0, 3))] * 2),
+            "forces": ragged([np.ones((3, 3))] * 2),
+            "stress": ragged([np.zeros((0, 3))] * 2),
             "status": np.array(["ok"] * 2, dtype=object),
             "message": np.array([""] * 2, dtype=object),
             "ran_by": np.array([ran_by] * 2, dtype=object),
@@ -379,12 +379,12 @@ def test_results_from_an_actor_that_ran_something_else_are_refused(tmp_path):
     for wrong in ({"package_version": "0.9"}, {"model_sha256": "def"}, {"runtime": "onnxruntime-cuda"}):
         summary = Summary(n_structures=2)
         with pytest.raises(ActorMismatchError, match="on node gpu7") as caught:
-            _commit(block(**wrong), expected, writer, summary, Progress(2, enabled=False))
+            commit(block(**wrong), expected, writer, summary, Progress(2, enabled=False))
         (key,) = wrong
         assert f"{key}=" in str(caught.value) and "\n" not in str(caught.value)
         assert len(writer.pending()) == 2  # nothing written
     summary = Summary(n_structures=2)
-    _commit(block(), expected, writer, summary, Progress(2, enabled=False))
+    commit(block(), expected, writer, summary, Progress(2, enabled=False))
     assert len(writer.pending()) == 0 and summary.model_seconds == 0.5 and summary.atoms == 6
     writer.close()
 
@@ -397,7 +397,8 @@ def test_an_actor_takes_the_cpus_it_was_given_and_reports_what_ran(tmp_path, che
     from painn_export.runners import describe
     from pipelines.batches import batch_limits
     from pipelines.graphs import GraphSettings
-    from pipelines.ray_run import RayJob, _graph_rows, _Inference, ran_by
+    from pipelines.ray_columns import ran_by
+    from pipelines.ray_run import Inference, RayJob, graph_task
 
     monkeypatch.setenv("PAINN_EXPORT_CACHE", str(tmp_path / "cache"))
     inp = write_input(tmp_path / "in.h5", _many(20, seed=2))
@@ -406,10 +407,12 @@ def test_an_actor_takes_the_cpus_it_was_given_and_reports_what_ran(tmp_path, che
     identity, facts = describe(checkpoint, "onnxruntime", "cpu")
     settings = GraphSettings(facts.cutoff, facts.max_neighbors, facts.num_elements)
     expected = ran_by(identity, file_sha256(checkpoint))
-    job = RayJob(str(inp), str(checkpoint), "onnxruntime", settings, batch_limits((), 4096, None), expected)
-    actor = type("Inference", (_Inference,), {"job": (job, "cpu", 2)})()
+    job = RayJob(
+        str(inp), str(checkpoint), "onnxruntime", None, settings, batch_limits((), 4096, None), expected
+    )
+    actor = type("Inference", (Inference,), {"job": (job, "cpu", 2)})()
     assert actor.runner.threads == 2
-    rows = _graph_rows({"id": np.array([0])}, np.arange(20), str(inp), settings)
+    rows = graph_task({"id": np.array([0])}, np.arange(20), str(inp), settings)
     assert rows["positions"].dtype == object and rows["positions"][0].ndim == 2  # one array a row
     out = actor(rows)
     report = json.loads(out["ran_by"][0])

@@ -1,0 +1,67 @@
+"""What `painn-batch run` and `relax` are asked to do, in one frozen object: each default written once.
+
+The CLI's option groups build it (:mod:`pipelines.cli`), the library takes
+it (:func:`pipelines.run.run_file`, :func:`pipelines.relax.relax_file`),
+and a script may pass its fields as keywords instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+from painn_export.trt import DEFAULT_MAX_ATOMS
+from pipelines.fire import FireParams
+
+SKIN = 1.0  # Å: Verlet skin of each structure's neighbour list
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The model, the batches and the output of a run or a relaxation."""
+
+    runtime: str | None = None  # torch, onnxruntime, tensorrt, aoti; None: the model file's own
+    device: str = "auto"  # auto, cpu, cuda, cuda:N: where the runtime runs
+    dtype: str | None = None  # float32, float64: a checkpoint's precision (None: the model file's own)
+    max_atoms: int = DEFAULT_MAX_ATOMS  # atoms per batch
+    max_edges: int | None = None  # padded edges per batch (atoms x slots per atom); None: no limit
+    workers: int | None = (
+        None  # neighbour-list worker processes (0: in the main one); None: default_workers()
+    )
+    resume: bool = False  # continue OUT.partial.h5 (same input, model and settings)
+    overwrite: bool = False  # start over, replacing OUT and OUT.partial.h5
+    progress: bool | None = None  # a progress bar (None: when stderr is a terminal)
+
+    def __post_init__(self) -> None:
+        if self.resume and self.overwrite:
+            raise ValueError("give --resume or --overwrite, not both")
+        if self.max_atoms < 1 or (self.max_edges is not None and self.max_edges < 1):
+            raise ValueError(
+                f"--max-atoms and --max-edges must be at least 1, got {self.max_atoms}, {self.max_edges}"
+            )
+
+    @classmethod
+    def of(cls, options: RunOptions | None = None, **changes) -> RunOptions:
+        """``options`` (default: every default) with ``changes``; an unknown name is a TypeError."""
+        unknown = set(changes) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown run options {sorted(unknown)}")
+        return replace(options or cls(), **changes)
+
+    @property
+    def neighbour_workers(self) -> int:
+        from pipelines.graphs import default_workers
+
+        return default_workers() if self.workers is None else self.workers
+
+
+@dataclass(frozen=True)
+class RelaxSettings:
+    """What decides a relaxation: convergence, steps, the cell, checkpoints, trajectory, skin."""
+
+    fmax: float = 0.05  # eV/Å (and eV on the cell rows with cell=True)
+    steps: int = 300  # most FIRE steps per structure
+    cell: bool = False  # relax the cell too (FrechetCellFilter)
+    fire: FireParams = field(default_factory=FireParams)
+    checkpoint_every: int = 20  # model calls between checkpoints of the optimiser state
+    trajectory_every: int = 0  # keep every Nth step's geometry and energy (0: none)
+    skin: float = SKIN  # Å
