@@ -114,6 +114,40 @@ class DeviceGraphs:
             raise ValueError(f"n_slots={K} is fewer than the {max(need, 1)} slots the busiest atom needs")
         return slot_layout(self, dtype, K, n_pairs)
 
+    def select(self, structures) -> DeviceGraphs:
+        """The graphs of some of these structures (``[m]`` increasing indices into the ``ok`` ones).
+
+        For packing: build a large chunk once, then cut it into batches by the
+        exact ``n_edges`` and ``max_degree``; each batch's :meth:`feed` is the
+        feed of those structures alone. ``status`` stays the whole chunk's.
+        """
+        device = self.positions.device
+        chosen = np.asarray(structures, dtype=np.int64).reshape(-1)
+        if chosen.size and (
+            np.any(np.diff(chosen) <= 0) or chosen[0] < 0 or chosen[-1] >= self.natoms.numel()
+        ):
+            raise ValueError(f"structures must be increasing indices below {self.natoms.numel()}")
+        keep = torch.zeros(self.natoms.numel(), dtype=torch.bool, device=device)
+        keep[torch.as_tensor(chosen, device=device)] = True
+        system = torch.repeat_interleave(torch.arange(self.natoms.numel(), device=device), self.natoms)
+        atoms = keep[system]  # [n_atoms]
+        new_atom = torch.cumsum(atoms.to(torch.int64), 0) - 1
+        edges = atoms[self.edge_index[1]]  # [n_edges]
+        new_edge = torch.cumsum(edges.to(torch.int64), 0) - 1
+        return DeviceGraphs(
+            status=self.status,
+            atomic_numbers=self.atomic_numbers[atoms],
+            positions=self.positions[atoms],
+            cell=self.cell[keep],
+            natoms=self.natoms[keep],
+            edge_index=new_atom[self.edge_index[:, edges]],
+            cell_shift=self.cell_shift[edges],
+            edge_shift=self.edge_shift[edges],
+            edge_reverse=new_edge[self.edge_reverse[edges]],
+            n_edges=self.n_edges[chosen],
+            max_degree=self.max_degree[chosen],
+        )
+
 
 def device_feed(
     positions,

@@ -240,6 +240,21 @@ def test_feed_is_bitwise_collate_of_the_host_graphs(dtype, rng):
         device_feed(*batch(structures), cutoff=5.0, max_neighbors=20, n_pairs=3)
 
 
+def test_a_selection_is_the_feed_of_those_structures_alone(rng):
+    """Graphs built for a chunk, then cut into batches: each batch's feed is bitwise collate's of its
+    structures' host graphs (edges, reverses and atoms renumbered)."""
+    structures = mixed(rng)
+    graphs = build_graphs(*batch(structures), cutoff=5.0, max_neighbors=20)
+    host = [canonical_graph(s.graph(5.0, 20)) for s in structures]
+    for chosen in ([0, 3, 4, 9], [len(structures) - 1], list(range(1, len(structures), 2))):
+        feed = graphs.select(chosen).feed(torch.float64)
+        want = collate([host[k] for k in chosen], np.float64)
+        for name, value in want.items():
+            assert feed[name].numpy().tobytes() == value.tobytes(), (chosen, name)
+    with pytest.raises(ValueError, match="increasing"):
+        graphs.select([3, 1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_model_outputs(dtype, rng):
     """The model on the device feed: bitwise the host feed in the device's edge order; within
