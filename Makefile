@@ -25,6 +25,7 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/painn-batch run examples/emt_examples.h5 --output out/emt_examples.out.h5 --json
+	$(VENV)/bin/painn-batch report out/emt_examples.out.h5 --input examples/emt_examples.h5
 
 lint: install
 	$(VENV)/bin/ruff check .

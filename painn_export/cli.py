@@ -332,6 +332,12 @@ def _profiles(ranges: dict) -> list:
 @click.option("--limit", type=int, default=64, show_default=True, help="Structures read from --input.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated structures.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(file_okay=False),
+    help="Also write a report folder: index.html, one PNG per figure, report.json.",
+)
 @device_option("Where PyTorch float32 and ONNX Runtime run (cuda: PyTorch float64 on the GPU too).")
 def parity_cmd(
     checkpoint,
@@ -345,6 +351,7 @@ def parity_cmd(
     limit,
     seed,
     as_json,
+    report_dir,
     device,
 ):
     """Run every available runtime on the same structures against PyTorch float64, twice each.
@@ -387,6 +394,15 @@ def parity_cmd(
         rows = run_parity(model, runners, samples)
     except RuntimeUnavailableError as exc:
         unavailable(exc)
+    if report_dir:
+        from painn_export.parity_report import write_parity_report
+        from painn_export.plots import ReportError
+
+        try:
+            index = write_parity_report(rows, [s.name for s in samples], report_dir)
+        except ReportError as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(f"wrote {index}", err=True)
     passed = all(r.comparison.passed for r in rows)
     if as_json:
         from painn_export.parity import nondeterministic

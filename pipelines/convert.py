@@ -278,13 +278,20 @@ def convert(
 
 
 def export_extxyz(
-    result: str | Path, input_path: str | Path, output: str | Path, prefix: str = "painn_"
+    result: str | Path,
+    input_path: str | Path,
+    output: str | Path,
+    prefix: str = "painn_",
+    indices: list[int] | None = None,
 ) -> int:
     """Write the input structures with a run's results under ``prefix`` keys as extxyz.
 
+    ``indices``: only these structures (0-based, in the files' order), e.g.
+    the worst ones a ``painn-batch report`` lists; default every one.
+
     The result must have been computed from ``input_path`` (its input
     fingerprint is checked). Frames are written one at a time, so memory does
-    not grow with the file, into ``OUTPUT.writing``, renamed when complete and
+    not grow with the file, into a temporary file beside OUTPUT, renamed when complete and
     removed on any failure. The text is UTF-8 whatever the locale.
     """
     import h5py
@@ -313,9 +320,14 @@ def export_extxyz(
                 f"{result} was not computed from {input_path} (input fingerprints differ): "
                 "give the --input that painn-batch run read"
             )
+        if indices is not None:
+            indices = sorted(set(indices))
+            if indices and not 0 <= indices[0] <= indices[-1] < reader.n_structures:
+                raise ConvertError(f"--index: {input_path} has structures 0 to {reader.n_structures - 1}")
+        selected = enumerate(iter_structures(input_path)) if indices is None else _picked(reader, indices)
         count = 0
-        with written_whole(Path(output), ".writing") as tmp, open(tmp, "w", encoding="utf-8") as out:
-            for s, sample in enumerate(iter_structures(input_path)):
+        with written_whole(Path(output)) as tmp, open(tmp, "w", encoding="utf-8") as out:
+            for s, sample in selected:
                 atoms = Atoms(
                     numbers=sample.atomic_numbers,
                     positions=sample.positions,
@@ -337,3 +349,12 @@ def export_extxyz(
                 ase.io.write(out, atoms, format="extxyz")
                 count += 1
     return count
+
+
+def _picked(reader, indices: list[int]):
+    """``(index, Sample)`` of the structures ``indices``, read one at a time."""
+    from painn_export.samples import Sample
+
+    for s in indices:
+        z, pos, cell, pbc = reader.structures(s, s + 1)
+        yield s, Sample(reader.ids(s, s + 1)[0], z, pos, cell[0], pbc[0])
