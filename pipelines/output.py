@@ -56,10 +56,59 @@ STATUS = {
     "not_converged": 12,  # --steps taken without converging; the last geometry is written
     "diverged": 13,  # non-finite energy or forces, or atoms closer than the guard, mid-relaxation
 }
+# What each status means: the report page and docs/failures.md show it.
+STATUS_MEANING = {
+    "pending": "not computed yet: the run was stopped, or is still running (--resume computes it)",
+    "ok": "energy and forces computed (and the stress, where the model has one)",
+    "nonfinite_positions": "a position is NaN or inf",
+    "bad_cell": "a periodic lattice vector is NaN, zero or not independent of the others "
+    "(relax --cell: a structure not periodic in all three directions)",
+    "unknown_element": "an atomic number outside the model's 1..num_elements",
+    "empty_structure": "no atoms",
+    "atoms_too_close": "two atoms, or an atom and its own periodic image, closer than 0.5 Å",
+    "nonfinite_output": "the model returned NaN or inf for it",
+    "bad_shape": "positions, cell, pbc or atomic numbers of the wrong shape",
+    "ok_no_stress": "energy and forces computed; the stress is NaN because the cell has no volume",
+    "too_large": "out of memory (or beyond a TensorRT engine's profiles) even alone in a batch",
+    "converged": "relaxed: the largest force on a free atom (and cell row with --cell) below --fmax",
+    "not_converged": "--steps taken without converging; the last geometry, energy and forces are written",
+    "diverged": "energy, forces or stress not finite, or atoms closer than 0.5 Å, during the relaxation",
+}
 SUCCESS = {"ok", "ok_no_stress"}
 RELAXED = {"converged"}  # what counts as success for a relaxation
 MESSAGE_BYTES = 160
-_FILL_ROWS = 1 << 20  # rows written per block when preallocating
+
+# What to do about each status: with STATUS_MEANING, the table docs/failures.md shows (status_table).
+STATUS_ADVICE = {
+    "pending": "rerun the command with --resume",
+    "ok": "use it",
+    "nonfinite_positions": "fix the input structure",
+    "bad_cell": "give real lattice vectors, or mark the axis non-periodic",
+    "unknown_element": "a model trained on that element",
+    "empty_structure": "-",
+    "atoms_too_close": "check the structure (a duplicated atom, a cell too small)",
+    "nonfinite_output": "report it with the structure",
+    "bad_shape": "fix the input file (painn-batch convert writes the schema)",
+    "ok_no_stress": "expected for molecules and slabs without a cell",
+    "too_large": "a smaller --max-atoms does not help: a device with more memory, or an engine with "
+    "larger profiles",
+    "converged": "use it",
+    "not_converged": "raise --steps, or check the structure (a saddle, a soft mode)",
+    "diverged": "the model leaves its training domain along the path: check the start geometry, "
+    "or use a better model",
+}
+
+
+def status_table() -> str:
+    """Every status as docs/failures.md shows it (tests/test_contract.py keeps them equal)."""
+    lines = ["| status | code | meaning | what to do |", "| --- | ---: | --- | --- |"]
+    for name, code in STATUS.items():
+        lines.append(f"| `{name}` | {code} | {STATUS_MEANING[name]} | {STATUS_ADVICE[name]} |")
+    return "\n".join(lines)
+
+
+_FILL_ROWS = 1 << 20  # rows read per block when hashing the input
+_FILL_BYTES = 1 << 26  # bytes written per block when preallocating (rows of any size)
 
 
 class ResumeError(ValueError):
@@ -156,8 +205,10 @@ def _fill(fh, fp: Fingerprint, status_codes: dict[str, int], extra) -> None:
     datasets = {name: (shape, np.float64, np.nan) for name, shape in shapes.items()}
     for name, (shape, dtype, fill) in {**datasets, **(extra or {})}.items():
         ds = fh.create_dataset(name, shape=shape, dtype=dtype)
-        for lo in range(0, shape[0], _FILL_ROWS):
-            hi = min(lo + _FILL_ROWS, shape[0])
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+        block = max(1, _FILL_BYTES // max(1, row_bytes))
+        for lo in range(0, shape[0], block):
+            hi = min(lo + block, shape[0])
             ds[lo:hi] = np.full((hi - lo, *shape[1:]), fill, dtype=dtype)
     fh.create_dataset("status", data=np.zeros(fp.n_structures, np.int8))
     fh.create_dataset("message", data=np.zeros(fp.n_structures, f"S{MESSAGE_BYTES}"))
@@ -187,6 +238,12 @@ def check_resumable(path: Path, fp: Fingerprint) -> None:
         raise ResumeError(
             f"{path} was written by another painn-batch command (its fingerprint has {', '.join(extra)}): "
             "resume it with that command, or write to another output"
+        )
+    missing = sorted(set(asdict(fp)) - set(stored))
+    if missing:  # e.g. a run's partial file given to `relax`
+        raise ResumeError(
+            f"{path} was written by another painn-batch command (its fingerprint lacks "
+            f"{', '.join(missing)}): resume it with that command, or write to another output"
         )
     for key, value in asdict(fp).items():
         got = stored.get(key)

@@ -45,7 +45,7 @@ from painn_export.plots import (
     report_folder,
     write_page,
 )
-from pipelines.output import SUCCESS
+from pipelines.output import STATUS_MEANING, SUCCESS
 from pipelines.report_data import (
     BINS_1D,
     Output,
@@ -65,23 +65,6 @@ DEFAULT_MAX_POINTS = 100_000  # points in a scatter plot; past that, a 2-D histo
 WORST = 20  # structures in each "worst" table
 
 # What each status in pipelines.output.STATUS means (tests/test_report.py holds the keys equal).
-STATUS_MEANING = {
-    "pending": "not computed yet: the run was stopped, or is still running (--resume computes it)",
-    "ok": "energy and forces computed (and the stress, where the model has one)",
-    "nonfinite_positions": "a position is NaN or inf",
-    "bad_cell": "a periodic lattice vector is NaN, zero or not independent of the others "
-    "(relax --cell: a structure not periodic in all three directions)",
-    "unknown_element": "an atomic number outside the model's 1..num_elements",
-    "empty_structure": "no atoms",
-    "atoms_too_close": "two atoms, or an atom and its own periodic image, closer than 0.5 Å",
-    "nonfinite_output": "the model returned NaN or inf for it",
-    "bad_shape": "positions, cell, pbc or atomic numbers of the wrong shape",
-    "ok_no_stress": "energy and forces computed; the stress is NaN because the cell has no volume",
-    "too_large": "out of memory (or beyond a TensorRT engine's profiles) even alone in a batch",
-    "converged": "relaxed: the largest force on a free atom (and cell row with --cell) below --fmax",
-    "not_converged": "--steps taken without converging; the last geometry, energy and forces are written",
-    "diverged": "energy, forces or stress not finite, or atoms closer than 0.5 Å, during the relaxation",
-}
 
 
 def default_folder(output: str | Path) -> Path:

@@ -137,8 +137,9 @@ class CompiledRunner:
 
 
 def runners_for(model, stress: bool, device: str, tmp: Path, compile_it: bool | str = True) -> dict:
-    """Each runtime present here, by name: ONNX Runtime only on a provider for ``device``;
-    ``compile_it``: torch.compile too, and with ``"all"`` AOTInductor as well."""
+    """Each runtime present here, by name, exported or compiled once for ``device`` (``cuda:N``
+    included): ONNX Runtime only on a provider for ``device``; ``compile_it``: torch.compile too,
+    and with ``"all"`` AOTInductor as well."""
     from painn_export.aoti import export_aoti, have_compiler
     from painn_export.export import export_onnx
     from painn_export.runners import AOTInductorRunner, OnnxRuntimeRunner, TorchRunner
@@ -147,10 +148,9 @@ def runners_for(model, stress: bool, device: str, tmp: Path, compile_it: bool | 
     if compile_it:
         out["torch.compile"] = lambda: CompiledRunner(model, device, stress)
     if compile_it == "all" and have_compiler():
-        target = "cuda" if device.startswith("cuda") else "cpu"
-        out["aoti"] = lambda: AOTInductorRunner(
-            export_aoti(model, tmp / f"{id(model)}.pt2", device=target, stress=stress), device=device
-        )
+        target = device if device.startswith("cuda") else "cpu"  # cuda:N: compiled on that GPU
+        package = export_aoti(model, tmp / f"{id(model)}.pt2", device=target, stress=stress)
+        out["aoti"] = lambda: AOTInductorRunner(package, device=device)
     try:
         import onnxruntime
 
@@ -160,6 +160,10 @@ def runners_for(model, stress: bool, device: str, tmp: Path, compile_it: bool | 
     except ImportError:
         pass
     return out
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
 
 
 def throughput(device: str, sizes: dict, zoo: dict, repeats: int) -> list[dict]:
@@ -172,11 +176,16 @@ def throughput(device: str, sizes: dict, zoo: dict, repeats: int) -> list[dict]:
             config = "demo" if name == "demo" else "ocp"
             if name == "ocp-gradient":
                 continue  # the direct OCP model stands for the OCP size; the gradient one is in parity
+            # --quick compiles the demo model only, and not ahead of time: the smoke test stays short
+            compile_it = "all" if not sizes.get("quick") else name == "demo"
+            try:  # exported and compiled once per model, then timed at every size
+                made = runners_for(model, stress, device, Path(tmp), compile_it)
+            except Exception as exc:  # an export that fails here is reported, not fatal
+                rows.append({"model": name, "atoms": 0, "runtime": "export", "error": _error(exc)})
+                continue
             for n_atoms in sizes[config]:
                 feed = batch(model.config, n_atoms)
-                # --quick compiles the demo model only, and not ahead of time: the smoke test stays short
-                compile_it = "all" if not sizes.get("quick") else name == "demo"
-                for runtime, make in runners_for(model, stress, device, Path(tmp), compile_it).items():
+                for runtime, make in made.items():
                     row = {"model": name, "atoms": len(feed["positions"]), "runtime": runtime}
                     try:
                         runner = make()
@@ -200,7 +209,7 @@ def throughput(device: str, sizes: dict, zoo: dict, repeats: int) -> list[dict]:
                             else None,
                         )
                     except Exception as exc:  # a runtime that fails here is reported, not fatal
-                        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                        row["error"] = _error(exc)
                     rows.append(row)
                     if cuda:
                         torch.cuda.empty_cache()
@@ -252,6 +261,8 @@ def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [f"# GPU check, {env['date']}", "", f"`{report['command']}`", ""]
     lines += [f"- {k}: {v}" for k, v in env.items() if k != "date"]
+    for section, error in report.get("errors", {}).items():
+        lines += ["", f"**The {section} section failed**: {error}"]
     lines += ["", "## Parity (float32 on the device against float64 on the CPU; repeat: bitwise)", ""]
     lines += [
         "| model | runtime | quantity | max abs | max rel | passed |",
@@ -290,6 +301,16 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_report(report: dict, out: Path) -> None:
+    """``gpu_check.json`` and ``gpu_check.md`` with what is done so far (each written whole)."""
+    from painn_export.files import written_whole
+
+    with written_whole(out / "gpu_check.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
+    with written_whole(out / "gpu_check.md") as tmp:
+        tmp.write_text(markdown(report), encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -307,19 +328,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sizes = QUICK if args.quick else FULL
     start = time.perf_counter()
-    zoo = models(args.quick)
+    args.out.mkdir(parents=True, exist_ok=True)
     report = {
         "command": "python scripts/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "environment": environment(args.device),
+        "parity": [],
+        "throughput": [],
+        "pipeline": [],
     }
-    report["parity"] = parity(args.device, args.quick, zoo)
-    report["throughput"] = throughput(args.device, sizes, zoo, sizes["repeats"])
-    report["pipeline"] = pipeline(args.device, sizes["structures"])
-    report["seconds"] = round(time.perf_counter() - start, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
-    (args.out / "gpu_check.md").write_text(markdown(report), encoding="utf-8")
-    failed = [r for r in report["parity"] if not r["passed"]]
+    zoo = models(args.quick)
+    sections = (
+        ("parity", lambda: parity(args.device, args.quick, zoo)),
+        ("throughput", lambda: throughput(args.device, sizes, zoo, sizes["repeats"])),
+        ("pipeline", lambda: pipeline(args.device, sizes["structures"])),
+    )
+    for name, run in sections:  # the report is written after each section: a failure keeps the others
+        try:
+            report[name] = run()
+        except Exception as exc:
+            report.setdefault("errors", {})[name] = _error(exc)
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        write_report(report, args.out)
+    failed = [r for r in report["parity"] if not r["passed"]] + list(report.get("errors", {}))
     print(
         f"gpu_check: {len(report['parity'])} parity rows ({len(failed)} failed), "
         f"{len(report['throughput'])} throughput rows, {report['seconds']} s; wrote {args.out}/gpu_check.md"

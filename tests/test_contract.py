@@ -1,27 +1,40 @@
-"""Facts written once: the README's contract table, the version and the import floors."""
+"""Facts written once: the docs' generated tables (contract, statuses, exit codes) and the version."""
 
 import re
 from pathlib import Path
 
+import pytest
 import tomllib
-
-from painn_export.contract import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def readme_section(begin: str, end: str) -> str:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    match = re.search(re.escape(begin) + r"\n(.*?)\n" + re.escape(end), text, re.S)
-    assert match, f"README.md lacks the {begin} ... {end} markers"
+def doc_section(doc: str, name: str) -> str:
+    text = (ROOT / doc).read_text(encoding="utf-8")
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    match = re.search(re.escape(begin) + r"\n(.*?)\n?" + re.escape(end), text, re.S)
+    assert match, f"{doc} lacks the {begin} ... {end} markers"
     return match.group(1).strip()
 
 
-def test_readme_contract_table_is_the_contract():
-    got = readme_section("<!-- contract:begin -->", "<!-- contract:end -->")
-    assert got == markdown_table().strip(), (
-        "README.md's contract table differs from painn_export/contract.py; paste the output of "
-        "python -c 'from painn_export.contract import markdown_table; print(markdown_table())'"
+@pytest.mark.parametrize(
+    "doc, name, make",
+    [
+        ("docs/contract.md", "contract", "painn_export.contract:markdown_table"),
+        ("docs/failures.md", "statuses", "pipelines.output:status_table"),
+        ("docs/failures.md", "exit-codes", "pipelines.cli:exit_code_table"),
+    ],
+)
+def test_generated_tables_in_the_docs_are_the_code(doc, name, make):
+    """Tables the docs show are made by the code that holds the facts; a hand edit, or a new
+    status or exit code, fails here until the table is pasted again."""
+    import importlib
+
+    module, function = make.split(":")
+    want = getattr(importlib.import_module(module), function)().strip()
+    assert doc_section(doc, name) == want, (
+        f"{doc}'s {name} table differs from {make}; paste the output of "
+        f"python -c 'from {module} import {function}; print({function}())'"
     )
 
 

@@ -183,3 +183,100 @@ def test_gpu_check_quick_on_the_cpu(tmp_path):
     assert {"eager", "onnxruntime"} <= runtimes, report["throughput"]
     assert report["pipeline"] and report["pipeline"][0]["device"] == "cpu"
     assert "| model |" in (tmp_path / "gpu_check.md").read_text()
+
+
+# What the GPU machine's image ('cuda', read on 2026-11-17; the device tool's KINDS.md) already has:
+# make gpu-check carries, as wheels, only what the check imports beyond these.
+GPU_IMAGE = set(
+    """absl-py accelerate attrs certifi click cloudpickle contourpy cuda-bindings cuda-core cycler cython
+    filelock flatbuffers fonttools fsspec h5py idna jinja2 joblib kiwisolver llvmlite markupsafe matplotlib
+    ml-dtypes mpmath networkx numba numpy onnx onnx-ir onnxruntime onnxscript packaging pandas pillow pip
+    pluggy protobuf psutil pyarrow pygments pyparsing pytest python-dateutil pyyaml requests rich scipy
+    setuptools six sympy threadpoolctl tqdm triton torch typing-extensions urllib3 wheel""".split()
+)
+
+
+def test_the_gpu_check_wheel_list_covers_what_the_check_imports(tmp_path):
+    """Every distribution the quick check loads, beyond the GPU image's own, is in docs/gpu.md's
+    `pip download` list (a missing one fails on the GPU machine, which has no registry)."""
+    import re
+
+    code = (
+        "import importlib.metadata as md, json, sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'scripts')!r})\n"
+        "import gpu_check\n"
+        f"rc = gpu_check.main(['--device', 'cpu', '--quick', '--out', {str(tmp_path)!r}])\n"
+        "tops = {m.split('.')[0] for m in sys.modules}\n"
+        "dists = {d for t, ds in md.packages_distributions().items() if t in tops for d in ds}\n"
+        "print(json.dumps(sorted(dists)))\n"
+        "sys.exit(rc)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = {d.lower().replace("_", "-") for d in json.loads(proc.stdout.strip().splitlines()[-1])}
+    text = (ROOT / "docs" / "gpu.md").read_text(encoding="utf-8")
+    block = re.search(r"pip download[^\n]*\\\n(?:[^\n]*\\\n)*[^\n]*", text).group(0)
+    listed = set(
+        re.findall(r"^\s+([a-z0-9][a-z0-9._-]*[a-z0-9])\s*(?:\\|$)", block.replace(" ", "\n    "), re.M)
+    )
+    listed = {w.lower().replace("_", "-") for w in listed if not w.startswith("-")}
+    ours = {"painn-export"}
+    missing = sorted(loaded - GPU_IMAGE - ours - {d for d in loaded if d.startswith("nvidia-")} - listed)
+    assert not missing, f"docs/gpu.md's wheel list lacks {missing} (loaded: {sorted(loaded)})"
+
+
+def test_the_gpu_check_writes_each_section_as_it_goes(tmp_path, monkeypatch):
+    """A section that fails is reported, and what came before it is on disk (it wrote at the end only)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    monkeypatch.setattr(gpu_check, "models", lambda quick: {})
+    monkeypatch.setattr(
+        gpu_check,
+        "parity",
+        lambda *a: [
+            {
+                "model": "m",
+                "runtime": "r",
+                "quantity": "energy",
+                "max_abs": 0.0,
+                "max_rel": 0.0,
+                "passed": True,
+            }
+        ],
+    )
+
+    def broken(*args):
+        raise RuntimeError("out of device memory\nmore")
+
+    monkeypatch.setattr(gpu_check, "throughput", broken)
+    monkeypatch.setattr(gpu_check, "pipeline", lambda *a: [])
+    assert gpu_check.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 1
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["parity"][0]["passed"] and report["errors"] == {
+        "throughput": "RuntimeError: out of device memory"
+    }
+    assert "throughput" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_a_cuda_index_beyond_the_gpus_is_one_line_for_every_runner(tmp_path, monkeypatch):
+    """cuda:N past the GPUs torch sees (here: one, pretended): one line naming N and how many there
+    are, before anything touches a GPU; AOTInductor's was a traceback."""
+    from painn_export.runners import AOTInductorRunner
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    package = tmp_path / "m.pt2"
+    import zipfile
+
+    with zipfile.ZipFile(package, "w") as archive:  # a package's facts, compiled for the GPU
+        archive.writestr("painn_export.json", json.dumps({"device": "cuda", "metadata": {}}))
+    for runner in (
+        AOTInductorRunner(package, device="cuda:3"),
+        TorchRunner(make_model(SMALL, torch.float32), device="cuda:3"),
+    ):
+        with pytest.raises(RuntimeUnavailableError, match=r"no CUDA device 3 \(torch .* sees 1\)") as caught:
+            runner.activate()
+        assert len(str(caught.value).splitlines()) == 1

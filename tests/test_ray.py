@@ -188,7 +188,7 @@ def test_without_ray_the_option_says_what_to_install(tmp_path, monkeypatch):
 
 
 def test_relative_paths_from_another_directory_on_the_default_runtime(tmp_path, checkpoint, monkeypatch):
-    """The README's form: relative --model and input, ONNX Runtime (the default), from another folder.
+    """docs/ray.md's form: relative --model and input, ONNX Runtime (the default), from another folder.
 
     The driver starts no runtime and exports nothing: the actors export the
     checkpoint into their (here empty) cache, and their results say what ran.
@@ -280,16 +280,16 @@ def test_preflight_names_the_node_and_what_it_lacks(tmp_path, monkeypatch):
 
 
 def _readme_cluster_command() -> str:
-    """The README's driver command for a cluster (the ``--ray auto`` line), continuation joined."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = readme.split("### On a Ray cluster", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    """docs/ray.md's driver command for a cluster (the ``--ray auto`` line), continuation joined."""
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "ray.md").read_text()
+    block = readme.split("# On a Ray cluster", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     lines = block.replace("\\\n", " ").splitlines()
     (line,) = [line for line in lines if "--ray auto" in line]
     return line.split("#", 1)[0].strip()
 
 
 def test_the_readme_cluster_example_on_three_nodes(tmp_path, checkpoint, fresh_ray, monkeypatch):
-    """The README's cluster command, as written, on a head and two worker nodes of this machine.
+    """docs/ray.md's cluster command, as written, on a head and two worker nodes of this machine.
 
     The default runtime (ONNX Runtime) on the README's relative paths; the
     result equals the local pipeline's. Then a node whose Python finds
@@ -422,3 +422,24 @@ def test_an_actor_takes_the_cpus_it_was_given_and_reports_what_ran(tmp_path, che
     assert_close("energy", out["energy"][order], want["energy"], "repeat", "any")
     forces = np.concatenate([out["forces"][k] for k in order])
     assert_close("forces", forces, want["forces"], "repeat", "any")
+
+
+def test_gpu_actors_need_that_many_gpus_of_one_kind():
+    """--ray-gpus-per-actor beyond the cluster's GPUs waited for Ray Data's timeout, its warning
+    hidden: now one line before any output exists, and GPUs of two kinds are refused too."""
+    from pipelines.ray_cluster import ClusterError, check_gpus
+
+    def node(gpus, kind="H100", alive=True, address="10.0.0.1"):
+        resources = {"CPU": 16.0, "GPU": float(gpus)} if gpus else {"CPU": 16.0}
+        if gpus:
+            resources[f"accelerator_type:{kind}"] = 1.0
+        return {"Alive": alive, "Resources": resources, "NodeManagerAddress": address}
+
+    check_gpus([node(0)], RayOptions("auto", actors=4))  # CPU actors need no GPU
+    check_gpus([node(2), node(2, address="10.0.0.2")], RayOptions("auto", actors=4, gpus_per_actor=1))
+    with pytest.raises(ClusterError, match=r"needs 4 GPUs, and the cluster has 2"):
+        check_gpus([node(2), node(2, alive=False)], RayOptions("auto", actors=4, gpus_per_actor=1))
+    with pytest.raises(ClusterError, match=r"several kinds: A100 \(10.0.0.2\), H100 \(10.0.0.1\)"):
+        check_gpus(
+            [node(2), node(2, "A100", address="10.0.0.2")], RayOptions("auto", actors=2, gpus_per_actor=1)
+        )

@@ -23,8 +23,8 @@ from click.testing import CliRunner
 
 from painn_export.plots import ReportError, number, report_folder
 from pipelines.cli import main as batch_main
-from pipelines.output import STATUS
-from pipelines.report import STATUS_MEANING, write_report
+from pipelines.output import STATUS, STATUS_MEANING
+from pipelines.report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "emt_examples.h5"
