@@ -1,10 +1,10 @@
 """Facts written once: the docs' generated tables (contract, statuses, exit codes) and the version."""
 
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
