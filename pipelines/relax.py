@@ -19,12 +19,14 @@ The loop, on one runner:
 4. **Output.** Per structure: final positions, cell, energy, forces (as the
    model gives them, fixed atoms included), stress where the model has it,
    steps and a status (``converged``, ``not_converged``, ``diverged`` or an
-   input status). Every ``checkpoint_every`` model calls, the optimiser state
-   of the batch is written to one of two checkpoint slots, and then the
-   results finished since the last checkpoint, and only then does the file
-   point at the new slot: a run killed at any moment resumes (``--resume``)
-   from a consistent state, and, the batches being rebuilt exactly, gives the
-   same numbers, bitwise on a deterministic runtime, with the same options.
+   input status). Every ``checkpoint_every`` model calls, and once more when
+   a stop signal ends the run, the optimiser state of the structures in
+   flight goes to a sidecar file (:mod:`pipelines.relax_checkpoint`: written
+   under a temporary name, then the results finished since the last
+   checkpoint, then renamed): a run killed at any moment resumes
+   (``--resume``) from a consistent state, and, the batches being rebuilt
+   exactly, gives the same numbers, bitwise on a deterministic runtime, with
+   the same options. The sidecar goes when the run ends.
 
 Output datasets, beyond ``run``'s (:mod:`pipelines.output`):
 
@@ -32,16 +34,18 @@ Output datasets, beyond ``run``'s (:mod:`pipelines.output`):
 ``positions``      float64  ``[Σn, 3]``     Å, final geometry (NaN until final)
 ``cell``           float64  ``[S, 3, 3]``   Å, final cell (changes only with ``--cell``)
 ``steps``          int32    ``[S]``         FIRE steps taken (-1 until final)
+``fmax``           float64  ``[S]``         the largest force at the final geometry (eV/Å; eV on the
+                                            cell rows with ``--cell``), what convergence tests
 ``trajectory_*``   float64  ``[Σn, F, 3]``  ``--trajectory-every N``: positions at steps 0, N, 2N, ...
                                             (NaN after the end); ``_cell`` ``[S, F, 3, 3]``,
                                             ``_energy`` and ``_fmax`` ``[S, F]``; F = steps // N + 1
-``ckpt_slot``      int8     ``[1]``         the checkpoint slot in force (0: none yet)
-``ckptK_*``        ...                      slot K (1, 2): the state of the structures in flight
 =================  =======  ==============  ==============================================
 """
 
 from __future__ import annotations
 
+import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,16 +60,23 @@ from pipelines.fire import FireState, fire_step, generalized_forces, max_force
 from pipelines.graphs import MIN_SEPARATION, GraphSettings, neighbour_items
 from pipelines.options import RelaxSettings, RunOptions
 from pipelines.output import (
+    MESSAGE_BYTES,
     RELAXED,
     STATUS,
     Fingerprint,
     Writer,
+    _contiguous_runs,
     fingerprint_fields,
     open_partial,
     output_session,
 )
 from pipelines.progress import Progress
-from pipelines.signals import check_stop
+from pipelines.relax_checkpoint import Checkpoint, Saved, checkpoint_path, discard, fingerprint_of
+from pipelines.relax_checkpoint import read as read_checkpoint
+from pipelines.relax_checkpoint import writing as writing_checkpoint
+from pipelines.signals import Stopped, check_stop, stop_at_safe_points
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CellNeedsStressError", "RelaxSettings", "RelaxSummary", "relax_file"]
 
@@ -87,13 +98,15 @@ class RelaxFingerprint(Fingerprint):
 
 @dataclass
 class RelaxSummary(Summary):
-    steps: int = 0  # FIRE steps taken by this run, over all structures
+    steps: int = 0  # FIRE steps taken by this run, over all structures (not those before a --resume)
     model_calls: int = 0  # batched inferences
     atom_evaluations: int = 0  # atoms x evaluations (an evaluation per step, and one at the start)
     graph_seconds: float = 0.0  # wall time building graphs (searches, filters, canonical order)
     searches: int = 0  # neighbour searches (the rest were skin-list filters)
     mean_batch_atoms: float = 0.0
     reference: dict | None = None  # relaxed energies against the input's reference, if it has one
+    planned_bytes: int = 0  # the output file's size, allocated when it is created (0: resumed)
+    checkpoint_bytes: int = 0  # the largest checkpoint sidecar this run wrote
 
     def as_dict(self) -> dict:
         report = super().as_dict()
@@ -109,6 +122,8 @@ class RelaxSummary(Summary):
                 "searches": self.searches,
                 "mean_batch_atoms": round(self.mean_batch_atoms, 1),
                 "reference": self.reference,
+                "planned_bytes": self.planned_bytes,
+                "checkpoint_bytes": self.checkpoint_bytes,
             }
         )
         return report
@@ -128,6 +143,7 @@ class _Member:
     state: FireState
     skin: SkinGraph
     graph: Graph | None = None
+    fmax: float = float("nan")  # at the last evaluation
 
     @property
     def n_atoms(self) -> int:
@@ -140,6 +156,7 @@ class _Finished:
     status: str
     message: str
     state: FireState | None = None
+    fmax: float = float("nan")
     energy: float = float("nan")
     forces: np.ndarray | None = None
     stress: np.ndarray | None = None
@@ -184,7 +201,7 @@ def _datasets(n_structures: int, n_atoms: int, frames: int = 0) -> dict:
         "positions": ((n_atoms, 3), np.float64, np.nan),
         "cell": ((n_structures, 3, 3), np.float64, np.nan),
         "steps": ((n_structures,), np.int32, -1),
-        "ckpt_slot": ((1,), np.int8, 0),
+        "fmax": ((n_structures,), np.float64, np.nan),
     }
     if frames:
         sets.update(
@@ -195,20 +212,31 @@ def _datasets(n_structures: int, n_atoms: int, frames: int = 0) -> dict:
                 "trajectory_fmax": ((n_structures, frames), np.float64, np.nan),
             }
         )
-    for k in (1, 2):
-        sets.update(
-            {
-                f"ckpt{k}_positions": ((n_atoms, 3), np.float64, np.nan),
-                f"ckpt{k}_velocity": ((n_atoms, 3), np.float64, np.nan),
-                f"ckpt{k}_cell": ((n_structures, 3, 3), np.float64, np.nan),
-                f"ckpt{k}_cell_velocity": ((n_structures, 3, 3), np.float64, np.nan),
-                # dt, a, downhill steps (ASE's Nsteps), steps taken
-                f"ckpt{k}_scalars": ((n_structures, 4), np.float64, np.nan),
-                f"ckpt{k}_member": ((n_structures,), np.int8, 0),
-                f"ckpt{k}_meta": ((2,), np.int64, 0),  # next structure to enter, model calls so far
-            }
-        )
     return sets
+
+
+def planned_bytes(n_structures: int, n_atoms: int, stress: bool, extra: dict) -> int:
+    """Bytes of the output's data: ``run``'s datasets (:mod:`pipelines.output`) and ``extra``."""
+    shapes = {
+        "energy": ((n_structures,), np.float64),
+        "forces": ((n_atoms, 3), np.float64),
+        "status": ((n_structures,), np.int8),
+        "message": ((n_structures,), np.dtype(f"S{MESSAGE_BYTES}")),
+    }
+    if stress:
+        shapes["stress"] = ((n_structures, 3, 3), np.float64)
+    shapes.update({name: (shape, dtype) for name, (shape, dtype, _) in extra.items()})
+    return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in shapes.values())
+
+
+def _refuse_small_disk(partial: Path, need: int) -> None:
+    """One line when the output's folder has less free space than the file will take."""
+    free = shutil.disk_usage(partial.parent).free
+    if need > free:
+        raise ValueError(
+            f"{partial} needs {need / 1e9:.2f} GB and {partial.parent} has {free / 1e9:.2f} GB free: "
+            "free some space, write the output elsewhere, or keep fewer trajectory frames"
+        )
 
 
 def _relax_locked(
@@ -239,10 +267,17 @@ def _relax_locked(
         )
         frames = settings.steps // settings.trajectory_every + 1 if settings.trajectory_every else 0
         extra = _datasets(info.n_structures, info.n_atoms, frames)
+        ckpt = checkpoint_path(output_path)
+        creating = not (options.resume and (partial.exists() or output_path.exists()))
+        need = planned_bytes(info.n_structures, info.n_atoms, fingerprint.stress, extra) if creating else 0
+        if creating:
+            log.info("relax: creating %s, %.3f GB", partial, need / 1e9)
+            _refuse_small_disk(partial, need)
+            discard(ckpt)  # a checkpoint belongs to the partial output it was written with
         open_partial(partial, output_path, fingerprint, options.resume, extra)
 
         with InputReader(input_path) as reader:
-            out = _RelaxOutput(partial, reader.offsets)
+            out = _RelaxOutput(partial, reader.offsets, ckpt, resumed=not creating)
             summary = RelaxSummary(
                 output=str(output_path),
                 runtime=runner.name,
@@ -250,6 +285,7 @@ def _relax_locked(
                 provider=runner.provider,
                 gpu=runner.gpu,
                 n_structures=info.n_structures,
+                planned_bytes=need,
             )
             try:
                 loop = _Loop(
@@ -281,32 +317,41 @@ def _relax_locked(
                 out.close()
         if finished:
             partial.replace(output_path)
+            discard(ckpt)  # after the rename: a kill between leaves a finished output and an empty checkpoint
     finally:
         runner.deactivate()
     return summary
 
 
 class _RelaxOutput:
-    """The partial output: final results through :class:`~pipelines.output.Writer`, and checkpoints."""
+    """The partial output (final results through :class:`~pipelines.output.Writer`) and its checkpoint."""
 
-    def __init__(self, path: Path, offsets: np.ndarray) -> None:
+    def __init__(self, path: Path, offsets: np.ndarray, ckpt: Path, resumed: bool) -> None:
         self.writer = Writer(path, offsets)
         self.fh = self.writer.fh
         self.offsets = offsets
+        self.ckpt = ckpt
+        self.resumed = resumed  # trajectory frames of a killed run may lie past a structure's new end
+        self.fingerprint = fingerprint_of(self.fh)
 
     def close(self) -> None:
         self.writer.close()
 
     def commit(self, done: list[_Finished]) -> None:
-        """Final results: geometry and steps, energies and forces, flushed, then statuses."""
+        """Final results: geometry, steps and fmax, energies and forces, flushed, then statuses."""
         if not done:
             return
         fh, off = self.fh, self.offsets
-        for d in done:
-            if d.state is not None:
-                fh["positions"][off[d.index] : off[d.index + 1]] = d.state.positions
-                fh["cell"][d.index] = d.state.cell
-                fh["steps"][d.index] = d.state.steps
+        ended = sorted((d for d in done if d.state is not None), key=lambda d: d.index)
+        for run in _contiguous_runs([d.index for d in ended]):
+            part = ended[run.start : run.stop]
+            s0, s1 = part[0].index, part[-1].index + 1
+            fh["positions"][off[s0] : off[s1]] = np.concatenate([d.state.positions for d in part])
+            fh["cell"][s0:s1] = np.stack([d.state.cell for d in part])
+            fh["steps"][s0:s1] = [d.state.steps for d in part]
+            fh["fmax"][s0:s1] = [d.fmax for d in part]
+        if self.resumed and "trajectory_energy" in fh:
+            self._clear_frames_after(ended)
         rows = [
             (d.index, d.energy, d.forces, d.stress, d.status)
             for d in done
@@ -314,6 +359,19 @@ class _RelaxOutput:
         ]
         self.writer.commit_results(rows)  # flushes, then the statuses
         self.writer.commit_status([(d.index, d.status, d.message) for d in done if d.forces is None])
+
+    def _clear_frames_after(self, ended: list[_Finished]) -> None:
+        """NaN in each structure's frames after its last: a killed run may have gone further."""
+        fh, off = self.fh, self.offsets
+        every = int(fh.attrs["fingerprint_trajectory_every"])
+        frames = fh["trajectory_energy"].shape[1]
+        for d in ended:
+            s, f = d.index, d.state.steps // every + 1
+            if f < frames:
+                fh["trajectory_positions"][off[s] : off[s + 1], f:] = np.nan
+                fh["trajectory_cell"][s, f:] = np.nan
+                fh["trajectory_energy"][s, f:] = np.nan
+                fh["trajectory_fmax"][s, f:] = np.nan
 
     def frame(self, m: _Member, f: int, energy: float, fmax: float) -> None:
         """Trajectory frame ``f`` of ``m`` (its current geometry); rewritten alike on a resume."""
@@ -323,54 +381,27 @@ class _RelaxOutput:
         fh["trajectory_energy"][s, f] = energy
         fh["trajectory_fmax"][s, f] = fmax
 
-    def checkpoint(self, members: list[_Member], next_index: int, calls: int) -> int:
-        """Write the members' state into the free slot (flushed); returns that slot."""
-        fh, off = self.fh, self.offsets
-        slot = 2 if int(fh["ckpt_slot"][0]) == 1 else 1
-        member = np.zeros(len(off) - 1, np.int8)
-        for m in members:
-            s, st = m.index, m.state
-            n = m.n_atoms
-            fh[f"ckpt{slot}_positions"][off[s] : off[s + 1]] = st.positions
-            fh[f"ckpt{slot}_velocity"][off[s] : off[s + 1]] = st.velocity[:n]
-            fh[f"ckpt{slot}_cell"][s] = st.cell
-            if st.velocity.shape[0] > n:
-                fh[f"ckpt{slot}_cell_velocity"][s] = st.velocity[n:]
-            fh[f"ckpt{slot}_scalars"][s] = [st.dt, st.a, st.n_positive, st.steps]
-            member[s] = 1
-        fh[f"ckpt{slot}_member"][...] = member
-        fh[f"ckpt{slot}_meta"][...] = [next_index, calls]
-        fh.flush()
-        return slot
-
-    def point_at(self, slot: int) -> None:
-        self.fh["ckpt_slot"][0] = slot
-        self.fh.flush()
-
-    def restore(self) -> tuple[list[tuple[int, dict]], int, int]:
-        """``([(structure, state fields)], next structure to enter, model calls)`` of the slot in force."""
-        fh, off = self.fh, self.offsets
-        slot = int(fh["ckpt_slot"][0])
-        if slot == 0:
-            return [], 0, 0
-        next_index, calls = (int(v) for v in fh[f"ckpt{slot}_meta"][...])
-        states = []
-        for s in np.flatnonzero(fh[f"ckpt{slot}_member"][...]):
-            s = int(s)
-            dt, a, n_positive, steps = fh[f"ckpt{slot}_scalars"][s]
-            states.append(
-                (
-                    s,
-                    {
-                        "positions": fh[f"ckpt{slot}_positions"][off[s] : off[s + 1]],
-                        "velocity": fh[f"ckpt{slot}_velocity"][off[s] : off[s + 1]],
-                        "cell": fh[f"ckpt{slot}_cell"][s],
-                        "cell_velocity": fh[f"ckpt{slot}_cell_velocity"][s],
-                        "scalars": (float(dt), float(a), int(n_positive), int(steps)),
-                    },
-                )
+    def checkpoint(self, members: list[_Member], next_index: int, calls: int):
+        """A context: the members' state written under a temporary name, renamed when it ends well."""
+        states = [
+            Saved(
+                m.index,
+                m.state.positions,
+                m.state.velocity,
+                m.state.cell,
+                m.state.dt,
+                m.state.a,
+                m.state.n_positive,
+                m.state.steps,
             )
-        return states, next_index, calls
+            for m in members
+        ]
+        return writing_checkpoint(self.ckpt, Checkpoint(states, next_index, calls), self.fingerprint)
+
+    def restore(self) -> Checkpoint:
+        """The checkpoint in force (none: nothing in flight, nothing entered)."""
+        off = self.offsets
+        return read_checkpoint(self.ckpt, self.fingerprint, lambda s: int(off[s + 1] - off[s]))
 
 
 def canonical_graph(graph: Graph) -> Graph:
@@ -416,9 +447,11 @@ class _Loop:
         self.bar = None
         self.done: list[_Finished] = []  # finished since the last checkpoint
         self.batch: list[_Member] = []
-        restored, self.next_index, self.calls = out.restore()
-        for s, fields in restored:
-            self.batch.append(self._restored(s, fields))
+        restored = out.restore()
+        self.next_index, self.calls = restored.next_index, restored.calls
+        for saved in restored.states:
+            self.batch.append(self._restored(saved))
+            summary.steps -= saved.steps  # this run's summary counts this run's steps
         status = out.fh["status"][...]
         in_flight = {m.index for m in self.batch}
         summary.already_done = sum(
@@ -434,23 +467,20 @@ class _Loop:
         skin = SkinGraph(self.facts.cutoff, self.facts.max_neighbors, skin=self.settings.skin)
         return _Member(s, z, pbcs[0], state, skin)
 
-    def _restored(self, s: int, fields: dict) -> _Member:
+    def _restored(self, saved: Saved) -> _Member:
+        s = saved.index
         _, _, cells, _ = self.reader.structures(s, s + 1)
         fixed = self.reader.fixed(s, s + 1)
-        dt, a, n_positive, steps = fields["scalars"]
-        velocity = fields["velocity"]
-        if self.settings.cell:
-            velocity = np.concatenate([velocity, fields["cell_velocity"]])
         state = FireState(
-            positions=np.array(fields["positions"], np.float64),
-            cell=np.array(fields["cell"], np.float64),
+            positions=np.array(saved.positions, np.float64),
+            cell=np.array(saved.cell, np.float64),
             orig_cell=np.array(cells[0], np.float64),
             fixed=fixed,
-            velocity=np.array(velocity, np.float64),
-            dt=dt,
-            a=a,
-            n_positive=n_positive,
-            steps=steps,
+            velocity=np.array(saved.velocity, np.float64),
+            dt=saved.dt,
+            a=saved.a,
+            n_positive=saved.n_positive,
+            steps=saved.steps,
         )
         member = self._new_member(s, state)
         failure = self._build_graph(member)
@@ -478,7 +508,7 @@ class _Loop:
 
     def _finish(self, m: _Member, status: str, message: str = "", result=None) -> None:
         energy, forces, stress = result if result is not None else (float("nan"), None, None)
-        self.done.append(_Finished(m.index, status, message, m.state, energy, forces, stress))
+        self.done.append(_Finished(m.index, status, message, m.state, m.fmax, energy, forces, stress))
         self.summary.steps += m.state.steps
         self.summary.atoms += m.n_atoms
         if self.bar is not None:
@@ -493,8 +523,20 @@ class _Loop:
             if len(pending)
             else None
         )
-        waiting: _Member | None = None
         fill = []
+        try:
+            with stop_at_safe_points():  # a signal stops the loop where its state is whole
+                self._steps(items, fill)
+        except Stopped as exc:
+            if exc.safe:
+                self._checkpoint()  # the last: --resume continues from this very step
+            raise
+        finally:
+            self.summary.mean_batch_atoms = float(np.mean(fill)) if fill else 0.0
+        self._checkpoint()  # the last: nothing in flight, every structure entered
+
+    def _steps(self, items, fill: list) -> None:
+        waiting: _Member | None = None
         while True:
             check_stop()
             waiting = self._refill(items, waiting)
@@ -515,15 +557,13 @@ class _Loop:
             self.batch = staying
             if self.calls % self.settings.checkpoint_every == 0:
                 self._checkpoint()
-        self.summary.mean_batch_atoms = float(np.mean(fill)) if fill else 0.0
-        self._checkpoint()  # the last: nothing in flight, every structure entered
 
     def _checkpoint(self) -> None:
-        slot = self.out.checkpoint(self.batch, self.next_index, self.calls)
-        self.out.commit(self.done)  # before pointing at the new slot: see the module doc
+        with self.out.checkpoint(self.batch, self.next_index, self.calls):
+            self.out.commit(self.done)  # before the rename: see the module doc
+        self.summary.checkpoint_bytes = max(self.summary.checkpoint_bytes, self.out.ckpt.stat().st_size)
         self.summary.computed += len(self.done)
         self.done = []
-        self.out.point_at(slot)
 
     def _refill(self, items, waiting: _Member | None) -> _Member | None:
         """Admit structures in order while the budget holds; returns the one left waiting, if any."""
@@ -585,10 +625,11 @@ class _Loop:
         cell_stress = stress if self.settings.cell else None
         finite = np.isfinite(energy) and np.isfinite(forces).all()
         if not finite or (cell_stress is not None and not np.isfinite(cell_stress).all()):
+            m.fmax = float("nan")
             self._finish(m, "diverged", "the model's energy, forces or stress are not finite")
             return False
         gforces = generalized_forces(m.state, forces, cell_stress)
-        fmax = max_force(gforces)
+        fmax = m.fmax = max_force(gforces)
         every = self.settings.trajectory_every
         if every and m.state.steps % every == 0:
             self.out.frame(m, m.state.steps // every, energy, fmax)
@@ -601,6 +642,7 @@ class _Loop:
         fire_step(m.state, gforces, self.settings.fire, self.settings.cell)
         failure = self._build_graph(m)
         if failure is not None:
+            m.fmax = float("nan")  # the geometry written was never evaluated
             self._finish(m, "diverged", failure)
             return False
         return True

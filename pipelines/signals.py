@@ -7,6 +7,10 @@ Python have swallowed it), what was computed stays in the partial output, tempor
 the lock are removed, and the command exits with the shell's convention,
 128 + the signal's number (130, 143, 129). Neighbour workers ignore them and
 leave the stopping to the run, which ends them.
+
+A loop that keeps state worth saving (``relax``'s optimiser) runs inside
+:func:`stop_at_safe_points`: the first signal then stops it at its next
+:func:`check_stop`, where it writes a last checkpoint; a second stops it at once.
 """
 
 from __future__ import annotations
@@ -20,11 +24,16 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Stopped(KeyboardInterrupt):
-    """A stop signal received during a run."""
+    """A stop signal received during a run.
 
-    def __init__(self, signum: int) -> None:
+    ``safe``: raised by :func:`check_stop` at a loop's safe point (its state
+    whole, worth a last checkpoint), not wherever the main thread was.
+    """
+
+    def __init__(self, signum: int, safe: bool = False) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        self.safe = safe
 
 
 def signal_of(exc: KeyboardInterrupt) -> signal.Signals:
@@ -32,14 +41,19 @@ def signal_of(exc: KeyboardInterrupt) -> signal.Signals:
     return signal.Signals(getattr(exc, "signum", signal.SIGINT))
 
 
-_state = {"depth": 0, "received": None}
+_state = {"depth": 0, "received": None, "defer": 0, "forced": False}
 
 
 def _stop(signum, frame) -> None:
-    if _state["received"] is not None:
-        return  # already unwinding: let the cleanup finish
-    _state["received"] = signum
-    raise Stopped(signum)
+    if _state["received"] is None:
+        _state["received"] = signum
+        if _state["defer"]:
+            return  # check_stop raises it at the loop's next safe point
+        raise Stopped(signum)
+    if _state["defer"] and not _state["forced"]:
+        _state["forced"] = True  # a second signal while deferred: stop now, without a last checkpoint
+        raise Stopped(signum)
+    # already unwinding: let the cleanup finish
 
 
 def check_stop() -> None:
@@ -53,7 +67,22 @@ def check_stop() -> None:
     still stops the run there.
     """
     if _state["depth"] and _state["received"] is not None:
-        raise Stopped(_state["received"])
+        raise Stopped(_state["received"], safe=True)
+
+
+@contextmanager
+def stop_at_safe_points() -> Iterator[None]:
+    """Within it (inside :func:`stop_on_signals`), a first stop signal only stops at :func:`check_stop`.
+
+    For a loop that writes a last checkpoint when stopped: the signal must not
+    cut a step in half. A second signal stops at once (``Stopped.safe`` false):
+    what the last checkpoint holds is then what ``--resume`` continues from.
+    """
+    _state["defer"] += 1
+    try:
+        yield
+    finally:
+        _state["defer"] -= 1
 
 
 @contextmanager
@@ -75,6 +104,7 @@ def stop_on_signals() -> Iterator[None]:
         _state["depth"] -= 1
         if _state["depth"] == 0:
             _state["received"] = None
+            _state["forced"] = False
         for s, handler in previous.items():
             signal.signal(s, handler)
 

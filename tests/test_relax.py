@@ -335,21 +335,28 @@ def test_a_structure_too_large_alone_leaves_the_others_relaxing(tmp_path, demo64
     import painn_export.runners as runners
     from painn_export.errors import BatchTooLargeError
 
-    opened = runners.open_runner
+    loader_for = runners.loader_for
 
     def small_device(*args, **kwargs):
-        runner, facts = opened(*args, **kwargs)
-        infer = runner.infer
+        loader = loader_for(*args, **kwargs)
+        make_runner = loader.runner
 
-        def limited(feed):
-            if len(feed["atomic_numbers"]) > 20:
-                raise BatchTooLargeError("out of memory (a test's 20-atom device)")
-            return infer(feed)
+        def runner(*a, **k):
+            runner = make_runner(*a, **k)
+            infer = runner.infer
 
-        runner.infer = limited
-        return runner, facts
+            def limited(feed):
+                if len(feed["atomic_numbers"]) > 20:
+                    raise BatchTooLargeError("out of memory (a test's 20-atom device)")
+                return infer(feed)
 
-    monkeypatch.setattr(runners, "open_runner", small_device)
+            runner.infer = limited
+            return runner
+
+        loader.runner = runner
+        return loader
+
+    monkeypatch.setattr(runners, "loader_for", small_device)
     inp = _write(tmp_path / "in.h5", [_cu(0), _cu(1, repeat=(2, 2, 2)), _cu(2)])
     summary = relax_file(inp, tmp_path / "out.h5", demo64, settings=RelaxSettings(fmax=0.05), workers=0)
     assert summary.counts == {"converged": 2, "too_large": 1}
@@ -421,12 +428,11 @@ def _cli(args, **kw):
     return subprocess.Popen([sys.executable, "-c", CLI, *args], env=env, cwd=ROOT, **kw)
 
 
-def _checkpoint_calls(partial: Path) -> int:
-    """Model calls recorded by the checkpoint in force of a file another process is writing."""
+def _checkpoint_calls(ckpt: Path) -> int:
+    """Model calls recorded by the checkpoint in force of a run another process is doing."""
     try:
-        with h5py.File(partial, "r", locking=False) as fh:
-            slot = int(fh["ckpt_slot"][0])
-            return int(fh[f"ckpt{slot}_meta"][1]) if slot else 0
+        with h5py.File(ckpt, "r", locking=False) as fh:
+            return int(fh.attrs["calls"])
     except (OSError, KeyError):
         return 0
 
@@ -439,13 +445,13 @@ def test_sigterm_and_sigkill_then_resume_is_bitwise_an_uninterrupted_run(tmp_pat
     ref = tmp_path / "ref.h5"
     assert _cli(["relax", str(inp), "-o", str(ref), *options]).wait(timeout=120) == 0
 
-    out, partial = tmp_path / "out.h5", tmp_path / "out.partial.h5"
+    out, partial, ckpt = tmp_path / "out.h5", tmp_path / "out.partial.h5", tmp_path / "out.ckpt.h5"
     # A scheduler's SIGTERM first (exit 143, work kept), then a SIGKILL mid-resume.
     for target, sig, resume in ((10, signal.SIGTERM, []), (40, signal.SIGKILL, ["--resume"])):
         args = ["relax", str(inp), "-o", str(out), *options, *resume]
         proc = _cli(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 120
-        while _checkpoint_calls(partial) < target and proc.poll() is None and time.monotonic() < deadline:
+        while _checkpoint_calls(ckpt) < target and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=30)
@@ -457,8 +463,146 @@ def test_sigterm_and_sigkill_then_resume_is_bitwise_an_uninterrupted_run(tmp_pat
             assert "--resume" in stderr.decode() and not (tmp_path / "out.h5.lock").exists()
     proc = _cli(["relax", str(inp), "-o", str(out), *options, "--resume"], stdout=subprocess.PIPE)
     stdout, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and out.exists() and not partial.exists()
+    assert proc.returncode == 0 and out.exists() and not partial.exists() and not ckpt.exists()
     assert json.loads(stdout.decode().strip().splitlines()[-1])["already_done"] > 0
     got, want = _results(out), _results(ref)
     for key in want:
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def _stop_at_call(k: int, sig: signal.Signals):
+    """An observer that sends this process ``sig`` just before model call ``k`` (counted from 1)."""
+    calls = []
+
+    def observer(members, atoms, following):
+        calls.append(list(members))
+        if len(calls) == k:
+            os.kill(os.getpid(), sig)
+
+    return observer
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_stop_signal_writes_a_last_checkpoint_and_resume_is_bitwise(tmp_path, demo64, sig):
+    """SIGTERM, SIGHUP, Ctrl-C: a last checkpoint at the step the signal came in; --resume continues it."""
+    from pipelines.output import RunInterruptedError
+
+    structures = [_cu(k, repeat=(1 + k % 2, 1, 1), rattle=0.1) for k in range(6)]
+    inp = _write(tmp_path / "in.h5", structures)
+    settings = RelaxSettings(fmax=0.01, steps=60, checkpoint_every=1000, trajectory_every=2)
+    kw = {"settings": settings, "workers": 0, "max_atoms": 40, "progress": False}
+    ref = relax_file(inp, tmp_path / "ref.h5", demo64, **kw)
+    out, ckpt = tmp_path / "out.h5", tmp_path / "out.ckpt.h5"
+    with pytest.raises(RunInterruptedError, match=f"stopped by {sig.name}"):
+        relax_file(inp, out, demo64, observer=_stop_at_call(7, sig), **kw)
+    # No checkpoint was due (every 1000 calls): this one is the signal's, taken before call 7.
+    with h5py.File(ckpt) as fh:
+        assert fh.attrs["calls"] == 6
+        in_flight, steps_in_flight = fh["index"][...], fh["scalars"][:, 3]
+        assert len(in_flight) and fh["positions"].shape[0] <= 40, "the checkpoint holds what is in flight"
+    with h5py.File(tmp_path / "out.partial.h5", "a") as fh:
+        assert not any(k.startswith("ckpt") for k in fh), "checkpoints live beside the output"
+        final = fh["status"][...] != STATUS["pending"]
+        steps_before = int(fh["steps"][...][final].sum())
+        # What a killed run on a non-deterministic runtime may leave past a structure's new end.
+        energy = fh["trajectory_energy"][...]
+        fh["trajectory_energy"][...] = np.where(np.isnan(energy), 7.0, energy)
+    summary = relax_file(inp, out, demo64, resume=True, **kw)
+    assert not ckpt.exists() and not (tmp_path / "out.partial.h5").exists()
+    got, want = _results(out), _results(tmp_path / "ref.h5")
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    with h5py.File(out) as fh, h5py.File(tmp_path / "ref.h5") as ref_fh:
+        np.testing.assert_array_equal(fh["trajectory_energy"][...], ref_fh["trajectory_energy"][...])
+        np.testing.assert_array_equal(fh["fmax"][...], ref_fh["fmax"][...])
+        assert not any(k.startswith("ckpt") for k in fh)
+    # This run's steps: not those taken before the signal.
+    assert summary.steps == ref.steps - steps_before - int(steps_in_flight.sum())
+    assert steps_in_flight.sum() > 0 and summary.steps < ref.steps
+
+
+def test_fmax_dataset_is_the_final_largest_force(tmp_path, demo64):
+    """``fmax`` [S]: the largest force on a free atom at the final geometry; NaN without one."""
+    structures = [_cu(0), _slab(1), _cu(1, rattle=0.3)]
+    inp = _write(tmp_path / "in.h5", structures)
+    relax_file(inp, tmp_path / "out.h5", demo64, settings=RelaxSettings(fmax=0.03, steps=4), workers=0)
+    offsets = np.concatenate([[0], np.cumsum([len(a) for a in structures])])
+    with h5py.File(tmp_path / "out.h5") as fh:
+        fmax, forces, status = fh["fmax"][...], fh["forces"][...], fh["status"][...]
+    for s, atoms in enumerate(structures):
+        f = forces[offsets[s] : offsets[s + 1]].copy()
+        f[_fixed_of(atoms)] = 0.0
+        assert fmax[s] == np.linalg.norm(f, axis=1).max(), f"structure {s}"
+        assert (fmax[s] < 0.03) == (status[s] == STATUS["converged"])
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"fmax": float("nan")}, "--fmax must be a finite force above 0"),
+        ({"fmax": float("inf")}, "--fmax must be a finite force above 0"),
+        ({"fmax": 0.0}, "--fmax must be a finite force above 0"),
+        ({"steps": -1}, "--steps must be at least 0"),
+        ({"checkpoint_every": 0}, "--checkpoint-every must be at least 1"),
+        ({"trajectory_every": -2}, "--trajectory-every must be at least 0"),
+        ({"skin": float("nan")}, "skin must be a finite length"),
+        ({"fire": FireParams(maxstep=0.0)}, "FIRE's maxstep must be finite and above 0"),
+    ],
+)
+def test_nonsense_settings_are_refused(changes, words):
+    with pytest.raises(ValueError, match=words):
+        RelaxSettings(**changes)
+
+
+@pytest.mark.parametrize("fmax", ["nan", "inf"])
+def test_cli_refuses_a_non_finite_fmax_in_one_line(tmp_path, demo64, fmax):
+    inp = _write(tmp_path / "in.h5", [_cu(0)])
+    args = ["relax", str(inp), "--model", str(demo64), "-o", str(tmp_path / "o.h5"), "-q", "--fmax", fmax]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "--fmax must be a finite force above 0" in result.output
+    assert not (tmp_path / "o.partial.h5").exists()
+
+
+def test_relax_refuses_a_run_output_in_one_line(tmp_path, demo64):
+    """relax --resume on run's file: written by another command (it said 'fmax=None')."""
+    from pipelines.run import run_file
+
+    inp = _write(tmp_path / "in.h5", [_cu(0)])
+    run_file(inp, tmp_path / "out.h5", demo64, workers=0, progress=False)
+    args = [str(inp), "--model", str(demo64), "-o", str(tmp_path / "out.h5"), "--workers", "0", "-q"]
+    result = CliRunner().invoke(main, ["relax", *args, "--resume"])
+    assert result.exit_code == 1 and "written by another painn-batch command" in result.output, result.output
+
+
+def test_a_disk_too_small_is_refused_before_writing(tmp_path, demo64, monkeypatch):
+    import shutil
+
+    import pipelines.relax as relax
+
+    inp = _write(tmp_path / "in.h5", [_cu(0), _cu(1)])
+    real = shutil.disk_usage
+    monkeypatch.setattr(relax.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    with pytest.raises(ValueError, match=r"needs 0\.0\d GB and .* has 0\.00 GB free"):
+        relax_file(inp, tmp_path / "o.h5", demo64, workers=0, progress=False)
+    assert not (tmp_path / "o.partial.h5").exists()
+
+
+def test_preallocation_is_blocked_by_bytes(tmp_path, demo64, monkeypatch):
+    """Trajectory rows are large (frames x 3 floats): a block is bytes, not 2^20 rows."""
+    import pipelines.output as output
+
+    monkeypatch.setattr(output, "_FILL_BYTES", 1 << 16)
+    largest, full = [0], np.full
+
+    def counting_full(shape, *args, **kwargs):
+        array = full(shape, *args, **kwargs)
+        if sys._getframe(1).f_code is output._fill.__code__:
+            largest[0] = max(largest[0], array.nbytes)
+        return array
+
+    monkeypatch.setattr(output.np, "full", counting_full)
+    inp = _write(tmp_path / "in.h5", [_cu(k, repeat=(2, 2, 2)) for k in range(8)])
+    settings = RelaxSettings(steps=300, trajectory_every=1)
+    summary = relax_file(inp, tmp_path / "o.h5", demo64, settings=settings, workers=0, progress=False)
+    assert summary.planned_bytes > 256 * 301 * 24  # trajectory_positions alone: 1.8 MB
+    assert 0 < largest[0] <= 1 << 16
