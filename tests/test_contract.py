@@ -46,3 +46,17 @@ def test_version_is_written_once():
     from painn_export.version import __version__
 
     assert version("painn-export") == __version__
+
+
+def test_every_runtime_comparison_bounds_every_quantity_a_runner_returns():
+    """Parity on a stress graph asks for a stress bound: a runtime row without one was a KeyError
+    mid-report (TensorRT's had none)."""
+    from painn_export.tolerances import table
+
+    for (comparison, dtype), rows in table().items():
+        assert all(row.reason and row.atol >= 0 and row.rtol >= 0 for row in rows.values()), (
+            comparison,
+            dtype,
+        )
+        if comparison.endswith("_vs_torch") and comparison != "torch_vs_torch":
+            assert {"energy", "forces", "stress"} <= set(rows), (comparison, dtype, sorted(rows))
