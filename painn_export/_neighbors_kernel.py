@@ -135,7 +135,8 @@ def cap_and_symmetrize(
 
     Returns ``edge_index [2, E]`` int64 (sender, receiver), ``cell_shift
     [E, 3]`` int64 and ``edge_shift [E, 3]`` float64 Å: the kept one-sided
-    edges, then their reverses.
+    edges sorted by ``(receiver i, sender j, S)``, then their reverses in the
+    same order (the canonical order, :mod:`painn_export.neighbors`).
 
     Large arrays are allocated here, in numpy, and filled by the compiled
     loops: numba's own allocations of them are not reused between calls and
@@ -153,7 +154,10 @@ def cap_and_symmetrize(
     edge_index = np.empty((2, 2 * n_kept), dtype=np.int64)
     cell_shift = np.empty((2 * n_kept, 3), dtype=np.int64)
     edge_shift = np.empty((2 * n_kept, 3), dtype=np.float64)
-    _write_edges(a, b, S, keep, cell, edge_index, cell_shift, edge_shift)
+    start = np.zeros(n_atoms + 1, dtype=np.int64)
+    order, key = np.empty(n_kept, dtype=np.int64), np.empty(n_kept, dtype=np.int64)
+    _canonical_order(a, b, S, keep, start, order, key)
+    _write_edges(a, b, S, order, cell, edge_index, cell_shift, edge_shift)
     return edge_index, cell_shift, edge_shift
 
 
@@ -370,13 +374,62 @@ def _groups_from_all_entries(a, b, d2, n_atoms, k, tie_rtol, slow, group_lo, gro
 
 
 @_jit
-def _write_edges(a, b, S, keep, cell, edge_index, cell_shift, edge_shift):
-    """The kept pairs as one-sided edges (j <= i) into the first half, their reverses into the second."""
-    n_kept = edge_index.shape[1] // 2
-    e = 0
+def _canonical_order(a, b, S, keep, start, order, key) -> None:
+    """``order[e]``: the kept pair written as one-sided edge ``e``, in ``(i, j, S)`` order.
+
+    A counting sort by receiver ``i`` (``start [n_atoms + 1]``, zeroed: each
+    receiver's run bounds after), then each receiver's run (at most ``k``
+    pairs under a strict cap) sorted by one int64 key of ``(j, S)``; ``key
+    [n_kept]`` is scratch. Keys are unique (an edge set has no duplicates).
+    """
+    n_atoms = start.shape[0] - 1
+    span = 0
+    for p in range(a.shape[0]):
+        if keep[p]:
+            centre = b[p] if _kept_side_is_b(a[p], b[p], S[p, 0], S[p, 1], S[p, 2]) else a[p]
+            start[centre + 1] += 1
+            for x in range(3):
+                span = max(span, abs(S[p, x]))
+    for c in range(n_atoms):
+        start[c + 1] += start[c]
+    width = 2 * span + 1  # S + span lies in [0, width) on each axis
     for p in range(a.shape[0]):
         if not keep[p]:
             continue
+        flip = _kept_side_is_b(a[p], b[p], S[p, 0], S[p, 1], S[p, 2])
+        centre, nbr = (b[p], a[p]) if flip else (a[p], b[p])
+        sign = -1 if flip else 1
+        slot = start[centre]  # start[c] walks to the run's end here; moved back below
+        start[centre] += 1
+        order[slot] = p
+        shift = 0
+        for x in range(3):
+            shift = shift * width + sign * S[p, x] + span
+        key[slot] = nbr * width * width * width + shift
+    for c in range(n_atoms, 0, -1):
+        start[c] = start[c - 1]
+    start[0] = 0
+    for c in range(n_atoms):
+        lo, hi = start[c], start[c + 1]
+        if hi - lo <= 32:  # insertion sort of (key, pair) together
+            for t in range(lo + 1, hi):
+                v, q = key[t], order[t]
+                u = t
+                while u > lo and key[u - 1] > v:
+                    key[u], order[u] = key[u - 1], order[u - 1]
+                    u -= 1
+                key[u], order[u] = v, q
+        else:
+            perm = np.argsort(key[lo:hi])
+            order[lo:hi] = order[lo:hi][perm]
+
+
+@_jit
+def _write_edges(a, b, S, order, cell, edge_index, cell_shift, edge_shift):
+    """Pairs ``order`` as one-sided edges (j <= i) into the first half, their reverses into the second."""
+    n_kept = edge_index.shape[1] // 2
+    for e in range(n_kept):
+        p = order[e]
         flip = _kept_side_is_b(a[p], b[p], S[p, 0], S[p, 1], S[p, 2])
         centre, nbr = (b[p], a[p]) if flip else (a[p], b[p])
         sign = -1 if flip else 1
@@ -392,4 +445,3 @@ def _write_edges(a, b, S, keep, cell, edge_index, cell_shift, edge_shift):
             v = s0 * cell[0, x] + s1 * cell[1, x] + s2 * cell[2, x]
             edge_shift[e, x] = v
             edge_shift[r, x] = -v
-        e += 1

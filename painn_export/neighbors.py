@@ -32,10 +32,16 @@ reproduces that graph for one structure:
    reverse ``(i, j, -S)`` of each kept pair. A pair kept by the cap only from
    the higher-index side is therefore dropped in both directions.
 
-Output edges are the kept one-sided pairs in neighbour-search order, then
-their reverses: deterministic for a given input, not sorted (the model does
-not care). The two-pass build (a small radius first, the full cutoff only when
-some centre has too few neighbours there) returns the identical graph; it only
+Output edges are in the canonical order: the kept one-sided pairs sorted by
+``(receiver i, sender j, S)``, then their reverses in the same order. The
+model sums over slots and pairs in edge order, so the order decides the last
+bits of its outputs; this one is also the order
+:mod:`painn_export.device_graphs` builds on a device, which makes the two
+paths' feeds, hence outputs, bitwise equal (earlier versions listed them in
+vesin's search order: the same edges, outputs differing in the last bits).
+
+The two-pass build (a small radius first, the full cutoff only when some
+centre has too few neighbours there) returns the identical graph; it only
 avoids enumerating pairs the cap would discard anyway.
 
 How: steps 2 and 3 run as a few compiled passes over the half list
@@ -296,4 +302,39 @@ class SkinGraph:
         keep = (d2 <= r2) & (d2 > MIN_DISTANCE_SQ)
         closest = math.sqrt(float(d2.min())) if d2.size else math.inf  # of the pairs it keeps
         args = (a[keep], b[keep], S[keep], d2[keep], closest, self.max_neighbors, self.strict, r2)
-        return _graph_from_pairs(z, positions, cell, *args)
+        if positions.shape[0] == 0:
+            return _graph_from_pairs(z, positions, cell, *args)  # Graph's own refusal
+        return _graph_unchecked(z, positions, cell, *args)
+
+
+def _graph_unchecked(
+    z, positions, cell, a, b, S, d2, closest: float, max_neighbors: int, strict: bool, r2: float
+) -> Graph:
+    """:func:`_graph_from_pairs`'s graph, without :class:`Graph`'s checks, which hold by construction.
+
+    The kernel writes the one-sided edges, then their reverses in the same
+    order (the reverse of ``e`` is ``e ± E/2``), never an edge of zero length
+    (``d² > MIN_DISTANCE_SQ``) and only atoms of the structure: what Graph
+    would check again, at about a quarter of a millisecond a structure, on
+    every step of a relaxation. The tests compare it with the checked graph.
+    """
+    from painn_export._neighbors_kernel import cap_and_symmetrize
+    from painn_export.batch import slots_within_receiver
+
+    n = positions.shape[0]
+    edge_index, cell_shift, edge_shift = cap_and_symmetrize(
+        a, b, S, d2, n, max_neighbors, strict, TIE_RTOL, DEGENERACY_TOLERANCE, cell
+    )
+    half = edge_index.shape[1] // 2
+    reverse = np.concatenate([np.arange(half, 2 * half), np.arange(half)]).astype(np.int64)
+    return Graph.from_checked(
+        atomic_numbers=z,
+        positions=positions,
+        edge_index=edge_index,
+        cell_shift=cell_shift,
+        edge_shift=edge_shift,
+        cell=cell,
+        edge_slot=slots_within_receiver(edge_index[1], n),
+        edge_reverse=reverse,
+        min_distance=closest,
+    )
