@@ -339,6 +339,14 @@ def _profiles(ranges: dict) -> list:
     help="Also write a report folder: index.html, one PNG per figure, report.json.",
 )
 @device_option("Where PyTorch float32 and ONNX Runtime run (cuda: PyTorch float64 on the GPU too).")
+@click.option(
+    "--graphs",
+    type=click.Choice(["auto", "host", "device"]),
+    default="host",
+    show_default=True,
+    help="Where each runtime's graphs and feed are built: host, device (its device; needs "
+    "painn-export[device-graphs]) or auto (device for a runtime on a GPU). The truth is fed host graphs.",
+)
 def parity_cmd(
     checkpoint,
     random_init,
@@ -353,6 +361,7 @@ def parity_cmd(
     as_json,
     report_dir,
     device,
+    graphs,
 ):
     """Run every available runtime on the same structures against PyTorch float64, twice each.
 
@@ -391,7 +400,7 @@ def parity_cmd(
     else:
         samples = example_set(seed=seed, num_elements=model.config.num_elements, large=PARITY_LARGE)
     try:
-        rows = run_parity(model, runners, samples)
+        rows = run_parity(model, runners, samples, graphs=graphs)
     except RuntimeUnavailableError as exc:
         unavailable(exc)
     if report_dir:

@@ -24,13 +24,14 @@ batch on ``device``, a CUDA GPU or the CPU:
 4. **Slot layout** (:meth:`DeviceGraphs.feed`): the feed :func:`collate`
    makes, as torch tensors on ``device``.
 
-Edge order. The host lists a structure's kept one-sided edges in its search's
-order, then their reverses; here the one-sided edges are sorted by
-``(receiver i, sender j, S)``, then come their reverses in the same order
-(:func:`canonical_graph` puts a host graph in this order). Slots, pairs and
-hence the float sums over slots follow edge order, so the feed of
-``[canonical_graph(g) for g in host_graphs]`` is bitwise this feed; the edge
-sets are equal whatever the order (tests/test_device_graphs.py).
+Edge order. The one-sided edges are sorted by ``(receiver i, sender j, S)``,
+then come their reverses in the same order: the order the host's
+:func:`~painn_export.neighbors.neighbor_graph` lists them in too
+(:func:`canonical_graph` puts any graph in it; on the host's graphs it
+changes nothing). Slots, pairs and hence the float sums over slots follow
+edge order, so the feed of the host's graphs is bitwise this feed
+(tests/test_device_graphs.py), and the pipeline's two paths give the same
+results bit for bit (tests/test_device_pipeline.py).
 
 Warp compiles its kernels on the first call in a process (about 15 s per
 device kind) and caches them on disk: in ``$WARP_CACHE_PATH`` when set, else
@@ -39,6 +40,8 @@ in the user's cache directory; :func:`init_kernels` sets the place.
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,17 +51,89 @@ from painn_export._device_cap import image_offsets
 from painn_export._device_search import expected_neighbors, init_kernels, search_and_cap
 from painn_export.batch import Graph, InvalidGraphError
 from painn_export.contract import slot_count
+from painn_export.errors import RuntimeUnavailableError
 
 __all__ = [
+    "GRAPHS",
     "DeviceGraphs",
     "GraphStatus",
     "build_graphs",
     "canonical_graph",
     "device_feed",
     "expected_neighbors",
+    "graphs_on_device",
     "init_kernels",
     "max_edges",
+    "start",
+    "structures_feed",
 ]
+
+log = logging.getLogger(__name__)
+
+GRAPHS = ("auto", "host", "device")  # where graphs are built: what --graphs and graphs= take
+INSTALL = "device graphs need nvalchemi-toolkit-ops: pip install 'painn-export[device-graphs]'"
+
+
+def start() -> str:
+    """Start Warp and import the search; return the kernel cache's folder.
+
+    Not installed: :class:`~painn_export.errors.RuntimeUnavailableError`, one
+    line saying what to install. The first build in a process compiles Warp's
+    kernels (seconds to tens of seconds per device kind) unless its cache
+    holds them: then one line on stderr (a log warning) says so.
+    """
+    try:
+        cache = init_kernels()
+        import nvalchemiops.torch.neighbors  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeUnavailableError(INSTALL) from exc
+    if not os.path.isdir(cache) or not os.listdir(cache):
+        log.warning("device graphs: Warp compiles its kernels on this first run (cached in %s)", cache)
+    return cache
+
+
+def graphs_on_device(requested: str, runner_device: str) -> bool:
+    """Whether graphs for a runtime on ``runner_device`` are built there, for ``requested`` (:data:`GRAPHS`).
+
+    ``device``: yes (not installed: RuntimeUnavailableError, never a quiet
+    host run); ``host``: no; ``auto``: when the runtime runs on a GPU and
+    device graphs are installed (else the host, logged).
+    """
+    if requested not in GRAPHS:
+        raise ValueError(f"graphs must be one of {', '.join(GRAPHS)}, got {requested!r}")
+    if requested == "host" or (requested == "auto" and not runner_device.startswith("cuda")):
+        return False
+    try:
+        start()
+    except RuntimeUnavailableError as exc:
+        if requested == "device":
+            raise
+        log.info("graphs built on the host: %s", exc)
+        return False
+    return True
+
+
+def structures_feed(
+    structures, *, cutoff: float, max_neighbors: int, device, dtype
+) -> dict[str, torch.Tensor]:
+    """The device feed of a few structures (``.positions``, ``.cell``, ``.pbc``, ``.atomic_numbers``).
+
+    For callers whose structures must all have a graph (parity, the ASE
+    calculator): a structure the pipeline would give a status (``bad_cell``,
+    ...) raises InvalidGraphError naming it and why.
+    """
+    feed, status = device_feed(
+        np.concatenate([np.asarray(s.positions, dtype=np.float64).reshape(-1, 3) for s in structures]),
+        np.stack([np.asarray(s.cell, dtype=np.float64).reshape(3, 3) for s in structures]),
+        np.stack([np.asarray(s.pbc, dtype=bool).reshape(3) for s in structures]),
+        np.concatenate([np.asarray(s.atomic_numbers, dtype=np.int64).reshape(-1) for s in structures]),
+        np.array([len(s.atomic_numbers) for s in structures]),
+        cutoff=cutoff, max_neighbors=max_neighbors, device=device, dtype=dtype,
+    )  # fmt: skip
+    for k, (kind, message) in enumerate(zip(status.kind, status.message)):
+        if kind != "ok":
+            raise InvalidGraphError(f"structure {k}: {kind}: {message}")
+    return feed
 
 
 @dataclass(frozen=True)

@@ -53,17 +53,21 @@ def _comparison_kind(runner: Runner) -> str:
     return f"{runtime_of(runner.name)}_vs_torch"
 
 
-def run_parity(model: PaiNN, runners: list[tuple[Runner, str]], samples, repeats: int = 2) -> list[ParityRow]:
+def run_parity(
+    model: PaiNN, runners: list[tuple[Runner, str]], samples, repeats: int = 2, graphs: str = "host"
+) -> list[ParityRow]:
     """Run each ``(runner, precision)`` on ``samples`` and compare with float64 PyTorch.
 
     Energies per atom, forces per component, and the stress when the runner
     returns one (eV/Å^3, NaN on both sides for cells without volume). Each
     runner evaluates the feed ``repeats`` times; later runs must equal the
-    first bit for bit.
+    first bit for bit. ``graphs``: where each runner's feed is built
+    (``host``; ``device``: on the runner's device, by
+    :mod:`painn_export.device_graphs`; ``auto``: device for a runner on a
+    GPU); the truth is always fed the host's graphs.
     """
     truth_model = copy.deepcopy(model).to(torch.float64)
-    graphs = graphs_for(truth_model, samples)
-    feed = collate(graphs, np.float64)
+    feed = collate(graphs_for(truth_model, samples), np.float64)
     natoms = feed["natoms"].astype(np.float64)
     with TorchRunner(truth_model, dtype="float64", stress=truth_model.gradient_forces) as truth:
         expected = truth.infer(feed)
@@ -80,7 +84,8 @@ def run_parity(model: PaiNN, runners: list[tuple[Runner, str]], samples, repeats
     rows = []
     for runner, precision in runners:
         with runner:
-            runs = [runner.infer(feed) for _ in range(max(1, repeats))]
+            fed = _feed_on(runner, graphs, samples, truth_model.config, feed)
+            runs = [runner.infer(fed) for _ in range(max(1, repeats))]
         got = runs[0]
         kind = _comparison_kind(runner)
         checks = [
@@ -103,6 +108,18 @@ def run_parity(model: PaiNN, runners: list[tuple[Runner, str]], samples, repeats
                 )
             )
     return rows
+
+
+def _feed_on(runner: Runner, graphs: str, samples, config, host_feed: dict) -> dict:
+    """The float64 feed of ``samples`` for an active ``runner``: built on its device where ``graphs`` asks."""
+    from painn_export.device_graphs import graphs_on_device, structures_feed
+
+    if not graphs_on_device(graphs, runner.device):
+        return host_feed
+    return structures_feed(
+        samples, cutoff=config.cutoff, max_neighbors=config.max_neighbors, device=runner.device,
+        dtype=torch.float64,
+    )  # fmt: skip
 
 
 def _per_structure(actual, reference, n_structures: int, system_of_atom: np.ndarray | None) -> np.ndarray:

@@ -407,6 +407,13 @@ class CudaDevice:
     def upload(self, array: np.ndarray):
         return self.torch.from_numpy(array).to(self.device)  # on the current stream
 
+    def adopt(self, tensor, dtype: np.dtype):
+        """``tensor`` (already on this GPU) in ``dtype``, contiguous: cast there, never through the host."""
+        if tensor.device != self.device:
+            raise InferenceError(f"tensorrt: a feed tensor on {tensor.device}, the engine on {self.device}")
+        torch_dtype = self.torch.from_numpy(np.empty(0, dtype)).dtype
+        return tensor.to(dtype=torch_dtype).contiguous()  # on the current stream
+
     def empty(self, shape: tuple[int, ...], dtype: np.dtype):
         torch_dtype = self.torch.from_numpy(np.empty(0, dtype)).dtype
         return self.torch.empty(shape, dtype=torch_dtype, device=self.device)
@@ -428,6 +435,13 @@ class CudaDevice:
 
     def close(self) -> None:
         self.stream = None
+
+
+def _largest(value, tensor: bool) -> int:
+    """The largest entry of an index array or tensor (0 when empty)."""
+    if tensor:
+        return int(value.max()) if value.numel() else 0
+    return int(np.asarray(value).max(initial=0))
 
 
 class EngineSession:
@@ -535,12 +549,15 @@ class EngineSession:
         """A checked TensorRT call while running a batch: its failure is an InferenceError."""
         return checked(call, self.engine_path, fn, *args, error=InferenceError)
 
-    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feed: dict) -> dict[str, np.ndarray]:
         """The graph's per-atom outputs (numpy, float32 or wider) for a collated feed.
 
         Inputs are fed in the engine's dtypes and outputs allocated in its
-        output dtypes (float16 outputs come back as float32). A batch that no
-        profile admits is a :class:`BatchTooLargeError`.
+        output dtypes (float16 outputs come back as float32). The feed's
+        values are numpy arrays (copied to the GPU) or torch tensors on the
+        engine's GPU (:mod:`painn_export.device_graphs`: cast there if need be,
+        their device addresses given to the engine, no host round trip). A
+        batch that no profile admits is a :class:`BatchTooLargeError`.
         """
         n_atoms, n_slots = feed["neighbors"].shape
         device, context = self._device, self._context
@@ -548,12 +565,15 @@ class EngineSession:
             self._select_profile(n_atoms, n_slots)
             buffers = {}
             for name in self.input_names:
-                dtype = self._dtypes[name]
-                if dtype == np.int32 and np.asarray(feed[name]).max(initial=0) > np.iinfo(np.int32).max:
+                dtype, value = self._dtypes[name], feed[name]
+                tensor = not isinstance(value, np.ndarray) and hasattr(value, "data_ptr")
+                if dtype == np.int32 and _largest(value, tensor) > np.iinfo(np.int32).max:
                     raise InferenceError(f"tensorrt: {name} exceeds the engine's int32 indices")
-                array = np.ascontiguousarray(feed[name], dtype=dtype)
-                buffers[name] = device.upload(array)
-                shape = array.shape
+                if tensor:
+                    buffers[name] = device.adopt(value, dtype)
+                else:
+                    buffers[name] = device.upload(np.ascontiguousarray(value, dtype=dtype))
+                shape = tuple(buffers[name].shape)
                 self._call(f"set_input_shape({name!r}, {shape})", context.set_input_shape, name, shape)
                 address = device.address(buffers[name])
                 self._call(f"set_tensor_address({name!r})", context.set_tensor_address, name, address)

@@ -39,6 +39,8 @@ class Summary:
     device: str = ""  # where the runtime ran (cpu, cuda:0)
     provider: str = ""  # what ran it: cpu, cuda, tensorrt
     gpu: str = ""  # the GPU's name, when one ran it
+    graphs: str = ""  # where the graphs and the feed were built: host, or device (on cpu, cuda:0)
+    graph_seconds: float = 0.0  # wall time building graphs and feeds on the device (device graphs)
     model_seconds: float = 0.0  # wall time inside the runtime's inference calls
     n_structures: int = 0
     computed: int = 0  # structures given a final status by this run
@@ -57,6 +59,7 @@ class Summary:
             "device": self.device,
             "provider": self.provider,
             "gpu": self.gpu,
+            "graphs": self.graphs,
             "n_structures": self.n_structures,
             "computed": self.computed,
             "already_done": self.already_done,
@@ -65,6 +68,7 @@ class Summary:
             "structures_per_s": round(self.computed / self.seconds, 2) if self.seconds else None,
             "atoms_per_s": round(self.atoms / self.seconds, 1) if self.seconds else None,
             "model_fraction": round(self.model_seconds / self.seconds, 3) if self.seconds else None,
+            "device_graph_fraction": round(self.graph_seconds / self.seconds, 3) if self.seconds else None,
             "energy_mae_eV_per_atom": self.energy_mae_per_atom,
             "forces_mae_eV_per_A": self.forces_mae,
         }
@@ -139,12 +143,15 @@ Evaluation = tuple[float, np.ndarray, "np.ndarray | None"]
 TOO_LARGE = "failed alone in a batch: "  # how a too_large message starts
 
 
-def infer_split(runner, graphs: list, limits: Limits, summary=None) -> list[Evaluation | str]:
+def infer_split(runner, graphs: list, limits: Limits, summary=None, feed_of=None) -> list[Evaluation | str]:
     """Each graph's :data:`Evaluation`, in order, or a ``too_large`` message for one that fails alone.
 
     ``summary.model_seconds`` (when given) adds the runtime's time of every
     batch that ran. Only :class:`~painn_export.errors.BatchTooLargeError`
-    splits; any other failure propagates.
+    splits; any other failure propagates. ``feed_of(lo, hi)`` (when given)
+    makes the feed of ``graphs[lo:hi]`` (a device feed,
+    :mod:`pipelines.device_batches`; ``graphs`` then need only ``n_atoms``
+    and ``max_degree``), else :meth:`Limits.collate` does.
     """
     results: list = [None] * len(graphs)
     todo = [(0, len(graphs))]  # ranges of graphs still to run, in order
@@ -153,9 +160,11 @@ def infer_split(runner, graphs: list, limits: Limits, summary=None) -> list[Eval
         lo, hi = todo.pop()
         failure = None
         try:
-            out = runner.infer(limits.collate(graphs[lo:hi], runner.feed_dtype))
+            feed = feed_of(lo, hi) if feed_of else limits.collate(graphs[lo:hi], runner.feed_dtype)
+            out = runner.infer(feed)
         except BatchTooLargeError as exc:
             failure = one_line(exc, limit=130)  # only its words outlive the handler: not its frames
+        feed = None  # a device feed's memory is given back before a retry
         if failure is not None:  # the exception, its traceback and the failed tensors are gone now
             runner.free_memory()
             if hi - lo == 1:
@@ -209,10 +218,11 @@ def evaluate(items, runner, writer, limits: Limits, summary, bar) -> None:
     flush_failed()
 
 
-def run_batch(runner, batch: list[Item], writer, summary: Summary, bar, limits: Limits) -> None:
-    """Evaluate ``batch`` (:func:`infer_split`) and commit each structure's result or status."""
+def run_batch(runner, batch: list[Item], writer, summary: Summary, bar, limits: Limits, feed_of=None) -> None:
+    """Evaluate ``batch`` (:func:`infer_split`, ``feed_of`` as there); commit each result or status."""
     rows, bad = [], []
-    for it, result in zip(batch, infer_split(runner, [it.graph for it in batch], limits, summary)):
+    results = infer_split(runner, [it.graph for it in batch], limits, summary, feed_of)
+    for it, result in zip(batch, results):
         if isinstance(result, str):
             bad.append((it.index, "too_large", result))
             continue

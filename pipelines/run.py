@@ -7,6 +7,10 @@ Stages, each bounded so that memory does not grow with the file:
    their graphs, or a status for a structure that cannot be evaluated
    (:mod:`pipelines.graphs`). At most ``2 N + 1`` ranges are in flight, so
    reading and neighbour search run ahead of inference by a bounded amount.
+   With ``--graphs device`` (``auto``: when the runtime runs on a GPU) the
+   graphs and the feed are built on the runtime's device instead, and this
+   process only reads and writes (:mod:`pipelines.device_batches`): the same
+   batches and feeds, hence the same results bit for bit.
 2. **Batcher** packs graphs in input order up to ``--max-atoms`` /
    ``--max-edges`` (counted as the padded slots, atoms × slots per atom, that
    the model evaluates) and a TensorRT engine's largest profile.
@@ -31,6 +35,7 @@ import numpy as np
 
 from painn_export.schema import InputReader, validate_input
 from pipelines.batches import Summary, batch_limits, evaluate
+from pipelines.device_batches import evaluate_on_device
 from pipelines.graphs import GraphSettings, WorkerError, neighbour_items
 from pipelines.options import RunOptions
 from pipelines.output import (
@@ -75,6 +80,12 @@ def run_file(
     """
     start = time.perf_counter()
     options = RunOptions.of(options, **changes)
+    if ray is not None and options.graphs == "device":
+        from painn_export.errors import RuntimeUnavailableError
+
+        raise RuntimeUnavailableError(
+            "--graphs device with --ray: Ray actors build graphs on the host; give --graphs host or auto"
+        )
     if ray is not None and options.device != "auto" and options.device != ray.device:
         from painn_export.errors import RuntimeUnavailableError
 
@@ -103,10 +114,14 @@ def _run_locked(input_path, output_path: Path, partial: Path, info, model_path, 
         runner.activate()
         identity = runner.identity()
         feed_dtype = runner.feed_dtype
+        # Not in the fingerprint: both paths give the same graphs, edge order included, hence the same bits.
+        from painn_export.device_graphs import graphs_on_device
+
+        on_device = graphs_on_device(options.graphs, runner.device)
     else:  # the actors run it: this driver reads what they will run from the file, and starts nothing
         from pipelines.ray_cluster import cluster
 
-        runner = None
+        runner, on_device = None, False
         identity = loader.identity(ray.device)
         feed_dtype = np.float64 if identity.precision == "float64" else np.float32
         # Every node checked (same files, same version, enough GPUs) before the output file exists;
@@ -126,6 +141,7 @@ def _run_locked(input_path, output_path: Path, partial: Path, info, model_path, 
             device=runner.device if runner else identity.device,
             provider=identity.provider,
             gpu=runner.gpu if runner else "",  # on Ray: what the actors report
+            graphs=f"device ({runner.device})" if on_device else "host",
             n_structures=info.n_structures,
         )
         try:
@@ -136,7 +152,11 @@ def _run_locked(input_path, output_path: Path, partial: Path, info, model_path, 
             where = f"Ray actors on {identity.device}" if runner is None else runner.device
             bar = Progress(len(pending), enabled=options.progress, label=f"{identity.runtime} on {where}")
             try:
-                if ray is None:
+                if on_device:
+                    evaluate_on_device(
+                        str(input_path), pending, runner, writer, limits, settings, summary, bar
+                    )
+                elif ray is None:
                     items = neighbour_items(str(input_path), pending, settings, options.neighbour_workers)
                     evaluate(items, runner, writer, limits, summary, bar)
                 else:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from painn_export.errors import RuntimeUnavailableError
-from painn_export.runners.base import Runner, parse_device, runner_name
+from painn_export.runners.base import Runner, is_tensor, parse_device, runner_name
 from painn_export.runners.eager import torch_device
 
 
@@ -67,7 +67,10 @@ class AOTInductorRunner(Runner):
 
     def _infer(self, feed):
         torch = self._torch
-        inputs = [torch.from_numpy(a).to(self.device) for a in self._inputs(feed).values()]
+        if is_tensor(feed["positions"]):  # already on its device
+            inputs = list(self._tensor_inputs(feed).values())
+        else:
+            inputs = [torch.from_numpy(a).to(self.device) for a in self._inputs(feed).values()]
         with torch.no_grad():
             outputs = self.model(*inputs)
         return {n: t.detach().cpu().numpy() for n, t in zip(self.output_names, outputs)}

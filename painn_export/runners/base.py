@@ -3,7 +3,9 @@
 A runner is a context manager: ``activate()`` imports the heavy library and
 allocates device resources (nothing touches a GPU before it), ``infer(feed)``
 takes a feed of the model contract (:func:`painn_export.batch.collate`) as
-numpy arrays in the runner's :attr:`Runner.feed_dtype`, runs the graph, and
+numpy arrays in the runner's :attr:`Runner.feed_dtype` (or as torch tensors
+already on the runner's device, :func:`painn_export.device_graphs.device_feed`:
+they reach the runtime without a copy to the host), runs the graph, and
 returns ``{"energy", "forces"}`` (and ``"stress"`` for stress graphs) as
 numpy arrays after the host's float64 sums per system
 (:mod:`painn_export.readout`); ``deactivate()`` frees. ``input_names`` /
@@ -104,6 +106,24 @@ def check_io(source, inputs, outputs, gradient: bool, stress: bool) -> None:
         )
 
 
+def is_tensor(value) -> bool:
+    """``value`` is a torch tensor (told without importing torch)."""
+    return not isinstance(value, np.ndarray) and hasattr(value, "data_ptr")
+
+
+# What the host's float64 sums read of a feed (SystemReadout.totals).
+READOUT_ENTRIES = ("system_index", "natoms", "cell", "atomic_numbers")
+
+
+def host_entries(feed) -> dict[str, np.ndarray]:
+    """The entries the host's sums read (small: per atom or per system), as numpy arrays."""
+    return {
+        name: feed[name].cpu().numpy() if is_tensor(feed[name]) else feed[name]
+        for name in READOUT_ENTRIES
+        if name in feed
+    }
+
+
 class Runner(ABC):
     """The runtime-independent half of every runner: activation, the feed check, timing, readout."""
 
@@ -172,6 +192,9 @@ class Runner(ABC):
         missing = [k for k in (*self.input_names, *HOST_INPUTS) if k not in feed]
         if missing:
             raise KeyError(f"{self.name}: feed lacks {missing}")
+        on_device = any(is_tensor(v) for v in feed.values())
+        if on_device:
+            self._check_feed_device(feed)
         start = time.perf_counter()
         try:
             out = self._infer(feed)
@@ -180,7 +203,7 @@ class Runner(ABC):
         except Exception as exc:  # runtimes have their own types; onnxruntime's are not RuntimeError
             raise classify_runtime_error(exc, self.name) from exc
         self.last_inference_s = time.perf_counter() - start
-        return self.readout.totals(out, feed)
+        return self.readout.totals(out, host_entries(feed) if on_device else feed)
 
     def free_memory(self) -> None:
         """Give back cached device memory after a failed batch (a no-op where nothing is cached)."""
@@ -191,6 +214,23 @@ class Runner(ABC):
         dtype = self.feed_dtype
         return {
             name: np.ascontiguousarray(feed[name], dtype=dtype if feed[name].dtype.kind == "f" else np.int64)
+            for name in self.input_names
+        }
+
+    def _check_feed_device(self, feed) -> None:
+        """A tensor feed must be on this runner's device: refused, never copied behind the caller's back."""
+        where = {str(v.device) for v in feed.values() if is_tensor(v)}
+        want = "cpu" if self.device == "cpu" else self.device
+        if where != {want}:
+            raise ValueError(f"{self.name}: a tensor feed on {sorted(where)}, the runner on {want}")
+
+    def _tensor_inputs(self, feed) -> dict:
+        """The graph's inputs from a tensor ``feed``, contiguous: floats in :attr:`feed_dtype`, else int64."""
+        import torch
+
+        dtype = torch.from_numpy(np.empty(0, self.feed_dtype)).dtype
+        return {
+            name: feed[name].to(dtype if feed[name].is_floating_point() else torch.int64).contiguous()
             for name in self.input_names
         }
 

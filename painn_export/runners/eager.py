@@ -5,7 +5,7 @@ from __future__ import annotations
 from painn_export.contract import input_names, output_names
 from painn_export.errors import RuntimeUnavailableError
 from painn_export.readout import SystemReadout
-from painn_export.runners.base import Runner, parse_device, runner_name
+from painn_export.runners.base import Runner, is_tensor, parse_device, runner_name
 
 
 def torch_device(requested: str, runtime: str) -> tuple[str, str, str]:
@@ -72,4 +72,22 @@ class TorchRunner(Runner):
             torch.cuda.empty_cache()
 
     def _infer(self, feed):
-        return self.model.per_atom(feed, virial=self.has_stress)  # copied to the host: synchronised
+        if not is_tensor(feed["positions"]):
+            return self.model.per_atom(feed, virial=self.has_stress)  # copied to the host: synchronised
+        return self._per_atom_tensors(feed)
+
+    def _per_atom_tensors(self, feed):
+        """``model.per_atom`` of a feed already on the device: floats in the model's dtype, as it casts."""
+        import torch
+
+        from painn_export.slots import GraphInputs
+
+        weight = self.model.atom_emb.embeddings.weight
+        names = input_names(self.model.gradient_forces)
+        graph = GraphInputs(
+            **{n: feed[n].to(weight.dtype) if feed[n].is_floating_point() else feed[n] for n in names}
+        )
+        with torch.inference_mode(self.model.config.direct_forces):  # gradient forces need autograd
+            outputs = self.model(graph, virial=self.has_stress)
+        wide = torch.promote_types(weight.dtype, torch.float32)  # numpy has no bfloat16
+        return {n: t.detach().to(wide).cpu().numpy() for n, t in zip(output_names(self.has_stress), outputs)}

@@ -33,7 +33,7 @@ import numpy as np
 
 from painn_export.contract import output_shape
 from painn_export.errors import RuntimeUnavailableError
-from painn_export.runners.base import Runner, parse_device, runner_name
+from painn_export.runners.base import Runner, is_tensor, parse_device, runner_name
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,8 @@ class OnnxRuntimeRunner(Runner):
     CUDA and it did not start). A CUDA device that this onnxruntime cannot
     give is refused with that reason, never replaced by the CPU. Inputs and
     outputs are bound to the session (IO binding) on every device: inputs on
-    the provider's device, outputs straight into host arrays, copied once.
+    the provider's device, outputs straight into host arrays, copied once; a
+    feed of torch tensors on the provider's device is bound by their data pointers.
     ``threads`` sets the CPU provider's intra-op threads (default: ORT's, one
     per core). ``tf32``: allow TF32 MatMuls on CUDA (recorded as precision ``tf32``).
     """
@@ -202,15 +203,22 @@ class OnnxRuntimeRunner(Runner):
         return self._feed if self.active else super().feed_dtype
 
     def _infer(self, feed):
-        inputs = self._inputs(feed)
-        n_atoms = inputs["positions"].shape[0]
         binding = self.session.io_binding()
         where, index = self._memory
-        for name, array in inputs.items():
-            if where == "cpu":
-                binding.bind_cpu_input(name, array)
-            else:
-                binding.bind_ortvalue_input(name, self._ort.OrtValue.ortvalue_from_numpy(array, where, index))
+        if is_tensor(feed["positions"]):  # on the provider's device already: bound where they lie
+            inputs = self._tensor_inputs(feed)
+            for name, tensor in inputs.items():
+                dtype = np.dtype(str(tensor.dtype).removeprefix("torch."))
+                binding.bind_input(name, where, index, dtype, tuple(tensor.shape), tensor.data_ptr())
+        else:
+            inputs = self._inputs(feed)
+            for name, array in inputs.items():
+                if where == "cpu":
+                    binding.bind_cpu_input(name, array)
+                else:
+                    value = self._ort.OrtValue.ortvalue_from_numpy(array, where, index)
+                    binding.bind_ortvalue_input(name, value)
+        n_atoms = inputs["positions"].shape[0]
         outputs = {}
         for name in self.output_names:  # host arrays ORT writes into: one copy from the device
             out = np.empty(output_shape(name, n_atoms), dtype=self._out_dtype[name])
