@@ -221,10 +221,11 @@ def test_skin_graph_equals_fresh_graphs_along_a_relaxation():
         skin = SkinGraph(5.0, 12, skin=1.0)
         assert len(frames) > 20
         for x, cell in frames:
-            got = canonical_graph(skin.update(atoms.numbers, x, cell, atoms.pbc))
+            got = skin.update(atoms.numbers, x, cell, atoms.pbc)  # used as it is: no second ordering
             want = canonical_graph(neighbor_graph(x, cell, atoms.pbc, 5.0, 12, atomic_numbers=atoms.numbers))
             for key in ("edge_index", "cell_shift", "edge_shift", "edge_slot", "edge_reverse"):
                 np.testing.assert_array_equal(getattr(got, key), getattr(want, key), err_msg=key)
+                assert getattr(got, key).dtype == getattr(want, key).dtype, key
             fresh = neighbor_graph(x, cell, atoms.pbc, 5.0, 12, atomic_numbers=atoms.numbers)
             np.testing.assert_array_equal(got.edge_reverse, reverse_edges(got.edge_index, got.cell_shift))
             np.testing.assert_array_equal(got.min_distance, fresh.min_distance)
