@@ -208,3 +208,49 @@ def test_ase_calculator_with_device_graphs():
     assert results["host"][1].tobytes() == results["device"][1].tobytes()
     with pytest.raises(ValueError, match="graphs must be one of"):
         PaiNNCalculator.from_file(None, device="cpu", graphs="gpu")
+
+
+def test_an_engine_session_takes_tensors_without_a_host_copy(tmp_path, monkeypatch):
+    """EngineSession.run with a feed of torch tensors (test_trt's fake TensorRT and GPU): nothing is
+    uploaded from the host; each input is the tensor itself, cast where the engine's dtype differs
+    (int64 -> INT32 here), its address given to the engine; the outputs equal the numpy feed's."""
+    import test_trt
+    from onnx import TensorProto
+
+    import painn_export.trt as trt_module
+    from painn_export.trt import EngineSession
+
+    adopted = {}
+
+    class TensorDevice(test_trt.FakeDevice):
+        def upload(self, array):
+            raise AssertionError("a tensor feed was uploaded from the host")
+
+        def adopt(self, tensor, dtype):
+            view = tensor.to(torch.from_numpy(np.empty(0, dtype)).dtype).contiguous().numpy()
+            test_trt.FakeDevice.registry[view.ctypes.data] = view
+            adopted[len(adopted)] = (tensor, view)
+            return view
+
+    def install(major, minor=8, fail=()):
+        module = test_trt.make_fake_tensorrt(major, minor, frozenset(fail))
+        monkeypatch.setitem(sys.modules, "tensorrt", module)
+        monkeypatch.setattr(trt_module, "gpu_identity", lambda index=None: dict(test_trt.FAKE_GPU))
+        monkeypatch.setattr(trt_module, "CudaDevice", test_trt.FakeDevice)
+        return module
+
+    _, engine = test_trt._built(install, tmp_path, indices=TensorProto.INT32)
+    feed = {
+        k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in test_trt.small_feed(5).items()
+    }
+    want = EngineSession(engine, 0).run(feed)
+    monkeypatch.setattr(trt_module, "CudaDevice", TensorDevice)
+    session = EngineSession(engine, 0)
+    got = session.run({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feed.items()})
+    assert len(adopted) == len(session.input_names)
+    fed = dict(zip(session.input_names, adopted.values()))
+    assert fed["neighbors"][1].dtype == np.int32 and fed["positions"][1].dtype == np.float32
+    tensor, view = fed["positions"]
+    assert tensor.data_ptr() == view.ctypes.data  # float32 already: the tensor's own memory
+    for name in want:
+        assert want[name].tobytes() == got[name].tobytes(), name
