@@ -269,8 +269,17 @@ class SkinGraph:
     :func:`neighbor_graph`'s graph as long as no atom has moved more than
     ``skin / 2`` since the search (then no pair outside the list can be
     within the cutoff). A new search happens when an atom has moved further,
-    or when the cell, pbc or atoms change. Positions must not be re-wrapped
+    or when pbc or the atoms change. Positions must not be re-wrapped
     into the cell between searches (ASE's dynamics do not wrap).
+
+    A periodic cell may change too (a cell relaxation): with ``M = cell0⁻¹
+    cell`` (the strain since the search) and ``u = x - x0 M`` each atom's
+    displacement beyond the affine one, a pair's vector is ``r0 M + u_b -
+    u_a``, so a pair the search did not list (``|r0| > cutoff + skin``) is
+    still beyond the cutoff while ``2 max |u| <= σ_min(M) (cutoff + skin) -
+    cutoff`` (``σ_min``: M's smallest singular value). Searched again only
+    when that fails; with the cell unchanged it is the ``skin / 2`` test. A
+    cell that is not periodic on every axis searches again whenever it changes.
     """
 
     def __init__(self, cutoff: float, max_neighbors: int, skin: float = 0.5, strict: bool = True) -> None:
@@ -280,21 +289,28 @@ class SkinGraph:
         self.n_searches = 0
         self._key = None
         self._ref_positions = None
+        self._ref_cell = None
         self._pairs = None
 
     def update(self, atomic_numbers, positions, cell, pbc) -> Graph:
         positions, cell, pbc = validate_structure(positions, cell, pbc)
         z = np.asarray(atomic_numbers, dtype=np.int64)
-        key = (z.tobytes(), cell.tobytes(), pbc.tobytes())
-        moved = (
-            np.inf
-            if self._ref_positions is None or key != self._key
-            else np.sqrt(np.max(np.sum((positions - self._ref_positions) ** 2, axis=1), initial=0.0))
-        )
-        if moved > self.skin / 2:
+        periodic = bool(pbc.all())
+        key = (z.tobytes(), pbc.tobytes()) if periodic else (z.tobytes(), cell.tobytes(), pbc.tobytes())
+        if self._ref_positions is None or key != self._key:
+            search = True
+        elif np.array_equal(cell, self._ref_cell):
+            search = _largest_norm(positions - self._ref_positions) > self.skin / 2
+        else:  # a periodic cell strained since the search (see the class doc)
+            strain = np.linalg.solve(self._ref_cell, cell)  # [3, 3] M: cell = cell0 @ M
+            beyond = _largest_norm(positions - self._ref_positions @ strain)
+            sigma = float(np.linalg.svd(strain, compute_uv=False)[-1])
+            reach = self.cutoff + self.skin
+            search = not 2 * beyond <= sigma * reach - self.cutoff
+        if search:
             a, b, S, _, _ = _search(positions, cell, pbc, self.cutoff + self.skin)
             self._pairs = (a.copy(), b.copy(), S.copy())  # own copies: vesin reuses its buffers
-            self._key, self._ref_positions = key, positions.copy()
+            self._key, self._ref_positions, self._ref_cell = key, positions.copy(), cell.copy()
             self.n_searches += 1
         a, b, S = self._pairs
         d2 = _distance_sq(positions, cell, a, b, S)
@@ -305,6 +321,11 @@ class SkinGraph:
         if positions.shape[0] == 0:
             return _graph_from_pairs(z, positions, cell, *args)  # Graph's own refusal
         return _graph_unchecked(z, positions, cell, *args)
+
+
+def _largest_norm(v: np.ndarray) -> float:
+    """Largest row norm of ``v`` ``[n, 3]`` (0 for no rows)."""
+    return float(np.sqrt(np.max(np.sum(v * v, axis=1), initial=0.0)))
 
 
 def _graph_unchecked(

@@ -25,6 +25,8 @@ eV on the cell rows) below ``fmax``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,17 +102,36 @@ def generalized_forces(state: FireState, forces: np.ndarray, stress: np.ndarray 
     deform = deform_grad(state)
     log_deform = logm(deform)
     ucf_cell_grad = virial @ np.linalg.inv(deform.T)
-    cell_force = np.zeros((3, 3))
-    for mu in range(3):
-        for nu in range(3):
-            direction = np.zeros((3, 3))
-            direction[mu, nu] = 1.0
-            derivative = expm_frechet(log_deform, direction, compute_expm=False)
-            cell_force[mu, nu] = np.sum(derivative * ucf_cell_grad)
+    # ASE sums each of the nine directions' derivative L(X, E_mn) against G;
+    # L(X, .) is the adjoint of L(X^T, .) (Frobenius product), so the nine
+    # sums are the one derivative L(X^T, G): one Fréchet derivative, not nine
+    # (equal to rounding; the tests hold it to ASE's steps).
+    cell_force = expm_frechet(log_deform.T, ucf_cell_grad, compute_expm=False)
     out = np.zeros((n + 3, 3))
     out[:n] = f @ deform
     out[n:] = cell_force / float(n)
     return out
+
+
+_blas = {}
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Within it, BLAS and LAPACK run on one thread (the 3x3 cell algebra of ``--cell``).
+
+    On 3x3 matrices threads only cost: waking OpenBLAS's pool took up to
+    30 ms for one ``logm`` (against about 0.1 ms on one thread), and the
+    model's runtime competes for the same cores. The limit is set once
+    around a batch's steps, not per structure (threadpoolctl's controller is made once).
+    """
+    from threadpoolctl import ThreadpoolController
+
+    controller = _blas.get("controller")
+    if controller is None:
+        controller = _blas["controller"] = ThreadpoolController()
+    with controller.limit(limits=1, user_api="blas"):
+        yield
 
 
 def max_force(gforces: np.ndarray) -> float:

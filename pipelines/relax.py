@@ -47,6 +47,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +57,7 @@ from painn_export.batch import Graph
 from painn_export.neighbors import SkinGraph, StructureError
 from painn_export.schema import InputReader, validate_input
 from pipelines.batches import Budget, Summary, batch_limits, infer_split
-from pipelines.fire import FireState, fire_step, generalized_forces, max_force
+from pipelines.fire import FireState, fire_step, generalized_forces, max_force, one_blas_thread
 from pipelines.graphs import MIN_SEPARATION, GraphSettings, neighbour_items
 from pipelines.options import RelaxSettings, RunOptions
 from pipelines.output import (
@@ -550,9 +551,10 @@ class _Loop:
             self.calls += 1
             self.summary.model_calls += 1
             staying = []
-            for m, result in zip(self.batch, results):
-                if self._advance(m, result):
-                    staying.append(m)
+            with one_blas_thread() if self.settings.cell else nullcontext():
+                for m, result in zip(self.batch, results):
+                    if self._advance(m, result):
+                        staying.append(m)
             self.batch = staying
             if self.calls % self.settings.checkpoint_every == 0:
                 self._checkpoint()

@@ -20,6 +20,21 @@ fixed), with the bundled model:
 Each timing is repeated ``--repeats`` times (the ASE loop ``--ase-repeats``);
 reported: median and spread (min-max). The model runs with its runtime's
 default CPU threads (ONNX Runtime: one per physical core).
+
+Two more modes (issue 31), instead of the above:
+
+    python scripts/bench_relax.py --host-time [--structures 500] [--repeats 3]
+    python scripts/bench_relax.py --file-size [--structures 20000]
+
+``--host-time``: a nearly free model (the demo's graph settings, 1 layer, 8
+features, random weights; a gradient-force twin with stress for ``--cell``)
+so that what is measured is the pipeline: host µs per atom-step = (wall time
+- time inside the runtime) / atom evaluations, for ``relax``, ``relax
+--cell`` and ``run`` (per atom). ``--file-size``: the finished relaxation's
+file against ``run``'s output plus the relaxation's own datasets
+(``positions``, ``cell``, ``steps``, ``fmax``), and the largest the files of
+a relaxation get mid-run (the partial output, preallocated, plus the largest
+checkpoint sidecar).
 """
 
 from __future__ import annotations
@@ -190,6 +205,107 @@ def bench_model(atoms_list, args) -> dict:
     return report
 
 
+def free_models(folder: Path, runtime: str) -> tuple[Path, Path]:
+    """Two nearly free checkpoints with the demo's graph settings: direct forces, and gradient (stress)."""
+    import dataclasses
+
+    import torch
+
+    from painn_export import save_model
+    from painn_export.checkpoint import load_model
+    from painn_export.demo import demo_model_path
+    from painn_export.model import PaiNN
+
+    demo = load_model(demo_model_path())
+    tiny = dataclasses.replace(demo.config, num_layers=1, hidden_channels=8, num_rbf=8)
+    paths = []
+    for name, direct in (("free", True), ("free_stress", False)):
+        torch.manual_seed(0)
+        model = PaiNN(dataclasses.replace(tiny, direct_forces=direct), demo.normalization).eval()
+        if runtime == "onnxruntime":  # exported here, not inside the timed runs
+            from painn_export.export import export_onnx
+
+            paths.append(export_onnx(model, folder / f"{name}.onnx", stress=not direct))
+        else:
+            paths.append(save_model(model, folder / f"{name}.pt"))
+    return paths[0], paths[1]
+
+
+def bench_host(args) -> dict:
+    """Host µs per atom-step (wall minus the runtime's time) of relax, relax --cell and run."""
+    from pipelines.relax import RelaxSettings, relax_file
+    from pipelines.run import run_file
+
+    atoms_list = structures(args.structures, args.seed)
+    common = {
+        "runtime": args.runtime,
+        "device": "cpu",
+        "max_atoms": args.max_atoms,
+        "workers": args.workers,
+        "overwrite": True,
+        "progress": False,
+    }
+    rows: dict[str, list[float]] = {"relax": [], "relax_cell": [], "run": []}
+    counts = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        free, free_stress = free_models(tmp, args.runtime)
+        inp = write(tmp / "in.h5", atoms_list)
+        warm = write(tmp / "warm.h5", atoms_list[:2])  # imports, compiled kernels, sessions: not timed
+        relax_file(
+            warm, tmp / "warm.h5.out", free_stress, settings=RelaxSettings(steps=2, cell=True), **common
+        )
+        for _ in range(args.repeats):
+            for name, model, cell in (("relax", free, False), ("relax_cell", free_stress, True)):
+                settings = RelaxSettings(fmax=args.fmax, steps=args.steps, cell=cell)
+                summary = relax_file(inp, tmp / f"{name}.h5", model, settings=settings, **common)
+                host = summary.seconds - summary.model_seconds
+                rows[name].append(1e6 * host / summary.atom_evaluations)
+                counts[name] = summary.as_dict()["status_counts"]
+                print(f"{name}: {rows[name][-1]:.2f} host us/atom-step", file=sys.stderr)
+            summary = run_file(inp, tmp / "run.h5", free, **common)
+            rows["run"].append(1e6 * (summary.seconds - summary.model_seconds) / summary.atoms)
+    return {
+        "host_us_per_atom_step_relax": spread(rows["relax"]),
+        "host_us_per_atom_step_relax_cell": spread(rows["relax_cell"]),
+        "host_us_per_atom_run": spread(rows["run"]),
+        "status_counts": counts,
+    }
+
+
+def bench_file_size(args) -> dict:
+    """The finished relaxation's file against run's plus the relaxation's datasets; the mid-run peak."""
+    import h5py
+
+    from pipelines.relax import RelaxSettings, relax_file
+    from pipelines.run import run_file
+
+    atoms_list = structures(min(args.structures, 500), args.seed)
+    atoms_list = (atoms_list * (args.structures // len(atoms_list) + 1))[: args.structures]
+    common = {"runtime": args.runtime, "device": "cpu", "max_atoms": args.max_atoms}
+    common.update(workers=args.workers, overwrite=True, progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        free, _ = free_models(tmp, args.runtime)
+        inp = write(tmp / "in.h5", atoms_list)
+        run_file(inp, tmp / "run.h5", free, **common)
+        settings = RelaxSettings(fmax=args.fmax, steps=args.steps)
+        summary = relax_file(inp, tmp / "relax.h5", free, settings=settings, **common)
+        run_bytes = (tmp / "run.h5").stat().st_size
+        relax_bytes = (tmp / "relax.h5").stat().st_size
+        with h5py.File(tmp / "relax.h5") as fh:
+            own = sum(fh[k].size * fh[k].dtype.itemsize for k in ("positions", "cell", "steps", "fmax"))
+    return {
+        "structures": args.structures,
+        "run_bytes": run_bytes,
+        "relax_own_datasets_bytes": int(own),
+        "relax_bytes": relax_bytes,
+        "relax_over_run_plus_own": round(relax_bytes / (run_bytes + own), 4),
+        "largest_mid_run_bytes": relax_bytes + summary.checkpoint_bytes,
+        "largest_checkpoint_bytes": summary.checkpoint_bytes,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--structures", type=int, default=200)
@@ -204,7 +320,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--host-time", action="store_true", help="Host time per atom-step (issue 31).")
+    parser.add_argument("--file-size", action="store_true", help="File sizes (issue 31).")
     args = parser.parse_args()
+    if args.host_time or args.file_size:
+        report = {
+            "machine": f"{platform.machine()}, {platform.processor() or platform.uname().machine}, "
+            f"{__import__('os').cpu_count()} logical CPUs",
+            "command": "python " + " ".join(sys.argv),
+            "runtime": args.runtime,
+            **(bench_host(args) if args.host_time else {}),
+            **(bench_file_size(args) if args.file_size else {}),
+        }
+        text = json.dumps(report, indent=1)
+        print(text)
+        if args.json:
+            args.json.write_text(text + "\n")
+        return
 
     atoms_list = structures(args.structures, args.seed)
     sizes = [len(a) for a in atoms_list]
