@@ -47,7 +47,7 @@ from painn_export.contract import AXES, CONTRACT_VERSION, STATIC, input_names, o
 from painn_export.errors import BatchTooLargeError, InferenceError, RuntimeUnavailableError, one_line
 
 INSTALL_HINT = (
-    "TensorRT is not installed: on a machine with an NVIDIA GPU, pip install 'painn-export[gpu]' "
+    "TensorRT is not installed: on a machine with an NVIDIA GPU, pip install 'painn-export[tensorrt]' "
     "(tensorrt>=10,<12)"
 )
 SUPPORTED_MAJORS = (10, 11)
