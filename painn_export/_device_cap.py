@@ -95,16 +95,11 @@ def lex_negative(shift: torch.Tensor) -> torch.Tensor:
     return (s0 < 0) | ((s0 == 0) & ((s1 < 0) | ((s1 == 0) & (s2 < 0))))
 
 
-def cap_rows(
-    d2: torch.Tensor,  # [R, M] float64 Å², inf where a slot holds no entry
-    neighbor: torch.Tensor,  # [R, M] int64
-    shift: torch.Tensor,  # [R, M, 3] int64
-    k: int,
-    strict: bool,
-    tie_rtol: float,
-    tolerance: float,
-) -> torch.Tensor:
+def cap_rows(d2, neighbor, shift, k: int, strict: bool, tie_rtol: float, tolerance: float) -> torch.Tensor:
     """``[R, M]`` bool: the entries each row's cap keeps (rows with more than ``k`` entries).
+
+    ``d2`` ``[R, M]`` float64 Å² (inf where a slot holds no entry), ``neighbor``
+    ``[R, M]`` and ``shift`` ``[R, M, 3]`` int64: the capped rows of :func:`cap_and_symmetrize`'s matrix.
 
     ``strict``: the ``k`` nearest, ties (to ``tie_rtol``, chained) broken by
     ``(j, S)``; else every entry with ``d² <= d²_(k+1) + tolerance``.

@@ -231,36 +231,21 @@ def device_feed(
     atomic_numbers,
     natoms,
     *,
-    cutoff: float,
-    max_neighbors: int,
-    strict: bool = True,
     dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
     n_slots: int | None = None,
     n_pairs: int | None = None,
-    min_separation: float = 0.0,
-    num_elements: int | None = None,
+    **settings,
 ) -> tuple[dict[str, torch.Tensor], GraphStatus]:
     """The feed of a batch's structures (those whose status is ``ok``), built on ``device``.
 
-    Args: as :func:`build_graphs`; ``dtype``, ``n_slots`` and ``n_pairs`` as
+    Args: the structures and ``settings`` (``cutoff``, ``max_neighbors``,
+    ``strict``, ``device``, ``min_separation``, ``num_elements``) as
+    :func:`build_graphs` takes them; ``dtype``, ``n_slots`` and ``n_pairs`` as
     :func:`painn_export.batch.collate` takes them. Returns the feed (torch
     tensors on ``device``) and each input structure's :class:`GraphStatus`.
     Raises InvalidGraphError when no structure is ``ok``.
     """
-    graphs = build_graphs(
-        positions,
-        cells,
-        pbc,
-        atomic_numbers,
-        natoms,
-        cutoff=cutoff,
-        max_neighbors=max_neighbors,
-        strict=strict,
-        device=device,
-        min_separation=min_separation,
-        num_elements=num_elements,
-    )
+    graphs = build_graphs(positions, cells, pbc, atomic_numbers, natoms, **settings)
     return graphs.feed(dtype, n_slots, n_pairs), graphs.status
 
 

@@ -241,22 +241,48 @@ def neighbor_graph(
 
 
 def _graph_from_pairs(
-    z, positions, cell, a, b, S, d2, closest: float, max_neighbors: int, strict: bool, r2: float
+    z,
+    positions,
+    cell,
+    a,
+    b,
+    S,
+    d2,
+    closest: float,
+    max_neighbors: int,
+    strict: bool,
+    r2: float,
+    *,
+    trusted=False,
 ) -> Graph:
-    """Cap and symmetrise the half-list pairs ``(a, b, S, d²)`` (all ``d² <= r2``) into a Graph."""
-    from painn_export._neighbors_kernel import cap_and_symmetrize
+    """Cap and symmetrise the half-list pairs ``(a, b, S, d²)`` (all ``d² <= r2``) into a Graph.
 
+    ``trusted``: skip :class:`Graph`'s checks, which hold by construction. The
+    kernel writes the one-sided edges, then their reverses in the same order
+    (the reverse of ``e`` is ``e ± E/2``), never an edge of zero length
+    (``d² > MIN_DISTANCE_SQ``) and only atoms of the structure: what Graph
+    would check again, at about a quarter of a millisecond a structure, on
+    every step of a relaxation. The tests compare the two.
+    """
+    from painn_export._neighbors_kernel import cap_and_symmetrize
+    from painn_export.batch import slots_within_receiver
+
+    n = positions.shape[0]
     edge_index, cell_shift, edge_shift = cap_and_symmetrize(
-        a, b, S, d2, positions.shape[0], max_neighbors, strict, TIE_RTOL, DEGENERACY_TOLERANCE, cell
+        a, b, S, d2, n, max_neighbors, strict, TIE_RTOL, DEGENERACY_TOLERANCE, cell
     )
-    return Graph(
+    edges = {"edge_index": edge_index, "cell_shift": cell_shift, "edge_shift": edge_shift}
+    if not trusted or n == 0:  # no atoms: Graph's own refusal
+        return Graph(atomic_numbers=z, positions=positions, cell=cell, min_distance=closest, **edges)
+    half = edge_index.shape[1] // 2
+    return Graph.from_checked(
         atomic_numbers=z,
         positions=positions,
-        edge_index=edge_index,
-        cell_shift=cell_shift,
-        edge_shift=edge_shift,
         cell=cell,
         min_distance=closest,
+        edge_slot=slots_within_receiver(edge_index[1], n),
+        edge_reverse=np.concatenate([np.arange(half, 2 * half), np.arange(half)]).astype(np.int64),
+        **edges,
     )
 
 
@@ -318,44 +344,9 @@ class SkinGraph:
         keep = (d2 <= r2) & (d2 > MIN_DISTANCE_SQ)
         closest = math.sqrt(float(d2.min())) if d2.size else math.inf  # of the pairs it keeps
         args = (a[keep], b[keep], S[keep], d2[keep], closest, self.max_neighbors, self.strict, r2)
-        if positions.shape[0] == 0:
-            return _graph_from_pairs(z, positions, cell, *args)  # Graph's own refusal
-        return _graph_unchecked(z, positions, cell, *args)
+        return _graph_from_pairs(z, positions, cell, *args, trusted=True)
 
 
 def _largest_norm(v: np.ndarray) -> float:
     """Largest row norm of ``v`` ``[n, 3]`` (0 for no rows)."""
     return float(np.sqrt(np.max(np.sum(v * v, axis=1), initial=0.0)))
-
-
-def _graph_unchecked(
-    z, positions, cell, a, b, S, d2, closest: float, max_neighbors: int, strict: bool, r2: float
-) -> Graph:
-    """:func:`_graph_from_pairs`'s graph, without :class:`Graph`'s checks, which hold by construction.
-
-    The kernel writes the one-sided edges, then their reverses in the same
-    order (the reverse of ``e`` is ``e ± E/2``), never an edge of zero length
-    (``d² > MIN_DISTANCE_SQ``) and only atoms of the structure: what Graph
-    would check again, at about a quarter of a millisecond a structure, on
-    every step of a relaxation. The tests compare it with the checked graph.
-    """
-    from painn_export._neighbors_kernel import cap_and_symmetrize
-    from painn_export.batch import slots_within_receiver
-
-    n = positions.shape[0]
-    edge_index, cell_shift, edge_shift = cap_and_symmetrize(
-        a, b, S, d2, n, max_neighbors, strict, TIE_RTOL, DEGENERACY_TOLERANCE, cell
-    )
-    half = edge_index.shape[1] // 2
-    reverse = np.concatenate([np.arange(half, 2 * half), np.arange(half)]).astype(np.int64)
-    return Graph.from_checked(
-        atomic_numbers=z,
-        positions=positions,
-        edge_index=edge_index,
-        cell_shift=cell_shift,
-        edge_shift=edge_shift,
-        cell=cell,
-        edge_slot=slots_within_receiver(edge_index[1], n),
-        edge_reverse=reverse,
-        min_distance=closest,
-    )

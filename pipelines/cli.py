@@ -18,6 +18,7 @@ from painn_export.cli import GuardedGroup, device_option, unavailable
 from painn_export.errors import one_line
 from painn_export.runners.base import RUNTIMES
 from pipelines.options import GRAPHS, RelaxSettings, RunOptions
+from pipelines.ray_cluster import RayOptions
 from pipelines.report import DEFAULT_MAX_POINTS
 
 EXIT_SOME_FAILED = 3
@@ -50,6 +51,14 @@ def _options(*decorators):
         return fn
 
     return apply
+
+
+def _defaulted(options, field: str, flag: str, kind, text: str, name: str | None = None, **extra):
+    """A ``--flag`` whose default is ``options``' own (a frozen options class): written once, there."""
+    default = getattr(options, field)
+    return click.option(
+        flag, name or field, type=kind, default=default, show_default=True, help=text, **extra
+    )
 
 
 _RUN_FIELDS = tuple(f.name for f in fields(RunOptions))
@@ -125,6 +134,34 @@ control_options = _options(
 )
 
 
+# run --ray's options: each default is RayOptions' own (pipelines.ray_cluster, which imports no Ray).
+ray_options = _options(
+    click.option(
+        "--ray",
+        "ray_address",
+        metavar="local|auto|ADDRESS",
+        default=None,
+        help="Run the graphs and the inference on Ray (local: start Ray here; auto: this machine's cluster).",
+    ),
+    *(
+        click.option(
+            flag, f"ray_{field}", type=kind, default=getattr(RayOptions, field), show_default=True, help=text
+        )
+        for flag, field, kind, text in (
+            ("--ray-actors", "actors", click.IntRange(min=1), "Inference actors."),
+            ("--ray-gpus-per-actor", "gpus_per_actor", click.FloatRange(min=0), "GPUs per actor."),
+            (
+                "--ray-cpus-per-actor",
+                "cpus_per_actor",
+                click.IntRange(min=1),
+                "CPUs per actor: its runtime's threads.",
+            ),
+            ("--ray-batch", "actor_batch", click.IntRange(min=1), "Structures per actor call."),
+        )
+    ),
+)
+
+
 @click.group(cls=GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="painn-export")
 def main() -> None:
@@ -136,37 +173,7 @@ def main() -> None:
 @model_options
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Default: INPUT with .out.h5.")
 @batch_options
-@click.option(
-    "--ray",
-    "ray_address",
-    metavar="local|auto|ADDRESS",
-    default=None,
-    help="Run the graphs and the inference on Ray (local: start Ray here; auto: this machine's cluster).",
-)
-@click.option(
-    "--ray-actors", type=click.IntRange(min=1), default=1, show_default=True, help="Inference actors."
-)
-@click.option(
-    "--ray-gpus-per-actor",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    show_default=True,
-    help="GPUs per actor.",
-)
-@click.option(
-    "--ray-cpus-per-actor",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="CPUs per actor: its runtime's threads.",
-)
-@click.option(
-    "--ray-batch",
-    type=click.IntRange(min=1),
-    default=512,
-    show_default=True,
-    help="Structures per actor call.",
-)
+@ray_options
 @click.option(
     "--graphs",
     type=click.Choice(GRAPHS),
@@ -186,7 +193,7 @@ def run_cmd(
     ray_actors,
     ray_gpus_per_actor,
     ray_cpus_per_actor,
-    ray_batch,
+    ray_actor_batch,
     options,
     as_json,
     verbose,
@@ -195,7 +202,7 @@ def run_cmd(
     """Compute energies and forces of every structure in INPUT_PATH."""
     ray = None
     if ray_address is not None:
-        from pipelines.ray_cluster import RayOptions, RayUnavailableError, import_ray
+        from pipelines.ray_cluster import RayUnavailableError, import_ray
 
         try:
             import_ray()
@@ -205,23 +212,17 @@ def run_cmd(
             ray_address,
             ray_actors,
             ray_gpus_per_actor,
-            actor_batch=ray_batch,
+            actor_batch=ray_actor_batch,
             cpus_per_actor=ray_cpus_per_actor,
         )
     from pipelines.run import run_file
 
     output = output or str(input_path).removesuffix(".h5") + ".out.h5"
-    _execute(
-        lambda: run_file(input_path, output, model_path, options=options, ray=ray),
-        output,
-        as_json=as_json,
-        verbose=verbose,
-        quiet=quiet,
-        describe=lambda r: f"{r['structures_per_s']} structures/s",
-    )
+    work = functools.partial(run_file, input_path, output, model_path, options=options, ray=ray)
+    _execute(work, output, (as_json, verbose, quiet), lambda r: f"{r['structures_per_s']} structures/s")
 
 
-def _execute(work, output, *, as_json, verbose, quiet, describe, unavailable_errors=()) -> None:
+def _execute(work, output, flags: tuple[bool, int, bool], describe, unavailable_errors=()) -> None:
     """Run ``work`` (a run or a relaxation) and report as every painn-batch command does.
 
     One line and the exit code for each kind of failure (a stop signal: 128 +
@@ -230,6 +231,7 @@ def _execute(work, output, *, as_json, verbose, quiet, describe, unavailable_err
     naming the partial output to resume); then the JSON summary or one line
     (``describe`` adds the command's own rate), and exit 3 if some structure failed.
     """
+    as_json, verbose, quiet = flags  # --json, -v count, -q
     from painn_export.errors import InferenceError, RuntimeUnavailableError
     from painn_export.schema import SchemaError
     from pipelines.graphs import WorkerError
@@ -269,35 +271,35 @@ def _execute(work, output, *, as_json, verbose, quiet, describe, unavailable_err
 @click.argument("input_path", type=click.Path(dir_okay=False))
 @model_options
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Default: INPUT with .relaxed.h5.")
-@click.option(
-    "--fmax",
-    type=click.FloatRange(min=0, min_open=True),
-    default=RelaxSettings.fmax,
-    show_default=True,
-    help="Converged when the largest force on a free atom (and cell row with --cell) is below it, eV/Å.",
-)
-@click.option(
-    "--steps",
-    type=click.IntRange(min=0),
-    default=RelaxSettings.steps,
-    show_default=True,
-    help="Most FIRE steps.",
-)
 @click.option("--cell", "relax_cell", is_flag=True, help="Relax the cell too (ASE's FrechetCellFilter).")
-@click.option(
-    "--checkpoint-every",
-    type=click.IntRange(min=1),
-    default=RelaxSettings.checkpoint_every,
-    show_default=True,
-    help="Model calls between checkpoints of the optimiser state (what --resume continues from).",
-)
-@click.option(
-    "--trajectory-every",
-    type=click.IntRange(min=0),
-    default=RelaxSettings.trajectory_every,
-    show_default=True,
-    metavar="N",
-    help="Keep every Nth step's positions, cell, energy and fmax in the output (0: none).",
+@_options(
+    *(
+        _defaulted(RelaxSettings, field, flag, kind, text, **extra)
+        for flag, field, kind, text, extra in (
+            (
+                "--fmax",
+                "fmax",
+                click.FloatRange(min=0, min_open=True),
+                "Converged when the largest force on a free atom (and cell row, --cell) is below it, eV/Å.",
+                {},
+            ),
+            ("--steps", "steps", click.IntRange(min=0), "Most FIRE steps.", {}),
+            (
+                "--checkpoint-every",
+                "checkpoint_every",
+                click.IntRange(min=1),
+                "Model calls between checkpoints of the optimiser state (what --resume continues from).",
+                {},
+            ),
+            (
+                "--trajectory-every",
+                "trajectory_every",
+                click.IntRange(min=0),
+                "Keep every Nth step's positions, cell, energy and fmax in the output (0: none).",
+                {"metavar": "N"},
+            ),
+        )
+    )
 )
 @batch_options
 @control_options
@@ -330,15 +332,9 @@ def relax_cmd(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    _execute(
-        lambda: relax_file(input_path, output, model_path, settings=settings, options=options),
-        output,
-        as_json=as_json,
-        verbose=verbose,
-        quiet=quiet,
-        describe=lambda r: f"{r['steps']} steps, {r['us_per_atom_step']} us/atom/step",
-        unavailable_errors=(CellNeedsStressError,),
-    )
+    work = functools.partial(relax_file, input_path, output, model_path, settings=settings, options=options)
+    rate = lambda r: f"{r['steps']} steps, {r['us_per_atom_step']} us/atom/step"  # noqa: E731
+    _execute(work, output, (as_json, verbose, quiet), rate, unavailable_errors=(CellNeedsStressError,))
 
 
 @main.command("convert")
@@ -371,10 +367,7 @@ def convert_cmd(source, output, fmt, energy_key, forces_key):
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="extxyz file to write.")
 @click.option("--prefix", default="painn_", show_default=True, help="Prefix of the result keys.")
 @click.option(
-    "--index",
-    "indices",
-    metavar="I,J,...",
-    help="Only these structures (0-based indices, comma-separated; painn-batch report lists them).",
+    "--index", "indices", metavar="I,J,...", help="Only these structures (0-based, comma-separated)."
 )
 def export_cmd(result, input_path, output, prefix, indices):
     """Write RESULT (a painn-batch output) with its input structures as extxyz."""

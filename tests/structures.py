@@ -9,17 +9,13 @@ import torch
 
 from painn_export.batch import Graph, collate
 from painn_export.neighbors import neighbor_graph
-from painn_export.samples import _jittered_grid
+from painn_export.samples import Sample, _jittered_grid
 from painn_export.slots import GraphInputs
 
 
 @dataclass(frozen=True)
-class Structure:
-    name: str
-    atomic_numbers: np.ndarray  # [n] int64
-    positions: np.ndarray  # [n, 3] Å
-    cell: np.ndarray  # [3, 3] Å
-    pbc: np.ndarray  # [3] bool
+class Structure(Sample):
+    """A sample structure (:class:`painn_export.samples.Sample`) that builds its own graph and feed."""
 
     def graph(self, cutoff: float, max_neighbors: int, **kw) -> Graph:
         return neighbor_graph(

@@ -25,13 +25,8 @@ class TensorRTRunner(Runner):
 
     runtime = name = "tensorrt"
 
-    def __init__(
-        self,
-        engine_path: str | Path,
-        precision: str = "fp32",
-        readout: SystemReadout | None = None,
-        device: str = "cuda",
-    ) -> None:
+    def __init__(self, engine_path: str | Path, *, precision="fp32", readout=None, device="cuda") -> None:
+        """``precision``: its kernels' (the sidecar's); ``readout``: the host's sums (SystemReadout)."""
         super().__init__()
         self.index = engine_device(engine_path, device)
         self.engine_path = Path(engine_path)

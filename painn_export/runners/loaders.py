@@ -27,9 +27,22 @@ from dataclasses import replace
 from pathlib import Path
 
 from painn_export.errors import RuntimeUnavailableError
-from painn_export.metadata import ModelFacts, model_facts
+from painn_export.metadata import ModelFacts, model_facts, read_onnx_io
 from painn_export.readout import SystemReadout
 from painn_export.runners.base import RUNTIMES, Runner, RunnerIdentity, check_io, parse_device, runner_name
+from painn_export.trt import read_profiles, read_sidecar  # no TensorRT: the sidecar only
+
+
+def _onnxruntime_runner():
+    from painn_export.runners.ort import OnnxRuntimeRunner  # onnxruntime itself: when it starts
+
+    return OnnxRuntimeRunner
+
+
+def _aoti_runner():
+    from painn_export.runners.aot import AOTInductorRunner
+
+    return AOTInductorRunner
 
 
 class Loader(ABC):
@@ -84,8 +97,15 @@ class Loader(ABC):
     @abstractmethod
     def _read_facts(self) -> ModelFacts: ...
 
-    @abstractmethod
-    def runner(self, device: str = "auto", threads: int | None = None) -> Runner: ...
+    def runner(self, device: str = "auto", threads: int | None = None) -> Runner:
+        """The file's runner (not started), once its facts and graph I/O are checked."""
+        self.facts()
+        return self._runner_class()(self.path, device=device, threads=threads)
+
+    @staticmethod
+    def _runner_class():
+        """The Runner class that runs this kind of file, imported when asked for."""
+        raise NotImplementedError
 
 
 class CheckpointLoader(Loader):
@@ -145,53 +165,41 @@ class OnnxLoader(Loader):
     """An exported ``.onnx`` file, run by ONNX Runtime."""
 
     runtime, what = "onnxruntime", "an ONNX file"
+    _runner_class = staticmethod(_onnxruntime_runner)
 
     def _read_facts(self) -> ModelFacts:
-        from painn_export.metadata import read_onnx_io
-
-        meta, inputs, outputs = read_onnx_io(self.path)
+        meta, inputs, outputs = read_onnx_io(self.path)  # the graph's own names, not its metadata's
         facts = model_facts(meta, self.path)
         check_io(self.path, inputs, outputs, facts.gradient_forces, facts.stress)
         return facts
-
-    def runner(self, device: str = "auto", threads: int | None = None) -> Runner:
-        from painn_export.runners.ort import OnnxRuntimeRunner
-
-        self.facts()
-        return OnnxRuntimeRunner(self.path, device=device, threads=threads)
 
 
 class PackageLoader(Loader):
     """An AOTInductor ``.pt2`` package, run on the device kind it was compiled for."""
 
     runtime, what = "aoti", "an AOTInductor package"
+    _runner_class = staticmethod(_aoti_runner)
 
     def _read_facts(self) -> ModelFacts:
+        return _recorded_facts(self.path, self._package()["metadata"])
+
+    def _package(self) -> dict:
+        """What the ``.pt2`` says of itself (:func:`painn_export.aoti.read_package_facts`)."""
         from painn_export.aoti import read_package_facts
 
-        meta = read_package_facts(self.path)["metadata"]
-        facts = model_facts(meta, self.path)
-        inputs, outputs = (json.loads(meta.get(f"painn_export.{k}", "[]")) for k in ("inputs", "outputs"))
-        check_io(self.path, inputs, outputs, facts.gradient_forces, facts.stress)
-        return facts
+        return read_package_facts(self.path)
 
     def _provider(self, device: str) -> str:
-        from painn_export.aoti import PackageMismatchError, read_package_facts
+        from painn_export.aoti import PackageMismatchError
 
         kind = parse_device(device)[0]
-        built = read_package_facts(self.path).get("device", "cpu")
+        built = self._package().get("device", "cpu")
         if built != kind:  # what the runner refuses when it starts, said before anything starts
             raise PackageMismatchError(
                 f"{self.path} was compiled for device {built}, not {kind}; compile it for {kind} "
                 "with painn-export aoti (or --runtime aoti on the checkpoint)"
             )
         return kind
-
-    def runner(self, device: str = "auto", threads: int | None = None) -> Runner:
-        from painn_export.runners.aot import AOTInductorRunner
-
-        self.facts()
-        return AOTInductorRunner(self.path, device=device, threads=threads)
 
 
 class EngineLoader(Loader):
@@ -200,13 +208,8 @@ class EngineLoader(Loader):
     runtime, what = "tensorrt", "a TensorRT engine"
 
     def _read_facts(self) -> ModelFacts:
-        from painn_export.trt import read_profiles, read_sidecar
-
         side = read_sidecar(self.path)
-        meta = side["model_metadata"]  # the engine's own copy: its ONNX may be gone
-        facts = model_facts(meta, self.path)
-        inputs, outputs = (json.loads(meta.get(f"painn_export.{k}", "[]")) for k in ("inputs", "outputs"))
-        check_io(self.path, inputs, outputs, facts.gradient_forces, facts.stress)
+        facts = _recorded_facts(self.path, side["model_metadata"])  # its own copy: its ONNX may be gone
         return replace(
             facts, precision=side.get("precision", "fp32"), profiles=tuple(read_profiles(self.path))
         )
@@ -225,10 +228,20 @@ class EngineLoader(Loader):
         from painn_export.runners.engine import TensorRTRunner
 
         facts = self.facts()
-        return TensorRTRunner(self.path, facts.precision, facts.readout, device=device)
+        return TensorRTRunner(self.path, precision=facts.precision, readout=facts.readout, device=device)
 
 
 PRECISIONS = ("float32", "float64", "float16", "bfloat16")  # eager PyTorch's
+
+
+def _recorded_facts(path: Path, meta: dict[str, str]) -> ModelFacts:
+    """The facts of a compiled file (package, engine) from the metadata it carries, I/O checked."""
+    facts = model_facts(meta, path)
+    inputs, outputs = (json.loads(meta.get(f"painn_export.{k}", "[]")) for k in ("inputs", "outputs"))
+    check_io(path, inputs, outputs, facts.gradient_forces, facts.stress)
+    return facts
+
+
 # What each file suffix is; anything else is read as a checkpoint.
 FILE_KINDS: dict[str, type[Loader]] = {".onnx": OnnxLoader, ".pt2": PackageLoader, ".engine": EngineLoader}
 # How to get from each kind of file to each other runtime: the second half of a refusal.
