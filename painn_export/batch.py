@@ -303,3 +303,27 @@ def collate(
         "edge_index": edge_index.reshape(2, n_edges),
         "edge_shift": edge_shift.astype(dtype).reshape(n_edges, 3),
     }
+
+
+def canonical_graph(graph: Graph) -> Graph:
+    """``graph`` in the canonical edge order, the one :func:`~painn_export.neighbors.neighbor_graph` writes.
+
+    The first half (the one-sided edges) sorted by ``(receiver i, sender j,
+    S)``, the reverses in the same order: what the neighbour kernel and
+    :mod:`painn_export.device_graphs` list. The model sums over edges in their
+    order, so one order makes a structure's numbers independent of how its
+    graph was found (host, device, a Verlet skin; an exact ``--resume``).
+    """
+    half = graph.n_edges // 2
+    index, shift = np.asarray(graph.edge_index), np.asarray(graph.cell_shift)
+    order = np.lexsort((shift[:half, 2], shift[:half, 1], shift[:half, 0], index[0, :half], index[1, :half]))
+    perm = np.concatenate([order, order + half])
+    return Graph(
+        atomic_numbers=graph.atomic_numbers,
+        positions=graph.positions,
+        edge_index=index[:, perm],
+        cell_shift=shift[perm],
+        edge_shift=np.asarray(graph.edge_shift)[perm],
+        cell=graph.cell,
+        min_distance=graph.min_distance,
+    )

@@ -49,7 +49,7 @@ import torch
 
 from painn_export._device_cap import image_offsets
 from painn_export._device_search import expected_neighbors, init_kernels, search_and_cap
-from painn_export.batch import Graph, InvalidGraphError
+from painn_export.batch import InvalidGraphError, canonical_graph
 from painn_export.contract import slot_count
 from painn_export.errors import RuntimeUnavailableError
 
@@ -429,25 +429,4 @@ def _keep_structures(status, pos, z, cell, counts, system, ok, closest=None, cen
         edge_reverse=edge_reverse,
         n_edges=(2 * one_sided).cpu().numpy(),
         max_degree=max_degree.cpu().numpy(),
-    )
-
-
-def canonical_graph(graph: Graph) -> Graph:
-    """``graph`` (as :func:`~painn_export.neighbors.neighbor_graph` lists it) in the device path's edge order.
-
-    The first half (the one-sided edges) sorted by ``(receiver i, sender j,
-    S)``, the reverses in the same order: what :class:`DeviceGraphs` lists.
-    """
-    half = graph.n_edges // 2
-    index, shift = np.asarray(graph.edge_index), np.asarray(graph.cell_shift)
-    order = np.lexsort((shift[:half, 2], shift[:half, 1], shift[:half, 0], index[0, :half], index[1, :half]))
-    perm = np.concatenate([order, order + half])
-    return Graph(
-        atomic_numbers=graph.atomic_numbers,
-        positions=graph.positions,
-        edge_index=index[:, perm],
-        cell_shift=shift[perm],
-        edge_shift=np.asarray(graph.edge_shift)[perm],
-        cell=graph.cell,
-        min_distance=graph.min_distance,
     )

@@ -405,37 +405,6 @@ class _RelaxOutput:
         return read_checkpoint(self.ckpt, self.fingerprint, lambda s: int(off[s + 1] - off[s]))
 
 
-def canonical_graph(graph: Graph) -> Graph:
-    """``graph`` with its edges in one order: one-sided pairs by (centre, neighbour, image), then reverses.
-
-    The model sums over edges in their order, so one order makes a
-    structure's numbers independent of its search history (an exact
-    ``--resume``). :func:`~painn_export.neighbors.neighbor_graph` and
-    :class:`~painn_export.neighbors.SkinGraph` write their edges in this
-    order already (the kernel's counting sort), and the loop uses their
-    graphs as they are; this slow reference is what the tests hold them to.
-    """
-    n = graph.n_edges
-    half = n // 2
-    if half == 0:
-        return graph
-    ei, cs = graph.edge_index, graph.cell_shift
-    order = np.lexsort((cs[:half, 2], cs[:half, 1], cs[:half, 0], ei[0, :half], ei[1, :half]))
-    both = np.concatenate([order, order + half])
-    edge_index = ei[:, both]
-    return Graph(
-        atomic_numbers=graph.atomic_numbers,
-        positions=graph.positions,
-        edge_index=edge_index,
-        cell_shift=cs[both],
-        edge_shift=graph.edge_shift[both],
-        cell=graph.cell,
-        # Slots and reverse index derived by Graph (each one-sided pair then
-        # its reverse, in the same order: the reverse index's fast path).
-        min_distance=graph.min_distance,
-    )
-
-
 class _Loop:
     """The in-flight relaxation of one run: refill, graphs, model, FIRE, checkpoints."""
 
@@ -502,7 +471,7 @@ class _Loop:
             self.summary.graph_seconds += time.perf_counter() - t0
         if graph.min_distance < MIN_SEPARATION:
             return f"atoms came {graph.min_distance:.3g} Å apart (< {MIN_SEPARATION} Å)"
-        m.graph = graph  # already in the canonical order (the kernel writes it: see canonical_graph)
+        m.graph = graph  # in the canonical order already (batch.canonical_graph): the kernel writes it
         self.summary.searches += m.skin.n_searches - searches
         return None
 

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from painn_export import TargetNormalization, save_model
 from painn_export.ase import PaiNNCalculator
-from painn_export.batch import reverse_edges
+from painn_export.batch import canonical_graph, reverse_edges
 from painn_export.export import export_onnx
 from painn_export.neighbors import SkinGraph, neighbor_graph
 from painn_export.schema import validate_input, write_input
@@ -30,7 +30,7 @@ from painn_export.tolerances import compare, tolerance
 from pipelines.cli import main
 from pipelines.fire import FireParams, FireState, fire_step, generalized_forces
 from pipelines.output import STATUS
-from pipelines.relax import RelaxSettings, canonical_graph, relax_file
+from pipelines.relax import RelaxSettings, relax_file
 
 from conftest import SMALL, make_model
 
