@@ -59,7 +59,7 @@ ort-gpu-check: install $(ORT_GPU_VENV)/.installed
 
 # On a machine with an NVIDIA GPU and its own PyTorch (2.11 or newer), no
 # registry: installs nothing but the wheels in $(WHEELS) (made elsewhere with
-# `pip download`, see the README's "GPU check"), into $(GPU_SITE), and never
+# `pip download`, see docs/gpu.md, "The GPU check"), into $(GPU_SITE), and never
 # touches torch. Writes out/gpu-check/gpu_check.{json,md}.
 WHEELS ?= .whl
 GPU_SITE ?= /tmp/painn-gpu-site

@@ -40,7 +40,7 @@ from painn_export.export import (
     onnx_metadata,
     trace_gradient_graph,
 )
-from painn_export.files import temporary_path
+from painn_export.files import durable_replace, temporary_path
 from painn_export.model import PaiNN
 from painn_export.samples import example_set
 from painn_export.tolerances import compare, tolerance
@@ -133,7 +133,7 @@ def export_aoti(
         with zipfile.ZipFile(tmp, "a") as archive:
             archive.writestr(PACKAGE_FACTS, json.dumps(facts, indent=1))
         _check_against_eager(model, tmp, device, stress)
-        tmp.replace(path)
+        durable_replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -42,7 +42,7 @@ class PaiNNCalculator(Calculator):
         self, runner: Runner, facts: ModelFacts, *, skin: float = 0.5, graphs: str = "host", **kwargs
     ) -> None:
         super().__init__(**kwargs)
-        from painn_export.device_graphs import GRAPHS
+        from painn_export.batch import GRAPHS
 
         if graphs not in GRAPHS:
             raise ValueError(f"graphs must be one of {', '.join(GRAPHS)}, got {graphs!r}")

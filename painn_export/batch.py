@@ -34,6 +34,8 @@ import numpy as np
 
 from painn_export.contract import slot_count
 
+GRAPHS = ("auto", "host", "device")  # where graphs are built: what --graphs and graphs= take
+
 
 class InvalidGraphError(ValueError):
     """A graph the model cannot evaluate; the message names the first offending edge or array."""

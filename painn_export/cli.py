@@ -11,6 +11,8 @@ import sys
 
 import click
 
+from painn_export.batch import GRAPHS
+
 EXIT_PARITY_FAILED = 1
 EXIT_UNAVAILABLE = 2  # a runtime or device that this machine cannot give
 
@@ -341,7 +343,7 @@ def _profiles(ranges: dict) -> list:
 @device_option("Where PyTorch float32 and ONNX Runtime run (cuda: PyTorch float64 on the GPU too).")
 @click.option(
     "--graphs",
-    type=click.Choice(["auto", "host", "device"]),
+    type=click.Choice(GRAPHS),
     default="host",
     show_default=True,
     help="Where each runtime's graphs and feed are built: host, device (its device; needs "

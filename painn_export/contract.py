@@ -14,7 +14,7 @@ or float16 totals of thousands of atoms, or of per-element references near
 -1000 eV, would lose whole meV to eV, and no runtime then needs a tensor
 that grows as atoms × systems.
 
-:data:`INPUTS` and :data:`OUTPUTS` are the table; the README's table is
+:data:`INPUTS` and :data:`OUTPUTS` are the table; docs/contract.md's table is
 generated from them (:func:`markdown_table`, checked by tests/test_contract.py).
 """
 
@@ -179,7 +179,7 @@ def _shape(f: Field) -> str:
 
 
 def markdown_table() -> str:
-    """The contract as the README shows it (tests/test_contract.py keeps them equal)."""
+    """The contract as docs/contract.md shows it (tests/test_contract.py keeps them equal)."""
     where = {
         "graph": "every graph",
         "gradient": "gradient-force graphs",

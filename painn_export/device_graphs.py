@@ -49,7 +49,7 @@ import torch
 
 from painn_export._device_cap import image_offsets
 from painn_export._device_search import expected_neighbors, init_kernels, search_and_cap
-from painn_export.batch import InvalidGraphError, canonical_graph
+from painn_export.batch import GRAPHS, InvalidGraphError, canonical_graph
 from painn_export.contract import slot_count
 from painn_export.errors import RuntimeUnavailableError
 
@@ -70,7 +70,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-GRAPHS = ("auto", "host", "device")  # where graphs are built: what --graphs and graphs= take
 INSTALL = "device graphs need nvalchemi-toolkit-ops: pip install 'painn-export[device-graphs]'"
 
 

@@ -6,6 +6,12 @@ extxyz export) is written under a temporary name beside its final one and
 renamed onto it when complete: a rename within a folder is atomic, so a
 reader sees either the old file, or the whole new one, never a half.
 
+Before the rename the file's bytes are synced to the disk, and after it the
+folder's entry, so that a power loss too leaves the old file or the whole new
+one (:func:`durable_replace`). (The batch pipeline's outputs are committed
+batch by batch with a flush, not a sync: they survive a killed process, and
+``--resume`` recomputes what a power loss took.)
+
 Temporary names are ``PATH.<host>-<pid>-<random><suffix>``: two processes,
 on one host or on two that share a file system, never write the same one,
 and a stale one (its process killed) is judged only by its own host
@@ -83,6 +89,18 @@ def remove_stale_temporaries(path: str | Path) -> list[Path]:
     return removed
 
 
+def durable_replace(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` onto ``path`` with the bytes on the disk first and the rename after."""
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
 @contextmanager
 def written_whole(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     """A temporary path beside ``path`` to write: renamed onto ``path`` when the block ends well.
@@ -95,7 +113,7 @@ def written_whole(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     tmp = temporary_path(path, suffix)
     try:
         yield tmp
-        tmp.replace(path)
+        durable_replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and not isinstance(exc, FileWriteError):
@@ -117,7 +135,7 @@ def write_together(writers: dict[Path, Callable[[Path], None]]) -> None:
         for path, write in writers.items():
             write(temps[path])
         for path, tmp in temps.items():
-            tmp.replace(path)
+            durable_replace(tmp, path)
     except BaseException as exc:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)

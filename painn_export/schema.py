@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from painn_export.files import WatchedFile, temporary_path
+from painn_export.files import WatchedFile, durable_replace, temporary_path
 
 REQUIRED = {
     "atomic_numbers": ("i", 1),
@@ -315,7 +315,7 @@ class SchemaWriter:
             self.fh.close()
             self._raw.check(self.path)  # what closing wrote
             self._raw.close()
-            self._tmp.replace(self.path)
+            durable_replace(self._tmp, self.path)
         except BaseException:
             self.discard()
             raise

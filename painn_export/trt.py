@@ -473,6 +473,14 @@ class EngineSession:
                 "(written by another build meanwhile?); rebuild it with: painn-export trt MODEL.onnx"
             )
         self._device = CudaDevice(device_index)
+        try:  # a failure below (no memory for the context, a foreign engine) frees what it made
+            self._load(trt, data)
+        except BaseException:
+            self.close()
+            raise
+
+    def _load(self, trt, data: bytes) -> None:
+        """Deserialize the engine on its GPU, make its context (checked) and read its inputs and outputs."""
         logger = trt.Logger(trt.Logger.WARNING)
         with self._device.scope():  # the engine, its context and stream live on that GPU
             checked("init_libnvinfer_plugins", self.engine_path, trt.init_libnvinfer_plugins, logger, "")

@@ -70,11 +70,13 @@ def _collect_run_options(fn):
     @functools.wraps(fn)
     def wrapper(**kwargs):
         given = {name: kwargs.pop(name) for name in _RUN_FIELDS if name in kwargs}
-        if given.get("resume") and given.get("overwrite"):
-            raise click.UsageError("give --resume or --overwrite, not both")
         if kwargs.get("quiet"):
             given["progress"] = False
-        return fn(options=RunOptions(**given), **kwargs)
+        try:
+            options = RunOptions(**given)  # its own checks: one place for what a run may be asked
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from exc
+        return fn(options=options, **kwargs)
 
     return wrapper
 

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
+from painn_export.batch import GRAPHS
 from painn_export.trt import DEFAULT_MAX_ATOMS
 from pipelines.fire import FireParams
 
 SKIN = 1.0  # Å: Verlet skin of each structure's neighbour list
-# Where a run builds its graphs (RunOptions.graphs): painn_export.device_graphs.GRAPHS, held equal
-# by tests/test_device_pipeline.py (that module imports torch; this one stays light for --help).
-GRAPHS = ("auto", "host", "device")
 
 
 @dataclass(frozen=True)

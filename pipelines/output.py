@@ -273,7 +273,7 @@ def open_partial(
         create(partial, fp, extra=extra)
 
 
-def _contiguous_runs(indices: list[int]) -> list[slice]:
+def contiguous_runs(indices: list[int]) -> list[slice]:
     """Slices of ``indices`` (sorted) over which they increase by one: one HDF5 write each."""
     if not indices:
         return []
@@ -301,7 +301,7 @@ class Writer:
         if not rows:
             return
         rows = sorted(rows, key=lambda r: r[0])
-        for run in _contiguous_runs([r[0] for r in rows]):
+        for run in contiguous_runs([r[0] for r in rows]):
             part = rows[run.start : run.stop]
             s0, s1 = part[0][0], part[-1][0] + 1
             self.fh["energy"][s0:s1] = [r[1] for r in part]
@@ -320,7 +320,7 @@ class Writer:
         for s, _, text in rows:
             if text:
                 message[s] = text.encode("utf-8", "replace")[:MESSAGE_BYTES]
-        for run in _contiguous_runs([r[0] for r in rows]):
+        for run in contiguous_runs([r[0] for r in rows]):
             part = rows[run.start : run.stop]
             self.fh["status"][part[0][0] : part[-1][0] + 1] = np.array([STATUS[r[1]] for r in part], np.int8)
         self.fh.flush()

@@ -13,6 +13,7 @@ only inside these functions.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -143,7 +144,7 @@ def preflight(ray, paths: list[str]) -> int:
 
 
 def check_gpus(nodes: list[dict], options: RayOptions) -> None:
-    """GPU actors need ``actors x gpus_per_actor`` GPUs among the alive ``nodes``, all of one kind.
+    """GPU actors need room on the alive ``nodes``: each actor's GPUs on one node, all of one kind.
 
     ``nodes`` is ``ray.nodes()``; a GPU's kind is the node's
     ``accelerator_type:<name>`` resource, as Ray detects it. Without this
@@ -152,12 +153,14 @@ def check_gpus(nodes: list[dict], options: RayOptions) -> None:
     if not options.gpus_per_actor:
         return
     alive = [n for n in nodes if n.get("Alive")]
-    have = sum(float(n.get("Resources", {}).get("GPU", 0)) for n in alive)
-    need = options.actors * options.gpus_per_actor
-    if have < need:
+    gpus = [float(n.get("Resources", {}).get("GPU", 0)) for n in alive]
+    # An actor's GPUs come from one node: what each node can place, not the cluster's total.
+    placeable = sum(math.floor(g / options.gpus_per_actor + 1e-9) for g in gpus)
+    if placeable < options.actors:
         raise ClusterError(
-            f"--ray-actors {options.actors} x --ray-gpus-per-actor {options.gpus_per_actor:g} needs "
-            f"{need:g} GPUs, and the cluster has {have:g}: use fewer actors or fewer GPUs per actor"
+            f"--ray-actors {options.actors} x --ray-gpus-per-actor {options.gpus_per_actor:g}: the cluster's "
+            f"nodes (GPUs each: {', '.join(f'{g:g}' for g in gpus if g) or 'none'}) can place {placeable} "
+            "such actors; use fewer actors or fewer GPUs per actor"
         )
     kinds = {}
     for n in alive:

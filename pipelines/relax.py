@@ -66,7 +66,7 @@ from pipelines.output import (
     STATUS,
     Fingerprint,
     Writer,
-    _contiguous_runs,
+    contiguous_runs,
     fingerprint_fields,
     open_partial,
     output_session,
@@ -102,7 +102,7 @@ class RelaxSummary(Summary):
     steps: int = 0  # FIRE steps taken by this run, over all structures (not those before a --resume)
     model_calls: int = 0  # batched inferences
     atom_evaluations: int = 0  # atoms x evaluations (an evaluation per step, and one at the start)
-    graph_seconds: float = 0.0  # wall time building graphs (searches, filters, canonical order)
+    skin_seconds: float = 0.0  # wall time building the skin graphs on the host (searches, filters)
     searches: int = 0  # neighbour searches (the rest were skin-list filters)
     mean_batch_atoms: float = 0.0
     reference: dict | None = None  # relaxed energies against the input's reference, if it has one
@@ -119,7 +119,7 @@ class RelaxSummary(Summary):
                 "us_per_atom_step": round(1e6 * self.seconds / self.atom_evaluations, 2)
                 if self.atom_evaluations
                 else None,
-                "graph_fraction": round(self.graph_seconds / self.seconds, 3) if self.seconds else None,
+                "graph_fraction": round(self.skin_seconds / self.seconds, 3) if self.seconds else None,
                 "searches": self.searches,
                 "mean_batch_atoms": round(self.mean_batch_atoms, 1),
                 "reference": self.reference,
@@ -182,6 +182,10 @@ def relax_file(
     """
     start = time.perf_counter()
     options = RunOptions.of(options, **changes)
+    if options.graphs == "device":  # never a silent host run: relax builds its skin graphs on the host
+        raise ValueError(
+            "relax builds its neighbour graphs on the host (a Verlet skin): give --graphs host or auto"
+        )
     settings = settings or RelaxSettings()
     info = validate_input(input_path)
     output_path = Path(output_path)
@@ -287,32 +291,36 @@ def _relax_locked(
                 gpu=runner.gpu,
                 n_structures=info.n_structures,
                 planned_bytes=need,
+                graphs="host",
             )
             try:
-                loop = _Loop(
-                    str(input_path),
-                    reader,
-                    runner,
-                    facts,
-                    settings,
-                    out,
-                    summary,
-                    batch_limits(facts.profiles, options.max_atoms, options.max_edges),
-                    options.neighbour_workers,
-                    observer,
-                )
-                bar = Progress(
-                    info.n_structures - summary.already_done,
-                    enabled=options.progress,
-                    label=f"relax, {runner.name} on {runner.device}",
-                )
-                loop.bar = bar
-                try:
-                    loop.run()
-                finally:
-                    bar.close()
+                if not len(out.writer.pending()):  # finished already: checked, nothing to compute
+                    summary.already_done = info.n_structures
+                else:
+                    loop = _Loop(
+                        str(input_path),
+                        reader,
+                        runner,
+                        facts,
+                        settings,
+                        out,
+                        summary,
+                        batch_limits(facts.profiles, options.max_atoms, options.max_edges),
+                        options.neighbour_workers,
+                        observer,
+                    )
+                    bar = Progress(
+                        info.n_structures - summary.already_done,
+                        enabled=options.progress,
+                        label=f"relax, {runner.name} on {runner.device}",
+                    )
+                    loop.bar = bar
+                    try:
+                        loop.run()
+                    finally:
+                        bar.close()
                 summary.counts = out.writer.status_counts()
-                summary.reference = _reference(reader, out)
+                summary.reference = relaxed_reference(reader, out)
                 finished = len(out.writer.pending()) == 0
             finally:
                 out.close()
@@ -344,7 +352,7 @@ class _RelaxOutput:
             return
         fh, off = self.fh, self.offsets
         ended = sorted((d for d in done if d.state is not None), key=lambda d: d.index)
-        for run in _contiguous_runs([d.index for d in ended]):
+        for run in contiguous_runs([d.index for d in ended]):
             part = ended[run.start : run.stop]
             s0, s1 = part[0].index, part[-1].index + 1
             fh["positions"][off[s0] : off[s1]] = np.concatenate([d.state.positions for d in part])
@@ -468,7 +476,7 @@ class _Loop:
         except StructureError as exc:
             return f"the geometry became invalid: {exc}"
         finally:
-            self.summary.graph_seconds += time.perf_counter() - t0
+            self.summary.skin_seconds += time.perf_counter() - t0
         if graph.min_distance < MIN_SEPARATION:
             return f"atoms came {graph.min_distance:.3g} Å apart (< {MIN_SEPARATION} Å)"
         m.graph = graph  # in the canonical order already (batch.canonical_graph): the kernel writes it
@@ -618,7 +626,7 @@ class _Loop:
         return True
 
 
-def _reference(reader: InputReader, out: _RelaxOutput) -> dict | None:
+def relaxed_reference(reader: InputReader, out: _RelaxOutput) -> dict | None:
     """Relaxed energies (and positions) against the input's ``relaxed_energy`` (``relaxed_positions``).
 
     Over the converged structures: mean and largest absolute energy error

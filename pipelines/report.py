@@ -64,8 +64,6 @@ __all__ = ["DEFAULT_MAX_POINTS", "STATUS_MEANING", "ReportError", "list_ids", "w
 DEFAULT_MAX_POINTS = 100_000  # points in a scatter plot; past that, a 2-D histogram
 WORST = 20  # structures in each "worst" table
 
-# What each status in pipelines.output.STATUS means (tests/test_report.py holds the keys equal).
-
 
 def default_folder(output: str | Path) -> Path:
     """``OUT.h5`` -> ``OUT.report``."""

@@ -76,10 +76,10 @@ def _relaxed_reference(r) -> None:
     """Relaxed energies against the input's; numbers by the relaxation's own summary function."""
     from types import SimpleNamespace
 
-    from pipelines.relax import _reference
+    from pipelines.relax import relaxed_reference
 
     out, reader = r.out, r.reader
-    summary = _reference(reader, SimpleNamespace(fh=out.fh)) or {}
+    summary = relaxed_reference(reader, SimpleNamespace(fh=out.fh)) or {}
     r.data["relaxed_reference"] = summary
     ok = out.ok(RELAXED)
     natoms = np.diff(reader.offsets)[ok]

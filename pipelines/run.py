@@ -104,31 +104,33 @@ def run_file(
 def _run_locked(input_path, output_path: Path, partial: Path, info, model_path, options, ray) -> Summary:
     from painn_export.files import file_sha256
     from painn_export.runners import loader_for
+    from painn_export.runners.base import feed_dtype_of
 
     loader = loader_for(model_path, options.runtime, options.dtype)
     facts = loader.facts()
     model_sha256 = file_sha256(loader.path)
     stack = ExitStack()
-    if ray is None:
-        runner = loader.runner(options.device)
-        runner.activate()
-        identity = runner.identity()
-        feed_dtype = runner.feed_dtype
-        # Not in the fingerprint: both paths give the same graphs, edge order included, hence the same bits.
-        from painn_export.device_graphs import graphs_on_device
-
-        on_device = graphs_on_device(options.graphs, runner.device)
-    else:  # the actors run it: this driver reads what they will run from the file, and starts nothing
-        from pipelines.ray_cluster import cluster
-
-        runner, on_device = None, False
-        identity = loader.identity(ray.device)
-        feed_dtype = np.float64 if identity.precision == "float64" else np.float32
-        # Every node checked (same files, same version, enough GPUs) before the output file exists;
-        # Ray (started here, or joined) is left as found when the run ends.
-        paths = [str(Path(p).resolve()) for p in (input_path, model_path) if p is not None]
-        stack.enter_context(cluster(ray, paths))
     try:
+        if ray is None:
+            runner = loader.runner(options.device)
+            runner.activate()
+            stack.callback(runner.deactivate)  # also when what follows refuses (--graphs)
+            identity = runner.identity()
+            feed_dtype = runner.feed_dtype
+            # Not in the fingerprint: both paths give the same graphs and edge order, so the same bits.
+            from painn_export.device_graphs import graphs_on_device
+
+            on_device = graphs_on_device(options.graphs, runner.device)
+        else:  # the actors run it: this driver reads what they will run from the file, and starts nothing
+            from pipelines.ray_cluster import cluster
+
+            runner, on_device = None, False
+            identity = loader.identity(ray.device)
+            feed_dtype = feed_dtype_of(identity.precision)
+            # Every node checked (same files, same version, enough GPUs) before the output file exists;
+            # Ray (started here, or joined) is left as found when the run ends.
+            paths = [str(Path(p).resolve()) for p in (input_path, model_path) if p is not None]
+            stack.enter_context(cluster(ray, paths))
         fingerprint = Fingerprint(**fingerprint_fields(input_path, info, model_sha256, identity))
         open_partial(partial, output_path, fingerprint, options.resume)
 
@@ -192,8 +194,6 @@ def _run_locked(input_path, output_path: Path, partial: Path, info, model_path, 
         if finished:
             partial.replace(output_path)
     finally:
-        if runner is not None:
-            runner.deactivate()
         stack.close()
     return summary
 

@@ -126,7 +126,7 @@ def bench_relax(path: Path, out: Path, args) -> dict:
     return {
         "us_per_atom_step": 1e6 * summary.seconds / summary.atom_evaluations,
         "structures_per_s": summary.n_structures / summary.seconds,
-        "graph_fraction": summary.graph_seconds / summary.seconds,
+        "graph_fraction": summary.skin_seconds / summary.seconds,
         "model_fraction": summary.model_seconds / summary.seconds,
         "seconds": summary.seconds,
         "steps": steps,

@@ -5,7 +5,7 @@
 
 It installs nothing and never touches the machine's PyTorch (2.11 or newer).
 What it needs beyond PyTorch (vesin, onnxscript, ...) comes as wheels made
-beforehand with ``pip download`` (README, "GPU check"); ``make gpu-check``
+beforehand with ``pip download`` (docs/gpu.md, "The GPU check"); ``make gpu-check``
 unpacks them into a folder of its own. It writes ``DIR/gpu_check.json`` and
 ``DIR/gpu_check.md``:
 
@@ -234,6 +234,7 @@ def pipeline(device: str, n_structures: int) -> list[dict]:
             [(s.atomic_numbers, s.positions, s.cell, s.pbc) for s in samples[:n_structures]],
         )
         runtime = "torch" if device.startswith("cuda") else "onnxruntime"
+        rows += device_graph_rows(path, Path(tmp), runtime, device)
         workers = 1
         while workers <= max(1, min(8, (os.cpu_count() or 2) - 1)):
             out = Path(tmp) / f"out{workers}.h5"
@@ -243,6 +244,7 @@ def pipeline(device: str, n_structures: int) -> list[dict]:
             rows.append(
                 {
                     "workers": workers,
+                    "graphs": "host",
                     "runtime": summary["runtime"],
                     "device": summary["device"],
                     "structures_per_s": summary["structures_per_s"],
@@ -255,6 +257,34 @@ def pipeline(device: str, n_structures: int) -> list[dict]:
                 break  # the model is busy enough: more workers would not help
             workers *= 2
     return rows
+
+
+def device_graph_rows(path: Path, tmp: Path, runtime: str, device: str) -> list[dict]:
+    """``painn-batch run --graphs device`` (issue 32): the graphs and the feed on the device, the host
+    only reading and writing; a row saying why not where device graphs are not installed."""
+    import importlib.util
+
+    from pipelines.run import run_file
+
+    if importlib.util.find_spec("nvalchemiops") is None:
+        return [{"workers": 0, "graphs": "device: not installed (painn-export[device-graphs])"}]
+    out = tmp / "out-device.h5"
+    summary = run_file(
+        path, out, None, runtime=runtime, device=device, graphs="device", workers=0, progress=False
+    )
+    report = summary.as_dict()
+    return [
+        {
+            "workers": 0,
+            "graphs": report.get("graphs", "device"),
+            "runtime": report["runtime"],
+            "device": report["device"],
+            "structures_per_s": report["structures_per_s"],
+            "atoms_per_s": report["atoms_per_s"],
+            "model_fraction": report["model_fraction"],
+            "seconds": report["seconds"],
+        }
+    ]
 
 
 def markdown(report: dict) -> str:
@@ -291,12 +321,14 @@ def markdown(report: dict) -> str:
         "(host-device copies included): a proxy for how busy the GPU is, not a GPU counter.",
         "",
     ]
-    lines += ["| workers | runtime | device | structures/s | atoms/s | time in the model / wall time |"]
-    lines += ["| ---: | --- | --- | ---: | ---: | ---: |"]
+    lines += [
+        "| graphs | workers | runtime | device | structures/s | atoms/s | time in the model / wall time |"
+    ]
+    lines += ["| --- | ---: | --- | --- | ---: | ---: | ---: |"]
     for r in report["pipeline"]:
         lines.append(
-            f"| {r['workers']} | {r['runtime']} | {r['device']} | {r['structures_per_s']} | {r['atoms_per_s']} | "
-            f"{r['model_fraction']} |"
+            f"| {r.get('graphs', 'host')} | {r['workers']} | {r.get('runtime', '')} | {r.get('device', '')} | "
+            f"{r.get('structures_per_s', '')} | {r.get('atoms_per_s', '')} | {r.get('model_fraction', '')} |"
         )
     return "\n".join(lines) + "\n"
 

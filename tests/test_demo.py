@@ -62,7 +62,8 @@ def test_onnx_command_defaults_to_the_demo_model(tmp_path):
 
 
 def test_readme_and_make_demo_commands_run_in_a_bare_copy(tmp_path):
-    """`make demo`'s command line and the README's main command, from a copy with nothing beside it."""
+    """`make demo`'s command line and the README's commands (run, then report), from a copy with nothing
+    beside it."""
     repo = Path(__file__).resolve().parents[1]
     copy = tmp_path / "alone" / "p"
     shutil.copytree(repo / "examples", copy / "examples")
@@ -70,7 +71,9 @@ def test_readme_and_make_demo_commands_run_in_a_bare_copy(tmp_path):
     recipe = (repo / "Makefile").read_text().split("\ndemo:", 1)[1].splitlines()[1].strip()
     assert recipe.startswith("$(VENV)/bin/painn-batch run examples/"), recipe
     env = {**os.environ, "PAINN_EXPORT_CACHE": str(tmp_path / "cache")}
-    readme_main = "painn-batch run examples/emt_examples.h5 --json"
+    readme_main = (
+        "painn-batch run examples/emt_examples.h5 --output out/emt_examples.out.h5 --json --overwrite"
+    )
     assert readme_main in (repo / "README.md").read_text()
     for line in (recipe.replace("$(VENV)/bin/", ""), readme_main):
         argv = shlex.split(line)
@@ -80,9 +83,16 @@ def test_readme_and_make_demo_commands_run_in_a_bare_copy(tmp_path):
         assert proc.returncode == 0, (line, proc.stdout[-2000:], proc.stderr[-2000:])
         assert json.loads(proc.stdout.strip().splitlines()[-1])["status_counts"] == {"ok": 100}
         assert "Traceback" not in proc.stderr and "onnx_ir" not in proc.stderr, proc.stderr[-2000:]
-    assert (copy / "out" / "emt_examples.out.h5").is_file() and (
-        copy / "examples" / "emt_examples.out.h5"
-    ).is_file()
+    assert (copy / "out" / "emt_examples.out.h5").is_file()
+    # the README's next line, on what the run wrote
+    report = ["painn-batch", "report", "out/emt_examples.out.h5", "--input", "examples/emt_examples.h5"]
+    assert " ".join(report) in (repo / "README.md").read_text()
+    proc = subprocess.run(
+        [str(bindir / report[0]), *report[1:]], cwd=copy, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and (copy / "out" / "emt_examples.out.report" / "index.html").is_file(), (
+        proc.stderr
+    )
 
 
 def test_a_killed_export_leaves_no_stale_file_in_the_cache(tmp_path):

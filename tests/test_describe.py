@@ -76,6 +76,9 @@ def test_describe_reads_an_engine_without_tensorrt(files):
     assert facts.profiles == (profile,)
     with pytest.raises(RuntimeUnavailableError, match="GPU only"):
         describe(engine, "tensorrt", "cpu")
+    assert describe(engine, None, "cuda", dtype="float16")[0].precision == "fp16"  # --dtype names it so
+    with pytest.raises(ValueError, match="a TensorRT engine in fp16, not float32"):
+        describe(engine, None, "cuda", dtype="float32")
 
 
 @pytest.mark.parametrize("runtime, device", [("torch", "cpu"), ("aoti", "cpu"), ("tensorrt", "cuda")])

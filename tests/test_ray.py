@@ -291,7 +291,7 @@ def _readme_cluster_command() -> str:
 def test_the_readme_cluster_example_on_three_nodes(tmp_path, checkpoint, fresh_ray, monkeypatch):
     """docs/ray.md's cluster command, as written, on a head and two worker nodes of this machine.
 
-    The default runtime (ONNX Runtime) on the README's relative paths; the
+    The default runtime (ONNX Runtime) on docs/ray.md's relative paths; the
     result equals the local pipeline's. Then a node whose Python finds
     another painn-export version joins: the same command is refused before
     any work, in one line naming that version and the node.
@@ -437,8 +437,11 @@ def test_gpu_actors_need_that_many_gpus_of_one_kind():
 
     check_gpus([node(0)], RayOptions("auto", actors=4))  # CPU actors need no GPU
     check_gpus([node(2), node(2, address="10.0.0.2")], RayOptions("auto", actors=4, gpus_per_actor=1))
-    with pytest.raises(ClusterError, match=r"needs 4 GPUs, and the cluster has 2"):
+    with pytest.raises(ClusterError, match=r"GPUs each: 2\) can place 2 such actors"):
         check_gpus([node(2), node(2, alive=False)], RayOptions("auto", actors=4, gpus_per_actor=1))
+    with pytest.raises(ClusterError, match=r"can place 0 such actors"):  # 3 GPUs, but one per node
+        check_gpus([node(1), node(1), node(1)], RayOptions("auto", actors=1, gpus_per_actor=2))
+    check_gpus([node(1)], RayOptions("auto", actors=2, gpus_per_actor=0.5))  # two actors share a GPU
     with pytest.raises(ClusterError, match=r"several kinds: A100 \(10.0.0.2\), H100 \(10.0.0.1\)"):
         check_gpus(
             [node(2), node(2, "A100", address="10.0.0.2")], RayOptions("auto", actors=2, gpus_per_actor=1)

@@ -626,3 +626,22 @@ def test_preallocation_is_blocked_by_bytes(tmp_path, demo64, monkeypatch):
     summary = relax_file(inp, tmp_path / "o.h5", demo64, settings=settings, workers=0, progress=False)
     assert summary.planned_bytes > 256 * 301 * 24  # trajectory_positions alone: 1.8 MB
     assert 0 < largest[0] <= 1 << 16
+
+
+def test_resume_on_a_finished_relaxation_checks_it_and_computes_nothing(tmp_path, demo64):
+    """A finished output has no checkpoint: --resume re-relaxed every structure (and, on a runtime
+    that is not deterministic, rewrote the results); now it is checked, as `run --resume` does."""
+    inp = _write(tmp_path / "in.h5", [_cu(k) for k in range(3)])
+    out = tmp_path / "out.h5"
+    first = relax_file(inp, out, demo64, settings=RelaxSettings(steps=3), workers=0)
+    again = relax_file(inp, out, demo64, settings=RelaxSettings(steps=3), workers=0, resume=True)
+    assert first.computed == 3 and first.model_calls > 0
+    assert (again.computed, again.already_done, again.model_calls, again.steps) == (0, 3, 0, 0)
+    assert again.counts == first.counts
+
+
+def test_relax_refuses_device_graphs_instead_of_ignoring_them(tmp_path, demo64):
+    inp = _write(tmp_path / "in.h5", [_cu(0)])
+    with pytest.raises(ValueError, match="relax builds its neighbour graphs on the host"):
+        relax_file(inp, tmp_path / "out.h5", demo64, workers=0, graphs="device")
+    assert not list(tmp_path.glob("out*"))

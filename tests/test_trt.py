@@ -408,7 +408,7 @@ class FakeDevice:
         return buffer.copy()
 
     def close(self):
-        pass
+        self.closed = True
 
 
 FAKE_GPU = {"gpu_name": "Fake GPU", "compute_capability": "9.0"}
@@ -564,6 +564,7 @@ def test_each_failed_load_call_is_one_line_naming_it_and_the_engine(fake_trt, tm
     assert call in message and str(engine) in message and "\n" not in message, message
     if call == "create_execution_context":  # what it could not allocate, and what to do
         assert "3 MiB" in message and "--max-atoms" in message
+    assert getattr(FakeDevice.last, "closed", False)  # its stream given back, not left to the GC
 
 
 @pytest.mark.parametrize(

@@ -48,6 +48,15 @@ def parse_device(device: str) -> tuple[str, int]:
     raise ValueError(f"device must be {DEVICES}, got {device!r}")
 
 
+def feed_dtype_of(precision: str) -> np.dtype:
+    """The float dtype a runner of ``precision`` is fed: float64 for float64, float32 for every other.
+
+    Reduced-precision graphs (float16, bfloat16, TF32, an engine's fp16) take
+    float32 positions and shifts and narrow inside, after the edge vectors.
+    """
+    return np.dtype(np.float64 if precision == "float64" else np.float32)
+
+
 def runner_name(runtime: str, provider: str, precision: str = "float32") -> str:
     """The one way a runner's name is written: what fingerprints, summaries and parity rows show.
 
@@ -153,7 +162,7 @@ class Runner(ABC):
         inside, after the edge vectors), so every feed keeps its coordinates'
         digits at least to float32.
         """
-        return np.dtype(np.float64 if self.precision == "float64" else np.float32)
+        return feed_dtype_of(self.precision)
 
     def identity(self) -> RunnerIdentity:
         """What ran (once active): the fields a run's fingerprint records."""

@@ -63,7 +63,7 @@ class Loader(ABC):
         """The model's facts from the file alone (read once), after checking its graph's I/O."""
         if self._facts is None:
             facts = self._read_facts()
-            if self.dtype not in (None, facts.precision):
+            if self.dtype not in (None, self._dtype_of(facts)):
                 raise ValueError(
                     f"{self.path}: {self.what} in {facts.precision}, not {self.dtype}; export the "
                     f"checkpoint in {self.dtype} (painn-export {self.runtime_command} --dtype {self.dtype}), "
@@ -71,6 +71,10 @@ class Loader(ABC):
                 )
             self._facts = facts
         return self._facts
+
+    def _dtype_of(self, facts: ModelFacts) -> str:
+        """The dtype (float32, float64, float16, bfloat16) the file computes in, as ``--dtype`` names it."""
+        return facts.precision
 
     @property
     def runtime_command(self) -> str:
@@ -213,6 +217,9 @@ class EngineLoader(Loader):
         return replace(
             facts, precision=side.get("precision", "fp32"), profiles=tuple(read_profiles(self.path))
         )
+
+    def _dtype_of(self, facts: ModelFacts) -> str:  # an engine's kernels: fp32 and tf32 take float32
+        return {"fp32": "float32", "tf32": "float32", "fp16": "float16", "bf16": "bfloat16"}[facts.precision]
 
     def _provider(self, device: str) -> str:
         from painn_export.runners.engine import engine_device

@@ -33,7 +33,7 @@ import numpy as np
 
 from painn_export.contract import output_shape
 from painn_export.errors import RuntimeUnavailableError
-from painn_export.runners.base import Runner, is_tensor, parse_device, runner_name
+from painn_export.runners.base import Runner, feed_dtype_of, is_tensor, parse_device, runner_name
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ class OnnxRuntimeRunner(Runner):
         facts = model_facts(session.get_modelmeta().custom_metadata_map, self.path)
         self.readout = facts.readout
         self.precision = "tf32" if (self.tf32 and self.provider != "cpu") else facts.precision
-        self._feed = np.dtype(np.float64 if facts.precision == "float64" else np.float32)
+        self._feed = feed_dtype_of(facts.precision)  # the file's (the precision may say tf32)
         self._ort = ort
 
     @property
