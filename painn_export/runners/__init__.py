@@ -18,7 +18,6 @@ from painn_export.runners.base import (
     RunnerIdentity,
     parse_device,
     runner_name,
-    runtime_of,
 )
 from painn_export.runners.eager import TorchRunner
 from painn_export.runners.engine import TensorRTRunner
@@ -40,5 +39,4 @@ __all__ = [
     "open_runner",
     "parse_device",
     "runner_name",
-    "runtime_of",
 ]

@@ -70,14 +70,6 @@ def runner_name(runtime: str, provider: str, precision: str = "float32") -> str:
     return f"{runtime}-{provider}"
 
 
-def runtime_of(name: str) -> str:
-    """The runtime (one of :data:`RUNTIMES`) of a runner's name: the inverse of :func:`runner_name`."""
-    runtime = name.split("-")[0]
-    if runtime not in RUNTIMES:
-        raise ValueError(f"{name!r} is not a runner name")
-    return runtime
-
-
 @dataclass(frozen=True)
 class RunnerIdentity:
     """What evaluated a run's structures: results of two runs mix only when these agree.
