@@ -197,21 +197,34 @@ def create(
         raw.check(path)
 
 
+def output_datasets(n_structures: int, n_atoms: int, stress: bool, extra=None) -> dict:
+    """Every dataset of a new output, ``name -> (shape, dtype, fill)``: run's, ``extra``'s, then status."""
+    sets = {"energy": ((n_structures,), np.float64, np.nan), "forces": ((n_atoms, 3), np.float64, np.nan)}
+    if stress:
+        sets["stress"] = ((n_structures, 3, 3), np.float64, np.nan)
+    sets.update(extra or {})
+    sets["status"] = ((n_structures,), np.int8, 0)
+    sets["message"] = ((n_structures,), np.dtype(f"S{MESSAGE_BYTES}"), b"")
+    return sets
+
+
+def planned_bytes(datasets: dict) -> int:
+    """Bytes of the data of :func:`output_datasets` (what a new output file takes, less HDF5's few KB)."""
+    return sum(
+        int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        for shape, dtype, _ in datasets.values()
+    )
+
+
 def _fill(fh, fp: Fingerprint, status_codes: dict[str, int], extra) -> None:
     """Every dataset of a new output, allocated and filled (NaN, pending), and the fingerprint."""
-    shapes = {"energy": (fp.n_structures,), "forces": (fp.n_atoms, 3)}
-    if fp.stress:
-        shapes["stress"] = (fp.n_structures, 3, 3)
-    datasets = {name: (shape, np.float64, np.nan) for name, shape in shapes.items()}
-    for name, (shape, dtype, fill) in {**datasets, **(extra or {})}.items():
+    for name, (shape, dtype, fill) in output_datasets(fp.n_structures, fp.n_atoms, fp.stress, extra).items():
         ds = fh.create_dataset(name, shape=shape, dtype=dtype)
         row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
         block = max(1, _FILL_BYTES // max(1, row_bytes))
         for lo in range(0, shape[0], block):
             hi = min(lo + block, shape[0])
             ds[lo:hi] = np.full((hi - lo, *shape[1:]), fill, dtype=dtype)
-    fh.create_dataset("status", data=np.zeros(fp.n_structures, np.int8))
-    fh.create_dataset("message", data=np.zeros(fp.n_structures, f"S{MESSAGE_BYTES}"))
     fh["energy"].attrs["units"] = "eV"
     fh["forces"].attrs["units"] = "eV/Angstrom"
     if fp.stress:

@@ -61,7 +61,6 @@ from pipelines.fire import FireState, fire_step, generalized_forces, max_force, 
 from pipelines.graphs import MIN_SEPARATION, GraphSettings, neighbour_items
 from pipelines.options import RelaxSettings, RunOptions
 from pipelines.output import (
-    MESSAGE_BYTES,
     RELAXED,
     STATUS,
     Fingerprint,
@@ -69,7 +68,9 @@ from pipelines.output import (
     contiguous_runs,
     fingerprint_fields,
     open_partial,
+    output_datasets,
     output_session,
+    planned_bytes,
 )
 from pipelines.progress import Progress
 from pipelines.relax_checkpoint import Checkpoint, Saved, checkpoint_path, discard, fingerprint_of
@@ -220,20 +221,6 @@ def _datasets(n_structures: int, n_atoms: int, frames: int = 0) -> dict:
     return sets
 
 
-def planned_bytes(n_structures: int, n_atoms: int, stress: bool, extra: dict) -> int:
-    """Bytes of the output's data: ``run``'s datasets (:mod:`pipelines.output`) and ``extra``."""
-    shapes = {
-        "energy": ((n_structures,), np.float64),
-        "forces": ((n_atoms, 3), np.float64),
-        "status": ((n_structures,), np.int8),
-        "message": ((n_structures,), np.dtype(f"S{MESSAGE_BYTES}")),
-    }
-    if stress:
-        shapes["stress"] = ((n_structures, 3, 3), np.float64)
-    shapes.update({name: (shape, dtype) for name, (shape, dtype, _) in extra.items()})
-    return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in shapes.values())
-
-
 def _refuse_small_disk(partial: Path, need: int) -> None:
     """One line when the output's folder has less free space than the file will take."""
     free = shutil.disk_usage(partial.parent).free
@@ -274,7 +261,8 @@ def _relax_locked(
         extra = _datasets(info.n_structures, info.n_atoms, frames)
         ckpt = checkpoint_path(output_path)
         creating = not (options.resume and (partial.exists() or output_path.exists()))
-        need = planned_bytes(info.n_structures, info.n_atoms, fingerprint.stress, extra) if creating else 0
+        sets = output_datasets(info.n_structures, info.n_atoms, fingerprint.stress, extra)
+        need = planned_bytes(sets) if creating else 0
         if creating:
             log.info("relax: creating %s, %.3f GB", partial, need / 1e9)
             _refuse_small_disk(partial, need)
