@@ -284,3 +284,23 @@ def test_a_stop_signal_whose_exception_python_swallowed_still_stops_the_loop():
     with stop_on_signals(), pytest.raises(Stopped) as caught:
         evaluate(items(), None, Sink(), Limits(10, 1e9, 1e9), Summary(), Progress(0, enabled=False))
     assert caught.value.signum == signal.SIGTERM and seen == [0, 1]
+
+
+def test_at_safe_points_a_first_signal_waits_and_a_second_stops_at_once():
+    """relax's loop: the first SIGTERM only stops at the next safe point (a last checkpoint is then
+    written, safe=True); a second one stops at once (safe=False: no checkpoint of a half step)."""
+    from pipelines.signals import Stopped, check_stop, stop_at_safe_points, stop_on_signals
+
+    with stop_on_signals(), stop_at_safe_points():
+        signal.raise_signal(signal.SIGTERM)  # deferred: nothing raised here
+        with pytest.raises(Stopped) as first:
+            check_stop()
+        assert first.value.safe and first.value.signum == signal.SIGTERM
+    with stop_on_signals(), stop_at_safe_points():
+        signal.raise_signal(signal.SIGTERM)
+        with pytest.raises(Stopped) as second:
+            signal.raise_signal(signal.SIGINT)
+        assert not second.value.safe
+    with stop_on_signals(), pytest.raises(Stopped) as plain:  # outside safe points: at once, as before
+        signal.raise_signal(signal.SIGHUP)
+    assert plain.value.signum == signal.SIGHUP
