@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from painn_export.schema import InputReader
-from pipelines.batches import Limits, run_batch
+from pipelines.batches import Budget, Limits, run_batch
 from pipelines.graphs import CHUNK, MIN_SEPARATION, GraphSettings, Item
 from pipelines.signals import check_stop
 
@@ -166,13 +166,13 @@ class _Built:
 
     def run_closed_batches(self, runner, writer, limits: Limits, dtype, summary, bar) -> np.ndarray:
         """Pack (Budget's rule, exact sizes) and run every batch but the last; the last's positions."""
-        start, atoms, degree = 0, 0, 0
+        start, budget = 0, Budget(limits)
         for k in range(self.index.size):
-            n, d = int(self.natoms[k]), int(self.graphs.max_degree[k])
-            if k > start and not limits.admit(atoms + n, max(degree, d)):
+            size = Sized(int(self.natoms[k]), int(self.graphs.max_degree[k]))
+            if not budget.admits(size):
                 self.run(np.arange(start, k), runner, writer, limits, dtype, summary, bar)
-                start, atoms, degree = k, 0, 0
-            atoms, degree = atoms + n, max(degree, d)
+                start, budget = k, Budget(limits)
+            budget.add(size)
         return np.arange(start, self.index.size)
 
     def run(self, which: np.ndarray, runner, writer, limits: Limits, dtype, summary, bar) -> None:

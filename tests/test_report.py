@@ -31,16 +31,23 @@ EXAMPLES = ROOT / "examples" / "emt_examples.h5"
 RELAX_EXAMPLES = ROOT / "examples" / "emt_relax_examples.h5"
 
 
+def _with_own_cache(folder: Path, make):
+    """``make()`` with the export cache in ``folder`` (module-scoped fixtures have no monkeypatch)."""
+    env = pytest.MonkeyPatch()
+    env.setenv("PAINN_EXPORT_CACHE", str(folder / "cache"))
+    try:
+        return make()
+    finally:
+        env.undo()
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """The demo run through the CLI, as a user makes it: its output and its --json summary."""
     folder = tmp_path_factory.mktemp("demo")
-    env = pytest.MonkeyPatch()
-    env.setenv("PAINN_EXPORT_CACHE", str(folder / "cache"))
     out = folder / "out.h5"
     args = ["run", str(EXAMPLES), "-o", str(out), "--json", "--workers", "0", "-q"]
-    result = CliRunner().invoke(batch_main, args)
-    env.undo()
+    result = _with_own_cache(folder, lambda: CliRunner().invoke(batch_main, args))
     assert result.exit_code == 0, result.output
     return out, json.loads(result.output.strip().splitlines()[-1])
 
@@ -50,13 +57,11 @@ def relaxed(tmp_path_factory):
     from pipelines.relax import RelaxSettings, relax_file
 
     folder = tmp_path_factory.mktemp("relax")
-    env = pytest.MonkeyPatch()
-    env.setenv("PAINN_EXPORT_CACHE", str(folder / "cache"))
     out = folder / "relaxed.h5"
-    summary = relax_file(
-        RELAX_EXAMPLES, out, settings=RelaxSettings(trajectory_every=5), workers=0, progress=False
+    settings = RelaxSettings(trajectory_every=5)
+    summary = _with_own_cache(
+        folder, lambda: relax_file(RELAX_EXAMPLES, out, settings=settings, workers=0, progress=False)
     )
-    env.undo()
     return out, summary
 
 
