@@ -6,7 +6,7 @@
 
 Energies in eV, forces in eV/Å, stress (gradient-force models) in eV/Å^3 in
 ASE's Voigt order. The graph is the pipeline's (:mod:`painn_export.neighbors`),
-kept across steps with a Verlet skin (:class:`~painn_export.neighbors.SkinGraph`):
+kept across steps with a Verlet skin (:class:`~painn_export.skin.SkinGraph`):
 the neighbour search reruns only when an atom has moved more than half the
 skin, and the graph is always exactly the one a fresh search would give.
 With ``graphs="device"`` (``auto``: when the runtime runs on a GPU and
@@ -31,8 +31,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from painn_export.batch import collate
 from painn_export.metadata import ModelFacts
-from painn_export.neighbors import SkinGraph
 from painn_export.runners import Runner, open_runner
+from painn_export.skin import SkinGraph
 
 
 class PaiNNCalculator(Calculator):

@@ -252,101 +252,13 @@ def _graph_from_pairs(
     max_neighbors: int,
     strict: bool,
     r2: float,
-    *,
-    trusted=False,
 ) -> Graph:
-    """Cap and symmetrise the half-list pairs ``(a, b, S, d²)`` (all ``d² <= r2``) into a Graph.
-
-    ``trusted``: skip :class:`Graph`'s checks, which hold by construction. The
-    kernel writes the one-sided edges, then their reverses in the same order
-    (the reverse of ``e`` is ``e ± E/2``), never an edge of zero length
-    (``d² > MIN_DISTANCE_SQ``) and only atoms of the structure: what Graph
-    would check again, at about a quarter of a millisecond a structure, on
-    every step of a relaxation. The tests compare the two.
-    """
+    """Cap and symmetrise the half-list pairs ``(a, b, S, d²)`` (all ``d² <= r2``) into a Graph."""
     from painn_export._neighbors_kernel import cap_and_symmetrize
-    from painn_export.batch import slots_within_receiver
 
     n = positions.shape[0]
     edge_index, cell_shift, edge_shift = cap_and_symmetrize(
         a, b, S, d2, n, max_neighbors, strict, TIE_RTOL, DEGENERACY_TOLERANCE, cell
     )
     edges = {"edge_index": edge_index, "cell_shift": cell_shift, "edge_shift": edge_shift}
-    if not trusted or n == 0:  # no atoms: Graph's own refusal
-        return Graph(atomic_numbers=z, positions=positions, cell=cell, min_distance=closest, **edges)
-    half = edge_index.shape[1] // 2
-    return Graph.from_checked(
-        atomic_numbers=z,
-        positions=positions,
-        cell=cell,
-        min_distance=closest,
-        edge_slot=slots_within_receiver(edge_index[1], n),
-        edge_reverse=np.concatenate([np.arange(half, 2 * half), np.arange(half)]).astype(np.int64),
-        **edges,
-    )
-
-
-class SkinGraph:
-    """The graph of a moving structure (MD, relaxation), searched again only when needed.
-
-    Pairs within ``cutoff + skin`` are kept from the last search; each
-    :meth:`update` recomputes their distances at the new positions and
-    applies the cutoff, the cap and the symmetrisation, which gives exactly
-    :func:`neighbor_graph`'s graph as long as no atom has moved more than
-    ``skin / 2`` since the search (then no pair outside the list can be
-    within the cutoff). A new search happens when an atom has moved further,
-    or when pbc or the atoms change. Positions must not be re-wrapped
-    into the cell between searches (ASE's dynamics do not wrap).
-
-    A periodic cell may change too (a cell relaxation): with ``M = cell0⁻¹
-    cell`` (the strain since the search) and ``u = x - x0 M`` each atom's
-    displacement beyond the affine one, a pair's vector is ``r0 M + u_b -
-    u_a``, so a pair the search did not list (``|r0| > cutoff + skin``) is
-    still beyond the cutoff while ``2 max |u| <= σ_min(M) (cutoff + skin) -
-    cutoff`` (``σ_min``: M's smallest singular value). Searched again only
-    when that fails; with the cell unchanged it is the ``skin / 2`` test. A
-    cell that is not periodic on every axis searches again whenever it changes.
-    """
-
-    def __init__(self, cutoff: float, max_neighbors: int, skin: float = 0.5, strict: bool = True) -> None:
-        if skin < 0:
-            raise ValueError(f"skin must be >= 0 Å, got {skin}")
-        self.cutoff, self.max_neighbors, self.skin, self.strict = cutoff, max_neighbors, skin, strict
-        self.n_searches = 0
-        self._key = None
-        self._ref_positions = None
-        self._ref_cell = None
-        self._pairs = None
-
-    def update(self, atomic_numbers, positions, cell, pbc) -> Graph:
-        positions, cell, pbc = validate_structure(positions, cell, pbc)
-        z = np.asarray(atomic_numbers, dtype=np.int64)
-        periodic = bool(pbc.all())
-        key = (z.tobytes(), pbc.tobytes()) if periodic else (z.tobytes(), cell.tobytes(), pbc.tobytes())
-        if self._ref_positions is None or key != self._key:
-            search = True
-        elif np.array_equal(cell, self._ref_cell):
-            search = _largest_norm(positions - self._ref_positions) > self.skin / 2
-        else:  # a periodic cell strained since the search (see the class doc)
-            strain = np.linalg.solve(self._ref_cell, cell)  # [3, 3] M: cell = cell0 @ M
-            beyond = _largest_norm(positions - self._ref_positions @ strain)
-            sigma = float(np.linalg.svd(strain, compute_uv=False)[-1])
-            reach = self.cutoff + self.skin
-            search = not 2 * beyond <= sigma * reach - self.cutoff
-        if search:
-            a, b, S, _, _ = _search(positions, cell, pbc, self.cutoff + self.skin)
-            self._pairs = (a.copy(), b.copy(), S.copy())  # own copies: vesin reuses its buffers
-            self._key, self._ref_positions, self._ref_cell = key, positions.copy(), cell.copy()
-            self.n_searches += 1
-        a, b, S = self._pairs
-        d2 = _distance_sq(positions, cell, a, b, S)
-        r2 = self.cutoff * self.cutoff
-        keep = (d2 <= r2) & (d2 > MIN_DISTANCE_SQ)
-        closest = math.sqrt(float(d2.min())) if d2.size else math.inf  # of the pairs it keeps
-        args = (a[keep], b[keep], S[keep], d2[keep], closest, self.max_neighbors, self.strict, r2)
-        return _graph_from_pairs(z, positions, cell, *args, trusted=True)
-
-
-def _largest_norm(v: np.ndarray) -> float:
-    """Largest row norm of ``v`` ``[n, 3]`` (0 for no rows)."""
-    return float(np.sqrt(np.max(np.sum(v * v, axis=1), initial=0.0)))
+    return Graph(atomic_numbers=z, positions=positions, cell=cell, min_distance=closest, **edges)

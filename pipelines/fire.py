@@ -64,6 +64,9 @@ class FireState:
     a: float
     n_positive: int = 0  # ASE's Nsteps: downhill steps since the last reset
     steps: int = 0  # ASE's nsteps: steps taken
+    # log F [3, 3] at the current cell, from generalized_forces, for the step's own
+    # degrees of freedom (one logm a step, not two); None until then. Derived, never saved.
+    log_deform: np.ndarray | None = None
 
     @classmethod
     def start(cls, positions, cell, fixed, params: FireParams, with_cell: bool) -> FireState:
@@ -100,7 +103,7 @@ def generalized_forces(state: FireState, forces: np.ndarray, stress: np.ndarray 
     volume = abs(np.linalg.det(state.cell))
     virial = -volume * sym
     deform = deform_grad(state)
-    log_deform = logm(deform)
+    log_deform = state.log_deform = logm(deform)
     ucf_cell_grad = virial @ np.linalg.inv(deform.T)
     # ASE sums each of the nine directions' derivative L(X, E_mn) against G;
     # L(X, .) is the adjoint of L(X^T, .) (Frobenius product), so the nine
@@ -134,9 +137,21 @@ def one_blas_thread() -> Iterator[None]:
         yield
 
 
-def max_force(gforces: np.ndarray) -> float:
-    """Largest row norm of :func:`generalized_forces` (eV/Å, or eV on the cell rows)."""
-    return float(np.linalg.norm(gforces, axis=1).max()) if gforces.size else 0.0
+def max_forces(gforces: list[np.ndarray]) -> np.ndarray:
+    """``[B]`` largest row norm of each structure's :func:`generalized_forces` (eV/Å, or eV on cell rows).
+
+    Each value is ``sqrt(max_rows(fx² + fy² + fz²))``, whatever else is in the list.
+    """
+    if not gforces:
+        return np.zeros(0)
+    rows = np.array([len(g) for g in gforces], dtype=np.int64)
+    f = np.concatenate(gforces)
+    square = np.sum(f * f, axis=1)
+    out = np.zeros(len(gforces))
+    some = rows > 0
+    if some.any():
+        out[some] = np.sqrt(np.maximum.reduceat(square, (np.cumsum(rows) - rows)[some]))
+    return out
 
 
 def deform_grad(state: FireState) -> np.ndarray:
@@ -148,14 +163,16 @@ def _get_x(state: FireState, with_cell: bool) -> np.ndarray:
     """The degrees of freedom ``[n (+ 3), 3]`` (FrechetCellFilter.get_positions with the cell)."""
     if not with_cell:
         return state.positions.copy()
-    from scipy.linalg import logm
-
     n = state.positions.shape[0]
     deform = deform_grad(state)
+    if state.log_deform is None:  # not from generalized_forces at this cell
+        from scipy.linalg import logm
+
+        state.log_deform = logm(deform)
     x = np.zeros((n + 3, 3))
     x[:n] = np.linalg.solve(deform, state.positions.T).T
-    x[n:] = float(n) * deform
-    x[n:] = logm(x[n:]) * float(n)
+    # ASE's log(n F) * n, with log(n F) = log F + ln(n) I (n I commutes with F)
+    x[n:] = (state.log_deform + np.log(float(n)) * np.eye(3)) * float(n)
     return x
 
 
@@ -181,28 +198,72 @@ def _set_x(state: FireState, x: np.ndarray, with_cell: bool) -> None:
 
 def fire_step(state: FireState, gforces: np.ndarray, params: FireParams, with_cell: bool) -> None:
     """One FIRE step of ``state`` under ``gforces`` (:func:`generalized_forces`), in place."""
-    f = gforces.ravel()
-    vel = state.velocity.ravel()
-    if state.steps > 0:  # ASE's first step starts from vel = 0 without a downhill test
-        vf = np.vdot(f, vel)
-        grad2 = np.vdot(f, f)
-        if vf > 0.0:
-            vel = (1.0 - state.a) * vel + state.a * f / np.sqrt(grad2) * np.sqrt(np.vdot(vel, vel))
-            if state.n_positive > params.Nmin:
-                state.dt = min(state.dt * params.finc, params.dtmax)
-                state.a *= params.fa
-            state.n_positive += 1
+    fire_steps([state], [gforces], params, with_cell)
+
+
+def fire_steps(
+    states: list[FireState], gforces: list[np.ndarray], params: FireParams, with_cell: bool
+) -> None:
+    """One FIRE step of every state under its ``gforces`` (:func:`generalized_forces`), in place.
+
+    The whole batch at once: ASE's three dot products per structure are
+    segment sums over the batch's rows, its branches are masks, and its
+    arithmetic is ASE's, element for element, in ASE's order (a structure's
+    sums differ from ``np.vdot``'s only in rounding: the tests hold the steps
+    to ASE's). A structure's numbers do not depend on the others in the batch.
+    """
+    B = len(states)
+    if not B:
+        return
+    rows = np.array([len(g) for g in gforces], dtype=np.int64)  # [B] n (+ 3)
+    start = np.cumsum(rows) - rows
+    seg = np.repeat(np.arange(B), rows)  # [R] each row's structure
+    f = np.concatenate(gforces).reshape(-1, 3)  # [R, 3]
+    vel = np.concatenate([s.velocity for s in states]).reshape(-1, 3)
+    dt = np.array([s.dt for s in states], dtype=np.float64)  # [B]
+    a = np.array([s.a for s in states], dtype=np.float64)
+    n_positive = np.array([s.n_positive for s in states], dtype=np.int64)
+    started = np.array([s.steps > 0 for s in states])  # ASE's first step: vel = 0, no downhill test
+
+    def dot(x, y):  # [B] per structure, over its rows
+        return np.add.reduceat(np.sum(x * y, axis=1), start)
+
+    vf, grad2, vv = dot(f, vel), dot(f, f), dot(vel, vel)
+    up = started & (vf > 0.0)
+    down = started & ~(vf > 0.0)
+    if up.any():
+        r = up[seg]
+        ar = a[seg][r, None]
+        vel[r] = (1.0 - ar) * vel[r] + ar * f[r] / np.sqrt(grad2[seg][r, None]) * np.sqrt(vv[seg][r, None])
+        grow = up & (n_positive > params.Nmin)
+        dt[grow] = np.minimum(dt[grow] * params.finc, params.dtmax)
+        a[grow] *= params.fa
+        n_positive[up] += 1
+    if down.any():
+        r = down[seg]
+        vel[r] = vel[r] * 0.0
+        a[down] = params.astart
+        dt[down] *= params.fdec
+        n_positive[down] = 0
+    vel = vel + dt[seg, None] * f
+    dr = dt[seg, None] * vel
+    normdr = np.sqrt(dot(dr, dr))
+    capped = normdr > params.maxstep
+    if capped.any():
+        r = capped[seg]
+        dr[r] = params.maxstep * dr[r] / normdr[seg][r, None]
+    if not with_cell:  # _set_x(x + dr) for every structure at once: fixed atoms stay
+        x = np.concatenate([s.positions for s in states])
+        fixed = np.concatenate([s.fixed for s in states])
+        moved = x + dr
+        moved[fixed] = x[fixed]
+    for s, state in enumerate(states):
+        lo, hi = start[s], start[s] + rows[s]
+        if with_cell:
+            _set_x(state, _get_x(state, with_cell) + dr[lo:hi], with_cell)
         else:
-            vel = vel * 0.0
-            state.a = params.astart
-            state.dt *= params.fdec
-            state.n_positive = 0
-    vel = vel + state.dt * f
-    dr = state.dt * vel
-    normdr = np.sqrt(np.vdot(dr, dr))
-    if normdr > params.maxstep:
-        dr = params.maxstep * dr / normdr
-    x = _get_x(state, with_cell).ravel()
-    _set_x(state, (x + dr).reshape(-1, 3), with_cell)
-    state.velocity = vel.reshape(-1, 3)
-    state.steps += 1
+            state.positions = moved[lo:hi]
+        state.velocity = vel[lo:hi]
+        state.dt, state.a, state.n_positive = float(dt[s]), float(a[s]), int(n_positive[s])
+        state.steps += 1
+        state.log_deform = None

@@ -18,6 +18,7 @@ import numpy as np
 from painn_export.batch import Graph
 from painn_export.neighbors import StructureError, neighbor_graph
 from painn_export.schema import InputReader
+from painn_export.skin import SkinGraph
 from pipelines.signals import run_ignoring_stop_signals
 
 CHUNK = 128  # structures per neighbour-graph task (a worker's, or a Ray task's)
@@ -31,12 +32,25 @@ class GraphSettings:
     max_neighbors: int
     num_elements: int
     feed_dtype: str = "float32"  # the runner's feed: float32 graphs travel narrowed (for_float32_feed)
+    # Å: a relaxation's Verlet skin. Set, each item carries its structure's start (Start):
+    # the skin list searched in the worker, whose graph is the item's (float64).
+    skin: float | None = None
 
     @classmethod
     def of(cls, facts, runner_or_dtype) -> GraphSettings:
         """The settings for a model's facts and its runner (or the runner's feed dtype)."""
         dtype = getattr(runner_or_dtype, "feed_dtype", runner_or_dtype)
         return cls(facts.cutoff, facts.max_neighbors, facts.num_elements, np.dtype(dtype).name)
+
+
+@dataclass(frozen=True)
+class Start:
+    """What a relaxation starts a structure from, made in the neighbour worker with its graph."""
+
+    skin: SkinGraph  # searched at the input's geometry; the item's graph is its first
+    cell: np.ndarray  # [3, 3] float64 Å, as in the input
+    pbc: np.ndarray  # [3] bool
+    fixed: np.ndarray  # [n] bool: atoms held fixed
 
 
 @dataclass(frozen=True)
@@ -54,6 +68,7 @@ class Item:
     graph: Graph | None
     status: str
     message: str
+    start: Start | None = None  # with GraphSettings.skin, for a structure with a graph
 
 
 # A neighbour worker process's open input and settings, set once by its
@@ -113,13 +128,16 @@ def items_from(reader: InputReader, settings: GraphSettings, indices: np.ndarray
     offsets = reader.offsets
     lo, hi = int(indices[0]), int(indices[-1]) + 1
     z_all, pos_all, cells, pbcs = reader.structures(lo, hi)
+    fixed_all = reader.fixed(lo, hi) if settings.skin is not None else None
     a0 = offsets[lo]
     out = []
     for s in indices:
         s = int(s)
-        z = z_all[offsets[s] - a0 : offsets[s + 1] - a0]
-        pos = pos_all[offsets[s] - a0 : offsets[s + 1] - a0]
-        out.append(structure_item(s, z, pos, cells[s - lo], pbcs[s - lo], settings))
+        atoms = slice(offsets[s] - a0, offsets[s + 1] - a0)
+        item = structure_item(s, z_all[atoms], pos_all[atoms], cells[s - lo], pbcs[s - lo], settings)
+        if fixed_all is not None and item.start is not None:
+            item.start.fixed[:] = fixed_all[atoms]
+        out.append(item)
     return out
 
 
@@ -129,8 +147,14 @@ def structure_item(s: int, z, pos, cell, pbc, settings: GraphSettings) -> Item:
     if z.min() < 1 or z.max() > settings.num_elements:
         bad = sorted({int(v) for v in z if not 1 <= v <= settings.num_elements})
         return Item(s, None, "unknown_element", f"atomic numbers outside 1..{settings.num_elements}: {bad}")
+    start = None
     try:
-        graph = neighbor_graph(pos, cell, pbc, settings.cutoff, settings.max_neighbors, atomic_numbers=z)
+        if settings.skin is None:
+            graph = neighbor_graph(pos, cell, pbc, settings.cutoff, settings.max_neighbors, atomic_numbers=z)
+        else:  # the same graph, from the skin list the relaxation then keeps
+            skin = SkinGraph(settings.cutoff, settings.max_neighbors, skin=settings.skin)
+            graph = skin.update(z, pos, cell, pbc)
+            start = Start(skin, np.array(cell, np.float64), np.array(pbc, bool), np.zeros(len(z), bool))
     except StructureError as exc:
         return Item(s, None, exc.kind, str(exc))
     # Every pair the search found counts here, self-images and coincident
@@ -139,6 +163,8 @@ def structure_item(s: int, z, pos, cell, pbc, settings: GraphSettings) -> Item:
         what = "atoms or periodic images" if np.asarray(pbc).any() else "atoms"
         message = f"{what} {graph.min_distance:.3g} Å apart (< {MIN_SEPARATION} Å)"
         return Item(s, None, "atoms_too_close", message)
+    if start is not None:
+        return Item(s, graph, "ok", "", start)
     return Item(s, for_float32_feed(graph) if settings.feed_dtype == "float32" else graph, "ok", "")
 
 

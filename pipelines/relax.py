@@ -9,7 +9,7 @@ The loop, on one runner:
    (``empty_structure``, ``bad_cell``, ...) get ``run``'s statuses from its
    neighbour workers (``--workers``) and never enter.
 2. **Graphs.** Each structure keeps a Verlet-skin neighbour list
-   (:class:`painn_export.neighbors.SkinGraph`): searched again only when an
+   (:class:`painn_export.skin.SkinGraph`): searched again only when an
    atom has moved more than half the skin, filtered to the exact graph in
    between. Edges are put in one canonical order (by centre, neighbour,
    image), so a graph never depends on when its list was searched.
@@ -44,6 +44,7 @@ Output datasets, beyond ``run``'s (:mod:`pipelines.output`):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -54,10 +55,11 @@ from pathlib import Path
 import numpy as np
 
 from painn_export.batch import Graph
-from painn_export.neighbors import SkinGraph, StructureError
+from painn_export.neighbors import StructureError
 from painn_export.schema import InputReader, validate_input
+from painn_export.skin import SkinGraph, update_skins
 from pipelines.batches import Budget, Summary, batch_limits, infer_split
-from pipelines.fire import FireState, fire_step, generalized_forces, max_force, one_blas_thread
+from pipelines.fire import FireState, fire_steps, generalized_forces, max_forces, one_blas_thread
 from pipelines.graphs import MIN_SEPARATION, GraphSettings, neighbour_items
 from pipelines.options import RelaxSettings, RunOptions
 from pipelines.output import (
@@ -410,7 +412,8 @@ class _Loop:
         self.input_path, self.reader, self.runner, self.facts = input_path, reader, runner, facts
         self.settings, self.out, self.summary, self.limits = settings, out, summary, limits
         self.workers, self.observer = workers, observer
-        self.graph_settings = GraphSettings.of(facts, runner)
+        # Workers search each structure's skin list at entry; its first graph comes with it.
+        self.graph_settings = dataclasses.replace(GraphSettings.of(facts, runner), skin=settings.skin)
         self.bar = None
         self.done: list[_Finished] = []  # finished since the last checkpoint
         self.batch: list[_Member] = []
@@ -426,17 +429,9 @@ class _Loop:
         )
 
     # -- members ---------------------------------------------------------------
-    def _new_member(self, s: int, state: FireState | None = None) -> _Member:
-        z, pos, cells, pbcs = self.reader.structures(s, s + 1)
-        fixed = self.reader.fixed(s, s + 1)
-        if state is None:
-            state = FireState.start(pos, cells[0], fixed, self.settings.fire, self.settings.cell)
-        skin = SkinGraph(self.facts.cutoff, self.facts.max_neighbors, skin=self.settings.skin)
-        return _Member(s, z, pbcs[0], state, skin)
-
     def _restored(self, saved: Saved) -> _Member:
         s = saved.index
-        _, _, cells, _ = self.reader.structures(s, s + 1)
+        z, _, cells, pbcs = self.reader.structures(s, s + 1)
         fixed = self.reader.fixed(s, s + 1)
         state = FireState(
             positions=np.array(saved.positions, np.float64),
@@ -449,7 +444,8 @@ class _Loop:
             n_positive=saved.n_positive,
             steps=saved.steps,
         )
-        member = self._new_member(s, state)
+        skin = SkinGraph(self.facts.cutoff, self.facts.max_neighbors, skin=self.settings.skin)
+        member = _Member(s, np.asarray(z, np.int64), pbcs[0], state, skin)
         failure = self._build_graph(member)
         if failure is not None:  # cannot happen for a state that was evaluated before; keep it honest
             raise RuntimeError(f"structure {s}: its checkpointed geometry has no graph ({failure})")
@@ -457,18 +453,16 @@ class _Loop:
 
     def _build_graph(self, m: _Member) -> str | None:
         """Update ``m.graph`` at its current geometry; a message when it has none (diverged)."""
-        t0 = time.perf_counter()
-        searches = m.skin.n_searches
-        try:
-            graph = m.skin.update(m.z, m.state.positions, m.state.cell, m.pbc)
-        except StructureError as exc:
-            return f"the geometry became invalid: {exc}"
-        finally:
-            self.summary.skin_seconds += time.perf_counter() - t0
+        (failure,) = self._build_graphs([m])
+        return failure
+
+    @staticmethod
+    def _graph_failure(graph) -> str | None:
+        """Why ``graph`` (or the StructureError in its place) cannot be evaluated; None when it can."""
+        if isinstance(graph, StructureError):
+            return f"the geometry became invalid: {graph}"
         if graph.min_distance < MIN_SEPARATION:
             return f"atoms came {graph.min_distance:.3g} Å apart (< {MIN_SEPARATION} Å)"
-        m.graph = graph  # in the canonical order already (batch.canonical_graph): the kernel writes it
-        self.summary.searches += m.skin.n_searches - searches
         return None
 
     def _finish(self, m: _Member, status: str, message: str = "", result=None) -> None:
@@ -515,12 +509,15 @@ class _Loop:
             results = self._evaluate(self.batch)
             self.calls += 1
             self.summary.model_calls += 1
-            staying = []
             with one_blas_thread() if self.settings.cell else nullcontext():
-                for m, result in zip(self.batch, results):
-                    if self._advance(m, result):
-                        staying.append(m)
-            self.batch = staying
+                stepping = self._advance(self.batch, results)
+            self.batch = []
+            for m, failure in zip(stepping, self._build_graphs(stepping)):
+                if failure is None:
+                    self.batch.append(m)
+                else:
+                    m.fmax = float("nan")  # the geometry written was never evaluated
+                    self._finish(m, "diverged", failure)
             if self.calls % self.settings.checkpoint_every == 0:
                 self._checkpoint()
 
@@ -546,21 +543,20 @@ class _Loop:
                     if self.bar is not None:
                         self.bar.update(1, 0)
                     continue
-                waiting = self._new_member(item.index)
-                if self.settings.cell and not waiting.pbc.all():
+                start = item.start
+                if self.settings.cell and not start.pbc.all():
                     self.out.writer.commit_status(
                         [(item.index, "bad_cell", "--cell relaxes periodic cells only; this one is not")]
                     )
                     self.summary.computed += 1
                     self.next_index = item.index + 1
-                    waiting = None
                     continue
-                failure = self._build_graph(waiting)
-                if failure is not None:
-                    self._finish(waiting, "diverged", failure)
-                    self.next_index = item.index + 1
-                    waiting = None
-                    continue
+                graph = item.graph
+                state = FireState.start(
+                    graph.positions, start.cell, start.fixed, self.settings.fire, self.settings.cell
+                )
+                waiting = _Member(item.index, graph.atomic_numbers, start.pbc, state, start.skin, graph)
+                self.summary.searches += start.skin.n_searches
             if not budget.admits(waiting.graph):
                 return waiting
             self.batch.append(waiting)
@@ -582,36 +578,60 @@ class _Loop:
             self.summary.atom_evaluations += m.n_atoms
         return out
 
-    def _advance(self, m: _Member, result) -> bool:
-        """Converged, out of steps, diverged (it leaves), or one FIRE step (it stays: True)."""
-        if isinstance(result, str):
-            self._finish(m, "too_large", result)
-            return False
-        energy, forces, stress = result
-        cell_stress = stress if self.settings.cell else None
-        finite = np.isfinite(energy) and np.isfinite(forces).all()
-        if not finite or (cell_stress is not None and not np.isfinite(cell_stress).all()):
-            m.fmax = float("nan")
-            self._finish(m, "diverged", "the model's energy, forces or stress are not finite")
-            return False
-        gforces = generalized_forces(m.state, forces, cell_stress)
-        fmax = m.fmax = max_force(gforces)
+    def _advance(self, members: list[_Member], results: list) -> list[_Member]:
+        """Each member converges, runs out of steps or diverges (it leaves), or takes a FIRE step.
+
+        Returns those that stepped, in order; the step is one :func:`fire_steps` for all.
+        """
+        judged, gforces = [], []
+        for m, result in zip(members, results):
+            if isinstance(result, str):
+                self._finish(m, "too_large", result)
+                continue
+            energy, forces, stress = result
+            cell_stress = stress if self.settings.cell else None
+            finite = np.isfinite(energy) and np.isfinite(forces).all()
+            if not finite or (cell_stress is not None and not np.isfinite(cell_stress).all()):
+                m.fmax = float("nan")
+                self._finish(m, "diverged", "the model's energy, forces or stress are not finite")
+                continue
+            judged.append((m, result))
+            gforces.append(generalized_forces(m.state, forces, cell_stress))
+        stepping, step_forces = [], []
         every = self.settings.trajectory_every
-        if every and m.state.steps % every == 0:
-            self.out.frame(m, m.state.steps // every, energy, fmax)
-        if fmax < self.settings.fmax:  # ASE's test
-            self._finish(m, "converged", "", result)
-            return False
-        if m.state.steps >= self.settings.steps:
-            self._finish(m, "not_converged", f"{m.state.steps} steps without converging", result)
-            return False
-        fire_step(m.state, gforces, self.settings.fire, self.settings.cell)
-        failure = self._build_graph(m)
-        if failure is not None:
-            m.fmax = float("nan")  # the geometry written was never evaluated
-            self._finish(m, "diverged", failure)
-            return False
-        return True
+        for (m, result), g, fmax in zip(judged, gforces, max_forces(gforces)):
+            m.fmax = float(fmax)
+            if every and m.state.steps % every == 0:
+                self.out.frame(m, m.state.steps // every, result[0], m.fmax)
+            if m.fmax < self.settings.fmax:  # ASE's test
+                self._finish(m, "converged", "", result)
+            elif m.state.steps >= self.settings.steps:
+                self._finish(m, "not_converged", f"{m.state.steps} steps without converging", result)
+            else:
+                stepping.append(m)
+                step_forces.append(g)
+        fire_steps([m.state for m in stepping], step_forces, self.settings.fire, self.settings.cell)
+        return stepping
+
+    def _build_graphs(self, members: list[_Member]) -> list[str | None]:
+        """Update the members' graphs at their geometry, in one pass; per member, why it has none, or None."""
+        t0 = time.perf_counter()
+        searches = sum(m.skin.n_searches for m in members)
+        graphs = update_skins(
+            [m.skin for m in members],
+            [m.z for m in members],
+            [m.state.positions for m in members],
+            [m.state.cell for m in members],
+            [m.pbc for m in members],
+        )
+        self.summary.searches += sum(m.skin.n_searches for m in members) - searches
+        self.summary.skin_seconds += time.perf_counter() - t0
+        failures = []
+        for m, graph in zip(members, graphs):
+            failures.append(self._graph_failure(graph))
+            if failures[-1] is None:
+                m.graph = graph  # in the canonical order already: the kernel writes it
+        return failures
 
 
 def relaxed_reference(reader: InputReader, out: _RelaxOutput) -> dict | None:

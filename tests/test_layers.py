@@ -30,6 +30,8 @@ FLOORS = {
         "painn_export.checkpoint",
         "painn_export.neighbors",
         "painn_export._neighbors_kernel",
+        "painn_export.skin",
+        "painn_export._skin_kernel",
         "painn_export.batch",
         "painn_export.device_graphs",
         "painn_export._device_search",
@@ -78,6 +80,8 @@ NUMPY_ONLY = {
     "painn_export.batch",
     "painn_export.neighbors",
     "painn_export._neighbors_kernel",
+    "painn_export.skin",
+    "painn_export._skin_kernel",
     "painn_export.schema",
     "painn_export.samples",
 }

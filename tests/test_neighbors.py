@@ -277,7 +277,7 @@ def test_successive_searches_do_not_leak_into_each_other(rng):
 
 def test_skin_graph_equals_fresh_graph(rng):
     """The Verlet-skin graph is exactly the fresh graph while atoms move less than skin / 2."""
-    from painn_export.neighbors import SkinGraph
+    from painn_export.skin import SkinGraph
 
     L = (120 / 0.08) ** (1 / 3)
     cell = np.eye(3) * L + rng.uniform(-1, 1, (3, 3))

@@ -24,8 +24,9 @@ from painn_export import TargetNormalization, save_model
 from painn_export.ase import PaiNNCalculator
 from painn_export.batch import canonical_graph, reverse_edges
 from painn_export.export import export_onnx
-from painn_export.neighbors import SkinGraph, neighbor_graph
+from painn_export.neighbors import neighbor_graph
 from painn_export.schema import validate_input, write_input
+from painn_export.skin import SkinGraph
 from painn_export.tolerances import compare, tolerance
 from pipelines.cli import main
 from pipelines.fire import FireParams, FireState, fire_step, generalized_forces

@@ -1,0 +1,230 @@
+"""Graphs of moving structures (MD, relaxations), searched again only when needed: a Verlet skin.
+
+A :class:`SkinGraph` keeps, per structure, the pairs within ``cutoff +
+skin`` found by its last search. At each update their distances are
+recomputed at the new positions, and the cutoff, upstream's cap and
+symmetrisation, the canonical edge order and the slot layout are applied:
+exactly :func:`painn_export.neighbors.neighbor_graph`'s graph, as long as no
+pair the list lacks can have come within the cutoff. That holds while no
+atom has moved more than ``skin / 2`` since the search; a new search happens
+when one has, or when pbc or the atoms change. Positions must not be
+re-wrapped into the cell between searches (ASE's dynamics do not wrap).
+
+A periodic cell may change too (a cell relaxation): with ``M = cell0⁻¹
+cell`` (the strain since the search) and ``u = x - x0 M`` each atom's
+displacement beyond the affine one, a pair's vector is ``r0 M + u_b - u_a``,
+so a pair the search did not list (``|r0| > cutoff + skin``) is still beyond
+the cutoff while ``2 max |u| <= σ_min(M) (cutoff + skin) - cutoff``
+(``σ_min``: M's smallest singular value). Searched again only when that
+fails; with the cell unchanged it is the ``skin / 2`` test. A cell that is
+not periodic on every axis searches again whenever it changes.
+
+:func:`update_skins` updates many structures in one pass (a relaxation's
+whole batch): the skin tests are vectorised over the batch, and one compiled
+call (:mod:`painn_export._skin_kernel`) writes every structure's graph.
+:meth:`SkinGraph.update` is that pass for one structure; each structure's
+numbers are the same whatever else is updated with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from painn_export.batch import Graph
+from painn_export.neighbors import (
+    DEGENERACY_TOLERANCE,
+    MIN_DISTANCE_SQ,
+    TIE_RTOL,
+    StructureError,
+    _search,
+    validate_structure,
+)
+
+
+class SkinGraph:
+    """One structure's skin list (module doc); :meth:`update` gives its graph at new positions."""
+
+    def __init__(self, cutoff: float, max_neighbors: int, skin: float = 0.5, strict: bool = True) -> None:
+        if skin < 0:
+            raise ValueError(f"skin must be >= 0 Å, got {skin}")
+        self.cutoff, self.max_neighbors, self.skin, self.strict = cutoff, max_neighbors, skin, strict
+        self.n_searches = 0
+        self._z = None  # [n] int64 atomic numbers of the last search
+        self._pbc = None  # [3] bool
+        self._ref_positions = None  # [n, 3] float64 Å at the last search
+        self._ref_cell = None  # [3, 3] float64 Å at the last search
+        self._pairs = None  # (a [P], b [P], S [P, 3]): the half list within cutoff + skin
+
+    def update(self, atomic_numbers, positions, cell, pbc) -> Graph:
+        """The graph at ``positions`` ``[n, 3]`` Å, ``cell`` ``[3, 3]`` Å, ``pbc`` ``[3]``.
+
+        Raises :class:`~painn_export.neighbors.StructureError` for NaN
+        positions, bad shapes or a singular periodic cell.
+        """
+        positions, cell, pbc = validate_structure(positions, cell, pbc)
+        z = np.asarray(atomic_numbers, dtype=np.int64)
+        if z.shape != (positions.shape[0],):
+            raise StructureError("bad_shape", f"atomic_numbers must be [{positions.shape[0]}], got {z.shape}")
+        (graph,) = update_skins([self], [z], [positions], [cell], [pbc])
+        if isinstance(graph, StructureError):
+            raise graph
+        return graph
+
+    def _needs_search(self, z, pbc) -> bool:
+        """True when there is no list yet, or the atoms or pbc changed since it was made."""
+        if self._pairs is None:
+            return True
+        same_z = z is self._z or np.array_equal(z, self._z)
+        return not (same_z and (pbc is self._pbc or np.array_equal(pbc, self._pbc)))
+
+    def _search(self, z, positions, cell, pbc) -> None:
+        from painn_export._skin_kernel import canonical_pairs
+
+        a, b, S, _, _ = _search(positions, cell, pbc, self.cutoff + self.skin)
+        order = canonical_pairs(a, b, S, len(positions))
+        self._pairs = (a[order], b[order], S[order])  # own copies (vesin reuses its buffers), sorted once
+        self._z, self._pbc = z, pbc.copy()
+        self._ref_positions, self._ref_cell = positions.copy(), cell.copy()
+        self.n_searches += 1
+
+
+def update_skins(
+    skins: Sequence[SkinGraph],
+    atomic_numbers: Sequence[np.ndarray],
+    positions: Sequence[np.ndarray],
+    cells: Sequence[np.ndarray],
+    pbcs: Sequence[np.ndarray],
+) -> list[Graph | StructureError]:
+    """Each structure's graph at its new geometry, or the StructureError it cannot have one for.
+
+    Args (one entry per structure, ``B`` in all):
+        skins: the structures' :class:`SkinGraph` (updated in place; all with
+            one cutoff, cap, skin and strictness).
+        atomic_numbers: ``[n]`` int64.
+        positions: ``[n, 3]`` float64 Å.
+        cells: ``[3, 3]`` float64 Å, rows are lattice vectors.
+        pbcs: ``[3]`` bool.
+
+    Positions that are not finite and periodic cells that are singular give
+    the :class:`~painn_export.neighbors.StructureError` that
+    :func:`~painn_export.neighbors.validate_structure` raises, in that
+    structure's place; wrong shapes or dtypes raise ``ValueError``.
+    """
+    B = len(skins)
+    if not B:
+        return []
+    first = skins[0]
+    settings = (first.cutoff, first.max_neighbors, first.skin, first.strict)
+    if any((s.cutoff, s.max_neighbors, s.skin, s.strict) != settings for s in skins):
+        raise ValueError("update_skins takes skins of one cutoff, cap, skin and strictness")
+    natoms = np.array([len(x) for x in positions], dtype=np.int64)
+    for x, z, c, p in zip(positions, atomic_numbers, cells, pbcs):
+        if x.dtype != np.float64 or x.ndim != 2 or x.shape[1] != 3 or z.shape != x.shape[:1]:
+            raise ValueError("update_skins takes float64 [n, 3] positions and [n] atomic numbers")
+        if c.shape != (3, 3) or p.shape != (3,) or p.dtype != np.bool_:
+            raise ValueError("update_skins takes [3, 3] cells and [3] bool pbc")
+        if not len(x):
+            Graph(atomic_numbers=z, positions=x, edge_index=np.zeros((2, 0), np.int64),
+                  cell_shift=np.zeros((0, 3), np.int64), edge_shift=np.zeros((0, 3)))  # fmt: skip
+    atom_start = np.concatenate([[0], np.cumsum(natoms)])
+    pos = np.concatenate(positions)  # [N, 3]
+    cell = np.array(cells, dtype=np.float64)  # [B, 3, 3]
+    pbc = np.array(pbcs, dtype=bool)  # [B, 3]
+    # A non-periodic axis's vector that is not finite is dropped, as validate_structure does.
+    cell[~np.isfinite(cell).all(axis=2) & ~pbc] = 0.0
+    failed: dict[int, StructureError] = {}
+    finite = np.logical_and.reduceat(np.isfinite(pos).all(axis=1), atom_start[:-1])
+    for s in np.flatnonzero(~finite):
+        failed[int(s)] = StructureError("nonfinite_positions", "positions contain NaN or inf")
+
+    search = np.array([sk._needs_search(z, p) for sk, z, p in zip(skins, atomic_numbers, pbcs)])
+    known = np.flatnonzero(~search)
+    if known.size:
+        ref_cell = np.array([skins[s]._ref_cell for s in known])  # [b, 3, 3]
+        same_cell = np.zeros(B, dtype=bool)
+        same_cell[known] = np.all(cell[known] == ref_cell, axis=(1, 2))
+        # Unchanged cells: the skin / 2 test over each structure's atoms at once.
+        idle = np.flatnonzero(same_cell)
+        if idle.size:
+            rows = np.concatenate([np.arange(atom_start[s], atom_start[s + 1]) for s in idle])
+            ref = np.concatenate([skins[s]._ref_positions for s in idle])
+            d = pos[rows] - ref
+            moved = np.maximum.reduceat(np.sum(d * d, axis=1), np.cumsum(natoms[idle]) - natoms[idle])
+            search[idle] = np.sqrt(moved) > first.skin / 2
+        for s in np.flatnonzero(~same_cell & ~search):
+            search[s] = _strained_beyond_skin(
+                skins[s], pos[atom_start[s] : atom_start[s + 1]], cell[s], pbc[s]
+            )
+    for s in np.flatnonzero(search):
+        if s in failed:
+            continue
+        x = pos[atom_start[s] : atom_start[s + 1]]
+        try:
+            _, cell[s], _ = validate_structure(x, cell[s], pbc[s])
+        except StructureError as exc:
+            failed[int(s)] = exc
+            continue
+        skins[s]._search(atomic_numbers[s], x, cell[s], pbc[s])
+    return _graphs(skins, atomic_numbers, positions, pos, cell, atom_start, failed)
+
+
+def _strained_beyond_skin(skin: SkinGraph, x: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> bool:
+    """True when a changed cell calls for a new search (module doc); its validity is checked there."""
+    if not pbc.all():
+        return True
+    try:
+        strain = np.linalg.solve(skin._ref_cell, cell)  # [3, 3] M: cell = cell0 @ M
+    except np.linalg.LinAlgError:
+        return True
+    if not np.isfinite(strain).all():
+        return True
+    d = x - skin._ref_positions @ strain
+    beyond = float(np.sqrt(np.max(np.sum(d * d, axis=1), initial=0.0)))
+    sigma = float(np.linalg.svd(strain, compute_uv=False)[-1])
+    reach = skin.cutoff + skin.skin
+    return not 2 * beyond <= sigma * reach - skin.cutoff
+
+
+def _graphs(skins, atomic_numbers, positions, pos, cell, atom_start, failed) -> list:
+    """Every structure's graph from its pairs, in one compiled call; ``failed`` ones keep their error."""
+    from painn_export._skin_kernel import skin_graphs
+
+    first = skins[0]
+    B = len(skins)
+    ok = [s for s in range(B) if s not in failed]
+    out: list = [failed.get(s) for s in range(B)]
+    if not ok:
+        return out
+    if len(ok) < B:  # the kernel sees the structures that have a geometry
+        pos = np.concatenate([positions[s] for s in ok])
+        cell = cell[ok]
+        atom_start = np.concatenate([[0], np.cumsum([len(positions[s]) for s in ok])])
+    pairs = [skins[s]._pairs for s in ok]
+    n_pairs = np.array([len(p[0]) for p in pairs], dtype=np.int64)
+    pair_start = np.concatenate([[0], np.cumsum(n_pairs)])
+    a = np.concatenate([p[0] for p in pairs]).astype(np.int64, copy=False)
+    b = np.concatenate([p[1] for p in pairs]).astype(np.int64, copy=False)
+    S = np.concatenate([p[2] for p in pairs]).astype(np.int32, copy=False).reshape(-1, 3)
+    r2 = first.cutoff * first.cutoff
+    index, shift, edge_shift, slot, reverse, edge_start, closest = skin_graphs(
+        pos, cell, atom_start, a, b, S, pair_start, r2, MIN_DISTANCE_SQ,
+        first.max_neighbors, first.strict, TIE_RTOL, DEGENERACY_TOLERANCE,
+    )  # fmt: skip
+    for t, s in enumerate(ok):
+        e0, e1 = edge_start[t], edge_start[t + 1]
+        # Checked by construction (the kernel writes each reverse at e ± E/2, no zero-length edge,
+        # atoms of the structure only); tests/test_relax.py compares them with Graph's own checks.
+        out[s] = Graph.from_checked(
+            atomic_numbers=atomic_numbers[s],
+            positions=positions[s],
+            edge_index=index[:, e0:e1],
+            cell_shift=shift[e0:e1],
+            edge_shift=edge_shift[e0:e1],
+            cell=cell[t],
+            edge_slot=slot[e0:e1],
+            edge_reverse=reverse[e0:e1],
+            min_distance=float(closest[t]),
+        )
+    return out

@@ -1,0 +1,135 @@
+"""update_skins: a whole batch's skin graphs in one pass, each exactly its fresh graph, alone or not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase.build import bulk, fcc111, molecule
+
+from painn_export.batch import Graph
+from painn_export.neighbors import StructureError, neighbor_graph
+from painn_export.skin import SkinGraph, update_skins
+
+CUTOFF, CAP = 5.0, 12
+FIELDS = (
+    "atomic_numbers",
+    "positions",
+    "edge_index",
+    "cell_shift",
+    "edge_shift",
+    "edge_slot",
+    "edge_reverse",
+)
+
+
+def _structures(rng) -> list:
+    """Bulk (rattled, and perfect: the cap cuts through whole shells), a slab, a molecule, a wire."""
+    rattled = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2))
+    rattled.positions += rng.normal(0, 0.05, rattled.positions.shape)
+    perfect = bulk("Cu", "fcc", a=3.6).repeat((3, 3, 3))
+    slab = fcc111("Cu", (3, 3, 3), vacuum=5.0)
+    mol = molecule("CH3CH2OH")
+    mol.center(3.0)
+    wire = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((1, 1, 3))
+    wire.pbc = [False, False, True]
+    tiny = bulk("Cu", "fcc", a=3.6)  # one atom: its neighbours are its own images
+    return [rattled, perfect, slab, mol, wire, tiny]
+
+
+def _arrays(structures):
+    return (
+        [a.numbers.astype(np.int64) for a in structures],
+        [a.positions.copy() for a in structures],
+        [a.cell[:].copy() for a in structures],
+        [a.pbc.copy() for a in structures],
+    )
+
+
+def test_a_batch_gives_each_structure_its_fresh_graph_and_what_it_gets_alone(rng):
+    """Moving and straining together for 25 steps: every graph equals neighbor_graph's, bit for bit,
+    and equals the graph the same structure's skin gives when updated alone."""
+    structures = _structures(rng)
+    z, pos, cells, pbcs = _arrays(structures)
+    together = [SkinGraph(CUTOFF, CAP, skin=0.6) for _ in structures]
+    alone = [SkinGraph(CUTOFF, CAP, skin=0.6) for _ in structures]
+    for step in range(25):
+        graphs = update_skins(together, z, pos, cells, pbcs)
+        for s, got in enumerate(graphs):
+            want = neighbor_graph(pos[s], cells[s], pbcs[s], CUTOFF, CAP, atomic_numbers=z[s])
+            single = alone[s].update(z[s], pos[s], cells[s], pbcs[s])
+            for key in FIELDS:
+                for other, name in ((want, "fresh"), (single, "alone")):
+                    np.testing.assert_array_equal(
+                        getattr(got, key),
+                        getattr(other, key),
+                        err_msg=f"step {step}, structure {s}: {key} vs {name}",
+                    )
+                    assert getattr(got, key).dtype == getattr(other, key).dtype, key
+            assert got.min_distance == want.min_distance
+            np.testing.assert_array_equal(got.cell, want.cell)
+        for s in range(len(pos)):
+            pos[s] = pos[s] + rng.normal(0, 0.04, pos[s].shape)
+            if pbcs[s].all() and step % 4 == 1:  # strained periodic cells, atoms carried along
+                strain = np.eye(3) + rng.normal(0, 0.01, (3, 3))
+                cells[s], pos[s] = cells[s] @ strain, pos[s] @ strain
+    searches = sum(s.n_searches for s in together)
+    assert len(structures) <= searches < 25 * len(structures) // 2, f"{searches} searches"
+
+
+def test_the_graphs_pass_graphs_own_checks(rng):
+    """Built unchecked, each graph passes Graph's own full checks, with equal slots and reverses."""
+    structures = _structures(rng)
+    skins = [SkinGraph(CUTOFF, CAP, skin=0.6) for _ in structures]
+    for got in update_skins(skins, *_arrays(structures)):
+        fields = {key: np.ascontiguousarray(getattr(got, key)) for key in FIELDS[:5]}
+        checked = Graph(**fields, cell=got.cell)  # slots and reverses derived and checked afresh
+        np.testing.assert_array_equal(checked.edge_slot, got.edge_slot)
+        np.testing.assert_array_equal(checked.edge_reverse, got.edge_reverse)
+        Graph(**fields, cell=got.cell, edge_slot=got.edge_slot.copy(), edge_reverse=got.edge_reverse.copy())
+
+
+def test_a_structure_without_a_geometry_fails_in_its_place_only(rng):
+    """NaN positions and a collapsed cell give validate_structure's errors in their places only."""
+    structures = _structures(rng)
+    z, pos, cells, pbcs = _arrays(structures)
+    skins = [SkinGraph(CUTOFF, CAP, skin=0.6) for _ in structures]
+    update_skins(skins, z, pos, cells, pbcs)
+    pos[0] = pos[0].copy()
+    pos[0][3, 1] = np.nan
+    cells[1] = cells[1].copy()
+    cells[1][2] = cells[1][0]  # two equal lattice vectors: no volume
+    graphs = update_skins(skins, z, pos, cells, pbcs)
+    assert isinstance(graphs[0], StructureError) and graphs[0].kind == "nonfinite_positions"
+    assert isinstance(graphs[1], StructureError) and graphs[1].kind == "bad_cell"
+    with pytest.raises(StructureError) as single:
+        SkinGraph(CUTOFF, CAP).update(z[1], pos[1], cells[1], pbcs[1])
+    assert str(single.value) == str(graphs[1])
+    for s in range(2, len(structures)):
+        want = neighbor_graph(pos[s], cells[s], pbcs[s], CUTOFF, CAP, atomic_numbers=z[s])
+        np.testing.assert_array_equal(graphs[s].edge_index, want.edge_index)
+
+
+def test_a_molecule_whose_cell_has_nan_rows_is_not_searched_every_step():
+    """Non-periodic axes' non-finite vectors are dropped, as validate_structure does: the list is kept."""
+    mol = molecule("H2O")
+    cell = np.full((3, 3), np.nan)
+    skin = SkinGraph(CUTOFF, CAP, skin=0.6)
+    for step in range(4):
+        (graph,) = update_skins([skin], [mol.numbers.astype(np.int64)], [mol.positions + 0.01 * step], [cell],
+                                [np.zeros(3, bool)])  # fmt: skip
+        assert graph.n_edges == 6
+    assert skin.n_searches == 1
+
+
+def test_update_skins_refuses_what_it_cannot_read():
+    mol = molecule("H2O")
+    z, x, cell, pbc = mol.numbers.astype(np.int64), mol.positions, np.zeros((3, 3)), np.zeros(3, bool)
+    with pytest.raises(ValueError, match="float64"):
+        update_skins([SkinGraph(CUTOFF, CAP)], [z], [x.astype(np.float32)], [cell], [pbc])
+    with pytest.raises(ValueError, match="bool pbc"):
+        update_skins([SkinGraph(CUTOFF, CAP)], [z], [x], [cell], [np.zeros(3, int)])
+    with pytest.raises(ValueError, match="one cutoff"):
+        update_skins(
+            [SkinGraph(CUTOFF, CAP), SkinGraph(CUTOFF + 1, CAP)], [z, z], [x, x], [cell, cell], [pbc, pbc]
+        )
+    assert update_skins([], [], [], [], []) == []
