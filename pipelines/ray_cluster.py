@@ -5,7 +5,9 @@ preflight: one small task on every alive node checks that it sees the input
 and the model at the driver's absolute paths (the same file: its size and a
 hash of its first and last MiB) and runs this package version; with GPU
 actors, the cluster must have a GPU for every actor, all of one kind. A node
-that does not fit is one line naming it. On the way out Ray's ``ray.data``
+that does not fit is one line naming it. The same probe says whether each
+node has device graphs installed: :func:`graphs_on_actors` decides from it
+where the actors' graphs are built (``--graphs``). On the way out Ray's ``ray.data``
 logger and ``DataContext`` are as they were, and a Ray started here is
 stopped. Ray is optional (``pip install painn-export[ray]``) and imported
 only inside these functions.
@@ -93,7 +95,9 @@ def sample_digest(path: str) -> str:
 
 
 def node_facts(paths: list[str]) -> dict:
-    """Ray task, pinned to one node: its name, package version, and each path's size and sampled hash."""
+    """Ray task, pinned to one node: its name, package version, each path's size and sampled hash,
+    and whether device graphs are installed there (found, not imported: Warp is not started)."""
+    import importlib.util
     import os
     import socket
 
@@ -105,11 +109,18 @@ def node_facts(paths: list[str]) -> dict:
             files[path] = (os.path.getsize(path), sample_digest(path))
         except OSError as exc:
             files[path] = (None, exc.strerror or str(exc))
-    return {"node": socket.gethostname(), "version": __version__, "files": files}
+    device_graphs = all(importlib.util.find_spec(name) is not None for name in ("nvalchemiops", "warp"))
+    return {
+        "node": socket.gethostname(),
+        "version": __version__,
+        "files": files,
+        "device_graphs": device_graphs,
+    }
 
 
-def preflight(ray, paths: list[str]) -> int:
-    """Check every alive node against this driver before any work; returns the number of nodes.
+def preflight(ray, paths: list[str]) -> list[dict]:
+    """Check every alive node against this driver before any work; returns each node's facts
+    (:func:`node_facts`, with its ``name`` for messages and Ray's ``resources``).
 
     Raises :class:`PreflightError` naming the node and the path (or the versions).
     """
@@ -126,8 +137,10 @@ def preflight(ray, paths: list[str]) -> int:
         )
         for n in nodes
     ]
+    checked = []
     for node, facts in zip(nodes, ray.get(refs)):
         name = f"{facts['node']} ({node.get('NodeManagerAddress', '?')}, Ray node {node['NodeID'][:8]})"
+        checked.append({**facts, "name": name, "resources": node.get("Resources", {})})
         if facts["version"] != here["version"]:
             raise PreflightError(
                 f"node {name} runs painn-export {facts['version']}, this driver {here['version']} "
@@ -140,7 +153,38 @@ def preflight(ray, paths: list[str]) -> int:
                 )
             if (size, digest) != here["files"][path]:
                 raise PreflightError(f"node {name} sees another file at {path} than this driver does")
-    return len(nodes)
+    return checked
+
+
+def graphs_on_actors(requested: str, options: RayOptions, nodes: list[dict]) -> bool:
+    """Whether the inference actors build graphs on their device, for ``--graphs`` ``requested``.
+
+    ``host``: no. ``device``: yes; ``auto``: when the actors run on GPUs
+    (``--ray-gpus-per-actor``), as the local ``auto`` does. Either way every
+    node an actor could run on (enough CPUs and GPUs for one; ``nodes`` from
+    :func:`preflight`) must have device graphs installed: else ``device`` is
+    :class:`PreflightError` naming the node, and ``auto`` builds on the host.
+    """
+    import logging
+
+    if requested == "host" or (requested == "auto" and not options.gpus_per_actor):
+        return False
+    hosts = [
+        n
+        for n in nodes
+        if float(n["resources"].get("CPU", 0)) >= options.cpus_per_actor
+        and float(n["resources"].get("GPU", 0)) >= options.gpus_per_actor
+    ]
+    lacking = [n["name"] for n in hosts if not n["device_graphs"]]
+    if not lacking:
+        return True
+    if requested == "device":
+        raise PreflightError(
+            f"node {lacking[0]} cannot build graphs on its device (--graphs device): "
+            "pip install 'painn-export[device-graphs]' on every node, or give --graphs host"
+        )
+    logging.getLogger(__name__).info("graphs built on the host: node %s lacks device graphs", lacking[0])
+    return False
 
 
 def check_gpus(nodes: list[dict], options: RayOptions) -> None:
@@ -176,13 +220,13 @@ def check_gpus(nodes: list[dict], options: RayOptions) -> None:
 
 
 @contextmanager
-def cluster(options: RayOptions, paths: list[str]) -> Iterator:
+def cluster(options: RayOptions, paths: list[str]) -> Iterator[list[dict]]:
     """Ray, joined or started as ``options`` say, with every node checked against ``paths``.
 
-    Yields the ``ray`` module. Before any output file exists, a node that
-    lacks a file or runs another version is :class:`PreflightError`. On the
-    way out Ray's ``ray.data`` logger and ``DataContext`` are as they were,
-    and a Ray started here is stopped.
+    Yields the alive nodes' facts (:func:`preflight`). Before any output file
+    exists, a node that lacks a file or runs another version is
+    :class:`PreflightError`. On the way out Ray's ``ray.data`` logger and
+    ``DataContext`` are as they were, and a Ray started here is stopped.
     """
     import logging
 
@@ -200,9 +244,9 @@ def cluster(options: RayOptions, paths: list[str]) -> Iterator:
         data_logger.setLevel(logging.ERROR)  # its per-run INFO lines are noise here
         context.enable_progress_bars = False  # painn-batch draws its own
         with stop_on_signals():
-            preflight(ray, paths)
+            nodes = preflight(ray, paths)
             check_gpus(ray.nodes(), options)
-        yield ray
+        yield nodes
     finally:
         data_logger.setLevel(level)
         context.enable_progress_bars = progress_bars

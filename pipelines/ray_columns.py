@@ -1,11 +1,14 @@
-"""Graphs and results as columns of arrays: how they travel between Ray's tasks, actors and driver.
+"""Structures, graphs and results as columns of arrays: how they travel between Ray's tasks, actors
+and driver.
 
 No Ray here (numpy only): the columns are what Ray Data stores as Arrow
 tensor columns (variable-shaped where each row's array has its own length),
-never pickled objects. A graph row is :data:`GRAPH_ARRAYS` plus its index,
-status, message and closest pair; a result row is index, energy, forces,
-stress, status, message, who computed it (:func:`ran_by`) and the seconds in
-the runtime. The local pipeline's writer takes what :func:`commit` reads out.
+never pickled objects. A graph row (host graphs) is :func:`graph_arrays`
+plus its index, status, message and closest pair; a structure row (device
+graphs: the actor builds the graph) is :data:`STRUCTURE_COLUMNS`, the input's
+own arrays; a result row is index, energy, forces, stress, status, message,
+who computed it (:func:`ran_by`) and the seconds in the runtime and in
+device graphs. The local pipeline's writer takes what :func:`commit` reads out.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import asdict
 
 import numpy as np
 
+from pipelines.device_batches import Held, Structures
 from pipelines.ray_cluster import ClusterError
 
 
@@ -76,6 +80,49 @@ def graph_of(batch: dict, k: int):
     return Graph.from_checked(**arrays, min_distance=float(batch["min_distance"][k]))
 
 
+# A structure row: its index in the input, atoms, atomic numbers [n], positions [n, 3] Å,
+# cell [3, 3] Å and pbc [3] (as 0/1: Arrow's tensor columns hold numbers).
+STRUCTURE_COLUMNS = ("index", "natoms", "atomic_numbers", "positions", "cell", "pbc")
+
+
+def structure_columns(structures) -> dict:
+    """One row per structure of a :class:`~pipelines.device_batches.Structures`: what a read task returns."""
+    cuts = np.cumsum(structures.natoms)[:-1]
+
+    def split(array: np.ndarray) -> np.ndarray:
+        return ragged(np.split(array, cuts) if structures.natoms.size else [])
+
+    return {
+        "index": np.asarray(structures.index, dtype=np.int64),
+        "natoms": np.asarray(structures.natoms, dtype=np.int64),
+        "atomic_numbers": split(structures.atomic_numbers),
+        "positions": split(structures.positions),
+        "cell": np.asarray(structures.cell, dtype=np.float64),
+        "pbc": np.asarray(structures.pbc, dtype=np.uint8),
+    }
+
+
+def structures_of(batch: dict):
+    """The :class:`~pipelines.device_batches.Structures` of a batch of structure rows, in its order."""
+
+    def joined(name: str, shape: tuple, dtype) -> np.ndarray:
+        """A column's rows one after another (a tensor column of one shape, or one array a row)."""
+        column = batch[name]
+        if column.dtype != object:
+            return np.asarray(column, dtype=dtype).reshape(shape)
+        parts = [np.asarray(a, dtype=dtype).reshape(shape) for a in column]
+        return np.concatenate(parts) if parts else np.zeros((0, *shape[1:]), dtype)
+
+    return Structures(
+        index=np.asarray(batch["index"], dtype=np.int64),
+        atomic_numbers=joined("atomic_numbers", (-1,), np.int64),
+        positions=joined("positions", (-1, 3), np.float64),
+        cell=joined("cell", (-1, 3, 3), np.float64),
+        pbc=joined("pbc", (-1, 3), np.uint8).astype(bool),
+        natoms=np.asarray(batch["natoms"], dtype=np.int64),
+    )
+
+
 def graph_columns(items, feed_dtype=np.float32) -> dict:
     """One row per item (a graph, or a status): the columns a graph task returns.
 
@@ -94,29 +141,20 @@ def graph_columns(items, feed_dtype=np.float32) -> dict:
     return columns
 
 
-class Collector:
+class Collector(Held):
     """What the local writer would receive, kept for the driver (same two calls)."""
 
-    def __init__(self) -> None:
-        self.results: list = []
-        self.statuses: list = []
-
-    def commit_results(self, rows) -> None:
-        self.results += rows
-
-    def commit_status(self, rows) -> None:
-        self.statuses += rows
-
-    def as_batch(self, ran_by: str, model_seconds: float) -> dict:
+    def as_batch(self, ran_by: str, model_seconds: float, graph_seconds: float = 0.0) -> dict:
         """Columns of what came back: forces ``[n, 3]`` (``[0, 3]`` for none) and stress ``[3, 3]``
-        (``[0, 3]`` for none) as tensor columns; who computed it, and its seconds in the runtime."""
+        (``[0, 3]`` for none) as tensor columns; who computed it, and its seconds in the runtime
+        and in device graphs."""
         # The runtime's own dtype travels (float32: half the bytes of float64); one dtype per column.
         dtype = self.results[0][2].dtype if self.results else np.float64
         no_forces, no_stress = np.zeros((0, 3), dtype), np.zeros((0, 3), dtype)
         rows = [(i, e, f, no_stress if st is None else st, kind, "") for i, e, f, st, kind in self.results]
         rows += [(i, np.nan, no_forces, no_stress, kind, message) for i, kind, message in self.statuses]
-        seconds = np.zeros(len(rows))
-        seconds[:1] = model_seconds  # the batch's, on its first row
+        seconds, graphs = np.zeros(len(rows)), np.zeros(len(rows))
+        seconds[:1], graphs[:1] = model_seconds, graph_seconds  # the batch's, on its first row
         return {
             "index": np.asarray([r[0] for r in rows], dtype=np.int64),
             "energy": np.asarray([r[1] for r in rows], dtype=np.float64),
@@ -126,6 +164,7 @@ class Collector:
             "message": np.asarray([r[5] for r in rows], dtype=object),
             "ran_by": np.asarray([ran_by] * len(rows), dtype=object),
             "model_seconds": seconds,
+            "graph_seconds": graphs,
         }
 
 
@@ -140,6 +179,7 @@ def commit(batch: dict, expected: dict, writer, summary, bar) -> None:
         check_ran_by(report, expected)
         summary.gpu = summary.gpu or report["gpu"]
     summary.model_seconds += float(np.sum(batch["model_seconds"]))
+    summary.graph_seconds += float(np.sum(batch["graph_seconds"]))
     results, failed, atoms = [], [], 0
     for i, e, f, st, status, message in zip(
         batch["index"], batch["energy"], batch["forces"], batch["stress"], batch["status"], batch["message"]

@@ -19,12 +19,21 @@ The plan, stage by stage:
    local pipeline's code (:func:`pipelines.graphs.items_from`), or a status.
    A graph travels as its arrays, one tensor column each (Arrow's
    variable-shaped tensors), never as a pickled object.
+   With device graphs (``--graphs device``; ``auto`` with GPU actors) the
+   task only **reads**: each structure's own arrays (atomic numbers,
+   positions, cell, pbc, atoms, index) travel as its row
+   (:func:`pipelines.ray_columns.structure_columns`), and no graph is built
+   or shipped before the actor.
 3. **Inference** on an actor pool (``map_batches`` with
    ``ActorPoolStrategy``): each actor opens the model once (one Runner, on
    the GPU Ray gave it if asked, with as many threads as the CPUs Ray gave
    it: ``--ray-cpus-per-actor``, one by default), packs what it receives into batches by the local batcher's
    atom/edge budget and splits a batch that does not fit, exactly as the
-   local pipeline (:func:`pipelines.batches.evaluate`). A checkpoint is
+   local pipeline (:func:`pipelines.batches.evaluate`). With device graphs
+   the actor builds the graphs and the feed of what it receives on its own
+   device with the local device path's loop
+   (:func:`pipelines.device_batches.evaluate_structures`): the same batches,
+   feeds and statuses as the host graphs' actor. A checkpoint is
    exported (or compiled) by the actors, into their own cache.
 4. **Writing**, on the driver only: results stream back
    (``iter_batches``) and go through the crash-safe writer of the local
@@ -72,6 +81,7 @@ class RayJob:
     settings: object  # pipelines.graphs.GraphSettings
     limits: object  # pipelines.batches.Limits
     expected: dict  # what must compute the results: version, model_sha256 and the runner's identity
+    device_graphs: bool = False  # the actors build graphs on their device from the structures' arrays
 
 
 def graph_task(batch: dict, pending, input_path: str, settings) -> dict:
@@ -90,6 +100,29 @@ def graph_task(batch: dict, pending, input_path: str, settings) -> dict:
             chunk = pending[int(number) * CHUNK : (int(number) + 1) * CHUNK]
             items += items_from(reader, settings, chunk)
     return graph_columns(items, settings.feed_dtype)
+
+
+def structure_task(batch: dict, pending, input_path: str) -> dict:
+    """Ray task (device graphs): the structures of the chunks numbered in ``batch``, one row each, as
+    the input holds them; the actor builds their graphs."""
+    import ray
+
+    from painn_export.schema import InputReader
+    from pipelines.device_batches import Structures
+    from pipelines.graphs import CHUNK
+    from pipelines.ray_columns import structure_columns
+
+    if isinstance(pending, ray.ObjectRef):
+        pending = ray.get(pending)
+    with InputReader(input_path) as reader:
+        parts = [
+            Structures.read(reader, pending[int(number) * CHUNK : (int(number) + 1) * CHUNK])
+            for number in batch["id"]
+        ]
+    structures = parts[0]
+    for part in parts[1:]:
+        structures = Structures.join(structures, part)
+    return structure_columns(structures)
 
 
 class Inference:
@@ -112,26 +145,37 @@ class Inference:
             import torch
 
             torch.set_num_threads(threads)
-        self.limits = job.limits
+        self.limits, self.settings, self.device_graphs = job.limits, job.settings, job.device_graphs
         self.runner = loader.runner(device, threads=threads)
         self.runner.activate()
+        if self.device_graphs:  # Warp started (its kernels from $WARP_CACHE_PATH) once, not per call
+            from painn_export.device_graphs import start
+
+            start()
         report = ran_by(self.runner.identity(), file_sha256(loader.path))
         report.update(node=socket.gethostname(), gpu=self.runner.gpu)
         self.ran_by = json.dumps(report, sort_keys=True)
 
     def __call__(self, batch: dict) -> dict:
         from pipelines.batches import Summary, evaluate
-        from pipelines.graphs import Item
         from pipelines.progress import Progress
-        from pipelines.ray_columns import Collector, graph_of
+        from pipelines.ray_columns import Collector
 
-        items = [
-            Item(int(i), graph_of(batch, k), str(status), str(message))
-            for k, (i, status, message) in enumerate(zip(batch["index"], batch["status"], batch["message"]))
-        ]
-        sink, summary = Collector(), Summary()
-        evaluate(items, self.runner, sink, self.limits, summary, Progress(0, enabled=False))
-        return sink.as_batch(self.ran_by, summary.model_seconds)
+        sink, summary, bar = Collector(), Summary(), Progress(0, enabled=False)
+        if self.device_graphs:
+            from pipelines.device_batches import evaluate_structures
+            from pipelines.ray_columns import structures_of
+
+            structures = structures_of(batch)
+            evaluate_structures(structures, self.runner, sink, self.limits, self.settings, summary, bar)
+        else:
+            from pipelines.graphs import Item
+            from pipelines.ray_columns import graph_of
+
+            rows = zip(batch["index"], batch["status"], batch["message"])
+            items = [Item(int(i), graph_of(batch, k), str(st), str(m)) for k, (i, st, m) in enumerate(rows)]
+            evaluate(items, self.runner, sink, self.limits, summary, bar)
+        return sink.as_batch(self.ran_by, summary.model_seconds, summary.graph_seconds)
 
 
 def evaluate_on_ray(job: RayJob, pending: np.ndarray, options: RayOptions, writer, summary, bar) -> None:
@@ -153,7 +197,8 @@ def evaluate_on_ray(job: RayJob, pending: np.ndarray, options: RayOptions, write
 
 
 def plan(ray, pending_ref, n_chunks: int, job: RayJob, options: RayOptions):
-    """The Ray Data pipeline: chunk numbers -> graph tasks -> inference actors (lazy: nothing runs).
+    """The Ray Data pipeline: chunk numbers -> graph tasks (or, with device graphs, read tasks) ->
+    inference actors (lazy: nothing runs).
 
     ``pending_ref`` is the object-store reference of the pending indices; the
     driver's plan holds only ``n_chunks`` numbers' worth of blocks.
@@ -164,9 +209,13 @@ def plan(ray, pending_ref, n_chunks: int, job: RayJob, options: RayOptions):
     with warnings.catch_warnings():  # retry arguments go through ray_remote_args (deprecated in Ray 2.60)
         warnings.simplefilter("ignore", DeprecationWarning)
         ds = ray.data.range(n_chunks)
+        if job.device_graphs:
+            task, args = structure_task, (pending_ref, job.input_path)
+        else:
+            task, args = graph_task, (pending_ref, job.input_path, job.settings)
         ds = ds.map_batches(
-            graph_task,
-            fn_args=(pending_ref, job.input_path, job.settings),
+            task,
+            fn_args=args,
             batch_size=1,
             batch_format="numpy",
             num_cpus=1,

@@ -10,7 +10,9 @@ Stages, each bounded so that memory does not grow with the file:
    With ``--graphs device`` (``auto``: when the runtime runs on a GPU) the
    graphs and the feed are built on the runtime's device instead, and this
    process only reads and writes (:mod:`pipelines.device_batches`): the same
-   batches and feeds, hence the same results bit for bit.
+   batches and feeds, hence the same results bit for bit. On Ray
+   (``--ray``) the inference actors build them, from the structures' arrays
+   (:mod:`pipelines.ray_run`).
 2. **Batcher** packs graphs in input order up to ``--max-atoms`` /
    ``--max-edges`` (counted as the padded slots, atoms × slots per atom, that
    the model evaluates) and a TensorRT engine's largest profile.
@@ -80,12 +82,6 @@ def run_file(
     """
     start = time.perf_counter()
     options = RunOptions.of(options, **changes)
-    if ray is not None and options.graphs == "device":
-        from painn_export.errors import RuntimeUnavailableError
-
-        raise RuntimeUnavailableError(
-            "--graphs device with --ray: Ray actors build graphs on the host; give --graphs host or auto"
-        )
     if ray is not None and options.device != "auto" and options.device != ray.device:
         from painn_export.errors import RuntimeUnavailableError
 
@@ -122,28 +118,31 @@ def _run_locked(input_path, output_path: Path, partial: Path, info, model_path, 
 
             on_device = graphs_on_device(options.graphs, runner.device)
         else:  # the actors run it: this driver reads what they will run from the file, and starts nothing
-            from pipelines.ray_cluster import cluster
+            from pipelines.ray_cluster import cluster, graphs_on_actors
 
-            runner, on_device = None, False
+            runner = None
             identity = loader.identity(ray.device)
             feed_dtype = feed_dtype_of(identity.precision)
             # Every node checked (same files, same version, enough GPUs) before the output file exists;
             # Ray (started here, or joined) is left as found when the run ends.
             paths = [str(Path(p).resolve()) for p in (input_path, model_path) if p is not None]
-            stack.enter_context(cluster(ray, paths))
+            nodes = stack.enter_context(cluster(ray, paths))
+            # Where the actors build graphs: not in the fingerprint either (the same bits).
+            on_device = graphs_on_actors(options.graphs, ray, nodes)
         fingerprint = Fingerprint(**fingerprint_fields(input_path, info, model_sha256, identity))
         open_partial(partial, output_path, fingerprint, options.resume)
 
         with InputReader(input_path) as reader:
             offsets = reader.offsets
         writer = Writer(partial, offsets)
+        where = f"Ray actors on {identity.device}" if runner is None else runner.device
         summary = Summary(
             output=str(output_path),
             runtime=identity.runtime,
             device=runner.device if runner else identity.device,
             provider=identity.provider,
             gpu=runner.gpu if runner else "",  # on Ray: what the actors report
-            graphs=f"device ({runner.device})" if on_device else "host",
+            graphs=f"device ({where})" if on_device else "host",
             n_structures=info.n_structures,
         )
         try:
@@ -151,10 +150,9 @@ def _run_locked(input_path, output_path: Path, partial: Path, info, model_path, 
             summary.already_done = info.n_structures - len(pending)
             limits = batch_limits(facts.profiles, options.max_atoms, options.max_edges)
             settings = GraphSettings.of(facts, feed_dtype)
-            where = f"Ray actors on {identity.device}" if runner is None else runner.device
             bar = Progress(len(pending), enabled=options.progress, label=f"{identity.runtime} on {where}")
             try:
-                if on_device:
+                if on_device and ray is None:
                     evaluate_on_device(
                         str(input_path), pending, runner, writer, limits, settings, summary, bar
                     )
@@ -177,6 +175,7 @@ def _run_locked(input_path, output_path: Path, partial: Path, info, model_path, 
                         settings,
                         limits,
                         expected,
+                        device_graphs=on_device,
                     )
                     evaluate_on_ray(job, pending, ray, writer, summary, bar)
             finally:

@@ -21,7 +21,6 @@ from click.testing import CliRunner
 from test_pipeline import _structures
 
 from painn_export.device_graphs import init_kernels
-from painn_export.errors import RuntimeUnavailableError
 from painn_export.export import export_onnx
 from painn_export.schema import write_input
 from pipelines.cli import main
@@ -136,11 +135,6 @@ def test_graphs_device_without_nvalchemi_is_one_line_exit_2(tmp_path, monkeypatc
     # auto on the CPU builds on the host and needs nothing
     summary = run_file(DEMO, out, graphs="auto", device="cpu", workers=0, progress=False)
     assert summary.graphs == "host"
-
-
-def test_ray_refuses_graphs_device_in_one_line(tmp_path):
-    with pytest.raises(RuntimeUnavailableError, match="--graphs device with --ray"):
-        run_file(DEMO, tmp_path / "out.h5", graphs="device", ray=object())
 
 
 def test_the_cli_runs_graphs_device(tmp_path):

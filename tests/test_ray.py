@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -265,7 +266,7 @@ def test_preflight_names_the_node_and_what_it_lacks(tmp_path, monkeypatch):
     sys.modules["ray.util.scheduling_strategies"].NodeAffinitySchedulingStrategy = lambda *a, **k: None
     path = tmp_path / "in.h5"
     path.write_bytes(b"structures")
-    good = node_facts([str(path)])
+    good = {**node_facts([str(path)]), "node": "gpu7"}
     assert good["version"] == __version__ and good["files"][str(path)][0] == len(b"structures")
     cases = {
         "runs painn-export 0.0.1": {**good, "node": "gpu7", "version": "0.0.1"},
@@ -276,7 +277,9 @@ def test_preflight_names_the_node_and_what_it_lacks(tmp_path, monkeypatch):
         with pytest.raises(PreflightError, match=words) as caught:
             preflight(_StubRay([good, bad]), [str(path)])
         assert "gpu7 (10.0.0.1, Ray node n1)" in str(caught.value) and "\n" not in str(caught.value)
-    assert preflight(_StubRay([good, good]), [str(path)]) == 2
+    nodes = preflight(_StubRay([good, good]), [str(path)])
+    assert [n["name"] for n in nodes] == ["gpu7 (10.0.0.0, Ray node n0)", "gpu7 (10.0.0.1, Ray node n1)"]
+    assert all(n["device_graphs"] for n in nodes)  # nvalchemi-toolkit-ops and Warp are dev dependencies
 
 
 def _readme_cluster_command() -> str:
@@ -374,6 +377,7 @@ def test_results_from_an_actor_that_ran_something_else_are_refused(tmp_path):
             "message": np.array([""] * 2, dtype=object),
             "ran_by": np.array([ran_by] * 2, dtype=object),
             "model_seconds": np.array([0.5, 0.0]),
+            "graph_seconds": np.array([0.25, 0.0]),
         }
 
     for wrong in ({"package_version": "0.9"}, {"model_sha256": "def"}, {"runtime": "onnxruntime-cuda"}):
@@ -386,6 +390,7 @@ def test_results_from_an_actor_that_ran_something_else_are_refused(tmp_path):
     summary = Summary(n_structures=2)
     commit(block(), expected, writer, summary, Progress(2, enabled=False))
     assert len(writer.pending()) == 0 and summary.model_seconds == 0.5 and summary.atoms == 6
+    assert summary.graph_seconds == 0.25  # the actors' device graph time, reported back
     writer.close()
 
 
@@ -446,3 +451,191 @@ def test_gpu_actors_need_that_many_gpus_of_one_kind():
         check_gpus(
             [node(2), node(2, "A100", address="10.0.0.2")], RayOptions("auto", actors=2, gpus_per_actor=1)
         )
+
+
+# --graphs device on Ray (issue 32): the actors build graphs and feeds on their own device from
+# the structures' arrays. Warp's CPU backend stands in for a GPU, as in test_device_pipeline.
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def warp_cache(monkeypatch):
+    """Warp's kernels from $WARP_CACHE_PATH (else the repository's .warp-cache), here and in the Ray
+    started afterwards: its workers inherit the environment."""
+    from painn_export.device_graphs import init_kernels
+
+    cache = os.environ.get("WARP_CACHE_PATH") or str(ROOT / ".warp-cache")
+    monkeypatch.setenv("WARP_CACHE_PATH", cache)
+    init_kernels(cache)
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread, as an actor with one CPU runs it: the same arithmetic for the local run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _outputs(path) -> dict:
+    with h5py.File(path) as fh:
+        out = {k: fh[k][...] for k in ("energy", "forces", "status", "message")}
+        out["fingerprint"] = {k: str(v) for k, v in fh.attrs.items() if k.startswith("fingerprint")}
+    return out
+
+
+def _assert_bitwise(got: dict, want: dict) -> None:
+    assert got["fingerprint"] == want["fingerprint"]
+    for k in ("energy", "forces", "status", "message"):
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+        assert got[k].tobytes() == want[k].tobytes(), f"{k} differs"
+
+
+def test_ray_with_device_graphs_is_bitwise_the_host_graphs_and_the_local_run(
+    tmp_path, checkpoint, fresh_ray, warp_cache, one_thread
+):
+    """One Ray chunk (< 128 structures: one actor call, so the local run's batches), bad structures
+    among them, batches of at most 40 atoms (several device chunks, open batches carried): the
+    statuses, messages, energies and forces of --ray with --graphs device are bit for bit those of
+    --ray with host graphs and of the local run, with the same fingerprint."""
+    _, rows, expected_bad = _structures()
+    inp = write_input(tmp_path / "in.h5", _many(50, seed=4) + rows)
+    options = dict(runtime="torch", progress=False, max_atoms=40)
+    local = run_file(inp, tmp_path / "local.h5", checkpoint, workers=0, graphs="host", **options)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # one Ray for both runs
+    on_ray = RayOptions("local", cpus=2)
+    summaries = {
+        graphs: run_file(inp, tmp_path / f"{graphs}.h5", checkpoint, graphs=graphs, ray=on_ray, **options)
+        for graphs in ("host", "device")
+    }
+    assert summaries["device"].graphs == "device (Ray actors on cpu)" and summaries["host"].graphs == "host"
+    assert summaries["device"].graph_seconds > 0 and summaries["host"].graph_seconds == 0  # actors' time
+    assert summaries["device"].counts == summaries["host"].counts == local.counts
+    assert local.counts["ok"] == 50 + len(rows) - len(expected_bad)
+    want = _outputs(tmp_path / "local.h5")
+    _assert_bitwise(_outputs(tmp_path / "host.h5"), want)
+    _assert_bitwise(_outputs(tmp_path / "device.h5"), want)
+
+
+def test_ray_device_graphs_across_chunks_resume_a_local_run(
+    tmp_path, checkpoint, monkeypatch, fresh_ray, warp_cache, one_thread
+):
+    """300 structures (three read tasks, actor calls of 64 rows, so rows from two tasks meet in one
+    call), every batch one structure (12 atoms each, --max-atoms 12: batches that do not depend on
+    Ray's calls), bad structures among them. A local host run stopped after 100 batches leaves some
+    statuses pending among the done ones; --ray --graphs device --resume completes it, bit for bit
+    an uninterrupted local run."""
+    import pipelines.batches as batches
+    from painn_export.samples import bulk
+    from pipelines.run import RunInterruptedError
+    from pipelines.signals import Stopped
+
+    rng = np.random.default_rng(6)
+    good = [bulk(rng, 12, np.arange(1, 30)) for _ in range(290)]
+    good = [(s.atomic_numbers, s.positions, s.cell, s.pbc) for s in good]
+    _, rows, expected_bad = _structures()
+    bad = rows[-len(expected_bad) :]
+    structures = good[:60] + bad + good[60:200] + bad + good[200:]
+    inp = write_input(tmp_path / "in.h5", structures)
+    options = dict(runtime="torch", progress=False, max_atoms=12)
+    whole = run_file(inp, tmp_path / "whole.h5", checkpoint, workers=0, graphs="host", **options)
+    assert whole.counts["ok"] == 290
+
+    infer_split, calls = batches.infer_split, {"n": 0}
+
+    def stop_after_100_batches(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 100:
+            raise Stopped(signal.SIGINT, safe=True)
+        return infer_split(*args, **kwargs)
+
+    out = tmp_path / "out.h5"
+    with monkeypatch.context() as patch, pytest.raises(RunInterruptedError):
+        patch.setattr(batches, "infer_split", stop_after_100_batches)
+        run_file(inp, out, checkpoint, workers=0, graphs="host", **options)
+    with h5py.File(out.with_name("out.partial.h5")) as fh:
+        pending = np.flatnonzero(fh["status"][...] == 0)
+    assert 0 < pending[0] < 100 < pending.size  # done ones before and between pending ones:
+    assert np.any(np.diff(pending) > 1)  # not one range (the read tasks gather)
+
+    summary = run_file(inp, out, checkpoint, graphs="device", resume=True,
+                       ray=RayOptions("local", cpus=2, actor_batch=64), **options)  # fmt: skip
+    assert summary.graphs == "device (Ray actors on cpu)"
+    assert summary.already_done == len(structures) - pending.size and summary.computed == pending.size
+    _assert_bitwise(_outputs(out), _outputs(tmp_path / "whole.h5"))
+
+
+def test_a_device_graph_actor_gets_structures_and_builds_the_graphs(
+    tmp_path, checkpoint, monkeypatch, warp_cache
+):
+    """The read task's columns, then the inference actor, in this process (no Ray): with device
+    graphs the rows are the structures' own arrays (no graph built on the host or shipped), and
+    the actor's results, statuses and messages are bit for bit the host-graph actor's on the same rows."""
+    import pipelines.graphs
+    from painn_export.checkpoint import file_sha256
+    from painn_export.runners import describe
+    from pipelines.batches import batch_limits
+    from pipelines.graphs import GraphSettings
+    from pipelines.ray_columns import STRUCTURE_COLUMNS, ran_by
+    from pipelines.ray_run import Inference, RayJob, graph_task, structure_task
+
+    monkeypatch.setenv("PAINN_EXPORT_CACHE", str(tmp_path / "cache"))
+    _, rows, expected_bad = _structures()
+    inp = write_input(tmp_path / "in.h5", rows + _many(30, seed=2))
+    identity, facts = describe(checkpoint, "onnxruntime", "cpu")
+    settings = GraphSettings(facts.cutoff, facts.max_neighbors, facts.num_elements)
+    job = RayJob(str(inp), str(checkpoint), "onnxruntime", None, settings, batch_limits((), 60, None),
+                 ran_by(identity, file_sha256(checkpoint)))  # fmt: skip
+    out = {}
+    for graphs in ("host", "device"):
+        on_device = graphs == "device"
+        actor = type("Inference", (Inference,), {"job": (replace(job, device_graphs=on_device), "cpu", 1)})()
+        if on_device:
+
+            def no_host_graphs(*_, **__):
+                raise AssertionError("a graph was built on the host")
+
+            monkeypatch.setattr(pipelines.graphs, "structure_item", no_host_graphs)
+            columns = structure_task({"id": np.array([0])}, np.arange(len(rows) + 30), str(inp))
+            assert set(columns) == set(STRUCTURE_COLUMNS)
+            assert columns["positions"].dtype == object  # one array a row
+            assert columns["positions"][0].shape == (len(rows[0][0]), 3)
+        else:
+            columns = graph_task({"id": np.array([0])}, np.arange(len(rows) + 30), str(inp), settings)
+        out[graphs] = actor(columns)
+    host, device = out["host"], out["device"]
+    assert device["graph_seconds"][0] > 0 and host["graph_seconds"].sum() == 0
+    order_host, order_device = np.argsort(host["index"]), np.argsort(device["index"])
+    for name in ("index", "status", "message"):
+        assert list(host[name][order_host]) == list(device[name][order_device]), name
+    assert host["energy"][order_host].tobytes() == device["energy"][order_device].tobytes()
+    for a, b in zip(host["forces"][order_host], device["forces"][order_device]):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    statuses = dict(zip(device["index"], device["status"]))
+    assert [statuses[k] for k in range(len(rows) - len(expected_bad), len(rows))] == expected_bad
+
+
+def test_where_the_actors_build_graphs():
+    """--graphs on Ray: host never; device always, every node that could hold an actor having
+    device graphs installed, else one line naming the node; auto only with GPU actors (and the host
+    when a node lacks them)."""
+    from pipelines.ray_cluster import PreflightError, graphs_on_actors
+
+    def node(name, cpus=2, gpus=0, installed=True):
+        resources = {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})}
+        return {"name": name, "resources": resources, "device_graphs": installed}
+
+    cpu_actors, gpu_actors = RayOptions("auto"), RayOptions("auto", gpus_per_actor=1)
+    nodes = [node("a"), node("b", gpus=1)]
+    choices = ("host", "device", "auto")
+    assert [graphs_on_actors(g, cpu_actors, nodes) for g in choices] == [False, True, False]
+    assert [graphs_on_actors(g, gpu_actors, nodes) for g in choices] == [False, True, True]
+    lacking = [node("head", cpus=0, installed=False), node("cpu1", installed=False), node("gpu1", gpus=1)]
+    # GPU actors only run on gpu1; the head has no CPU for any actor
+    assert graphs_on_actors("device", gpu_actors, lacking) and graphs_on_actors("auto", gpu_actors, lacking)
+    assert not graphs_on_actors("auto", RayOptions("auto"), lacking)
+    with pytest.raises(PreflightError, match=r"node cpu1 cannot build graphs on its device") as caught:
+        graphs_on_actors("device", cpu_actors, lacking)
+    assert "pip install 'painn-export[device-graphs]'" in str(caught.value) and "\n" not in str(caught.value)
