@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +43,8 @@ class Summary:
     graphs: str = ""  # where the graphs and the feed were built: host, or device (on cpu, cuda:0)
     graph_seconds: float = 0.0  # wall time building graphs and feeds on the device (device graphs)
     model_seconds: float = 0.0  # wall time inside the runtime's inference calls
+    # Atoms a batch may hold after one failed for memory (half the smallest that failed); None: none failed.
+    memory_atoms: int | None = None
     n_structures: int = 0
     computed: int = 0  # structures given a final status by this run
     already_done: int = 0  # structures final before this run (--resume)
@@ -99,6 +102,10 @@ class Limits:
         slots = self.slots_for(max_degree)
         return atoms <= self.atoms and atoms * slots <= self.edge_slots and slots <= self.slots
 
+    def lowered(self, atoms: int | None) -> Limits:
+        """These limits with at most ``atoms`` atoms a batch (None: unchanged)."""
+        return self if atoms is None or atoms >= self.atoms else dataclasses.replace(self, atoms=atoms)
+
     def collate(self, graphs, dtype) -> dict:
         """The feed of ``graphs``, floats in ``dtype``, on :meth:`slots_for` slots per atom."""
         return collate(graphs, dtype, n_slots=self.slots_for(max(g.max_degree for g in graphs)))
@@ -148,13 +155,16 @@ def infer_split(runner, graphs: list, limits: Limits, summary=None, feed_of=None
 
     ``summary.model_seconds`` (when given) adds the runtime's time of every
     batch that ran. Only :class:`~painn_export.errors.BatchTooLargeError`
-    splits; any other failure propagates. ``feed_of(lo, hi)`` (when given)
+    splits; any other failure propagates. After a batch of more than one
+    structure failed, ``summary.memory_atoms`` holds half its atoms, and every
+    later batch runs in consecutive pieces within that (no failed attempt
+    again at a size that failed). ``feed_of(lo, hi)`` (when given)
     makes the feed of ``graphs[lo:hi]`` (a device feed,
     :mod:`pipelines.device_batches`; ``graphs`` then need only ``n_atoms``
     and ``max_degree``), else :meth:`Limits.collate` does.
     """
     results: list = [None] * len(graphs)
-    todo = [(0, len(graphs))]  # ranges of graphs still to run, in order
+    todo = _within(graphs, None if summary is None else summary.memory_atoms)[::-1]  # popped from the end
     while todo:
         check_stop()
         lo, hi = todo.pop()
@@ -167,6 +177,9 @@ def infer_split(runner, graphs: list, limits: Limits, summary=None, feed_of=None
         feed = None  # a device feed's memory is given back before a retry
         if failure is not None:  # the exception, its traceback and the failed tensors are gone now
             runner.free_memory()
+            if summary is not None and hi - lo > 1:  # what follows is packed within half of it
+                half = max(1, sum(graphs[k].n_atoms for k in range(lo, hi)) // 2)
+                summary.memory_atoms = min(half, summary.memory_atoms or half)
             if hi - lo == 1:
                 results[lo] = TOO_LARGE + failure
             else:
@@ -182,6 +195,19 @@ def infer_split(runner, graphs: list, limits: Limits, summary=None, feed_of=None
             results[lo + k] = (float(out["energy"][k]), out["forces"][atom : atom + n], stress)
             atom += n
     return results
+
+
+def _within(graphs: list, atoms: int | None) -> list[tuple[int, int]]:
+    """``graphs`` as consecutive ranges of at most ``atoms`` atoms (one graph alone always tries)."""
+    if atoms is None:
+        return [(0, len(graphs))]
+    ranges, lo, total = [], 0, 0
+    for k, g in enumerate(graphs):
+        if k > lo and total + g.n_atoms > atoms:
+            ranges.append((lo, k))
+            lo, total = k, 0
+        total += g.n_atoms
+    return [*ranges, (lo, len(graphs))] if graphs else []
 
 
 def evaluate(items, runner, writer, limits: Limits, summary, bar) -> None:
@@ -210,7 +236,7 @@ def evaluate(items, runner, writer, limits: Limits, summary, bar) -> None:
             continue
         if not budget.admits(item.graph):
             run_batch(runner, batch, writer, summary, bar, limits)
-            batch, budget = [], Budget(limits)
+            batch, budget = [], Budget(limits.lowered(summary.memory_atoms))
         batch.append(item)
         budget.add(item.graph)
     if batch:

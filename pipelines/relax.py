@@ -2,10 +2,17 @@
 
 The loop, on one runner:
 
-1. **Refill.** Structures enter the batch in input order while it stays
-   within the atom/edge budget ``run`` uses (:class:`pipelines.batches.Limits`);
-   one that converges or fails leaves it, and the next enters at the next
-   step ("in-flight" batching). Structures the input itself rules out
+1. **Refill.** Structures enter the batch while it stays within the
+   atom/edge budget ``run`` uses (:class:`pipelines.batches.Limits`); one
+   that converges or fails leaves it, and others enter at the next step
+   ("in-flight" batching). They are taken in input order, but one that does
+   not fit does not hold back those behind it: up to :data:`WINDOW`
+   structures wait while later ones that fit enter, and a waiting one that
+   has been passed :data:`PATIENCE` times lets nothing more pass until it
+   is in. Every choice depends only on the batch, the window and the input,
+   so a resumed run rebuilds the same batches. A batch that failed for
+   memory lowers the atom budget for every batch after it
+   (:attr:`pipelines.batches.Summary.memory_atoms`). Structures the input itself rules out
    (``empty_structure``, ``bad_cell``, ...) get ``run``'s statuses from its
    neighbour workers (``--workers``) and never enter.
 2. **Graphs.** Each structure keeps a Verlet-skin neighbour list
@@ -82,6 +89,9 @@ from pipelines.signals import Stopped, check_stop, stop_at_safe_points
 
 log = logging.getLogger(__name__)
 
+WINDOW = 32  # structures that may wait (not fitting) while later ones enter
+PATIENCE = 64  # a waiting structure passed this often lets nothing more pass
+
 __all__ = ["CellNeedsStressError", "RelaxSettings", "RelaxSummary", "relax_file"]
 
 
@@ -139,7 +149,7 @@ class RelaxSummary(Summary):
 
 @dataclass
 class _Member:
-    """A structure in flight: its optimiser state and neighbour list."""
+    """A structure in flight, or waiting to enter: its optimiser state and neighbour list."""
 
     index: int
     z: np.ndarray  # [n] int64
@@ -148,6 +158,7 @@ class _Member:
     skin: SkinGraph
     graph: Graph | None = None
     fmax: float = float("nan")  # at the last evaluation
+    passed: int = 0  # waiting: how many later structures entered before it
 
     @property
     def n_atoms(self) -> int:
@@ -380,7 +391,7 @@ class _RelaxOutput:
         fh["trajectory_energy"][s, f] = energy
         fh["trajectory_fmax"][s, f] = fmax
 
-    def checkpoint(self, members: list[_Member], next_index: int, calls: int):
+    def checkpoint(self, members: list[_Member], next_index: int, calls: int, waiting: list):
         """A context: the members' state written under a temporary name, renamed when it ends well."""
         states = [
             Saved(
@@ -395,7 +406,7 @@ class _RelaxOutput:
             )
             for m in members
         ]
-        return writing_checkpoint(self.ckpt, Checkpoint(states, next_index, calls), self.fingerprint)
+        return writing_checkpoint(self.ckpt, Checkpoint(states, next_index, calls, waiting), self.fingerprint)
 
     def restore(self) -> Checkpoint:
         """The checkpoint in force (none: nothing in flight, nothing entered)."""
@@ -417,8 +428,10 @@ class _Loop:
         self.bar = None
         self.done: list[_Finished] = []  # finished since the last checkpoint
         self.batch: list[_Member] = []
+        self.waiting: list[_Member] = []  # pulled from the input, not in yet (input order)
         restored = out.restore()
         self.next_index, self.calls = restored.next_index, restored.calls
+        self.restored_waiting = restored.waiting  # [(index, passed)]: rebuilt first by run()
         for saved in restored.states:
             self.batch.append(self._restored(saved))
             summary.steps -= saved.steps  # this run's summary counts this run's steps
@@ -476,12 +489,19 @@ class _Loop:
     # -- the loop --------------------------------------------------------------
     def run(self) -> None:
         n = self.reader.n_structures
-        pending = np.arange(self.next_index, n, dtype=np.int64)
+        again = np.array([index for index, _ in self.restored_waiting], dtype=np.int64)
+        pending = np.concatenate([again, np.arange(self.next_index, n, dtype=np.int64)])
         items = (
             neighbour_items(self.input_path, pending, self.graph_settings, self.workers)
             if len(pending)
             else None
         )
+        for index, passed in self.restored_waiting:  # the window as the checkpoint left it
+            item = next(items)
+            if item.index != index or item.start is None:  # it had a graph when it first waited
+                raise RuntimeError(f"structure {index}: waiting in the checkpoint, but has no graph now")
+            self.waiting.append(self._member_of(item))
+            self.waiting[-1].passed = passed
         fill = []
         try:
             with stop_at_safe_points():  # a signal stops the loop where its state is whole
@@ -495,17 +515,16 @@ class _Loop:
         self._checkpoint()  # the last: nothing in flight, every structure entered
 
     def _steps(self, items, fill: list) -> None:
-        waiting: _Member | None = None
         while True:
             check_stop()
-            waiting = self._refill(items, waiting)
+            self._refill(items)
             if not self.batch:
                 break
             atoms = sum(m.n_atoms for m in self.batch)
             fill.append(atoms)
             if self.observer is not None:
-                following = None if waiting is None else waiting.n_atoms
-                self.observer([m.index for m in self.batch], atoms, following)
+                smallest = min((m.n_atoms for m in self.waiting), default=None)
+                self.observer([m.index for m in self.batch], atoms, smallest)
             results = self._evaluate(self.batch)
             self.calls += 1
             self.summary.model_calls += 1
@@ -522,47 +541,67 @@ class _Loop:
                 self._checkpoint()
 
     def _checkpoint(self) -> None:
-        with self.out.checkpoint(self.batch, self.next_index, self.calls):
+        waiting = [(m.index, m.passed) for m in self.waiting]
+        with self.out.checkpoint(self.batch, self.next_index, self.calls, waiting):
             self.out.commit(self.done)  # before the rename: see the module doc
         self.summary.checkpoint_bytes = max(self.summary.checkpoint_bytes, self.out.ckpt.stat().st_size)
         self.summary.computed += len(self.done)
         self.done = []
 
-    def _refill(self, items, waiting: _Member | None) -> _Member | None:
-        """Admit structures in order while the budget holds; returns the one left waiting, if any."""
-        budget = Budget(self.limits, [m.graph for m in self.batch])
-        while True:
-            if waiting is None:
-                item = None if items is None else next(items, None)
-                if item is None:
-                    return None
-                if item.graph is None:  # an input status, as run gives it
-                    self.out.writer.commit_status([(item.index, item.status, item.message)])
-                    self.summary.computed += 1
-                    self.next_index = item.index + 1
-                    if self.bar is not None:
-                        self.bar.update(1, 0)
-                    continue
-                start = item.start
-                if self.settings.cell and not start.pbc.all():
-                    self.out.writer.commit_status(
-                        [(item.index, "bad_cell", "--cell relaxes periodic cells only; this one is not")]
-                    )
-                    self.summary.computed += 1
-                    self.next_index = item.index + 1
-                    continue
-                graph = item.graph
-                state = FireState.start(
-                    graph.positions, start.cell, start.fixed, self.settings.fire, self.settings.cell
+    def _refill(self, items) -> None:
+        """Admit waiting structures, then new ones, while the budget holds (the module doc's rule).
+
+        Each candidate is looked at in input order; one that does not fit
+        waits (up to ``WINDOW``) and those behind it may pass, until one has
+        been passed ``PATIENCE`` times: then nothing behind it enters before it.
+        """
+        budget = Budget(self.limits.lowered(self.summary.memory_atoms), [m.graph for m in self.batch])
+        still: list[_Member] = []
+        blocked = False  # a waiting structure has been passed often enough
+
+        def offer(m: _Member) -> None:
+            nonlocal blocked
+            if not blocked and budget.admits(m.graph):
+                self.batch.append(m)
+                budget.add(m.graph)
+                for ahead in still:
+                    ahead.passed += 1
+                    blocked = blocked or ahead.passed >= PATIENCE
+                return
+            still.append(m)
+            blocked = blocked or m.passed >= PATIENCE
+
+        for m in self.waiting:
+            offer(m)
+        while items is not None and len(still) < WINDOW and not blocked:
+            item = next(items, None)
+            if item is None:
+                break
+            self.next_index = item.index + 1
+            if item.graph is None:  # an input status, as run gives it
+                self._input_status(item.index, item.status, item.message)
+            elif self.settings.cell and not item.start.pbc.all():
+                self._input_status(
+                    item.index, "bad_cell", "--cell relaxes periodic cells only; this one is not"
                 )
-                waiting = _Member(item.index, graph.atomic_numbers, start.pbc, state, start.skin, graph)
-                self.summary.searches += start.skin.n_searches
-            if not budget.admits(waiting.graph):
-                return waiting
-            self.batch.append(waiting)
-            budget.add(waiting.graph)
-            self.next_index = waiting.index + 1
-            waiting = None
+            else:
+                offer(self._member_of(item))
+        self.waiting = still
+
+    def _input_status(self, index: int, status: str, message: str) -> None:
+        self.out.writer.commit_status([(index, status, message)])
+        self.summary.computed += 1
+        if self.bar is not None:
+            self.bar.update(1, 0)
+
+    def _member_of(self, item) -> _Member:
+        """A structure entering from its neighbour item: the worker's skin list and first graph."""
+        start, graph = item.start, item.graph
+        state = FireState.start(
+            graph.positions, start.cell, start.fixed, self.settings.fire, self.settings.cell
+        )
+        self.summary.searches += start.skin.n_searches
+        return _Member(item.index, graph.atomic_numbers, start.pbc, state, start.skin, graph)
 
     def _evaluate(self, members: list[_Member]) -> list:
         """``(energy, forces, stress)`` per member (float64), or a too_large message (:func:`infer_split`)."""

@@ -13,9 +13,11 @@ ends; a finished output holds nothing of it.
 ``velocity``        float64  ``[Σrows, 3]``   FIRE's velocities (cell rows after the atoms)
 ``cell``            float64  ``[m, 3, 3]``    Å
 ``scalars``         float64  ``[m, 4]``       ``dt``, ``a``, downhill steps (ASE's Nsteps), steps taken
+``waiting``         int64    ``[w, 2]``       structures taken from the input that wait to enter
+                                              (input order): index, times passed
 ==================  =======  ===============  ===============================================
 
-Attributes: ``next_index`` (the next structure to enter), ``calls`` (model
+Attributes: ``next_index`` (the next structure to take from the input), ``calls`` (model
 calls so far) and ``fingerprint`` (the partial output's, as JSON): a
 checkpoint is only ever read back with the partial file it was written for.
 
@@ -31,7 +33,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +63,9 @@ class Saved:
 @dataclass
 class Checkpoint:
     states: list[Saved]  # in batch order
-    next_index: int = 0  # the next structure to enter
+    next_index: int = 0  # the next structure to take from the input
     calls: int = 0  # model calls so far
+    waiting: list[tuple[int, int]] = field(default_factory=list)  # (index, times passed), input order
 
 
 def fingerprint_of(fh) -> str:
@@ -81,7 +84,7 @@ def discard(path: Path) -> None:
 def writing(path: Path, checkpoint: Checkpoint, fingerprint: str):
     """Write ``checkpoint`` under a temporary name; the block's end renames it onto ``path``.
 
-    Six datasets and three attributes, each written once. On any failure
+    Seven datasets and three attributes, each written once. On any failure
     inside the block the temporary goes and ``path`` keeps the previous checkpoint.
     """
     import h5py
@@ -102,6 +105,7 @@ def writing(path: Path, checkpoint: Checkpoint, fingerprint: str):
                 fh["scalars"] = np.array(
                     [[s.dt, s.a, s.n_positive, s.steps] for s in states], np.float64
                 ).reshape(-1, 4)
+                fh["waiting"] = np.array(checkpoint.waiting, np.int64).reshape(-1, 2)
             finally:
                 fh.close()
             raw.check(path)
@@ -131,7 +135,8 @@ def read(path: Path, fingerprint: str, n_atoms: Callable[[int], int]) -> Checkpo
         index, rows = fh["index"][...], fh["rows"][...]
         positions, velocity = fh["positions"][...], fh["velocity"][...]
         cell, scalars = fh["cell"][...], fh["scalars"][...]
-        out = Checkpoint([], int(fh.attrs["next_index"]), int(fh.attrs["calls"]))
+        waiting = [(int(s), int(p)) for s, p in fh["waiting"][...]] if "waiting" in fh else []
+        out = Checkpoint([], int(fh.attrs["next_index"]), int(fh.attrs["calls"]), waiting)
     atom = row = 0
     for k, s in enumerate(index.tolist()):
         n, r = n_atoms(s), int(rows[k])

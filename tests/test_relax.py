@@ -387,6 +387,145 @@ def test_a_structure_too_large_alone_leaves_the_others_relaxing(tmp_path, demo64
         assert "failed alone in a batch: out of memory" in fh["message"][1].decode()
 
 
+def _device_of(monkeypatch, atoms: int, attempts: list):
+    """Every runner loaded from now on fails (BatchTooLargeError) on feeds above ``atoms`` atoms.
+
+    ``attempts`` gets ``(atoms in the feed, failed)`` for each inference tried.
+    """
+    import painn_export.runners as runners
+    from painn_export.errors import BatchTooLargeError
+
+    loader_for = runners.loader_for
+
+    def small_device(*args, **kwargs):
+        loader = loader_for(*args, **kwargs)
+        make_runner = loader.runner
+
+        def runner(*a, **k):
+            runner = make_runner(*a, **k)
+            infer = runner.infer
+
+            def limited(feed):
+                n = len(feed["atomic_numbers"])
+                attempts.append((n, n > atoms))
+                if n > atoms:
+                    raise BatchTooLargeError(f"out of memory (a test's {atoms}-atom device)")
+                return infer(feed)
+
+            runner.infer = limited
+            return runner
+
+        loader.runner = runner
+        return loader
+
+    monkeypatch.setattr(runners, "loader_for", small_device)
+
+
+def test_a_batch_that_failed_for_memory_lowers_the_budget_for_what_follows(tmp_path, demo64, monkeypatch):
+    """relax and run: after the first batch fails, no attempt fails again; batches stay within half of it."""
+    attempts: list = []
+    _device_of(monkeypatch, 20, attempts)
+    structures = [_cu(k, repeat=(2, 1, 1), rattle=0.05) for k in range(6)]  # 8 atoms each
+    inp = _write(tmp_path / "in.h5", structures)
+    calls = []
+    summary = relax_file(
+        inp,
+        tmp_path / "out.h5",
+        demo64,
+        settings=RelaxSettings(fmax=0.05, steps=60),
+        workers=0,
+        max_atoms=48,
+        observer=lambda members, atoms, following: calls.append(len(attempts)),
+    )
+    assert summary.counts == {"converged": 6} and summary.memory_atoms == 12
+    first_call = attempts[: calls[1]]  # the attempts of model call 1: 48 atoms failed, then its halves
+    assert first_call[0] == (48, True) and any(failed for _, failed in first_call[1:])
+    later = attempts[calls[1] :]
+    assert later and not any(failed for _, failed in later), "a size that failed was tried again"
+    assert max(n for n, _ in later) <= 12
+
+    attempts.clear()
+    from pipelines.run import run_file
+
+    run = run_file(inp, tmp_path / "run.h5", demo64, workers=0, max_atoms=48, progress=False)
+    assert run.counts == {"ok": 6} and run.memory_atoms == 12
+    failures = [k for k, (_, failed) in enumerate(attempts) if failed]
+    assert attempts[0] == (48, True) and max(failures) < len(attempts) - 1
+
+
+def test_a_structure_that_does_not_fit_does_not_hold_back_those_behind_it(tmp_path, demo64):
+    """Up to WINDOW structures wait while later ones that fit enter; the large one still relaxes."""
+    small = [_cu(k, repeat=(2, 1, 1), rattle=0.05) for k in range(6)]  # 8 atoms
+    large = _cu(9, repeat=(2, 2, 2), rattle=0.05)  # 32 atoms
+    structures = [*small[:2], large, *small[2:]]  # 8 + 8, then 32 does not fit in 40
+    inp = _write(tmp_path / "in.h5", structures)
+    calls = []
+    summary = relax_file(
+        inp,
+        tmp_path / "out.h5",
+        demo64,
+        settings=RelaxSettings(fmax=0.05, steps=100),
+        workers=0,
+        max_atoms=40,
+        observer=lambda members, atoms, following: calls.append((list(members), atoms, following)),
+    )
+    assert summary.counts == {"converged": 7}
+    entered = {}
+    for k, (members, _, _) in enumerate(calls):
+        for s in members:
+            entered.setdefault(s, k)
+    assert entered[0] == entered[1] == entered[3] == entered[4] == 0, "the small ones behind it waited"
+    assert entered[2] > 0
+    for members, atoms, following in calls:  # never room for a waiting structure
+        assert atoms <= 40 and (following is None or atoms + following > 40), (members, atoms, following)
+
+
+def test_a_waiting_structure_passed_patience_times_lets_nothing_more_pass(tmp_path, demo64, monkeypatch):
+    import pipelines.relax as relax
+
+    monkeypatch.setattr(relax, "PATIENCE", 1)
+    small = [_cu(k, repeat=(2, 1, 1), rattle=0.05) for k in range(6)]
+    structures = [*small[:2], _cu(9, repeat=(2, 2, 2), rattle=0.05), *small[2:]]
+    inp = _write(tmp_path / "in.h5", structures)
+    calls = []
+    relax_file(
+        inp,
+        tmp_path / "out.h5",
+        demo64,
+        settings=RelaxSettings(fmax=0.05, steps=100),
+        workers=0,
+        max_atoms=40,
+        observer=lambda members, atoms, following: calls.append(list(members)),
+    )
+    entered = {}
+    for k, members in enumerate(calls):
+        for s in members:
+            entered.setdefault(s, k)
+    before = [s for s in range(3, 7) if entered[s] < entered[2]]
+    assert before == [3], f"passed by {before}, not by exactly one (PATIENCE = 1)"
+
+
+def test_resume_rebuilds_the_waiting_structures_bitwise(tmp_path, demo64):
+    """A stop while structures wait: the checkpoint names them, and --resume equals the uninterrupted run."""
+    from pipelines.output import RunInterruptedError
+
+    sizes = [(2, 1, 1), (2, 2, 2), (2, 1, 1), (2, 2, 1), (2, 2, 2), (2, 1, 1), (2, 1, 1), (2, 2, 1)]
+    structures = [_cu(k, repeat=r, rattle=0.1) for k, r in enumerate(sizes)]
+    inp = _write(tmp_path / "in.h5", structures)
+    kw = {"settings": RelaxSettings(fmax=0.02, steps=60), "workers": 0, "max_atoms": 40, "progress": False}
+    relax_file(inp, tmp_path / "ref.h5", demo64, **kw)
+    out, ckpt = tmp_path / "out.h5", tmp_path / "out.ckpt.h5"
+    with pytest.raises(RunInterruptedError):
+        relax_file(inp, out, demo64, observer=_stop_at_call(3, signal.SIGTERM), **kw)
+    with h5py.File(ckpt) as fh:
+        waiting = fh["waiting"][...]
+        assert len(waiting) and (waiting[:, 0] < fh.attrs["next_index"]).all()
+    relax_file(inp, out, demo64, resume=True, **kw)
+    got, want = _results(out), _results(tmp_path / "ref.h5")
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
 def test_run_and_relax_do_not_resume_each_others_files(tmp_path, demo64):
     inp = _write(tmp_path / "in.h5", [_cu(0)])
     out = tmp_path / "out.h5"
