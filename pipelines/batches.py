@@ -72,6 +72,7 @@ class Summary:
             "atoms_per_s": round(self.atoms / self.seconds, 1) if self.seconds else None,
             "model_fraction": round(self.model_seconds / self.seconds, 3) if self.seconds else None,
             "device_graph_fraction": round(self.graph_seconds / self.seconds, 3) if self.seconds else None,
+            "memory_atoms": self.memory_atoms,
             "energy_mae_eV_per_atom": self.energy_mae_per_atom,
             "forces_mae_eV_per_A": self.forces_mae,
         }

@@ -437,7 +437,7 @@ def test_a_batch_that_failed_for_memory_lowers_the_budget_for_what_follows(tmp_p
         max_atoms=48,
         observer=lambda members, atoms, following: calls.append(len(attempts)),
     )
-    assert summary.counts == {"converged": 6} and summary.memory_atoms == 12
+    assert summary.counts == {"converged": 6} and summary.as_dict()["memory_atoms"] == 12
     first_call = attempts[: calls[1]]  # the attempts of model call 1: 48 atoms failed, then its halves
     assert first_call[0] == (48, True) and any(failed for _, failed in first_call[1:])
     later = attempts[calls[1] :]
