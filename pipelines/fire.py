@@ -1,10 +1,13 @@
-"""ASE's FIRE optimiser, one structure's state at a time, so that many relax in one batch.
+"""ASE's FIRE optimiser for a whole batch of structures at once, each with its own state.
 
 The update rule and its parameters are those of ``ase.optimize.FIRE``
-(Bitzek et al., PRL 97, 170201 (2006), as ASE writes it) with its defaults;
-the arithmetic is ASE's, in its order, so that a structure's trajectory
-follows ASE's with this package's calculator step for step (to the rounding
-of the model's forces in another batch). What ASE keeps in its optimiser
+(Bitzek et al., PRL 97, 170201 (2006), as ASE writes it) with its defaults,
+its element-wise arithmetic in its order; its dot products are segment sums
+over the batch and its branches masks (:func:`fire_steps`), and the cell's
+matrix functions are :mod:`pipelines.matrix_functions`' for the whole batch,
+so that a structure's trajectory follows ASE's with this package's
+calculator step for step, to rounding (the tolerance table's
+``fire_vs_ase``). What ASE keeps in its optimiser
 object is kept here per structure in a :class:`FireState`: velocities, time
 step, mixing ``a``, the count of downhill steps (ASE's ``Nsteps``) and the
 steps taken (ASE's ``nsteps``).
@@ -30,6 +33,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+
+from pipelines.matrix_functions import expm, expm_frechet, logm
 
 
 @dataclass(frozen=True)
@@ -89,30 +94,41 @@ def generalized_forces(state: FireState, forces: np.ndarray, stress: np.ndarray 
     ``forces`` ``[n, 3]`` eV/Å as the model gives them; fixed atoms' rows
     become zero (``FixAtoms``). ``stress`` ``[3, 3]`` eV/Å^3 (None: atoms
     only) is symmetrised as ASE's Voigt form does, then turned into
-    ``FrechetCellFilter``'s cell forces.
+    ``FrechetCellFilter``'s cell forces. :func:`generalized_forces_many` of one.
     """
-    f = np.array(forces, dtype=np.float64)
-    f[state.fixed] = 0.0
-    if stress is None:
-        return f
-    from scipy.linalg import expm_frechet, logm
+    return generalized_forces_many([state], [forces], None if stress is None else [stress])[0]
 
-    n = f.shape[0]
-    stress = np.asarray(stress, dtype=np.float64)
-    sym = (stress + stress.T) / 2  # ASE's Voigt round trip
-    volume = abs(np.linalg.det(state.cell))
-    virial = -volume * sym
-    deform = deform_grad(state)
-    log_deform = state.log_deform = logm(deform)
-    ucf_cell_grad = virial @ np.linalg.inv(deform.T)
+
+def generalized_forces_many(
+    states: list[FireState], forces: list[np.ndarray], stresses: list[np.ndarray] | None
+) -> list[np.ndarray]:
+    """:func:`generalized_forces` of each structure; the cell algebra for all of them at once."""
+    out = []
+    for state, f in zip(states, forces):
+        f = np.array(f, dtype=np.float64)
+        f[state.fixed] = 0.0
+        out.append(f)
+    if stresses is None or not states:
+        return out
+    cell = np.array([s.cell for s in states])  # [B, 3, 3]
+    stress = np.array(stresses, dtype=np.float64).reshape(-1, 3, 3)
+    sym = (stress + stress.transpose(0, 2, 1)) / 2  # ASE's Voigt round trip
+    virial = -np.abs(np.linalg.det(cell))[:, None, None] * sym
+    deform = deform_grads(states)
+    log_deform = logm(deform)
+    ucf_cell_grad = virial @ np.linalg.inv(deform.transpose(0, 2, 1))
     # ASE sums each of the nine directions' derivative L(X, E_mn) against G;
     # L(X, .) is the adjoint of L(X^T, .) (Frobenius product), so the nine
     # sums are the one derivative L(X^T, G): one Fréchet derivative, not nine
     # (equal to rounding; the tests hold it to ASE's steps).
-    cell_force = expm_frechet(log_deform.T, ucf_cell_grad, compute_expm=False)
-    out = np.zeros((n + 3, 3))
-    out[:n] = f @ deform
-    out[n:] = cell_force / float(n)
+    cell_force = expm_frechet(log_deform.transpose(0, 2, 1), ucf_cell_grad)
+    for b, (state, f) in enumerate(zip(states, out)):
+        state.log_deform = log_deform[b]
+        n = f.shape[0]
+        full = np.empty((n + 3, 3))
+        full[:n] = f @ deform[b]
+        full[n:] = cell_force[b] / float(n)
+        out[b] = full
     return out
 
 
@@ -123,10 +139,10 @@ _blas = {}
 def one_blas_thread() -> Iterator[None]:
     """Within it, BLAS and LAPACK run on one thread (the 3x3 cell algebra of ``--cell``).
 
-    On 3x3 matrices threads only cost: waking OpenBLAS's pool took up to
-    30 ms for one ``logm`` (against about 0.1 ms on one thread), and the
-    model's runtime competes for the same cores. The limit is set once
-    around a batch's steps, not per structure (threadpoolctl's controller is made once).
+    On stacks of 3x3 matrices threads only cost: waking OpenBLAS's pool took
+    up to 30 ms for one scipy ``logm`` (against about 0.1 ms on one thread),
+    and the model's runtime competes for the same cores. The limit is set
+    once around a batch's steps (threadpoolctl's controller is made once).
     """
     from threadpoolctl import ThreadpoolController
 
@@ -154,46 +170,50 @@ def max_forces(gforces: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def deform_grad(state: FireState) -> np.ndarray:
-    """``F`` ``[3, 3]``: the current cell's deformation from the starting one (``cell = orig @ F.T``)."""
-    return np.linalg.solve(state.orig_cell, state.cell).T
+def deform_grads(states: list[FireState]) -> np.ndarray:
+    """``F`` ``[B, 3, 3]``: each current cell's deformation from its starting one (``cell = orig @ F.T``)."""
+    orig = np.array([s.orig_cell for s in states])
+    return np.linalg.solve(orig, np.array([s.cell for s in states])).transpose(0, 2, 1)
 
 
-def _get_x(state: FireState, with_cell: bool) -> np.ndarray:
-    """The degrees of freedom ``[n (+ 3), 3]`` (FrechetCellFilter.get_positions with the cell)."""
-    if not with_cell:
-        return state.positions.copy()
-    n = state.positions.shape[0]
-    deform = deform_grad(state)
-    if state.log_deform is None:  # not from generalized_forces at this cell
-        from scipy.linalg import logm
+def _step_cells(states: list[FireState], dr: np.ndarray, rows: np.ndarray) -> None:
+    """``FrechetCellFilter``'s ``set_positions(get_positions() + dr)`` for every structure at once.
 
-        state.log_deform = logm(deform)
-    x = np.zeros((n + 3, 3))
-    x[:n] = np.linalg.solve(deform, state.positions.T).T
-    # ASE's log(n F) * n, with log(n F) = log F + ln(n) I (n I commutes with F)
-    x[n:] = (state.log_deform + np.log(float(n)) * np.eye(3)) * float(n)
-    return x
-
-
-def _set_x(state: FireState, x: np.ndarray, with_cell: bool) -> None:
-    """Set positions (and cell) from ``x`` as ASE does, fixed atoms held (FixAtoms.adjust_positions)."""
-    if not with_cell:
-        new = x.copy()
-        new[state.fixed] = state.positions[state.fixed]
-        state.positions = new
-        return
-    from scipy.linalg import expm
-
-    n = state.positions.shape[0]
-    new_deform = expm(x[n:] / float(n)) / float(n)
-    strain = (new_deform - np.eye(3)).T
-    new_cell = state.orig_cell @ (np.eye(3) + strain)
-    # Atoms.set_cell(scale_atoms=True): what fixed atoms keep.
-    scaled = np.dot(state.positions, np.linalg.solve(state.cell, new_cell))
-    new = x[:n] @ (np.eye(3) + strain)
-    new[state.fixed] = scaled[state.fixed]
-    state.positions, state.cell = new, new_cell
+    ``dr`` ``[R, 3]``: each structure's ``n`` atom rows, then its 3 cell rows.
+    Fixed atoms keep their fractional coordinates (``Atoms.set_cell(scale_atoms=True)``
+    then ``FixAtoms.adjust_positions``).
+    """
+    B = len(states)
+    natoms = rows - 3
+    start = np.cumsum(rows) - rows
+    atom_rows = np.concatenate([np.arange(s, s + n) for s, n in zip(start, natoms)])
+    cell_rows = (start[:, None] + natoms[:, None] + np.arange(3)).ravel()
+    of_atom = np.repeat(np.arange(B), natoms)  # [N] each atom's structure
+    n = natoms.astype(np.float64)[:, None, None]
+    eye = np.eye(3)
+    deform = deform_grads(states)
+    log_deform = np.array([s.log_deform for s in states]) if all(
+        s.log_deform is not None for s in states
+    ) else logm(deform)  # fmt: skip
+    positions = np.concatenate([s.positions for s in states])  # [N, 3]
+    # get_positions: atoms in the undeformed cell, and ASE's log(n F) n = (log F + ln(n) I) n.
+    x_atoms = np.einsum("aij,aj->ai", np.linalg.inv(deform)[of_atom], positions)
+    x_cell = (log_deform + np.log(n) * eye) * n
+    # set_positions
+    x_atoms = x_atoms + dr[atom_rows]
+    x_cell = x_cell + dr[cell_rows].reshape(B, 3, 3)
+    new_deform = expm(x_cell / n) / n
+    strain = eye + (new_deform - eye).transpose(0, 2, 1)  # [B, 3, 3] I + strain
+    cell = np.array([s.cell for s in states])
+    new_cell = np.array([s.orig_cell for s in states]) @ strain
+    scale = np.linalg.solve(cell, new_cell)  # what fixed atoms keep: their fractional coordinates
+    scaled = np.einsum("aj,ajk->ak", positions, scale[of_atom])
+    moved = np.einsum("aj,ajk->ak", x_atoms, strain[of_atom])
+    fixed = np.concatenate([s.fixed for s in states])
+    moved[fixed] = scaled[fixed]
+    for b, state in enumerate(states):
+        a0 = start[b] - 3 * b
+        state.positions, state.cell = moved[a0 : a0 + natoms[b]], new_cell[b]
 
 
 def fire_step(state: FireState, gforces: np.ndarray, params: FireParams, with_cell: bool) -> None:
@@ -252,16 +272,16 @@ def fire_steps(
     if capped.any():
         r = capped[seg]
         dr[r] = params.maxstep * dr[r] / normdr[seg][r, None]
-    if not with_cell:  # _set_x(x + dr) for every structure at once: fixed atoms stay
+    if with_cell:
+        _step_cells(states, dr, rows)
+    else:  # positions + dr for every structure at once; fixed atoms stay (FixAtoms.adjust_positions)
         x = np.concatenate([s.positions for s in states])
         fixed = np.concatenate([s.fixed for s in states])
         moved = x + dr
         moved[fixed] = x[fixed]
     for s, state in enumerate(states):
         lo, hi = start[s], start[s] + rows[s]
-        if with_cell:
-            _set_x(state, _get_x(state, with_cell) + dr[lo:hi], with_cell)
-        else:
+        if not with_cell:
             state.positions = moved[lo:hi]
         state.velocity = vel[lo:hi]
         state.dt, state.a, state.n_positive = float(dt[s]), float(a[s]), int(n_positive[s])
