@@ -66,7 +66,7 @@ from painn_export.neighbors import StructureError
 from painn_export.schema import InputReader, validate_input
 from painn_export.skin import SkinGraph, update_skins
 from pipelines.batches import Budget, Summary, batch_limits, infer_split
-from pipelines.fire import FireState, fire_steps, generalized_forces, max_forces, one_blas_thread
+from pipelines.fire import FireState, fire_steps, generalized_forces_many, max_forces, one_blas_thread
 from pipelines.graphs import MIN_SEPARATION, GraphSettings, neighbour_items
 from pipelines.options import RelaxSettings, RunOptions
 from pipelines.output import (
@@ -622,7 +622,7 @@ class _Loop:
 
         Returns those that stepped, in order; the step is one :func:`fire_steps` for all.
         """
-        judged, gforces = [], []
+        judged = []
         for m, result in zip(members, results):
             if isinstance(result, str):
                 self._finish(m, "too_large", result)
@@ -635,7 +635,11 @@ class _Loop:
                 self._finish(m, "diverged", "the model's energy, forces or stress are not finite")
                 continue
             judged.append((m, result))
-            gforces.append(generalized_forces(m.state, forces, cell_stress))
+        gforces = generalized_forces_many(
+            [m.state for m, _ in judged],
+            [result[1] for _, result in judged],
+            [result[2] for _, result in judged] if self.settings.cell else None,
+        )
         stepping, step_forces = [], []
         every = self.settings.trajectory_every
         for (m, result), g, fmax in zip(judged, gforces, max_forces(gforces)):
