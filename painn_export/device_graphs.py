@@ -58,6 +58,7 @@ __all__ = [
     "DeviceGraphs",
     "GraphStatus",
     "build_graphs",
+    "join_graphs",
     "canonical_graph",
     "device_feed",
     "expected_neighbors",
@@ -221,6 +222,34 @@ class DeviceGraphs:
             n_edges=self.n_edges[chosen],
             max_degree=self.max_degree[chosen],
         )
+
+
+def join_graphs(first: DeviceGraphs, second: DeviceGraphs) -> DeviceGraphs:
+    """The graphs of ``first``'s structures, then ``second``'s, as one (on ``first``'s device).
+
+    What :meth:`DeviceGraphs.select` of a larger build would give: each
+    structure's edges, in order, with atom and edge indices moved past
+    ``first``'s. ``status`` becomes the two statuses one after the other.
+    """
+    atoms, edges = first.positions.shape[0], first.edge_index.shape[1]
+    status = GraphStatus(
+        first.status.kind + second.status.kind,
+        first.status.message + second.status.message,
+        np.concatenate([first.status.min_distance, second.status.min_distance]),
+    )
+    return DeviceGraphs(
+        status=status,
+        atomic_numbers=torch.cat([first.atomic_numbers, second.atomic_numbers]),
+        positions=torch.cat([first.positions, second.positions]),
+        cell=torch.cat([first.cell, second.cell]),
+        natoms=torch.cat([first.natoms, second.natoms]),
+        edge_index=torch.cat([first.edge_index, second.edge_index + atoms], dim=1),
+        cell_shift=torch.cat([first.cell_shift, second.cell_shift]),
+        edge_shift=torch.cat([first.edge_shift, second.edge_shift]),
+        edge_reverse=torch.cat([first.edge_reverse, second.edge_reverse + edges]),
+        n_edges=np.concatenate([first.n_edges, second.n_edges]),
+        max_degree=np.concatenate([first.max_degree, second.max_degree]),
+    )
 
 
 def device_feed(

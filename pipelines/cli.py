@@ -164,6 +164,18 @@ ray_options = _options(
 )
 
 
+graphs_option = click.option(
+    "--graphs",
+    type=click.Choice(GRAPHS),
+    default=RunOptions.graphs,
+    show_default=True,
+    help="Where neighbour graphs and the model's feed are built: host (neighbour workers; relax: "
+    "Verlet-skin lists), device (the runtime's device, every step; needs painn-export[device-graphs]) "
+    "or auto (device when the runtime runs on a GPU and device graphs are installed). "
+    "The results are the same bit for bit.",
+)
+
+
 @click.group(cls=GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="painn-export")
 def main() -> None:
@@ -176,15 +188,7 @@ def main() -> None:
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Default: INPUT with .out.h5.")
 @batch_options
 @ray_options
-@click.option(
-    "--graphs",
-    type=click.Choice(GRAPHS),
-    default=RunOptions.graphs,
-    show_default=True,
-    help="Where neighbour graphs and the model's feed are built: host (neighbour workers), device "
-    "(the runtime's device; needs painn-export[device-graphs]) or auto (device when the runtime "
-    "runs on a GPU and device graphs are installed). The results are the same bit for bit.",
-)
+@graphs_option
 @control_options
 @_collect_run_options
 def run_cmd(
@@ -304,6 +308,7 @@ def _execute(work, output, flags: tuple[bool, int, bool], describe, unavailable_
     )
 )
 @batch_options
+@graphs_option
 @control_options
 @_collect_run_options
 def relax_cmd(

@@ -66,6 +66,7 @@ from painn_export.neighbors import StructureError
 from painn_export.schema import InputReader, validate_input
 from painn_export.skin import SkinGraph, update_skins
 from pipelines.batches import Budget, Summary, batch_limits, infer_split
+from pipelines.device_batches import Sized
 from pipelines.fire import FireState, fire_steps, generalized_forces_many, max_forces, one_blas_thread
 from pipelines.graphs import MIN_SEPARATION, GraphSettings, neighbour_items
 from pipelines.options import RelaxSettings, RunOptions
@@ -196,10 +197,6 @@ def relax_file(
     """
     start = time.perf_counter()
     options = RunOptions.of(options, **changes)
-    if options.graphs == "device":  # never a silent host run: relax builds its skin graphs on the host
-        raise ValueError(
-            "relax builds its neighbour graphs on the host (a Verlet skin): give --graphs host or auto"
-        )
     settings = settings or RelaxSettings()
     info = validate_input(input_path)
     output_path = Path(output_path)
@@ -262,6 +259,10 @@ def _relax_locked(
     try:
         if settings.cell and not runner.has_stress:
             raise CellNeedsStressError(f"--cell needs a model with stress, and {model_path} serves none")
+        # Not in the fingerprint: both paths give the same graphs and edge order, so the same bits.
+        from painn_export.device_graphs import graphs_on_device
+
+        on_device = graphs_on_device(options.graphs, runner.device)
         model_sha256 = file_sha256(loader.path)
         fingerprint = RelaxFingerprint(
             **fingerprint_fields(input_path, info, model_sha256, runner.identity()),
@@ -292,7 +293,7 @@ def _relax_locked(
                 gpu=runner.gpu,
                 n_structures=info.n_structures,
                 planned_bytes=need,
-                graphs="host",
+                graphs=f"device ({runner.device})" if on_device else "host",
             )
             try:
                 if not len(out.writer.pending()):  # finished already: checked, nothing to compute
@@ -309,6 +310,7 @@ def _relax_locked(
                         batch_limits(facts.profiles, options.max_atoms, options.max_edges),
                         options.neighbour_workers,
                         observer,
+                        on_device,
                     )
                     bar = Progress(
                         info.n_structures - summary.already_done,
@@ -418,11 +420,13 @@ class _Loop:
     """The in-flight relaxation of one run: refill, graphs, model, FIRE, checkpoints."""
 
     def __init__(
-        self, input_path, reader, runner, facts, settings, out, summary, limits, workers, observer
+        self, input_path, reader, runner, facts, settings, out, summary, limits, workers, observer, on_device
     ) -> None:
         self.input_path, self.reader, self.runner, self.facts = input_path, reader, runner, facts
         self.settings, self.out, self.summary, self.limits = settings, out, summary, limits
         self.workers, self.observer = workers, observer
+        self.on_device = on_device  # graphs and feeds built on the runner's device each step
+        self.device_graphs = None  # the batch's first members' DeviceGraphs (the rest built when fed)
         # Workers search each structure's skin list at entry; its first graph comes with it.
         self.graph_settings = dataclasses.replace(GraphSettings.of(facts, runner), skin=settings.skin)
         self.bar = None
@@ -435,6 +439,7 @@ class _Loop:
         for saved in restored.states:
             self.batch.append(self._restored(saved))
             summary.steps -= saved.steps  # this run's summary counts this run's steps
+        self.device_graphs = None  # the restored batch's are built when it is fed
         status = out.fh["status"][...]
         in_flight = {m.index for m in self.batch}
         summary.already_done = sum(
@@ -605,7 +610,8 @@ class _Loop:
 
     def _evaluate(self, members: list[_Member]) -> list:
         """``(energy, forces, stress)`` per member (float64), or a too_large message (:func:`infer_split`)."""
-        results = infer_split(self.runner, [m.graph for m in members], self.limits, self.summary)
+        feed_of = self._device_feed_of(members) if self.on_device else None
+        results = infer_split(self.runner, [m.graph for m in members], self.limits, self.summary, feed_of)
         out = []
         for m, result in zip(members, results):
             if isinstance(result, str):
@@ -658,6 +664,8 @@ class _Loop:
 
     def _build_graphs(self, members: list[_Member]) -> list[str | None]:
         """Update the members' graphs at their geometry, in one pass; per member, why it has none, or None."""
+        if self.on_device:
+            return self._build_on_device(members)
         t0 = time.perf_counter()
         searches = sum(m.skin.n_searches for m in members)
         graphs = update_skins(
@@ -675,6 +683,74 @@ class _Loop:
             if failures[-1] is None:
                 m.graph = graph  # in the canonical order already: the kernel writes it
         return failures
+
+    def _build_on_device(self, members: list[_Member]) -> list[str | None]:
+        """:meth:`_build_graphs` on the runner's device: the members' graphs become the batch's first.
+
+        The statuses' messages are the skin path's; each member's ``graph`` is
+        its size (atoms, busiest atom), which admission and splitting read.
+        """
+        self.device_graphs = None
+        if not members:
+            return []
+        graphs = self._device_build(members)
+        failures, sizes = [], iter(zip(graphs.natoms.tolist(), graphs.max_degree.tolist()))
+        for m, kind, message, closest in zip(
+            members, graphs.status.kind, graphs.status.message, graphs.status.min_distance
+        ):
+            if kind == "ok":
+                m.graph = Sized(*next(sizes))
+                failures.append(None)
+            elif kind == "atoms_too_close":
+                failures.append(f"atoms came {closest:.3g} Å apart (< {MIN_SEPARATION} Å)")
+            else:
+                failures.append(f"the geometry became invalid: {message}")
+        self.device_graphs = graphs  # the survivors' graphs, in order: they lead the next batch
+        return failures
+
+    def _device_build(self, members: list[_Member]):
+        """:func:`~painn_export.device_graphs.build_graphs` of the members' current geometry."""
+        from painn_export.device_graphs import build_graphs
+
+        t0 = time.perf_counter()
+        settings = self.graph_settings
+        graphs = build_graphs(
+            np.concatenate([m.state.positions for m in members]),
+            np.array([m.state.cell for m in members]),
+            np.array([m.pbc for m in members]),
+            np.concatenate([m.z for m in members]),
+            np.array([m.n_atoms for m in members]),
+            cutoff=settings.cutoff, max_neighbors=settings.max_neighbors, device=self.runner.device,
+            min_separation=MIN_SEPARATION,
+        )  # fmt: skip
+        self.summary.graph_seconds += time.perf_counter() - t0
+        return graphs
+
+    def _device_feed_of(self, members: list[_Member]):
+        """``feed_of(lo, hi)`` for :func:`infer_split`: the members' device feed (entrants built now)."""
+        import torch
+
+        from painn_export.device_graphs import join_graphs
+
+        built = self.device_graphs
+        have = 0 if built is None else len(built.max_degree)
+        if have < len(members):  # entered since the last step (or restored): built here
+            fresh = self._device_build(members[have:])
+            if any(kind != "ok" for kind in fresh.status.kind):  # they had a graph when they entered
+                raise RuntimeError(f"a structure that entered has no device graph: {fresh.status.message}")
+            built = fresh if built is None else join_graphs(built, fresh)
+        self.device_graphs = built
+        dtype = torch.from_numpy(np.empty(0, self.runner.feed_dtype)).dtype
+        degree = built.max_degree
+
+        def feed_of(lo: int, hi: int) -> dict:
+            t0 = time.perf_counter()
+            part = built.select(np.arange(lo, hi))
+            feed = part.feed(dtype, n_slots=self.limits.slots_for(int(degree[lo:hi].max())))
+            self.summary.graph_seconds += time.perf_counter() - t0
+            return feed
+
+        return feed_of
 
 
 def relaxed_reference(reader: InputReader, out: _RelaxOutput) -> dict | None:

@@ -778,10 +778,3 @@ def test_resume_on_a_finished_relaxation_checks_it_and_computes_nothing(tmp_path
     assert first.computed == 3 and first.model_calls > 0
     assert (again.computed, again.already_done, again.model_calls, again.steps) == (0, 3, 0, 0)
     assert again.counts == first.counts
-
-
-def test_relax_refuses_device_graphs_instead_of_ignoring_them(tmp_path, demo64):
-    inp = _write(tmp_path / "in.h5", [_cu(0)])
-    with pytest.raises(ValueError, match="relax builds its neighbour graphs on the host"):
-        relax_file(inp, tmp_path / "out.h5", demo64, workers=0, graphs="device")
-    assert not list(tmp_path.glob("out*"))
