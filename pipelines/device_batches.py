@@ -240,13 +240,19 @@ class _Built:
     natoms: list[int]  # [n_ok]
 
     def run_closed_batches(self, runner, writer, limits: Limits, dtype, summary, bar) -> int:
-        """Pack (Budget's rule, exact sizes) and run every batch but the last; where the last starts."""
+        """Pack (Budget's rule, exact sizes) and run every batch but the last; where the last starts.
+
+        A batch's budget is :func:`~pipelines.batches.evaluate`'s: within the
+        atoms a memory failure left (``summary.memory_atoms``) as it stood when
+        the batch opened (a carried batch opened before this chunk, after the
+        last batch that ran: the same).
+        """
         sizes = [Sized(n, d) for n, d in zip(self.natoms, self.graphs.max_degree.tolist())]
-        start, budget = 0, Budget(limits)
+        start, budget = 0, Budget(limits.lowered(summary.memory_atoms))
         for k, size in enumerate(sizes):
             if not budget.admits(size):
                 self.run(start, k, runner, writer, limits, dtype, summary, bar, sizes)
-                start, budget = k, Budget(limits)
+                start, budget = k, Budget(limits.lowered(summary.memory_atoms))
             budget.add(size)
         return start
 

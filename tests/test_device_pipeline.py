@@ -120,6 +120,37 @@ def test_a_run_stopped_on_one_path_resumes_on_the_other(tmp_path, monkeypatch, f
     _assert_bitwise(_read(tmp_path / "whole.h5"), _read(out))
 
 
+def test_after_a_batch_too_large_for_memory_both_paths_pack_alike(tmp_path, monkeypatch):
+    """A runtime that cannot fit more than 200 atoms (a memory failure): the first batch is split,
+    the atom budget lowered (Summary.memory_atoms), and every later batch packed within it; both
+    paths run the same batches, in the same order, and give the same bits."""
+    from painn_export.errors import BatchTooLargeError
+    from painn_export.runners.base import Runner
+
+    infer, batches = Runner.infer, []
+
+    def small_memory(self, feed):
+        atoms = [int(n) for n in feed["natoms"]]
+        batches.append(atoms)
+        if sum(atoms) > 200:
+            raise BatchTooLargeError("out of memory (a test's runtime)")
+        return infer(self, feed)
+
+    monkeypatch.setattr(Runner, "infer", small_memory)
+    out = {}
+    for graphs in ("host", "device"):
+        batches.clear()
+        summary = run_file(DEMO, tmp_path / f"{graphs}.h5", graphs=graphs, device="cpu", workers=0,
+                           progress=False, max_atoms=300)  # fmt: skip
+        out[graphs] = (summary, list(batches), _read(tmp_path / f"{graphs}.h5"))
+    (host, host_batches, a), (device, device_batches, b) = out["host"], out["device"]
+    assert host.memory_atoms is not None and device.memory_atoms == host.memory_atoms
+    assert sum(len(x) for x in host_batches) > 100  # some ran twice: split, then lowered
+    assert device_batches == host_batches
+    assert device.counts == host.counts == {"ok": 100}
+    _assert_bitwise(a, b)
+
+
 def test_graphs_device_without_nvalchemi_is_one_line_exit_2(tmp_path, monkeypatch):
     for name in [m for m in sys.modules if m == "nvalchemiops" or m.startswith("nvalchemiops.")]:
         monkeypatch.setitem(sys.modules, name, None)
