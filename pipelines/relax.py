@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -62,20 +61,16 @@ from pathlib import Path
 import numpy as np
 
 from painn_export.batch import Graph
-from painn_export.neighbors import StructureError
 from painn_export.schema import InputReader, validate_input
-from painn_export.skin import SkinGraph, update_skins
+from painn_export.skin import SkinGraph
 from pipelines.batches import Budget, Summary, batch_limits, infer_split
-from pipelines.device_batches import Sized
 from pipelines.fire import FireState, fire_steps, generalized_forces_many, max_forces, one_blas_thread
-from pipelines.graphs import MIN_SEPARATION, GraphSettings, neighbour_items
+from pipelines.graphs import GraphSettings, neighbour_items
 from pipelines.options import RelaxSettings, RunOptions
 from pipelines.output import (
     RELAXED,
     STATUS,
     Fingerprint,
-    Writer,
-    contiguous_runs,
     fingerprint_fields,
     open_partial,
     output_datasets,
@@ -83,9 +78,9 @@ from pipelines.output import (
     planned_bytes,
 )
 from pipelines.progress import Progress
-from pipelines.relax_checkpoint import Checkpoint, Saved, checkpoint_path, discard, fingerprint_of
-from pipelines.relax_checkpoint import read as read_checkpoint
-from pipelines.relax_checkpoint import writing as writing_checkpoint
+from pipelines.relax_checkpoint import Saved, checkpoint_path, discard
+from pipelines.relax_graphs import StepGraphs
+from pipelines.relax_output import Finished, RelaxOutput, refuse_small_disk, relax_datasets, relaxed_reference
 from pipelines.signals import Stopped, check_stop, stop_at_safe_points
 
 log = logging.getLogger(__name__)
@@ -166,18 +161,6 @@ class _Member:
         return int(self.z.shape[0])
 
 
-@dataclass
-class _Finished:
-    index: int
-    status: str
-    message: str
-    state: FireState | None = None
-    fmax: float = float("nan")
-    energy: float = float("nan")
-    forces: np.ndarray | None = None
-    stress: np.ndarray | None = None
-
-
 def relax_file(
     input_path: str | Path,
     output_path: str | Path,
@@ -206,39 +189,6 @@ def relax_file(
         )
     summary.seconds = time.perf_counter() - start
     return summary
-
-
-def _datasets(n_structures: int, n_atoms: int, frames: int = 0) -> dict:
-    """The relaxation's datasets beyond ``run``'s: ``name -> (shape, dtype, fill)``.
-
-    ``frames`` > 0 (``--trajectory-every N``): frame ``f`` holds step ``f N``.
-    """
-    sets = {
-        "positions": ((n_atoms, 3), np.float64, np.nan),
-        "cell": ((n_structures, 3, 3), np.float64, np.nan),
-        "steps": ((n_structures,), np.int32, -1),
-        "fmax": ((n_structures,), np.float64, np.nan),
-    }
-    if frames:
-        sets.update(
-            {
-                "trajectory_positions": ((n_atoms, frames, 3), np.float64, np.nan),
-                "trajectory_cell": ((n_structures, frames, 3, 3), np.float64, np.nan),
-                "trajectory_energy": ((n_structures, frames), np.float64, np.nan),
-                "trajectory_fmax": ((n_structures, frames), np.float64, np.nan),
-            }
-        )
-    return sets
-
-
-def _refuse_small_disk(partial: Path, need: int) -> None:
-    """One line when the output's folder has less free space than the file will take."""
-    free = shutil.disk_usage(partial.parent).free
-    if need > free:
-        raise ValueError(
-            f"{partial} needs {need / 1e9:.2f} GB and {partial.parent} has {free / 1e9:.2f} GB free: "
-            "free some space, write the output elsewhere, or keep fewer trajectory frames"
-        )
 
 
 def _relax_locked(
@@ -272,19 +222,19 @@ def _relax_locked(
             trajectory_every=int(settings.trajectory_every),
         )
         frames = settings.steps // settings.trajectory_every + 1 if settings.trajectory_every else 0
-        extra = _datasets(info.n_structures, info.n_atoms, frames)
+        extra = relax_datasets(info.n_structures, info.n_atoms, frames)
         ckpt = checkpoint_path(output_path)
         creating = not (options.resume and (partial.exists() or output_path.exists()))
         sets = output_datasets(info.n_structures, info.n_atoms, fingerprint.stress, extra)
         need = planned_bytes(sets) if creating else 0
         if creating:
             log.info("relax: creating %s, %.3f GB", partial, need / 1e9)
-            _refuse_small_disk(partial, need)
+            refuse_small_disk(partial, need)
             discard(ckpt)  # a checkpoint belongs to the partial output it was written with
         open_partial(partial, output_path, fingerprint, options.resume, extra)
 
         with InputReader(input_path) as reader:
-            out = _RelaxOutput(partial, reader.offsets, ckpt, resumed=not creating)
+            out = RelaxOutput(partial, reader.offsets, ckpt, resumed=not creating)
             summary = RelaxSummary(
                 output=str(output_path),
                 runtime=runner.name,
@@ -335,87 +285,6 @@ def _relax_locked(
     return summary
 
 
-class _RelaxOutput:
-    """The partial output (final results through :class:`~pipelines.output.Writer`) and its checkpoint."""
-
-    def __init__(self, path: Path, offsets: np.ndarray, ckpt: Path, resumed: bool) -> None:
-        self.writer = Writer(path, offsets)
-        self.fh = self.writer.fh
-        self.offsets = offsets
-        self.ckpt = ckpt
-        self.resumed = resumed  # trajectory frames of a killed run may lie past a structure's new end
-        self.fingerprint = fingerprint_of(self.fh)
-
-    def close(self) -> None:
-        self.writer.close()
-
-    def commit(self, done: list[_Finished]) -> None:
-        """Final results: geometry, steps and fmax, energies and forces, flushed, then statuses."""
-        if not done:
-            return
-        fh, off = self.fh, self.offsets
-        ended = sorted((d for d in done if d.state is not None), key=lambda d: d.index)
-        for run in contiguous_runs([d.index for d in ended]):
-            part = ended[run.start : run.stop]
-            s0, s1 = part[0].index, part[-1].index + 1
-            fh["positions"][off[s0] : off[s1]] = np.concatenate([d.state.positions for d in part])
-            fh["cell"][s0:s1] = np.stack([d.state.cell for d in part])
-            fh["steps"][s0:s1] = [d.state.steps for d in part]
-            fh["fmax"][s0:s1] = [d.fmax for d in part]
-        if self.resumed and "trajectory_energy" in fh:
-            self._clear_frames_after(ended)
-        rows = [
-            (d.index, d.energy, d.forces, d.stress, d.status)
-            for d in done
-            if d.forces is not None and d.status in ("converged", "not_converged")
-        ]
-        self.writer.commit_results(rows)  # flushes, then the statuses
-        self.writer.commit_status([(d.index, d.status, d.message) for d in done if d.forces is None])
-
-    def _clear_frames_after(self, ended: list[_Finished]) -> None:
-        """NaN in each structure's frames after its last: a killed run may have gone further."""
-        fh, off = self.fh, self.offsets
-        every = int(fh.attrs["fingerprint_trajectory_every"])
-        frames = fh["trajectory_energy"].shape[1]
-        for d in ended:
-            s, f = d.index, d.state.steps // every + 1
-            if f < frames:
-                fh["trajectory_positions"][off[s] : off[s + 1], f:] = np.nan
-                fh["trajectory_cell"][s, f:] = np.nan
-                fh["trajectory_energy"][s, f:] = np.nan
-                fh["trajectory_fmax"][s, f:] = np.nan
-
-    def frame(self, m: _Member, f: int, energy: float, fmax: float) -> None:
-        """Trajectory frame ``f`` of ``m`` (its current geometry); rewritten alike on a resume."""
-        fh, off, s = self.fh, self.offsets, m.index
-        fh["trajectory_positions"][off[s] : off[s + 1], f] = m.state.positions
-        fh["trajectory_cell"][s, f] = m.state.cell
-        fh["trajectory_energy"][s, f] = energy
-        fh["trajectory_fmax"][s, f] = fmax
-
-    def checkpoint(self, members: list[_Member], next_index: int, calls: int, waiting: list):
-        """A context: the members' state written under a temporary name, renamed when it ends well."""
-        states = [
-            Saved(
-                m.index,
-                m.state.positions,
-                m.state.velocity,
-                m.state.cell,
-                m.state.dt,
-                m.state.a,
-                m.state.n_positive,
-                m.state.steps,
-            )
-            for m in members
-        ]
-        return writing_checkpoint(self.ckpt, Checkpoint(states, next_index, calls, waiting), self.fingerprint)
-
-    def restore(self) -> Checkpoint:
-        """The checkpoint in force (none: nothing in flight, nothing entered)."""
-        off = self.offsets
-        return read_checkpoint(self.ckpt, self.fingerprint, lambda s: int(off[s + 1] - off[s]))
-
-
 class _Loop:
     """The in-flight relaxation of one run: refill, graphs, model, FIRE, checkpoints."""
 
@@ -425,12 +294,11 @@ class _Loop:
         self.input_path, self.reader, self.runner, self.facts = input_path, reader, runner, facts
         self.settings, self.out, self.summary, self.limits = settings, out, summary, limits
         self.workers, self.observer = workers, observer
-        self.on_device = on_device  # graphs and feeds built on the runner's device each step
-        self.device_graphs = None  # the batch's first members' DeviceGraphs (the rest built when fed)
         # Workers search each structure's skin list at entry; its first graph comes with it.
         self.graph_settings = dataclasses.replace(GraphSettings.of(facts, runner), skin=settings.skin)
+        self.graphs = StepGraphs(runner, self.graph_settings, limits, summary, on_device)
         self.bar = None
-        self.done: list[_Finished] = []  # finished since the last checkpoint
+        self.done: list[Finished] = []  # finished since the last checkpoint
         self.batch: list[_Member] = []
         self.waiting: list[_Member] = []  # pulled from the input, not in yet (input order)
         restored = out.restore()
@@ -439,7 +307,7 @@ class _Loop:
         for saved in restored.states:
             self.batch.append(self._restored(saved))
             summary.steps -= saved.steps  # this run's summary counts this run's steps
-        self.device_graphs = None  # the restored batch's are built when it is fed
+        self.graphs.forget()  # the restored batch's device graphs are built when it is fed
         status = out.fh["status"][...]
         in_flight = {m.index for m in self.batch}
         summary.already_done = sum(
@@ -464,28 +332,14 @@ class _Loop:
         )
         skin = SkinGraph(self.facts.cutoff, self.facts.max_neighbors, skin=self.settings.skin)
         member = _Member(s, np.asarray(z, np.int64), pbcs[0], state, skin)
-        failure = self._build_graph(member)
+        failure = self.graphs.build([member])[0]
         if failure is not None:  # cannot happen for a state that was evaluated before; keep it honest
             raise RuntimeError(f"structure {s}: its checkpointed geometry has no graph ({failure})")
         return member
 
-    def _build_graph(self, m: _Member) -> str | None:
-        """Update ``m.graph`` at its current geometry; a message when it has none (diverged)."""
-        (failure,) = self._build_graphs([m])
-        return failure
-
-    @staticmethod
-    def _graph_failure(graph) -> str | None:
-        """Why ``graph`` (or the StructureError in its place) cannot be evaluated; None when it can."""
-        if isinstance(graph, StructureError):
-            return f"the geometry became invalid: {graph}"
-        if graph.min_distance < MIN_SEPARATION:
-            return f"atoms came {graph.min_distance:.3g} Å apart (< {MIN_SEPARATION} Å)"
-        return None
-
     def _finish(self, m: _Member, status: str, message: str = "", result=None) -> None:
         energy, forces, stress = result if result is not None else (float("nan"), None, None)
-        self.done.append(_Finished(m.index, status, message, m.state, m.fmax, energy, forces, stress))
+        self.done.append(Finished(m.index, status, message, m.state, m.fmax, energy, forces, stress))
         self.summary.steps += m.state.steps
         self.summary.atoms += m.n_atoms
         if self.bar is not None:
@@ -536,7 +390,7 @@ class _Loop:
             with one_blas_thread() if self.settings.cell else nullcontext():
                 stepping = self._advance(self.batch, results)
             self.batch = []
-            for m, failure in zip(stepping, self._build_graphs(stepping)):
+            for m, failure in zip(stepping, self.graphs.build(stepping)):
                 if failure is None:
                     self.batch.append(m)
                 else:
@@ -610,7 +464,7 @@ class _Loop:
 
     def _evaluate(self, members: list[_Member]) -> list:
         """``(energy, forces, stress)`` per member (float64), or a too_large message (:func:`infer_split`)."""
-        feed_of = self._device_feed_of(members) if self.on_device else None
+        feed_of = self.graphs.feed_of(members)
         results = infer_split(self.runner, [m.graph for m in members], self.limits, self.summary, feed_of)
         out = []
         for m, result in zip(members, results):
@@ -661,128 +515,3 @@ class _Loop:
                 step_forces.append(g)
         fire_steps([m.state for m in stepping], step_forces, self.settings.fire, self.settings.cell)
         return stepping
-
-    def _build_graphs(self, members: list[_Member]) -> list[str | None]:
-        """Update the members' graphs at their geometry, in one pass; per member, why it has none, or None."""
-        if self.on_device:
-            return self._build_on_device(members)
-        t0 = time.perf_counter()
-        searches = sum(m.skin.n_searches for m in members)
-        graphs = update_skins(
-            [m.skin for m in members],
-            [m.z for m in members],
-            [m.state.positions for m in members],
-            [m.state.cell for m in members],
-            [m.pbc for m in members],
-        )
-        self.summary.searches += sum(m.skin.n_searches for m in members) - searches
-        self.summary.skin_seconds += time.perf_counter() - t0
-        failures = []
-        for m, graph in zip(members, graphs):
-            failures.append(self._graph_failure(graph))
-            if failures[-1] is None:
-                m.graph = graph  # in the canonical order already: the kernel writes it
-        return failures
-
-    def _build_on_device(self, members: list[_Member]) -> list[str | None]:
-        """:meth:`_build_graphs` on the runner's device: the members' graphs become the batch's first.
-
-        The statuses' messages are the skin path's; each member's ``graph`` is
-        its size (atoms, busiest atom), which admission and splitting read.
-        """
-        self.device_graphs = None
-        if not members:
-            return []
-        graphs = self._device_build(members)
-        failures, sizes = [], iter(zip(graphs.natoms.tolist(), graphs.max_degree.tolist()))
-        for m, kind, message, closest in zip(
-            members, graphs.status.kind, graphs.status.message, graphs.status.min_distance
-        ):
-            if kind == "ok":
-                m.graph = Sized(*next(sizes))
-                failures.append(None)
-            elif kind == "atoms_too_close":
-                failures.append(f"atoms came {closest:.3g} Å apart (< {MIN_SEPARATION} Å)")
-            else:
-                failures.append(f"the geometry became invalid: {message}")
-        self.device_graphs = graphs  # the survivors' graphs, in order: they lead the next batch
-        return failures
-
-    def _device_build(self, members: list[_Member]):
-        """:func:`~painn_export.device_graphs.build_graphs` of the members' current geometry."""
-        from painn_export.device_graphs import build_graphs
-
-        t0 = time.perf_counter()
-        settings = self.graph_settings
-        graphs = build_graphs(
-            np.concatenate([m.state.positions for m in members]),
-            np.array([m.state.cell for m in members]),
-            np.array([m.pbc for m in members]),
-            np.concatenate([m.z for m in members]),
-            np.array([m.n_atoms for m in members]),
-            cutoff=settings.cutoff, max_neighbors=settings.max_neighbors, device=self.runner.device,
-            min_separation=MIN_SEPARATION,
-        )  # fmt: skip
-        self.summary.graph_seconds += time.perf_counter() - t0
-        return graphs
-
-    def _device_feed_of(self, members: list[_Member]):
-        """``feed_of(lo, hi)`` for :func:`infer_split`: the members' device feed (entrants built now)."""
-        import torch
-
-        from painn_export.device_graphs import join_graphs
-
-        built = self.device_graphs
-        have = 0 if built is None else len(built.max_degree)
-        if have < len(members):  # entered since the last step (or restored): built here
-            fresh = self._device_build(members[have:])
-            if any(kind != "ok" for kind in fresh.status.kind):  # they had a graph when they entered
-                raise RuntimeError(f"a structure that entered has no device graph: {fresh.status.message}")
-            built = fresh if built is None else join_graphs(built, fresh)
-        self.device_graphs = built
-        dtype = torch.from_numpy(np.empty(0, self.runner.feed_dtype)).dtype
-        degree = built.max_degree
-
-        def feed_of(lo: int, hi: int) -> dict:
-            t0 = time.perf_counter()
-            part = built.select(np.arange(lo, hi))
-            feed = part.feed(dtype, n_slots=self.limits.slots_for(int(degree[lo:hi].max())))
-            self.summary.graph_seconds += time.perf_counter() - t0
-            return feed
-
-        return feed_of
-
-
-def relaxed_reference(reader: InputReader, out: _RelaxOutput) -> dict | None:
-    """Relaxed energies (and positions) against the input's ``relaxed_energy`` (``relaxed_positions``).
-
-    Over the converged structures: mean and largest absolute energy error
-    per atom (eV/atom), mean absolute error of the energy change the
-    relaxation brought (relaxed minus the reference's starting ``energy``,
-    when the input has it), and the RMS of position differences (Å).
-    """
-    fh = reader.fh
-    if "relaxed_energy" not in fh:
-        return None
-    status = out.fh["status"][...]
-    ok = np.flatnonzero(np.isin(status, [STATUS[k] for k in RELAXED]))
-    if not len(ok):
-        return {"structures": 0}
-    natoms = np.diff(reader.offsets)[ok]
-    ours = out.fh["energy"][...][ok]
-    ref = fh["relaxed_energy"][...][ok]
-    err = np.abs(ours - ref) / natoms
-    report = {
-        "structures": len(ok),
-        "relaxed_energy_mae_eV_per_atom": float(err.mean()),
-        "relaxed_energy_max_error_eV_per_atom": float(err.max()),
-    }
-    if "relaxed_positions" in fh:
-        sq, count = 0.0, 0
-        for s in ok:
-            a0, a1 = reader.offsets[s], reader.offsets[s + 1]
-            d = out.fh["positions"][a0:a1] - fh["relaxed_positions"][a0:a1]
-            sq += float(np.sum(d * d))
-            count += int(a1 - a0)
-        report["relaxed_positions_rms_A"] = float(np.sqrt(sq / count))
-    return report

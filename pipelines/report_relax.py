@@ -76,7 +76,7 @@ def _relaxed_reference(r) -> None:
     """Relaxed energies against the input's; numbers by the relaxation's own summary function."""
     from types import SimpleNamespace
 
-    from pipelines.relax import relaxed_reference
+    from pipelines.relax_output import relaxed_reference
 
     out, reader = r.out, r.reader
     summary = relaxed_reference(reader, SimpleNamespace(fh=out.fh)) or {}

@@ -268,20 +268,34 @@ def test_canonical_order_does_not_depend_on_the_search():
 # -- in-flight batching ---------------------------------------------------------------
 
 
+def _observed(tmp_path, inp, model, max_atoms: int, steps: int, fmax: float = 0.05, probe=None):
+    """relax_file's summary and, per model call, (structures in the batch, its atoms, smallest waiting).
+
+    ``probe()``, when given, is called before each model call too.
+    """
+    calls = []
+
+    def observer(members, atoms, following):
+        calls.append((list(members), atoms, following))
+        if probe is not None:
+            probe()
+
+    summary = relax_file(
+        inp,
+        tmp_path / "out.h5",
+        model,
+        settings=RelaxSettings(fmax=fmax, steps=steps),
+        workers=0,
+        max_atoms=max_atoms,
+        observer=observer,
+    )
+    return summary, calls
+
+
 def test_batch_stays_full_while_structures_remain(tmp_path, demo64):
     """A structure leaves when it ends, the next enters at once: no call runs a batch the next would fit."""
     structures = [_cu(k, repeat=(1 + k % 2, 1, 1), rattle=0.05 + 0.02 * (k % 3)) for k in range(10)]
-    inp = _write(tmp_path / "in.h5", structures)
-    calls = []
-    relax_file(
-        inp,
-        tmp_path / "out.h5",
-        demo64,
-        settings=RelaxSettings(fmax=0.05, steps=60),
-        workers=0,
-        max_atoms=36,
-        observer=lambda members, atoms, following: calls.append((list(members), atoms, following)),
-    )
+    _, calls = _observed(tmp_path, _write(tmp_path / "in.h5", structures), demo64, 36, 60)
     waiting = [(m, atoms, nxt) for m, atoms, nxt in calls if nxt is not None]
     assert waiting, "every structure fitted at once: nothing to refill"
     for members, atoms, following in waiting:
@@ -351,42 +365,6 @@ def test_every_status(tmp_path, demo64, stress_pt):
     assert summary.counts == {"bad_cell": 1}
 
 
-def test_a_structure_too_large_alone_leaves_the_others_relaxing(tmp_path, demo64, monkeypatch):
-    """A batch the runtime cannot fit is halved; a structure that fails alone is too_large."""
-    import painn_export.runners as runners
-    from painn_export.errors import BatchTooLargeError
-
-    loader_for = runners.loader_for
-
-    def small_device(*args, **kwargs):
-        loader = loader_for(*args, **kwargs)
-        make_runner = loader.runner
-
-        def runner(*a, **k):
-            runner = make_runner(*a, **k)
-            infer = runner.infer
-
-            def limited(feed):
-                if len(feed["atomic_numbers"]) > 20:
-                    raise BatchTooLargeError("out of memory (a test's 20-atom device)")
-                return infer(feed)
-
-            runner.infer = limited
-            return runner
-
-        loader.runner = runner
-        return loader
-
-    monkeypatch.setattr(runners, "loader_for", small_device)
-    inp = _write(tmp_path / "in.h5", [_cu(0), _cu(1, repeat=(2, 2, 2)), _cu(2)])
-    summary = relax_file(inp, tmp_path / "out.h5", demo64, settings=RelaxSettings(fmax=0.05), workers=0)
-    assert summary.counts == {"converged": 2, "too_large": 1}
-    got = _results(tmp_path / "out.h5")
-    assert got["status"][1] == STATUS["too_large"] and got["steps"][1] == 0
-    with h5py.File(tmp_path / "out.h5") as fh:
-        assert "failed alone in a batch: out of memory" in fh["message"][1].decode()
-
-
 def _device_of(monkeypatch, atoms: int, attempts: list):
     """Every runner loaded from now on fails (BatchTooLargeError) on feeds above ``atoms`` atoms.
 
@@ -421,36 +399,42 @@ def _device_of(monkeypatch, atoms: int, attempts: list):
     monkeypatch.setattr(runners, "loader_for", small_device)
 
 
+def test_a_structure_too_large_alone_leaves_the_others_relaxing(tmp_path, demo64, monkeypatch):
+    """A batch the runtime cannot fit is halved; a structure that fails alone is too_large."""
+    _device_of(monkeypatch, 20, [])
+    inp = _write(tmp_path / "in.h5", [_cu(0), _cu(1, repeat=(2, 2, 2)), _cu(2)])
+    summary = relax_file(inp, tmp_path / "out.h5", demo64, settings=RelaxSettings(fmax=0.05), workers=0)
+    assert summary.counts == {"converged": 2, "too_large": 1}
+    got = _results(tmp_path / "out.h5")
+    assert got["status"][1] == STATUS["too_large"] and got["steps"][1] == 0
+    with h5py.File(tmp_path / "out.h5") as fh:
+        assert "failed alone in a batch: out of memory" in fh["message"][1].decode()
+
+
 def test_a_batch_that_failed_for_memory_lowers_the_budget_for_what_follows(tmp_path, demo64, monkeypatch):
     """relax and run: after the first batch fails, no attempt fails again; batches stay within half of it."""
     attempts: list = []
     _device_of(monkeypatch, 20, attempts)
     structures = [_cu(k, repeat=(2, 1, 1), rattle=0.05) for k in range(6)]  # 8 atoms each
     inp = _write(tmp_path / "in.h5", structures)
-    calls = []
-    summary = relax_file(
-        inp,
-        tmp_path / "out.h5",
-        demo64,
-        settings=RelaxSettings(fmax=0.05, steps=60),
-        workers=0,
-        max_atoms=48,
-        observer=lambda members, atoms, following: calls.append(len(attempts)),
-    )
+    tried = []  # attempts made before each model call
+    summary, _ = _observed(tmp_path, inp, demo64, 48, 60, probe=lambda: tried.append(len(attempts)))
     assert summary.counts == {"converged": 6} and summary.as_dict()["memory_atoms"] == 12
-    first_call = attempts[: calls[1]]  # the attempts of model call 1: 48 atoms failed, then its halves
+    first_call = attempts[: tried[1]]  # the attempts of model call 1: 48 atoms failed, then its halves
     assert first_call[0] == (48, True) and any(failed for _, failed in first_call[1:])
-    later = attempts[calls[1] :]
+    later = attempts[tried[1] :]
     assert later and not any(failed for _, failed in later), "a size that failed was tried again"
     assert max(n for n, _ in later) <= 12
 
+    # run: the first batch of 6 fails (48 atoms, then 24 twice); the next is packed within 12 atoms.
     attempts.clear()
     from pipelines.run import run_file
 
+    inp = _write(tmp_path / "in12.h5", structures * 2)
     run = run_file(inp, tmp_path / "run.h5", demo64, workers=0, max_atoms=48, progress=False)
-    assert run.counts == {"ok": 6} and run.memory_atoms == 12
-    failures = [k for k, (_, failed) in enumerate(attempts) if failed]
-    assert attempts[0] == (48, True) and max(failures) < len(attempts) - 1
+    assert run.counts == {"ok": 12} and run.memory_atoms == 12
+    assert [n for n, failed in attempts if failed] == [48, 24, 24]
+    assert attempts[0] == (48, True) and max(n for n, _ in attempts[8:]) <= 12
 
 
 def test_a_structure_that_does_not_fit_does_not_hold_back_those_behind_it(tmp_path, demo64):
@@ -458,17 +442,7 @@ def test_a_structure_that_does_not_fit_does_not_hold_back_those_behind_it(tmp_pa
     small = [_cu(k, repeat=(2, 1, 1), rattle=0.05) for k in range(6)]  # 8 atoms
     large = _cu(9, repeat=(2, 2, 2), rattle=0.05)  # 32 atoms
     structures = [*small[:2], large, *small[2:]]  # 8 + 8, then 32 does not fit in 40
-    inp = _write(tmp_path / "in.h5", structures)
-    calls = []
-    summary = relax_file(
-        inp,
-        tmp_path / "out.h5",
-        demo64,
-        settings=RelaxSettings(fmax=0.05, steps=100),
-        workers=0,
-        max_atoms=40,
-        observer=lambda members, atoms, following: calls.append((list(members), atoms, following)),
-    )
+    summary, calls = _observed(tmp_path, _write(tmp_path / "in.h5", structures), demo64, 40, 100)
     assert summary.counts == {"converged": 7}
     entered = {}
     for k, (members, _, _) in enumerate(calls):
@@ -486,19 +460,9 @@ def test_a_waiting_structure_passed_patience_times_lets_nothing_more_pass(tmp_pa
     monkeypatch.setattr(relax, "PATIENCE", 1)
     small = [_cu(k, repeat=(2, 1, 1), rattle=0.05) for k in range(6)]
     structures = [*small[:2], _cu(9, repeat=(2, 2, 2), rattle=0.05), *small[2:]]
-    inp = _write(tmp_path / "in.h5", structures)
-    calls = []
-    relax_file(
-        inp,
-        tmp_path / "out.h5",
-        demo64,
-        settings=RelaxSettings(fmax=0.05, steps=100),
-        workers=0,
-        max_atoms=40,
-        observer=lambda members, atoms, following: calls.append(list(members)),
-    )
+    _, calls = _observed(tmp_path, _write(tmp_path / "in.h5", structures), demo64, 40, 100)
     entered = {}
-    for k, members in enumerate(calls):
+    for k, (members, _, _) in enumerate(calls):
         for s in members:
             entered.setdefault(s, k)
     before = [s for s in range(3, 7) if entered[s] < entered[2]]
@@ -737,11 +701,11 @@ def test_relax_refuses_a_run_output_in_one_line(tmp_path, demo64):
 def test_a_disk_too_small_is_refused_before_writing(tmp_path, demo64, monkeypatch):
     import shutil
 
-    import pipelines.relax as relax
+    import pipelines.relax_output as relax_output
 
     inp = _write(tmp_path / "in.h5", [_cu(0), _cu(1)])
     real = shutil.disk_usage
-    monkeypatch.setattr(relax.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    monkeypatch.setattr(relax_output.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     with pytest.raises(ValueError, match=r"needs 0\.0\d GB and .* has 0\.00 GB free"):
         relax_file(inp, tmp_path / "o.h5", demo64, workers=0, progress=False)
     assert not (tmp_path / "o.partial.h5").exists()
