@@ -15,13 +15,16 @@ The loop, on one runner:
    (:attr:`pipelines.batches.Summary.memory_atoms`). Structures the input itself rules out
    (``empty_structure``, ``bad_cell``, ...) get ``run``'s statuses from its
    neighbour workers (``--workers``) and never enter.
-2. **Graphs.** Each structure keeps a Verlet-skin neighbour list
-   (:class:`painn_export.skin.SkinGraph`): searched again only when an
-   atom has moved more than half the skin, filtered to the exact graph in
-   between. Edges are put in one canonical order (by centre, neighbour,
-   image), so a graph never depends on when its list was searched.
+2. **Graphs** (:mod:`pipelines.relax_graphs`). Each structure keeps a
+   Verlet-skin neighbour list (:class:`painn_export.skin.SkinGraph`, searched
+   first in a neighbour worker): searched again only when an atom has moved
+   more than half the skin, filtered to the exact graph in between, the
+   whole batch in one compiled pass. Edges are put in one canonical order
+   (by centre, neighbour, image), so a graph never depends on when its list
+   was searched. With ``--graphs device`` the batch's graphs are built on
+   the runner's device each step instead: the same edges, the same bits.
 3. **Model and FIRE.** One inference for the whole batch, then one FIRE step
-   per structure (:mod:`pipelines.fire`: ASE's rule, parameters and
+   for the whole batch (:mod:`pipelines.fire`: ASE's rule, parameters and
    convergence test, ``FrechetCellFilter`` with ``--cell``).
 4. **Output.** Per structure: final positions, cell, energy, forces (as the
    model gives them, fixed atoms included), stress where the model has it,
