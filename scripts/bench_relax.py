@@ -4,7 +4,7 @@
                                   [--runtime onnxruntime] [--max-atoms 4096] [--json FILE]
 
 On one file of perturbed fcc bulk (alloys) and slab structures of 20-100
-atoms (the demo model's elements, seeded; slabs with their bottom layer
+atoms (``--sizes small``: 8-16, ``medium``: 24-48) (the demo model's elements, seeded; slabs with their bottom layer
 fixed), with the bundled model:
 
 1. ``painn-batch run`` on the same structures (repeated ``--run-copies``
@@ -54,16 +54,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-# 20-100 atoms: repeats of the 4-atom cubic fcc cell, and slabs (a, b, layers).
-BULK_REPEATS = ((3, 2, 1), (2, 2, 2), (3, 3, 1), (3, 2, 2), (4, 2, 2), (3, 3, 2), (4, 3, 2))
-SLAB_SIZES = ((3, 3, 3), (3, 3, 4), (4, 4, 3), (4, 4, 4), (4, 4, 5))
+# --sizes: repeats of the 4-atom cubic fcc cell, and slabs (a, b, layers).
+SIZES = {
+    "mixed": (  # 20-100 atoms
+        ((3, 2, 1), (2, 2, 2), (3, 3, 1), (3, 2, 2), (4, 2, 2), (3, 3, 2), (4, 3, 2)),
+        ((3, 3, 3), (3, 3, 4), (4, 4, 3), (4, 4, 4), (4, 4, 5)),
+    ),
+    "small": (((2, 1, 1), (3, 1, 1), (2, 2, 1)), ((2, 2, 2), (2, 2, 3), (3, 2, 2), (2, 2, 4))),  # 8-16
+    "medium": (  # 24-48
+        ((3, 2, 1), (2, 2, 2), (3, 3, 1), (5, 2, 1), (4, 3, 1)),
+        ((3, 2, 4), (3, 3, 3), (3, 3, 4), (4, 4, 3)),
+    ),
+}
 
 
-def structures(n: int, seed: int):
+def structures(n: int, seed: int, sizes: str = "mixed"):
     from make_relax_examples import perturbed
 
+    bulk, slabs = SIZES[sizes]
     rng = np.random.default_rng(seed)
-    return [perturbed(k, rng, BULK_REPEATS, SLAB_SIZES) for k in range(n)]
+    return [perturbed(k, rng, bulk, slabs) for k in range(n)]
 
 
 def write(path: Path, atoms_list, copies: int = 1) -> Path:
@@ -246,6 +256,7 @@ def bench_host(args) -> dict:
         "progress": False,
     }
     rows: dict[str, list[float]] = {"relax": [], "relax_cell": [], "run": []}
+    skin: dict[str, list[float]] = {}  # of the host time: the skin pass (searches included)
     counts = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -261,6 +272,7 @@ def bench_host(args) -> dict:
                 summary = relax_file(inp, tmp / f"{name}.h5", model, settings=settings, **common)
                 host = summary.seconds - summary.model_seconds
                 rows[name].append(1e6 * host / summary.atom_evaluations)
+                skin.setdefault(name, []).append(1e6 * summary.skin_seconds / summary.atom_evaluations)
                 counts[name] = summary.as_dict()["status_counts"]
                 print(f"{name}: {rows[name][-1]:.2f} host us/atom-step", file=sys.stderr)
             summary = run_file(inp, tmp / "run.h5", free, **common)
@@ -269,6 +281,7 @@ def bench_host(args) -> dict:
         "host_us_per_atom_step_relax": spread(rows["relax"]),
         "host_us_per_atom_step_relax_cell": spread(rows["relax_cell"]),
         "host_us_per_atom_run": spread(rows["run"]),
+        "of_which_skin_us_per_atom_step": {name: spread(v) for name, v in skin.items()},
         "status_counts": counts,
     }
 
@@ -319,6 +332,7 @@ def main() -> None:
     parser.add_argument("--fmax", type=float, default=0.05)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sizes", choices=sorted(SIZES), default="mixed", help="mixed: 20-100 atoms.")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--host-time", action="store_true", help="Host time per atom-step (issue 31).")
     parser.add_argument("--file-size", action="store_true", help="File sizes (issue 31).")
@@ -338,7 +352,7 @@ def main() -> None:
             args.json.write_text(text + "\n")
         return
 
-    atoms_list = structures(args.structures, args.seed)
+    atoms_list = structures(args.structures, args.seed, args.sizes)
     sizes = [len(a) for a in atoms_list]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
