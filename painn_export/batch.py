@@ -127,8 +127,11 @@ class Graph:
 
     @classmethod
     def from_checked(cls, **fields) -> Graph:
-        """The graph of ``fields`` taken from one already checked (built in another process):
-        no second check, as unpickling it would do. Only for arrays of a :class:`Graph`."""
+        """The graph of ``fields`` that hold :class:`Graph`'s checks already: no second check.
+
+        For arrays taken from a checked graph (built in another process, or
+        narrowed), or written by a builder whose tests hold its output to the
+        checks (:func:`painn_export.skin.update_skins`)."""
         unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise TypeError(f"Graph has no field {', '.join(sorted(unknown))}")

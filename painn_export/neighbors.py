@@ -122,9 +122,12 @@ def validate_structure(
 
 
 def _search(
-    positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, radius: float
+    positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, radius: float, min_d2: float = MIN_DISTANCE_SQ
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
-    """Each pair with ``MIN_DISTANCE_SQ < d² <= radius²`` once: ``(a, b, S, d², closest)``.
+    """Each pair with ``min_d2 < d² <= radius²`` once: ``(a, b, S, d², closest)``.
+
+    ``min_d2`` (Å²) is :data:`MIN_DISTANCE_SQ` for a graph; a skin list keeps
+    coincident atoms too (``min_d2 < 0``), which may move apart before its next search.
 
     ``closest`` (Å) is the shortest distance of *every* pair found, those the
     graph drops included (coincident atoms, ``d² <= MIN_DISTANCE_SQ``), and an
@@ -151,7 +154,7 @@ def _search(
         S[:, ~pbc] = 0
     d2 = _distance_sq(positions, cell, a, b, S)
     closest = math.sqrt(float(d2.min())) if d2.size else math.inf
-    keep = (d2 <= radius * radius) & (d2 > MIN_DISTANCE_SQ)
+    keep = (d2 <= radius * radius) & (d2 > min_d2)
     if not keep.all():
         a, b, S, d2 = a[keep], b[keep], S[keep], d2[keep]
     return a, b, S, d2, closest

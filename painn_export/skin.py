@@ -21,7 +21,7 @@ not periodic on every axis searches again whenever it changes.
 
 :func:`update_skins` updates many structures in one pass (a relaxation's
 whole batch): the skin tests are vectorised over the batch, and one compiled
-call (:mod:`painn_export._skin_kernel`) writes every structure's graph.
+call (:func:`painn_export._neighbors_kernel.skin_graphs`) writes every structure's graph.
 :meth:`SkinGraph.update` is that pass for one structure; each structure's
 numbers are the same whatever else is updated with it.
 """
@@ -80,9 +80,10 @@ class SkinGraph:
         return not (same_z and (pbc is self._pbc or np.array_equal(pbc, self._pbc)))
 
     def _search(self, z, positions, cell, pbc) -> None:
-        from painn_export._skin_kernel import canonical_pairs
+        from painn_export._neighbors_kernel import canonical_pairs
 
-        a, b, S, _, _ = _search(positions, cell, pbc, self.cutoff + self.skin)
+        # Coincident atoms stay in the list: they set min_distance now, and may part before the next search.
+        a, b, S, _, _ = _search(positions, cell, pbc, self.cutoff + self.skin, min_d2=-1.0)
         order = canonical_pairs(a, b, S, len(positions))
         self._pairs = (a[order], b[order], S[order])  # own copies (vesin reuses its buffers), sorted once
         self._z, self._pbc = z, pbc.copy()
@@ -125,38 +126,40 @@ def update_skins(
             raise ValueError("update_skins takes float64 [n, 3] positions and [n] atomic numbers")
         if c.shape != (3, 3) or p.shape != (3,) or p.dtype != np.bool_:
             raise ValueError("update_skins takes [3, 3] cells and [3] bool pbc")
-        if not len(x):
-            Graph(atomic_numbers=z, positions=x, edge_index=np.zeros((2, 0), np.int64),
-                  cell_shift=np.zeros((0, 3), np.int64), edge_shift=np.zeros((0, 3)))  # fmt: skip
     atom_start = np.concatenate([[0], np.cumsum(natoms)])
+    of_atom = np.repeat(np.arange(B), natoms)  # [N] each atom's structure
     pos = np.concatenate(positions)  # [N, 3]
     cell = np.array(cells, dtype=np.float64)  # [B, 3, 3]
     pbc = np.array(pbcs, dtype=bool)  # [B, 3]
     # A non-periodic axis's vector that is not finite is dropped, as validate_structure does.
     cell[~np.isfinite(cell).all(axis=2) & ~pbc] = 0.0
     failed: dict[int, StructureError] = {}
-    finite = np.logical_and.reduceat(np.isfinite(pos).all(axis=1), atom_start[:-1])
-    for s in np.flatnonzero(~finite):
+    for s in np.flatnonzero(natoms == 0):
+        failed[int(s)] = StructureError("empty_structure", "structure has no atoms")
+    for s in np.unique(of_atom[~np.isfinite(pos).all(axis=1)]):
         failed[int(s)] = StructureError("nonfinite_positions", "positions contain NaN or inf")
 
     search = np.array([sk._needs_search(z, p) for sk, z, p in zip(skins, atomic_numbers, pbcs)])
-    known = np.flatnonzero(~search)
+    known = np.flatnonzero(~search)  # each has a list, hence atoms
     if known.size:
         ref_cell = np.array([skins[s]._ref_cell for s in known])  # [b, 3, 3]
-        same_cell = np.zeros(B, dtype=bool)
-        same_cell[known] = np.all(cell[known] == ref_cell, axis=(1, 2))
-        # Unchanged cells: the skin / 2 test over each structure's atoms at once.
-        idle = np.flatnonzero(same_cell)
-        if idle.size:
-            rows = np.concatenate([np.arange(atom_start[s], atom_start[s + 1]) for s in idle])
-            ref = np.concatenate([skins[s]._ref_positions for s in idle])
-            d = pos[rows] - ref
-            moved = np.maximum.reduceat(np.sum(d * d, axis=1), np.cumsum(natoms[idle]) - natoms[idle])
-            search[idle] = np.sqrt(moved) > first.skin / 2
-        for s in np.flatnonzero(~same_cell & ~search):
-            search[s] = _strained_beyond_skin(
-                skins[s], pos[atom_start[s] : atom_start[s + 1]], cell[s], pbc[s]
-            )
+        same = np.all(cell[known] == ref_cell, axis=(1, 2))
+        # Unchanged cells: the skin / 2 test; strained periodic cells: the strain test (module doc).
+        search[known[same]] = _moved(skins, known[same], pos, atom_start, None) > first.skin / 2
+        strained = known[~same]
+        periodic = pbc[strained].all(axis=1)
+        search[strained[~periodic]] = True  # a cell that is not periodic everywhere: search again
+        strained = strained[periodic]
+        if strained.size:
+            ref = ref_cell[~same][periodic]
+            with np.errstate(all="ignore"):  # a collapsed or NaN cell: not finite, searched (and refused)
+                strain = np.linalg.solve(ref, cell[strained])  # [b, 3, 3] M: cell = cell0 @ M
+                finite = np.isfinite(strain).all(axis=(1, 2))
+                strain[~finite] = np.eye(3)
+                beyond = _moved(skins, strained, pos, atom_start, strain)
+                sigma = np.linalg.svd(strain, compute_uv=False)[:, -1]
+            reach = first.cutoff + first.skin
+            search[strained] = ~finite | ~(2 * beyond <= sigma * reach - first.cutoff)
     for s in np.flatnonzero(search):
         if s in failed:
             continue
@@ -170,26 +173,25 @@ def update_skins(
     return _graphs(skins, atomic_numbers, positions, pos, cell, atom_start, failed)
 
 
-def _strained_beyond_skin(skin: SkinGraph, x: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> bool:
-    """True when a changed cell calls for a new search (module doc); its validity is checked there."""
-    if not pbc.all():
-        return True
-    try:
-        strain = np.linalg.solve(skin._ref_cell, cell)  # [3, 3] M: cell = cell0 @ M
-    except np.linalg.LinAlgError:
-        return True
-    if not np.isfinite(strain).all():
-        return True
-    d = x - skin._ref_positions @ strain
-    beyond = float(np.sqrt(np.max(np.sum(d * d, axis=1), initial=0.0)))
-    sigma = float(np.linalg.svd(strain, compute_uv=False)[-1])
-    reach = skin.cutoff + skin.skin
-    return not 2 * beyond <= sigma * reach - skin.cutoff
+def _moved(skins, which: np.ndarray, pos: np.ndarray, atom_start: np.ndarray, strain) -> np.ndarray:
+    """``[b]`` each structure's largest displacement (Å) since its search, beyond ``strain`` ``[b, 3, 3]``.
+
+    ``strain`` None: the plain displacement ``x - x0``; else ``x - x0 M``.
+    """
+    if not which.size:
+        return np.zeros(0)
+    counts = atom_start[which + 1] - atom_start[which]
+    rows = np.concatenate([np.arange(atom_start[s], atom_start[s + 1]) for s in which])
+    ref = np.concatenate([skins[s]._ref_positions for s in which])  # [n, 3]
+    if strain is not None:
+        ref = np.einsum("ai,aij->aj", ref, np.repeat(strain, counts, axis=0))
+    d = pos[rows] - ref
+    return np.sqrt(np.maximum.reduceat(np.sum(d * d, axis=1), np.cumsum(counts) - counts))
 
 
 def _graphs(skins, atomic_numbers, positions, pos, cell, atom_start, failed) -> list:
     """Every structure's graph from its pairs, in one compiled call; ``failed`` ones keep their error."""
-    from painn_export._skin_kernel import skin_graphs
+    from painn_export._neighbors_kernel import skin_graphs
 
     first = skins[0]
     B = len(skins)
@@ -212,10 +214,12 @@ def _graphs(skins, atomic_numbers, positions, pos, cell, atom_start, failed) -> 
         pos, cell, atom_start, a, b, S, pair_start, r2, MIN_DISTANCE_SQ,
         first.max_neighbors, first.strict, TIE_RTOL, DEGENERACY_TOLERANCE,
     )  # fmt: skip
+    for shared in (index, shift, edge_shift, slot, reverse):  # views of these are every graph's arrays
+        shared.flags.writeable = False
     for t, s in enumerate(ok):
         e0, e1 = edge_start[t], edge_start[t + 1]
         # Checked by construction (the kernel writes each reverse at e ± E/2, no zero-length edge,
-        # atoms of the structure only); tests/test_relax.py compares them with Graph's own checks.
+        # atoms of the structure only); tests/test_skin.py compares them with Graph's own checks.
         out[s] = Graph.from_checked(
             atomic_numbers=atomic_numbers[s],
             positions=positions[s],

@@ -156,10 +156,11 @@ def infer_split(runner, graphs: list, limits: Limits, summary=None, feed_of=None
 
     ``summary.model_seconds`` (when given) adds the runtime's time of every
     batch that ran. Only :class:`~painn_export.errors.BatchTooLargeError`
-    splits; any other failure propagates. After a batch of more than one
-    structure failed, ``summary.memory_atoms`` holds half its atoms, and every
-    later batch runs in consecutive pieces within that (no failed attempt
-    again at a size that failed). ``feed_of(lo, hi)`` (when given)
+    splits; any other failure propagates. With ``summary``, a batch of more
+    than one structure that failed sets ``summary.memory_atoms`` to half its
+    atoms (or less, as it was), and it and every batch after it run in
+    consecutive pieces within that: no size that failed is tried again.
+    Without, a failed batch is split in halves. ``feed_of(lo, hi)`` (when given)
     makes the feed of ``graphs[lo:hi]`` (a device feed,
     :mod:`pipelines.device_batches`; ``graphs`` then need only ``n_atoms``
     and ``max_degree``), else :meth:`Limits.collate` does.
@@ -178,11 +179,17 @@ def infer_split(runner, graphs: list, limits: Limits, summary=None, feed_of=None
         feed = None  # a device feed's memory is given back before a retry
         if failure is not None:  # the exception, its traceback and the failed tensors are gone now
             runner.free_memory()
-            if summary is not None and hi - lo > 1:  # what follows is packed within half of it
-                half = max(1, sum(graphs[k].n_atoms for k in range(lo, hi)) // 2)
-                summary.memory_atoms = min(half, summary.memory_atoms or half)
             if hi - lo == 1:
                 results[lo] = TOO_LARGE + failure
+            elif summary is not None:  # this range and all that remain, within half of it
+                half = max(1, sum(graphs[k].n_atoms for k in range(lo, hi)) // 2)
+                summary.memory_atoms = min(half, summary.memory_atoms or half)
+                remaining = [(lo, hi), *todo[::-1]]  # in order
+                todo = [
+                    (a + p, a + q)
+                    for a, b in remaining
+                    for p, q in _within(graphs[a:b], summary.memory_atoms)
+                ][::-1]
             else:
                 mid = (lo + hi) // 2
                 todo += [(mid, hi), (lo, mid)]  # popped from the end: the first half runs first

@@ -9,8 +9,9 @@ The loop, on one runner:
    not fit does not hold back those behind it: up to :data:`WINDOW`
    structures wait while later ones that fit enter, and a waiting one that
    has been passed :data:`PATIENCE` times lets nothing more pass until it
-   is in. Every choice depends only on the batch, the window and the input,
-   so a resumed run rebuilds the same batches. A batch that failed for
+   is in. Every choice depends only on the batch, the window, the input and
+   the memory budget below, all in the checkpoint, so a resumed run rebuilds
+   the same batches. A batch that failed for
    memory lowers the atom budget for every batch after it
    (:attr:`pipelines.batches.Summary.memory_atoms`). Structures the input itself rules out
    (``empty_structure``, ``bad_cell``, ...) get ``run``'s statuses from its
@@ -23,7 +24,8 @@ The loop, on one runner:
    (by centre, neighbour, image), so a graph never depends on when its list
    was searched. With ``--graphs device`` the batch's graphs are built on
    the runner's device each step instead: the same edges, the same bits.
-3. **Model and FIRE.** One inference for the whole batch, then one FIRE step
+3. **Model and FIRE.** One inference for the whole batch (in pieces after a
+   memory failure, see 1), then one FIRE step
    for the whole batch (:mod:`pipelines.fire`: ASE's rule, parameters and
    convergence test, ``FrechetCellFilter`` with ``--cell``).
 4. **Output.** Per structure: final positions, cell, energy, forces (as the
@@ -179,7 +181,7 @@ def relax_file(
     ``options`` (or their fields as keywords), files, locks, signals,
     ``resume`` and ``overwrite`` behave as in :func:`pipelines.run.run_file`.
     ``observer``, if given, is called before each model call with
-    ``(indices in the batch, atoms in it, atoms of the next structure waiting or None)``.
+    ``(indices in the batch, atoms in it, atoms of the smallest structure waiting, or None)``.
     """
     start = time.perf_counter()
     options = RunOptions.of(options, **changes)
@@ -307,6 +309,7 @@ class _Loop:
         restored = out.restore()
         self.next_index, self.calls = restored.next_index, restored.calls
         self.restored_waiting = restored.waiting  # [(index, passed)]: rebuilt first by run()
+        summary.memory_atoms = restored.memory_atoms  # batches packed as before the stop
         for saved in restored.states:
             self.batch.append(self._restored(saved))
             summary.steps -= saved.steps  # this run's summary counts this run's steps
@@ -404,7 +407,8 @@ class _Loop:
 
     def _checkpoint(self) -> None:
         waiting = [(m.index, m.passed) for m in self.waiting]
-        with self.out.checkpoint(self.batch, self.next_index, self.calls, waiting):
+        memory = self.summary.memory_atoms
+        with self.out.checkpoint(self.batch, self.next_index, self.calls, waiting, memory):
             self.out.commit(self.done)  # before the rename: see the module doc
         self.summary.checkpoint_bytes = max(self.summary.checkpoint_bytes, self.out.ckpt.stat().st_size)
         self.summary.computed += len(self.done)

@@ -17,7 +17,8 @@ ends; a finished output holds nothing of it.
                                               (input order): index, times passed
 ==================  =======  ===============  ===============================================
 
-Attributes: ``next_index`` (the next structure to take from the input), ``calls`` (model
+Attributes: ``next_index`` (the next structure to take from the input),
+``memory_atoms`` (the atom budget a memory failure left, -1: none), ``calls`` (model
 calls so far) and ``fingerprint`` (the partial output's, as JSON): a
 checkpoint is only ever read back with the partial file it was written for.
 
@@ -66,6 +67,7 @@ class Checkpoint:
     next_index: int = 0  # the next structure to take from the input
     calls: int = 0  # model calls so far
     waiting: list[tuple[int, int]] = field(default_factory=list)  # (index, times passed), input order
+    memory_atoms: int | None = None  # the atom budget a memory failure left (batches.Summary)
 
 
 def fingerprint_of(fh) -> str:
@@ -84,7 +86,7 @@ def discard(path: Path) -> None:
 def writing(path: Path, checkpoint: Checkpoint, fingerprint: str):
     """Write ``checkpoint`` under a temporary name; the block's end renames it onto ``path``.
 
-    Seven datasets and three attributes, each written once. On any failure
+    Seven datasets and four attributes, each written once. On any failure
     inside the block the temporary goes and ``path`` keeps the previous checkpoint.
     """
     import h5py
@@ -96,6 +98,7 @@ def writing(path: Path, checkpoint: Checkpoint, fingerprint: str):
             try:
                 fh.attrs["next_index"] = checkpoint.next_index
                 fh.attrs["calls"] = checkpoint.calls
+                fh.attrs["memory_atoms"] = -1 if checkpoint.memory_atoms is None else checkpoint.memory_atoms
                 fh.attrs["fingerprint"] = fingerprint
                 fh["index"] = np.array([s.index for s in states], np.int64)
                 fh["rows"] = np.array([s.velocity.shape[0] for s in states], np.int64)
@@ -136,7 +139,10 @@ def read(path: Path, fingerprint: str, n_atoms: Callable[[int], int]) -> Checkpo
         positions, velocity = fh["positions"][...], fh["velocity"][...]
         cell, scalars = fh["cell"][...], fh["scalars"][...]
         waiting = [(int(s), int(p)) for s, p in fh["waiting"][...]] if "waiting" in fh else []
-        out = Checkpoint([], int(fh.attrs["next_index"]), int(fh.attrs["calls"]), waiting)
+        memory = int(fh.attrs.get("memory_atoms", -1))
+        out = Checkpoint(
+            [], int(fh.attrs["next_index"]), int(fh.attrs["calls"]), waiting, None if memory < 0 else memory
+        )
     atom = row = 0
     for k, s in enumerate(index.tolist()):
         n, r = n_atoms(s), int(rows[k])

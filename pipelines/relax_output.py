@@ -129,7 +129,7 @@ class RelaxOutput:
         fh["trajectory_energy"][s, f] = energy
         fh["trajectory_fmax"][s, f] = fmax
 
-    def checkpoint(self, members: list, next_index: int, calls: int, waiting: list):
+    def checkpoint(self, members: list, next_index: int, calls: int, waiting: list, memory_atoms=None):
         """A context: the members' state written under a temporary name, renamed when it ends well."""
         states = [
             Saved(
@@ -144,7 +144,9 @@ class RelaxOutput:
             )
             for m in members
         ]
-        return writing_checkpoint(self.ckpt, Checkpoint(states, next_index, calls, waiting), self.fingerprint)
+        return writing_checkpoint(
+            self.ckpt, Checkpoint(states, next_index, calls, waiting, memory_atoms), self.fingerprint
+        )
 
     def restore(self) -> Checkpoint:
         """The checkpoint in force (none: nothing in flight, nothing entered)."""

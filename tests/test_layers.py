@@ -31,7 +31,6 @@ FLOORS = {
         "painn_export.neighbors",
         "painn_export._neighbors_kernel",
         "painn_export.skin",
-        "painn_export._skin_kernel",
         "painn_export.batch",
         "painn_export.device_graphs",
         "painn_export._device_search",
@@ -81,7 +80,6 @@ NUMPY_ONLY = {
     "painn_export.neighbors",
     "painn_export._neighbors_kernel",
     "painn_export.skin",
-    "painn_export._skin_kernel",
     "painn_export.schema",
     "painn_export.samples",
 }

@@ -122,13 +122,55 @@ def test_fire_state_follows_ase_fire_step_by_step(with_cell):
         got.append((state.positions.copy(), state.cell.copy()))
     assert len(want) == len(got) == 41
     for step, ((x, c), (x_ase, c_ase)) in enumerate(zip(got, want)):
-        assert_close("positions", x, x_ase, "fire_vs_ase", "float64", f"step {step}")
-        assert_close("cell", c, c_ase, "fire_vs_ase", "float64", f"step {step}")
+        comparison = "fire_cell_vs_ase" if with_cell else "fire_vs_ase"
+        assert_close("positions", x, x_ase, comparison, "float64", f"step {step}")
+        assert_close("cell", c, c_ase, comparison, "float64", f"step {step}")
     # Fixed atoms keep their fractional coordinates (their Cartesian ones without the cell).
     frac = got[-1][0][[0, 3]] @ np.linalg.inv(got[-1][1])
     np.testing.assert_allclose(frac, atoms.positions[[0, 3]] @ np.linalg.inv(atoms.cell[:]), atol=1e-12)
     if not with_cell:
         np.testing.assert_array_equal(got[-1][0][[0, 3]], atoms.positions[[0, 3]])
+
+
+@pytest.mark.parametrize("with_cell", [False, True])
+def test_fire_steps_give_each_structure_what_it_gets_alone(with_cell):
+    """A structure's FIRE steps (and generalised forces) do not depend on the others in the batch."""
+    from pipelines.fire import fire_steps, generalized_forces_many
+
+    structures = [
+        _cu(k, repeat=r, rattle=0.1) for k, r in enumerate([(2, 1, 1), (2, 2, 1), (1, 1, 1), (2, 2, 2)])
+    ]
+    structures[1].cell[0, 1] += 0.2
+    fixed = [np.arange(len(a)) % 3 == 0 for a in structures]
+    together = [
+        FireState.start(a.positions, a.cell[:], f, FireParams(), with_cell) for a, f in zip(structures, fixed)
+    ]
+    alone = [
+        FireState.start(a.positions, a.cell[:], f, FireParams(), with_cell) for a, f in zip(structures, fixed)
+    ]
+
+    def forces(states):
+        out = []
+        for atoms, state in zip(structures, states):
+            probe = atoms.copy()
+            probe.positions[:], probe.cell[:] = state.positions, state.cell
+            probe.calc = EMT()
+            out.append((probe.get_forces(), probe.get_stress(voigt=False) if with_cell else None))
+        return out
+
+    for _ in range(12):
+        f = forces(together)
+        stress = [s for _, s in f] if with_cell else None
+        fire_steps(
+            together, generalized_forces_many(together, [x for x, _ in f], stress), FireParams(), with_cell
+        )
+        for state, (x, st) in zip(alone, forces(alone)):
+            g = generalized_forces_many([state], [x], None if st is None else [st])
+            fire_steps([state], g, FireParams(), with_cell)
+    for a, b in zip(together, alone):
+        for key in ("positions", "cell", "velocity"):
+            np.testing.assert_array_equal(getattr(a, key), getattr(b, key), err_msg=key)
+        assert (a.dt, a.a, a.n_positive, a.steps) == (b.dt, b.a, b.n_positive, b.steps)
 
 
 # -- the pipeline against ASE ------------------------------------------------------
@@ -282,7 +324,7 @@ def _observed(tmp_path, inp, model, max_atoms: int, steps: int, fmax: float = 0.
 
     summary = relax_file(
         inp,
-        tmp_path / "out.h5",
+        tmp_path / "observed.h5",
         model,
         settings=RelaxSettings(fmax=fmax, steps=steps),
         workers=0,
@@ -426,15 +468,34 @@ def test_a_batch_that_failed_for_memory_lowers_the_budget_for_what_follows(tmp_p
     assert later and not any(failed for _, failed in later), "a size that failed was tried again"
     assert max(n for n, _ in later) <= 12
 
-    # run: the first batch of 6 fails (48 atoms, then 24 twice); the next is packed within 12 atoms.
+    # run: the first batch of 6 fails (48 atoms, then 24: then every piece is within 12); so does the next.
     attempts.clear()
     from pipelines.run import run_file
 
     inp = _write(tmp_path / "in12.h5", structures * 2)
     run = run_file(inp, tmp_path / "run.h5", demo64, workers=0, max_atoms=48, progress=False)
     assert run.counts == {"ok": 12} and run.memory_atoms == 12
-    assert [n for n, failed in attempts if failed] == [48, 24, 24]
+    assert [n for n, failed in attempts if failed] == [48, 24]
     assert attempts[0] == (48, True) and max(n for n, _ in attempts[8:]) <= 12
+
+
+def test_resume_after_a_memory_failure_packs_as_before(tmp_path, demo64, monkeypatch):
+    """The lowered budget is in the checkpoint: a stop after a memory failure, then --resume, is bitwise."""
+    from pipelines.output import RunInterruptedError
+
+    _device_of(monkeypatch, 20, [])
+    inp = _write(tmp_path / "in.h5", [_cu(k, repeat=(2, 1, 1), rattle=0.1) for k in range(8)])
+    kw = {"settings": RelaxSettings(fmax=0.01, steps=60), "workers": 0, "max_atoms": 48, "progress": False}
+    relax_file(inp, tmp_path / "ref.h5", demo64, **kw)
+    out = tmp_path / "out.h5"
+    with pytest.raises(RunInterruptedError):
+        relax_file(inp, out, demo64, observer=_stop_at_call(4, signal.SIGTERM), **kw)
+    with h5py.File(tmp_path / "out.ckpt.h5") as fh:
+        assert fh.attrs["memory_atoms"] == 12
+    relax_file(inp, out, demo64, resume=True, **kw)
+    got, want = _results(out), _results(tmp_path / "ref.h5")
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
 def test_a_structure_that_does_not_fit_does_not_hold_back_those_behind_it(tmp_path, demo64):
@@ -469,21 +530,31 @@ def test_a_waiting_structure_passed_patience_times_lets_nothing_more_pass(tmp_pa
     assert before == [3], f"passed by {before}, not by exactly one (PATIENCE = 1)"
 
 
-def test_resume_rebuilds_the_waiting_structures_bitwise(tmp_path, demo64):
-    """A stop while structures wait: the checkpoint names them, and --resume equals the uninterrupted run."""
+def test_resume_rebuilds_the_waiting_structures_bitwise(tmp_path, demo64, monkeypatch):
+    """A stop while structures wait, one of them passed: the checkpoint names them and how often each
+    was passed (PATIENCE is low here, so it counts), and --resume equals the uninterrupted run."""
+    import pipelines.relax as relax
     from pipelines.output import RunInterruptedError
 
-    sizes = [(2, 1, 1), (2, 2, 2), (2, 1, 1), (2, 2, 1), (2, 2, 2), (2, 1, 1), (2, 1, 1), (2, 2, 1)]
-    structures = [_cu(k, repeat=r, rattle=0.1) for k, r in enumerate(sizes)]
-    inp = _write(tmp_path / "in.h5", structures)
+    monkeypatch.setattr(relax, "PATIENCE", 2)
+    small = [_cu(k, repeat=(2, 1, 1), rattle=0.02) for k in range(6)]  # 8 atoms, quick to converge
+    big = [_cu(k, repeat=(2, 2, 2), rattle=0.1) for k in range(2)]  # 32 atoms
+    inp = _write(tmp_path / "in.h5", [small[0], *big, *small[1:]])  # the second big one waits, passed
+    _, calls = _observed(tmp_path, inp, demo64, 40, 60, fmax=0.02)
+    entered: dict = {}
+    for k, (members, _, _) in enumerate(calls):
+        for s in members:
+            entered.setdefault(s, k)
+    # The first call after a structure entered ahead of an earlier one still waiting.
+    stop = 1 + min(entered[s] for s in entered if any(entered[w] > entered[s] for w in range(s)))
     kw = {"settings": RelaxSettings(fmax=0.02, steps=60), "workers": 0, "max_atoms": 40, "progress": False}
     relax_file(inp, tmp_path / "ref.h5", demo64, **kw)
-    out, ckpt = tmp_path / "out.h5", tmp_path / "out.ckpt.h5"
+    out = tmp_path / "out.h5"
     with pytest.raises(RunInterruptedError):
-        relax_file(inp, out, demo64, observer=_stop_at_call(3, signal.SIGTERM), **kw)
-    with h5py.File(ckpt) as fh:
+        relax_file(inp, out, demo64, observer=_stop_at_call(stop + 1, signal.SIGTERM), **kw)
+    with h5py.File(tmp_path / "out.ckpt.h5") as fh:
         waiting = fh["waiting"][...]
-        assert len(waiting) and (waiting[:, 0] < fh.attrs["next_index"]).all()
+        assert len(waiting) and (waiting[:, 0] < fh.attrs["next_index"]).all() and waiting[:, 1].any()
     relax_file(inp, out, demo64, resume=True, **kw)
     got, want = _results(out), _results(tmp_path / "ref.h5")
     for key in want:

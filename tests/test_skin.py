@@ -33,7 +33,9 @@ def _structures(rng) -> list:
     wire = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((1, 1, 3))
     wire.pbc = [False, False, True]
     tiny = bulk("Cu", "fcc", a=3.6)  # one atom: its neighbours are its own images
-    return [rattled, perfect, slab, mol, wire, tiny]
+    twin = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 1, 1))
+    twin.positions[1] = twin.positions[0] + [0.005, 0.0, 0.0]  # coincident: no edge yet, then they part
+    return [rattled, perfect, slab, mol, wire, tiny, twin]
 
 
 def _arrays(structures):
@@ -45,17 +47,18 @@ def _arrays(structures):
     )
 
 
-def test_a_batch_gives_each_structure_its_fresh_graph_and_what_it_gets_alone(rng):
+@pytest.mark.parametrize(("cap", "strict"), [(CAP, True), (CAP, False), (0, True)])
+def test_a_batch_gives_each_structure_its_fresh_graph_and_what_it_gets_alone(rng, cap, strict):
     """Moving and straining together for 25 steps: every graph equals neighbor_graph's, bit for bit,
     and equals the graph the same structure's skin gives when updated alone."""
     structures = _structures(rng)
     z, pos, cells, pbcs = _arrays(structures)
-    together = [SkinGraph(CUTOFF, CAP, skin=0.6) for _ in structures]
-    alone = [SkinGraph(CUTOFF, CAP, skin=0.6) for _ in structures]
+    together = [SkinGraph(CUTOFF, cap, skin=0.6, strict=strict) for _ in structures]
+    alone = [SkinGraph(CUTOFF, cap, skin=0.6, strict=strict) for _ in structures]
     for step in range(25):
         graphs = update_skins(together, z, pos, cells, pbcs)
         for s, got in enumerate(graphs):
-            want = neighbor_graph(pos[s], cells[s], pbcs[s], CUTOFF, CAP, atomic_numbers=z[s])
+            want = neighbor_graph(pos[s], cells[s], pbcs[s], CUTOFF, cap, atomic_numbers=z[s], strict=strict)
             single = alone[s].update(z[s], pos[s], cells[s], pbcs[s])
             for key in FIELDS:
                 for other, name in ((want, "fresh"), (single, "alone")):
@@ -94,6 +97,7 @@ def test_a_structure_without_a_geometry_fails_in_its_place_only(rng):
     z, pos, cells, pbcs = _arrays(structures)
     skins = [SkinGraph(CUTOFF, CAP, skin=0.6) for _ in structures]
     update_skins(skins, z, pos, cells, pbcs)
+    z[2], pos[2] = z[2][:0], pos[2][:0]  # an empty structure
     pos[0] = pos[0].copy()
     pos[0][3, 1] = np.nan
     cells[1] = cells[1].copy()
@@ -101,10 +105,11 @@ def test_a_structure_without_a_geometry_fails_in_its_place_only(rng):
     graphs = update_skins(skins, z, pos, cells, pbcs)
     assert isinstance(graphs[0], StructureError) and graphs[0].kind == "nonfinite_positions"
     assert isinstance(graphs[1], StructureError) and graphs[1].kind == "bad_cell"
+    assert isinstance(graphs[2], StructureError) and graphs[2].kind == "empty_structure"
     with pytest.raises(StructureError) as single:
         SkinGraph(CUTOFF, CAP).update(z[1], pos[1], cells[1], pbcs[1])
     assert str(single.value) == str(graphs[1])
-    for s in range(2, len(structures)):
+    for s in range(3, len(structures)):
         want = neighbor_graph(pos[s], cells[s], pbcs[s], CUTOFF, CAP, atomic_numbers=z[s])
         np.testing.assert_array_equal(graphs[s].edge_index, want.edge_index)
 
@@ -133,3 +138,32 @@ def test_update_skins_refuses_what_it_cannot_read():
             [SkinGraph(CUTOFF, CAP), SkinGraph(CUTOFF + 1, CAP)], [z, z], [x, x], [cell, cell], [pbc, pbc]
         )
     assert update_skins([], [], [], [], []) == []
+
+
+def test_coincident_atoms_count_for_min_distance_and_their_edge_appears_when_they_part():
+    """A pair closer than 0.01 Å has no edge but sets min_distance (what atoms_too_close reads);
+    kept in the skin list, its edge appears as soon as the atoms part, without a new search."""
+    twin = bulk("Cu", "fcc", a=3.6, cubic=True)
+    x = twin.positions.copy()
+    x[1] = x[0] + [0.005, 0.0, 0.0]
+    z, cell, pbc = twin.numbers.astype(np.int64), twin.cell[:].copy(), twin.pbc.copy()
+    skin = SkinGraph(CUTOFF, CAP, skin=0.6)
+    got = skin.update(z, x, cell, pbc)
+    want = neighbor_graph(x, cell, pbc, CUTOFF, CAP, atomic_numbers=z)
+    assert got.min_distance == want.min_distance == pytest.approx(0.005)
+    x = x.copy()
+    x[1, 0] += 0.1  # 0.105 Å apart: within skin / 2 of the search, so no new search
+    got = skin.update(z, x, cell, pbc)
+    want = neighbor_graph(x, cell, pbc, CUTOFF, CAP, atomic_numbers=z)
+    assert skin.n_searches == 1
+    np.testing.assert_array_equal(got.edge_index, want.edge_index)
+    assert ((got.edge_index[0] == 0) & (got.edge_index[1] == 1)).any()
+
+
+def test_the_graphs_arrays_are_read_only(rng):
+    """They are views into arrays the whole batch shares: writing one graph's would change others."""
+    structures = _structures(rng)[:2]
+    graphs = update_skins([SkinGraph(CUTOFF, CAP) for _ in structures], *_arrays(structures))
+    for key in ("edge_index", "cell_shift", "edge_shift", "edge_slot", "edge_reverse"):
+        with pytest.raises(ValueError, match="read-only"):
+            getattr(graphs[0], key)[..., :1] = 0
