@@ -32,8 +32,9 @@ class GraphSettings:
     max_neighbors: int
     num_elements: int
     feed_dtype: str = "float32"  # the runner's feed: float32 graphs travel narrowed (for_float32_feed)
-    # Å: a relaxation's Verlet skin. Set, each item carries its structure's start (Start):
-    # the skin list searched in the worker, whose graph is the item's (float64).
+    # A relaxation's items carry each structure's start (Start); with ``skin`` (Å, the host
+    # path) the skin list is searched in the worker and its graph is the item's (float64).
+    relax: bool = False
     skin: float | None = None
 
     @classmethod
@@ -47,7 +48,7 @@ class GraphSettings:
 class Start:
     """What a relaxation starts a structure from, made in the neighbour worker with its graph."""
 
-    skin: SkinGraph  # searched at the input's geometry; the item's graph is its first
+    skin: SkinGraph | None  # searched at the input's geometry, its graph the item's (None: device graphs)
     cell: np.ndarray  # [3, 3] float64 Å, as in the input
     pbc: np.ndarray  # [3] bool
     fixed: np.ndarray  # [n] bool: atoms held fixed
@@ -68,7 +69,7 @@ class Item:
     graph: Graph | None
     status: str
     message: str
-    start: Start | None = None  # with GraphSettings.skin, for a structure with a graph
+    start: Start | None = None  # with GraphSettings.relax, for a structure with a graph
 
 
 # A neighbour worker process's open input and settings, set once by its
@@ -128,7 +129,7 @@ def items_from(reader: InputReader, settings: GraphSettings, indices: np.ndarray
     offsets = reader.offsets
     lo, hi = int(indices[0]), int(indices[-1]) + 1
     z_all, pos_all, cells, pbcs = reader.structures(lo, hi)
-    fixed_all = reader.fixed(lo, hi) if settings.skin is not None else None
+    fixed_all = reader.fixed(lo, hi) if settings.relax else None
     a0 = offsets[lo]
     out = []
     for s in indices:
@@ -149,11 +150,13 @@ def structure_item(s: int, z, pos, cell, pbc, settings: GraphSettings) -> Item:
         return Item(s, None, "unknown_element", f"atomic numbers outside 1..{settings.num_elements}: {bad}")
     start = None
     try:
+        skin = None
         if settings.skin is None:
             graph = neighbor_graph(pos, cell, pbc, settings.cutoff, settings.max_neighbors, atomic_numbers=z)
         else:  # the same graph, from the skin list the relaxation then keeps
             skin = SkinGraph(settings.cutoff, settings.max_neighbors, skin=settings.skin)
             graph = skin.update(z, pos, cell, pbc)
+        if settings.relax:
             start = Start(skin, np.array(cell, np.float64), np.array(pbc, bool), np.zeros(len(z), bool))
     except StructureError as exc:
         return Item(s, None, exc.kind, str(exc))

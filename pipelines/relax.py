@@ -156,7 +156,7 @@ class _Member:
     z: np.ndarray  # [n] int64
     pbc: np.ndarray  # [3] bool
     state: FireState
-    skin: SkinGraph
+    skin: SkinGraph | None  # None with device graphs
     graph: Graph | None = None
     fmax: float = float("nan")  # at the last evaluation
     passed: int = 0  # waiting: how many later structures entered before it
@@ -299,8 +299,10 @@ class _Loop:
         self.input_path, self.reader, self.runner, self.facts = input_path, reader, runner, facts
         self.settings, self.out, self.summary, self.limits = settings, out, summary, limits
         self.workers, self.observer = workers, observer
-        # Workers search each structure's skin list at entry; its first graph comes with it.
-        self.graph_settings = dataclasses.replace(GraphSettings.of(facts, runner), skin=settings.skin)
+        # Workers check and size each structure at entry; on the host they search its skin list,
+        # whose first graph comes with it (the device builds every graph after that itself).
+        skin = None if on_device else settings.skin
+        self.graph_settings = dataclasses.replace(GraphSettings.of(facts, runner), relax=True, skin=skin)
         self.graphs = StepGraphs(runner, self.graph_settings, limits, summary, on_device)
         self.bar = None
         self.done: list[Finished] = []  # finished since the last checkpoint
@@ -466,8 +468,11 @@ class _Loop:
         state = FireState.start(
             graph.positions, start.cell, start.fixed, self.settings.fire, self.settings.cell
         )
-        self.summary.searches += start.skin.n_searches
-        return _Member(item.index, graph.atomic_numbers, start.pbc, state, start.skin, graph)
+        if start.skin is not None:
+            self.summary.searches += start.skin.n_searches
+        return _Member(
+            item.index, np.asarray(graph.atomic_numbers, np.int64), start.pbc, state, start.skin, graph
+        )
 
     def _evaluate(self, members: list[_Member]) -> list:
         """``(energy, forces, stress)`` per member (float64), or a too_large message (:func:`infer_split`)."""
