@@ -108,6 +108,21 @@ class Structures:
         )  # fmt: skip
 
 
+def feeds_of(graphs, start: int, limits: Limits, dtype, summary):
+    """``feed_of(a, b)`` for :func:`~pipelines.batches.infer_split`: the device feed of built graphs
+    ``start + a .. start + b`` (torch ``dtype``) on :meth:`Limits.slots_for` slots; its time in
+    ``summary.graph_seconds``."""
+
+    def feed_of(a: int, b: int) -> dict:
+        t = time.perf_counter()
+        part = graphs.select(np.arange(start + a, start + b))
+        feed = part.feed(dtype, n_slots=limits.slots_for(int(graphs.max_degree[start + a : start + b].max())))
+        summary.graph_seconds += time.perf_counter() - t
+        return feed
+
+    return feed_of
+
+
 def chunk_bounds(atoms: np.ndarray, limits: Limits, settings: GraphSettings) -> list[tuple[int, int]]:
     """Runs ``[lo, hi)`` of structures (``atoms`` each, in order) to build at once: within
     :data:`CHUNK_BATCHES` batches' atoms and edge bound; a run always holds at least one structure.
@@ -263,11 +278,6 @@ class _Built:
             sizes = [Sized(n, d) for n, d in zip(self.natoms, degree.tolist())]
         batch = [Item(self.index[k], sizes[k], "ok", "") for k in range(lo, hi)]
 
-        def feed_of(a: int, b: int) -> dict:
-            t = time.perf_counter()
-            part = self.graphs.select(np.arange(lo + a, lo + b))
-            feed = part.feed(dtype, n_slots=limits.slots_for(int(degree[lo + a : lo + b].max())))
-            summary.graph_seconds += time.perf_counter() - t
-            return feed
-
-        run_batch(runner, batch, writer, summary, bar, limits, feed_of)
+        run_batch(
+            runner, batch, writer, summary, bar, limits, feeds_of(self.graphs, lo, limits, dtype, summary)
+        )

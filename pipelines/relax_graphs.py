@@ -29,7 +29,7 @@ import numpy as np
 
 from painn_export.neighbors import StructureError
 from painn_export.skin import update_skins
-from pipelines.device_batches import Sized
+from pipelines.device_batches import Sized, feeds_of
 from pipelines.graphs import MIN_SEPARATION, GraphSettings
 
 
@@ -100,16 +100,7 @@ class StepGraphs:
             built = fresh if built is None else join_graphs(built, fresh)
         self.device_graphs = built
         dtype = torch.from_numpy(np.empty(0, self.runner.feed_dtype)).dtype
-        degree = built.max_degree
-
-        def feed_of(lo: int, hi: int) -> dict:
-            t0 = time.perf_counter()
-            part = built.select(np.arange(lo, hi))
-            feed = part.feed(dtype, n_slots=self.limits.slots_for(int(degree[lo:hi].max())))
-            self.summary.graph_seconds += time.perf_counter() - t0
-            return feed
-
-        return feed_of
+        return feeds_of(built, 0, self.limits, dtype, self.summary)
 
     def _build_on_device(self, members: list) -> list[str | None]:
         self.device_graphs = None
