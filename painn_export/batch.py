@@ -239,74 +239,146 @@ def collate(
     Positions are moved to each structure's centroid (in float64, before the
     cast): energies, forces and stress do not depend on it, and float32 edge
     vectors then keep their digits wherever the structure sits.
+
+    The layout is written by one compiled pass
+    (:mod:`painn_export._collate_kernel`); :func:`collate_reference` writes the
+    same arrays with numpy, and the tests hold the two equal bit for bit.
     """
-    if not len(graphs):
-        raise InvalidGraphError("no graphs to collate: a feed needs at least one structure")
-    dtype = np.dtype(dtype)
-    natoms = np.array([g.n_atoms for g in graphs], dtype=np.int64)  # [n_systems]
-    nedges = np.array([g.n_edges for g in graphs], dtype=np.int64)
-    n_atoms, n_edges = int(natoms.sum()), int(nedges.sum())
-    atom_offset = np.concatenate([[0], np.cumsum(natoms)[:-1]]).astype(np.int64)
-    edge_offset = np.concatenate([[0], np.cumsum(nedges)[:-1]]).astype(np.int64)
-    need = max(g.max_degree for g in graphs)
-    K = slot_count(need) if n_slots is None else int(n_slots)
-    if K < max(need, 1):
-        raise ValueError(f"n_slots={K} is fewer than the {max(need, 1)} slots the busiest atom needs")
-    edge_index = np.concatenate(
-        [g.edge_index.astype(np.int64) + off for g, off in zip(graphs, atom_offset)], axis=1
-    )  # [2, n_edges]
-    edge_slot = np.concatenate([g.edge_slot for g in graphs]).astype(np.int64)  # [n_edges]
-    reverse = np.concatenate(
-        [g.edge_reverse.astype(np.int64) + off for g, off in zip(graphs, edge_offset)]
-    )  # [n_edges]
+    from painn_export._collate_kernel import slot_layout
+
+    flat, K, P = _flatten(graphs, dtype, n_slots, n_pairs)
+    n_atoms, n_edges = len(flat["positions"]), flat["edge_index"].shape[1]
+    positions = np.empty((n_atoms, 3), dtype=flat["dtype"])
+    neighbors = np.empty(n_atoms * K, dtype=np.int64)
+    shift = np.empty((n_atoms * K, 3), dtype=flat["dtype"])
+    mask = np.empty(n_atoms * K, dtype=flat["dtype"])
+    neighbor_reverse = np.empty(n_atoms * K, dtype=np.int64)
+    slot_pair = np.empty(n_atoms * K, dtype=np.int64)
+    pair_slots = np.empty((P, 2), dtype=np.int64)
+    edge_index = np.empty((2, n_edges), dtype=np.int64)
+    real = slot_layout(
+        flat["positions"], flat["natoms"], flat["edge_index"], flat["nedges"], flat["edge_slot"],
+        flat["edge_reverse"], flat["edge_shift"], K, P,
+        positions, neighbors, shift, mask, neighbor_reverse, slot_pair, pair_slots, edge_index,
+        np.empty(n_edges, dtype=np.int64),
+    )  # fmt: skip
+    if real != n_edges // 2:  # only a graph made with from_checked can get here
+        raise InvalidGraphError("Graph.edge_reverse does not pair every edge with one other edge")
+    return _feed(
+        flat, K, positions, neighbors, shift, mask, slot_pair, pair_slots, neighbor_reverse, edge_index
+    )
+
+
+def collate_reference(
+    graphs: Sequence[Graph],
+    dtype: np.dtype | type = np.float32,
+    n_slots: int | None = None,
+    n_pairs: int | None = None,
+) -> dict[str, np.ndarray]:
+    """:func:`collate` written with numpy scatters: the slow reference its compiled pass is tested against."""
+    flat, K, P = _flatten(graphs, dtype, n_slots, n_pairs)
+    dtype = flat["dtype"]
+    natoms, nedges = flat["natoms"], flat["nedges"]
+    n_atoms, n_edges = len(flat["positions"]), flat["edge_index"].shape[1]
+    atom_offset = np.repeat(np.cumsum(natoms) - natoms, nedges)  # [n_edges] each edge's graph's atoms
+    edge_offset = np.repeat(np.cumsum(nedges) - nedges, nedges)
+    edge_index = flat["edge_index"] + atom_offset  # [2, n_edges]
+    reverse = flat["edge_reverse"] + edge_offset  # [n_edges]
+    starts = np.cumsum(natoms) - natoms
     # Each structure about its own centroid, in float64, before any cast:
     # x_j + shift - x_i must not lose digits to where a structure sits.
-    positions = np.concatenate([g.positions - g.positions.mean(axis=0) for g in graphs])
-    edge_shift = np.concatenate([g.edge_shift for g in graphs]).reshape(-1, 3)
-    atomic_numbers = np.concatenate([g.atomic_numbers for g in graphs])
+    positions = np.concatenate(
+        [
+            flat["positions"][a : a + n] - flat["positions"][a : a + n].mean(axis=0)
+            for a, n in zip(starts, natoms)
+        ]
+    )
     send, recv = edge_index
-    flat = recv * K + edge_slot  # [n_edges] flat slot of each edge
+    flat_slot = recv * K + flat["edge_slot"]  # [n_edges] flat slot of each edge
 
     neighbors = np.repeat(np.arange(n_atoms, dtype=np.int64), K)  # [n_atoms * K], padding: the centre
-    neighbors[flat] = send
+    neighbors[flat_slot] = send
     shift = np.zeros((n_atoms * K, 3), dtype=dtype)
-    shift[flat] = edge_shift
+    shift[flat_slot] = flat["edge_shift"]
     mask = np.zeros(n_atoms * K, dtype=dtype)
-    mask[flat] = 1
+    mask[flat_slot] = 1
     neighbor_reverse = np.arange(n_atoms * K, dtype=np.int64)  # padding: the slot itself
-    neighbor_reverse[flat] = flat[reverse]
+    neighbor_reverse[flat_slot] = flat_slot[reverse]
 
     # Pairs: an edge and its reverse have one length, so one filter W(|r_ij|).
     # Graph refuses self-loops, the only edges that are their own reverse.
     first = np.flatnonzero(np.arange(n_edges) < reverse)  # [n_edges / 2] each pair's first edge
     real = len(first)
-    P = max(real, 1) if n_pairs is None else int(n_pairs)
-    if P < max(real, 1):
-        raise ValueError(f"n_pairs={P} is fewer than the {max(real, 1)} pairs the graphs need")
+    _check_pairs(real, P)
     pair_slots = np.full((P, 2), n_atoms * K, dtype=np.int64)  # [n_pairs, 2], spare: "none"
-    pair_slots[:real, 0] = flat[first]
-    pair_slots[:real, 1] = flat[reverse[first]]
+    pair_slots[:real, 0] = flat_slot[first]
+    pair_slots[:real, 1] = flat_slot[reverse[first]]
     pair_of_edge = np.empty(n_edges, dtype=np.int64)
     pair_of_edge[first] = np.arange(real)
     pair_of_edge[reverse[first]] = np.arange(real)
     slot_pair = np.full(n_atoms * K, P, dtype=np.int64)  # padding: no pair
-    slot_pair[flat] = pair_of_edge
+    slot_pair[flat_slot] = pair_of_edge
+    return _feed(
+        flat, K, positions.astype(dtype), neighbors, shift, mask, slot_pair, pair_slots, neighbor_reverse,
+        edge_index,
+    )  # fmt: skip
+
+
+def _flatten(graphs: Sequence[Graph], dtype, n_slots: int | None, n_pairs: int | None):
+    """The graphs' arrays one after another (indices still local), with the slots ``K`` and pairs ``P``."""
+    if not len(graphs):
+        raise InvalidGraphError("no graphs to collate: a feed needs at least one structure")
+    natoms = np.array([g.n_atoms for g in graphs], dtype=np.int64)  # [n_systems]
+    nedges = np.array([g.n_edges for g in graphs], dtype=np.int64)
+    need = max(g.max_degree for g in graphs)
+    K = slot_count(need) if n_slots is None else int(n_slots)
+    if K < max(need, 1):
+        raise ValueError(f"n_slots={K} is fewer than the {max(need, 1)} slots the busiest atom needs")
+    real = int(nedges.sum()) // 2  # an edge and its reverse (Graph checks every edge has one)
+    P = max(real, 1) if n_pairs is None else int(n_pairs)
+    _check_pairs(real, P)
+    int64, float64 = np.int64, np.float64
+    flat = {
+        "dtype": np.dtype(dtype),
+        "natoms": natoms,
+        "nedges": nedges,
+        "positions": np.concatenate([g.positions for g in graphs]).astype(float64, copy=False),
+        "atomic_numbers": np.concatenate([g.atomic_numbers for g in graphs]).astype(int64, copy=False),
+        "edge_index": np.concatenate([g.edge_index for g in graphs], axis=1).astype(int64, copy=False),
+        "edge_slot": np.concatenate([g.edge_slot for g in graphs]).astype(int64, copy=False),
+        "edge_reverse": np.concatenate([g.edge_reverse for g in graphs]).astype(int64, copy=False),
+        "edge_shift": np.concatenate([g.edge_shift for g in graphs])
+        .astype(float64, copy=False)
+        .reshape(-1, 3),
+        "cell": np.array(
+            [np.zeros((3, 3)) if g.cell is None else g.cell for g in graphs], dtype=np.float64
+        ).reshape(-1, 3, 3),
+    }
+    return flat, K, P
+
+
+def _check_pairs(real: int, P: int) -> None:
+    if P < max(real, 1):
+        raise ValueError(f"n_pairs={P} is fewer than the {max(real, 1)} pairs the graphs need")
+
+
+def _feed(flat, K, positions, neighbors, shift, mask, slot_pair, pair_slots, neighbor_reverse, edge_index):
+    """The feed's dictionary (:func:`collate`'s keys) from the layout's flat arrays."""
+    n_atoms, n_edges = len(positions), edge_index.shape[1]
     return {
-        "atomic_numbers": atomic_numbers.astype(np.int64),
-        "positions": positions.astype(dtype),
+        "atomic_numbers": flat["atomic_numbers"],
+        "positions": positions,
         "neighbors": neighbors.reshape(n_atoms, K),
         "neighbor_shift": shift.reshape(n_atoms, K, 3),
         "neighbor_mask": mask.reshape(n_atoms, K),
         "slot_pair": slot_pair.reshape(n_atoms, K),
         "pair_slots": pair_slots,
         "neighbor_reverse": neighbor_reverse.reshape(n_atoms, K),
-        "system_index": np.repeat(np.arange(len(graphs), dtype=np.int64), natoms),
-        "natoms": natoms,
-        "cell": np.array(
-            [np.zeros((3, 3)) if g.cell is None else g.cell for g in graphs], dtype=np.float64
-        ).reshape(-1, 3, 3),
+        "system_index": np.repeat(np.arange(len(flat["natoms"]), dtype=np.int64), flat["natoms"]),
+        "natoms": flat["natoms"],
+        "cell": flat["cell"],
         "edge_index": edge_index.reshape(2, n_edges),
-        "edge_shift": edge_shift.astype(dtype).reshape(n_edges, 3),
+        "edge_shift": flat["edge_shift"].astype(flat["dtype"]),
     }
 
 

@@ -1,0 +1,105 @@
+"""collate's compiled slot layout against its numpy reference, bit for bit.
+
+The graphs: every structure kind the neighbour tests use, a realistic batch
+(thousands of atoms, the demo's graph settings), and graphs a caller builds
+with :class:`~painn_export.batch.Graph` (any edge order, narrow dtypes,
+repeated edges, self-images, no edges at all).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from painn_export.batch import Graph, InvalidGraphError, collate, collate_reference
+from painn_export.neighbors import neighbor_graph
+from painn_export.samples import bulk as bulk_sample
+from painn_export.samples import example_set
+from painn_export.samples import slab as slab_sample
+
+from structures import all_kinds, bulk, chain
+
+
+def assert_same_feed(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        assert got[name].shape == want[name].shape, name
+        assert got[name].tobytes() == want[name].tobytes(), name
+
+
+def caller_graphs(rng) -> list[Graph]:
+    """Graphs as a caller may build them: shuffled edges, int32 indices, float32 geometry, repeats."""
+    host = bulk(rng, n=9).graph(5.0, 20)
+    perm = rng.permutation(host.n_edges)
+    shuffled = Graph(
+        atomic_numbers=host.atomic_numbers.astype(np.int32),
+        positions=host.positions.astype(np.float32),
+        edge_index=host.edge_index[:, perm].astype(np.int32),
+        cell_shift=host.cell_shift[perm].astype(np.int32),
+        edge_shift=host.edge_shift[perm].astype(np.float32),
+        cell=host.cell,
+    )
+    # One edge listed twice (with its reverse twice): valid, counted twice, as upstream would.
+    twice = np.concatenate([host.edge_index, host.edge_index[:, :1], host.edge_index[::-1, :1]], axis=1)
+    shifts = np.concatenate([host.cell_shift, host.cell_shift[:1], -host.cell_shift[:1]])
+    repeated = Graph(
+        atomic_numbers=host.atomic_numbers,
+        positions=host.positions + 100.0,  # far from the origin: the centroid matters
+        edge_index=twice,
+        cell_shift=shifts,
+        edge_shift=shifts @ host.cell,
+        cell=host.cell,
+    )
+    lonely = Graph(  # one atom, no edges
+        atomic_numbers=np.array([8]),
+        positions=np.array([[1.0, 2.0, 3.0]]),
+        edge_index=np.zeros((2, 0), np.int64),
+        cell_shift=np.zeros((0, 3), np.int64),
+        edge_shift=np.zeros((0, 3)),
+    )
+    return [shuffled, repeated, lonely]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_collate_is_its_reference_on_every_kind(dtype, rng):
+    graphs = [s.graph(5.0, 20) for s in all_kinds(rng)] + [s.graph(6.0, 3) for s in all_kinds(rng)]
+    graphs += [chain(rng, 12), *caller_graphs(rng)]
+    for subset in (graphs, graphs[::-1], graphs[-1:], graphs[3:4]):
+        assert_same_feed(collate(subset, dtype), collate_reference(subset, dtype))
+    need = max(g.max_degree for g in graphs)
+    pairs = sum(g.n_edges for g in graphs) // 2
+    extra = {"n_slots": need + 5, "n_pairs": pairs + 7}  # padding slots and spare pairs
+    assert_same_feed(collate(graphs, dtype, **extra), collate_reference(graphs, dtype, **extra))
+
+
+def test_collate_is_its_reference_at_realistic_size_every_time(rng):
+    """A batch of thousands of atoms at the demo's settings (6 Å, cap 50), twice: the same bytes."""
+    elements = np.arange(1, 84)
+    samples = [bulk_sample(rng, n, elements) for n in rng.integers(20, 121, 30)]
+    samples += [slab_sample(rng, n, elements) for n in rng.integers(20, 121, 10)]
+    samples += example_set(seed=1, large=256)
+    graphs = [
+        neighbor_graph(s.positions, s.cell, s.pbc, 6.0, 50, atomic_numbers=s.atomic_numbers) for s in samples
+    ]
+    assert sum(g.n_atoms for g in graphs) > 2000
+    want = collate_reference(graphs)
+    first, second = collate(graphs), collate(graphs)
+    assert_same_feed(first, want)
+    assert_same_feed(second, want)
+
+
+def test_collate_refuses_what_its_reference_refuses(rng):
+    graphs = [s.graph(5.0, 20) for s in all_kinds(rng)]
+    need = max(g.max_degree for g in graphs)
+    pairs = sum(g.n_edges for g in graphs) // 2
+    for kw, message in (
+        ({"n_slots": need - 1}, "fewer than the"),
+        ({"n_pairs": pairs - 1}, f"n_pairs={pairs - 1} is fewer than the {pairs} pairs"),
+    ):
+        for function in (collate, collate_reference):
+            with pytest.raises(ValueError, match=message):
+                function(graphs, **kw)
+    for function in (collate, collate_reference):
+        with pytest.raises(InvalidGraphError, match="no graphs"):
+            function([])
