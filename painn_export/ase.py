@@ -101,7 +101,7 @@ class PaiNNCalculator(Calculator):
             )
         self.runner.activate()  # started on first use, released by close()
         if self.on_device is None:
-            from painn_export.device_graphs import graphs_on_device
+            from painn_export.batch import graphs_on_device
 
             self.on_device = graphs_on_device(self.where, self.runner.device)
         if self.on_device:

@@ -27,6 +27,7 @@ valid and are evaluated as upstream would (each counts once per listing).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,32 @@ import numpy as np
 from painn_export.contract import slot_count
 
 GRAPHS = ("auto", "host", "device")  # where graphs are built: what --graphs and graphs= take
+
+
+def graphs_on_device(requested: str, runner_device: str) -> bool:
+    """Whether graphs for a runtime on ``runner_device`` are built there, for ``requested`` (:data:`GRAPHS`).
+
+    ``device``: yes (not installed: RuntimeUnavailableError, never a quiet
+    host run); ``host``: no; ``auto``: when the runtime runs on a GPU and
+    device graphs are installed (else the host, logged). Here, not in
+    :mod:`painn_export.device_graphs`: a host run never imports torch and
+    Warp for it (about a second of start-up).
+    """
+    if requested not in GRAPHS:
+        raise ValueError(f"graphs must be one of {', '.join(GRAPHS)}, got {requested!r}")
+    if requested == "host" or (requested == "auto" and not runner_device.startswith("cuda")):
+        return False
+    from painn_export.device_graphs import start
+    from painn_export.errors import RuntimeUnavailableError
+
+    try:
+        start()
+    except RuntimeUnavailableError as exc:
+        if requested == "device":
+            raise
+        logging.getLogger("painn_export.device_graphs").info("graphs built on the host: %s", exc)
+        return False
+    return True
 
 
 class InvalidGraphError(ValueError):

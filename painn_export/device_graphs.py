@@ -49,7 +49,7 @@ import torch
 
 from painn_export._device_cap import image_offsets
 from painn_export._device_search import expected_neighbors, init_kernels, search_and_cap
-from painn_export.batch import GRAPHS, InvalidGraphError, canonical_graph
+from painn_export.batch import GRAPHS, InvalidGraphError, canonical_graph, graphs_on_device
 from painn_export.contract import slot_count
 from painn_export.errors import RuntimeUnavailableError
 
@@ -90,27 +90,6 @@ def start() -> str:
     if not os.path.isdir(cache) or not os.listdir(cache):
         log.warning("device graphs: Warp compiles its kernels on this first run (cached in %s)", cache)
     return cache
-
-
-def graphs_on_device(requested: str, runner_device: str) -> bool:
-    """Whether graphs for a runtime on ``runner_device`` are built there, for ``requested`` (:data:`GRAPHS`).
-
-    ``device``: yes (not installed: RuntimeUnavailableError, never a quiet
-    host run); ``host``: no; ``auto``: when the runtime runs on a GPU and
-    device graphs are installed (else the host, logged).
-    """
-    if requested not in GRAPHS:
-        raise ValueError(f"graphs must be one of {', '.join(GRAPHS)}, got {requested!r}")
-    if requested == "host" or (requested == "auto" and not runner_device.startswith("cuda")):
-        return False
-    try:
-        start()
-    except RuntimeUnavailableError as exc:
-        if requested == "device":
-            raise
-        log.info("graphs built on the host: %s", exc)
-        return False
-    return True
 
 
 def structures_feed(

@@ -28,7 +28,9 @@ numbers are the same whatever else is updated with it.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
+from concurrent.futures import Executor
 
 import numpy as np
 
@@ -41,6 +43,8 @@ from painn_export.neighbors import (
     _search,
     validate_structure,
 )
+
+GROUPS = 4  # with a pool: the compiled pass runs on this many groups of structures, about equal in pairs
 
 
 class SkinGraph:
@@ -97,6 +101,7 @@ def update_skins(
     positions: Sequence[np.ndarray],
     cells: Sequence[np.ndarray],
     pbcs: Sequence[np.ndarray],
+    pool: Executor | None = None,
 ) -> list[Graph | StructureError]:
     """Each structure's graph at its new geometry, or the StructureError it cannot have one for.
 
@@ -107,6 +112,9 @@ def update_skins(
         positions: ``[n, 3]`` float64 Å.
         cells: ``[3, 3]`` float64 Å, rows are lattice vectors.
         pbcs: ``[3]`` bool.
+        pool: threads to share the work (the searches, and the compiled pass
+            over groups of structures); None: this thread. The graphs are the
+            same bits either way: each structure's arithmetic is its own.
 
     Positions that are not finite and periodic cells that are singular give
     the :class:`~painn_export.neighbors.StructureError` that
@@ -160,17 +168,28 @@ def update_skins(
                 sigma = np.linalg.svd(strain, compute_uv=False)[:, -1]
             reach = first.cutoff + first.skin
             search[strained] = ~finite | ~(2 * beyond <= sigma * reach - first.cutoff)
-    for s in np.flatnonzero(search):
-        if s in failed:
-            continue
+
+    def search_one(s: int) -> StructureError | None:
         x = pos[atom_start[s] : atom_start[s + 1]]
         try:
             _, cell[s], _ = validate_structure(x, cell[s], pbc[s])
         except StructureError as exc:
-            failed[int(s)] = exc
-            continue
+            return exc
         skins[s]._search(atomic_numbers[s], x, cell[s], pbc[s])
-    return _graphs(skins, atomic_numbers, positions, pos, cell, atom_start, failed)
+        return None
+
+    again = [int(s) for s in np.flatnonzero(search) if s not in failed]
+    for s, error in zip(again, _map(pool, search_one, again)):
+        if error is not None:
+            failed[s] = error
+    return _graphs(skins, atomic_numbers, positions, pos, cell, atom_start, failed, pool)
+
+
+def _map(pool: Executor | None, function, items: list) -> list:
+    """``[function(x) for x in items]``, on ``pool``'s threads when there is more than one item."""
+    if pool is None or len(items) < 2:
+        return [function(x) for x in items]
+    return list(pool.map(function, items))
 
 
 def _moved(skins, which: np.ndarray, pos: np.ndarray, atom_start: np.ndarray, strain) -> np.ndarray:
@@ -189,21 +208,40 @@ def _moved(skins, which: np.ndarray, pos: np.ndarray, atom_start: np.ndarray, st
     return np.sqrt(np.maximum.reduceat(np.sum(d * d, axis=1), np.cumsum(counts) - counts))
 
 
-def _graphs(skins, atomic_numbers, positions, pos, cell, atom_start, failed) -> list:
-    """Every structure's graph from its pairs, in one compiled call; ``failed`` ones keep their error."""
-    from painn_export._neighbors_kernel import skin_graphs
-
-    first = skins[0]
+def _graphs(skins, atomic_numbers, positions, pos, cell, atom_start, failed, pool) -> list:
+    """Every structure's graph from its pairs, in compiled calls (one per group of structures, on
+    ``pool``'s threads); ``failed`` ones keep their error."""
     B = len(skins)
     ok = [s for s in range(B) if s not in failed]
     out: list = [failed.get(s) for s in range(B)]
     if not ok:
         return out
-    if len(ok) < B:  # the kernel sees the structures that have a geometry
-        pos = np.concatenate([positions[s] for s in ok])
-        cell = cell[ok]
-        atom_start = np.concatenate([[0], np.cumsum([len(positions[s]) for s in ok])])
-    pairs = [skins[s]._pairs for s in ok]
+    n_pairs = np.array([len(skins[s]._pairs[0]) for s in ok], dtype=np.int64)
+    parts = 1 if pool is None else GROUPS
+    # Contiguous groups of about equal pairs (the kernel's work).
+    bounds = np.searchsorted(np.cumsum(n_pairs), np.arange(1, parts) * n_pairs.sum() / parts)
+    bounds = np.unique(np.concatenate([[0], np.minimum(bounds, len(ok)), [len(ok)]]))
+    groups = [ok[t0:t1] for t0, t1 in itertools.pairwise(bounds) if t1 > t0]
+
+    def group_graphs(group: list[int]) -> list[tuple[int, Graph]]:
+        return _group_graphs(skins, atomic_numbers, positions, pos, cell, atom_start, group)
+
+    for done in _map(pool, group_graphs, groups):
+        for s, graph in done:
+            out[s] = graph
+    return out
+
+
+def _group_graphs(skins, atomic_numbers, positions, pos, cell, atom_start, group) -> list:
+    """``(s, graph)`` of the structures ``group`` (ascending), from one compiled call."""
+    from painn_export._neighbors_kernel import skin_graphs
+
+    first = skins[0]
+    if len(group) < len(skins):  # the kernel sees these structures only
+        pos = np.concatenate([positions[s] for s in group])
+        cell = cell[group]
+        atom_start = np.concatenate([[0], np.cumsum([len(positions[s]) for s in group])])
+    pairs = [skins[s]._pairs for s in group]
     n_pairs = np.array([len(p[0]) for p in pairs], dtype=np.int64)
     pair_start = np.concatenate([[0], np.cumsum(n_pairs)])
     a = np.concatenate([p[0] for p in pairs]).astype(np.int64, copy=False)
@@ -216,19 +254,25 @@ def _graphs(skins, atomic_numbers, positions, pos, cell, atom_start, failed) -> 
     )  # fmt: skip
     for shared in (index, shift, edge_shift, slot, reverse):  # views of these are every graph's arrays
         shared.flags.writeable = False
-    for t, s in enumerate(ok):
+    out = []
+    for t, s in enumerate(group):
         e0, e1 = edge_start[t], edge_start[t + 1]
         # Checked by construction (the kernel writes each reverse at e ± E/2, no zero-length edge,
         # atoms of the structure only); tests/test_skin.py compares them with Graph's own checks.
-        out[s] = Graph.from_checked(
-            atomic_numbers=atomic_numbers[s],
-            positions=positions[s],
-            edge_index=index[:, e0:e1],
-            cell_shift=shift[e0:e1],
-            edge_shift=edge_shift[e0:e1],
-            cell=cell[t],
-            edge_slot=slot[e0:e1],
-            edge_reverse=reverse[e0:e1],
-            min_distance=float(closest[t]),
+        out.append(
+            (
+                s,
+                Graph.from_checked(
+                    atomic_numbers=atomic_numbers[s],
+                    positions=positions[s],
+                    edge_index=index[:, e0:e1],
+                    cell_shift=shift[e0:e1],
+                    edge_shift=edge_shift[e0:e1],
+                    cell=cell[t],
+                    edge_slot=slot[e0:e1],
+                    edge_reverse=reverse[e0:e1],
+                    min_distance=float(closest[t]),
+                ),
+            )
         )
     return out

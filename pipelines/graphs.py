@@ -4,6 +4,11 @@ Runs in worker processes (or in the main one with ``--workers 0``). A worker
 opens the input once and reads the structure ranges it is given, so only
 graphs, never the raw input, travel between processes. Imports stay light
 (numpy, h5py, vesin, numba): no torch or ONNX Runtime in the workers.
+
+With ``--graphs device`` neither ``run`` nor ``relax`` uses this stage: the
+main process reads the raw structures and the runner's device builds their
+graphs and gives their statuses (:mod:`pipelines.device_batches`,
+:meth:`pipelines.relax_graphs.StepGraphs.entering`); no host graph is made.
 """
 
 from __future__ import annotations
@@ -46,12 +51,19 @@ class GraphSettings:
 
 @dataclass(frozen=True)
 class Start:
-    """What a relaxation starts a structure from, made in the neighbour worker with its graph."""
+    """What a relaxation starts a structure from: the input's structure, and on the host its skin list.
 
-    skin: SkinGraph | None  # searched at the input's geometry, its graph the item's (None: device graphs)
+    Made in the neighbour worker with the structure's graph (whose arrays it
+    shares, so they are pickled once), or with ``--graphs device`` from the
+    input read in the main process (:meth:`pipelines.relax_graphs.StepGraphs.entering`).
+    """
+
+    atomic_numbers: np.ndarray  # [n] int64
+    positions: np.ndarray  # [n, 3] float64 Å, as in the input
     cell: np.ndarray  # [3, 3] float64 Å, as in the input
     pbc: np.ndarray  # [3] bool
     fixed: np.ndarray  # [n] bool: atoms held fixed
+    skin: SkinGraph | None = None  # host path: searched at the input's geometry, its graph the item's
 
 
 @dataclass(frozen=True)
@@ -66,7 +78,7 @@ class Item:
     """
 
     index: int
-    graph: Graph | None
+    graph: Graph | None  # with --graphs device: what packing reads of the device's graph (Sized)
     status: str
     message: str
     start: Start | None = None  # with GraphSettings.relax, for a structure with a graph
@@ -119,6 +131,12 @@ def _exit_with_parent(poll_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+def warm_worker() -> None:
+    """In a worker process: build one small graph, so that the compiled kernels are loaded."""
+    z, pos = np.array([1, 1]), np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    structure_item(-1, z, pos, np.eye(3) * 10.0, np.ones(3, bool), _worker["settings"])
+
+
 def build_items(indices: np.ndarray) -> list[Item]:
     """In a worker process: graphs (or statuses) of the structures ``indices`` (sorted) of its input."""
     return items_from(_worker["reader"], _worker["settings"], indices)
@@ -157,7 +175,8 @@ def structure_item(s: int, z, pos, cell, pbc, settings: GraphSettings) -> Item:
             skin = SkinGraph(settings.cutoff, settings.max_neighbors, skin=settings.skin)
             graph = skin.update(z, pos, cell, pbc)
         if settings.relax:
-            start = Start(skin, np.array(cell, np.float64), np.array(pbc, bool), np.zeros(len(z), bool))
+            geometry = graph.atomic_numbers, graph.positions, np.array(cell, np.float64), np.array(pbc, bool)
+            start = Start(*geometry, np.zeros(len(z), bool), skin)  # fixed: set by items_from
     except StructureError as exc:
         return Item(s, None, exc.kind, str(exc))
     # Every pair the search found counts here, self-images and coincident
@@ -199,8 +218,18 @@ def chunks(pending: np.ndarray):
         yield pending[lo : lo + CHUNK]
 
 
-def neighbour_items(input_path: str, pending: np.ndarray, settings: GraphSettings, workers: int):
-    """Items of every pending structure, in order, from a bounded window of worker tasks."""
+def neighbour_items(
+    input_path: str, pending: np.ndarray, settings: GraphSettings, workers: int, start_here: bool = False
+):
+    """Items of every pending structure, in order, from a bounded window of worker tasks.
+
+    ``start_here``: this process builds the chunks itself until a worker is
+    ready (a worker's interpreter, imports and compiled kernels take about
+    0.7 s that the run would otherwise wait out). For a caller that loads the
+    neighbour code anyway (``relax`` searches its skin lists here);
+    elsewhere vesin's import of torch would cost more. The items are the
+    same whoever builds them.
+    """
     if workers <= 0:
         # In this process: a reader of its own (no module state), closed after the run.
         with InputReader(input_path) as reader:
@@ -220,8 +249,13 @@ def neighbour_items(input_path: str, pending: np.ndarray, settings: GraphSetting
         initargs=(init_worker_process, input_path, settings),
     )
     window: deque = deque()
+    here = _Here(input_path, settings) if start_here else None
+    ready = pool.submit(warm_worker) if start_here else None  # done once a worker can build
     try:
         for chunk in chunks(pending):
+            if here is not None and not window and not ready.done():
+                yield from here.items(chunk)  # the workers are still starting
+                continue
             window.append(pool.submit(build_items, chunk))
             if len(window) > 2 * workers:
                 yield from window.popleft().result()
@@ -236,6 +270,24 @@ def neighbour_items(input_path: str, pending: np.ndarray, settings: GraphSetting
         # Without waiting: the workers exit in the background while the last
         # batch runs (they are joined at interpreter exit at the latest).
         pool.shutdown(wait=False, cancel_futures=True)
+        if here is not None:
+            here.close()
+
+
+class _Here:
+    """This process's own reader, opened when it first builds a chunk (``start_here``)."""
+
+    def __init__(self, input_path: str, settings: GraphSettings) -> None:
+        self.input_path, self.settings, self.reader = input_path, settings, None
+
+    def items(self, chunk: np.ndarray) -> list[Item]:
+        if self.reader is None:
+            self.reader = InputReader(self.input_path)
+        return items_from(self.reader, self.settings, chunk)
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
 
 
 def default_workers() -> int:

@@ -609,3 +609,44 @@ def test_a_structure_too_large_for_onnxruntimes_memory_is_too_large_not_fatal(tm
     with h5py.File(tmp_path / "out.h5") as fh:
         message = fh["message"][6]
     assert b"out of memory" in message and b"smaller than requested bytes" in message, message
+
+
+@pytest.mark.parametrize("skin", [None, 0.5])
+def test_neighbour_items_are_the_same_whoever_builds_them(tmp_path, monkeypatch, skin):
+    """In this process, on workers, and on workers while this process builds what they have not
+    started (start_here): the same items in the same order, bit for bit, over several chunks."""
+    import pipelines.graphs as graphs
+
+    _, rows, _ = _structures()
+    inp = write_input(tmp_path / "in.h5", _many(2 * graphs.CHUNK + 40) + rows)
+    settings = graphs.GraphSettings(5.0, 20, 83, "float32", relax=skin is not None, skin=skin)
+    pending = np.arange(2 * graphs.CHUNK + 40 + len(rows))
+    built_here = []
+    items_from = graphs.items_from
+
+    def counted(reader, settings, chunk):
+        built_here.append(len(chunk))
+        return items_from(reader, settings, chunk)
+
+    monkeypatch.setattr(graphs, "items_from", counted)  # this process only: the workers are spawned
+
+    def items(workers, start_here):
+        built_here.clear()
+        got = list(graphs.neighbour_items(str(inp), pending, settings, workers, start_here=start_here))
+        return got, sum(built_here)
+
+    want, here = items(0, False)
+    assert here == len(pending)
+    for workers, start_here in ((1, False), (2, True)):
+        got, here = items(workers, start_here)
+        assert (here > 0) == start_here  # the workers cannot be ready before the first chunk
+        assert [i.index for i in got] == list(pending)
+        for g, w in zip(got, want):
+            assert (g.status, g.message) == (w.status, w.message)
+            assert (g.graph is None) == (w.graph is None)
+            if w.graph is not None:
+                for key in ("edge_index", "cell_shift", "edge_shift", "edge_slot", "edge_reverse"):
+                    assert getattr(g.graph, key).tobytes() == getattr(w.graph, key).tobytes(), key
+            if w.start is not None and w.start.skin is not None:
+                for mine, theirs in zip(g.start.skin._pairs, w.start.skin._pairs):
+                    assert mine.tobytes() == theirs.tobytes()
