@@ -1,6 +1,6 @@
 """Compiled slot layout for :func:`painn_export.batch.collate` (numba).
 
-One pass over the atoms and one over the edges write the whole feed that
+A pass over the atoms and two over the edges write the whole feed that
 :func:`painn_export.batch.collate_reference` writes with a dozen numpy
 scatters and their temporaries (each as large as the edge list): the same
 arrays, bit for bit (tests/test_collate.py). The one sum, each structure's
@@ -19,42 +19,44 @@ from painn_export._neighbors_kernel import _jit
 
 @_jit
 def slot_layout(
-    positions, natoms, edge_index, nedges, edge_slot, edge_reverse, edge_shift, K, P,
+    positions, natoms, edge_index, nedges, edge_slot, edge_reverse, edge_shift, K, P, g0, g1, a0, e0, p0,
     out_positions, neighbors, shift, mask, neighbor_reverse, slot_pair, pair_slots, flat_edge_index, flat,
 ) -> int:  # fmt: skip
-    """Write the slot layout of graphs given one after another; returns the number of pairs.
+    """Write the slot layout of graphs ``g0 .. g1 - 1``; returns the number of pairs they hold.
 
-    Inputs (``B`` graphs, ``N`` atoms, ``E`` edges in all; indices local to
-    each graph): ``positions`` ``[N, 3]`` float64 Å, ``natoms`` ``[B]``,
-    ``edge_index`` ``[2, E]`` (sender, receiver), ``nedges`` ``[B]``,
-    ``edge_slot`` ``[E]``, ``edge_reverse`` ``[E]``, ``edge_shift`` ``[E, 3]``
-    float64 Å; ``K`` slots per atom, ``P`` pairs (at least ``E / 2``).
+    Inputs (``B`` graphs, ``N`` atoms, ``E`` edges in all, one after
+    another; indices local to each graph): ``positions`` ``[N, 3]`` float64
+    Å, ``natoms`` ``[B]``, ``edge_index`` ``[2, E]`` (sender, receiver),
+    ``nedges`` ``[B]``, ``edge_slot`` ``[E]``, ``edge_reverse`` ``[E]``,
+    ``edge_shift`` ``[E, 3]`` float64 Å; ``K`` slots per atom, ``P`` pairs;
+    ``a0``, ``e0``, ``p0``: the atoms, edges and pairs of the graphs before
+    ``g0`` (a graph of ``n`` edges holds ``n / 2`` pairs).
 
-    Outputs (preallocated; float ones in the feed's dtype): ``out_positions``
-    ``[N, 3]``, ``neighbors``, ``shift`` ``[N * K, 3]``, ``mask``,
-    ``neighbor_reverse``, ``slot_pair`` ``[N * K]``, ``pair_slots`` ``[P, 2]``,
-    ``flat_edge_index`` ``[2, E]`` (global atom indices), and the scratch
-    ``flat`` ``[E]`` (each edge's flat slot).
+    Outputs (preallocated, for all ``B`` graphs; this call writes its
+    graphs' rows only, so calls on other graphs may run at the same time;
+    float ones in the feed's dtype): ``out_positions`` ``[N, 3]``,
+    ``neighbors``, ``shift`` ``[N * K, 3]``, ``mask``, ``neighbor_reverse``,
+    ``slot_pair`` ``[N * K]``, ``pair_slots`` ``[P, 2]`` (the pairs only, not
+    the spare rows), ``flat_edge_index`` ``[2, E]`` (global atom indices),
+    and the scratch ``flat`` ``[E]`` (each edge's flat slot).
     """
-    B = natoms.shape[0]
-    NK = neighbors.shape[0]
     # Each structure about its own centroid (numpy's mean(axis=0): rows in order, then / n).
-    a0 = 0
-    for s in range(B):
+    a = a0
+    for s in range(g0, g1):
         n = natoms[s]
-        c0, c1, c2 = positions[a0, 0], positions[a0, 1], positions[a0, 2]
-        for t in range(a0 + 1, a0 + n):
+        c0, c1, c2 = positions[a, 0], positions[a, 1], positions[a, 2]
+        for t in range(a + 1, a + n):
             c0 += positions[t, 0]
             c1 += positions[t, 1]
             c2 += positions[t, 2]
         c0, c1, c2 = c0 / n, c1 / n, c2 / n
-        for t in range(a0, a0 + n):
+        for t in range(a, a + n):
             out_positions[t, 0] = positions[t, 0] - c0
             out_positions[t, 1] = positions[t, 1] - c1
             out_positions[t, 2] = positions[t, 2] - c2
-        a0 += n
+        a += n
     # Padding: the centre itself, a zero shift and mask, its own reverse, no pair.
-    for f in range(NK):
+    for f in range(a0 * K, a * K):
         neighbors[f] = f // K
         neighbor_reverse[f] = f
         slot_pair[f] = P
@@ -63,12 +65,12 @@ def slot_layout(
         shift[f, 1] = 0
         shift[f, 2] = 0
     # Edges: each to its receiver's slot, offset by the atoms of earlier graphs.
-    a0 = 0
-    e0 = 0
-    for s in range(B):
-        for e in range(e0, e0 + nedges[s]):
-            send = edge_index[0, e] + a0
-            recv = edge_index[1, e] + a0
+    a = a0
+    start = e0
+    for s in range(g0, g1):
+        for e in range(start, start + nedges[s]):
+            send = edge_index[0, e] + a
+            recv = edge_index[1, e] + a
             f = recv * K + edge_slot[e]
             flat[e] = f
             flat_edge_index[0, e] = send
@@ -78,14 +80,14 @@ def slot_layout(
             shift[f, 1] = edge_shift[e, 1]
             shift[f, 2] = edge_shift[e, 2]
             mask[f] = 1
-        a0 += natoms[s]
-        e0 += nedges[s]
+        a += natoms[s]
+        start += nedges[s]
     # Reverses and pairs (an edge and its reverse; numbered by the first of the two, in edge order).
-    e0 = 0
-    p = 0
-    for s in range(B):
-        for e in range(e0, e0 + nedges[s]):
-            r = edge_reverse[e] + e0
+    start = e0
+    p = p0
+    for s in range(g0, g1):
+        for e in range(start, start + nedges[s]):
+            r = edge_reverse[e] + start
             neighbor_reverse[flat[e]] = flat[r]
             if e < r:
                 if p < P:  # more pairs than P: counted, and refused by the caller
@@ -94,8 +96,5 @@ def slot_layout(
                     slot_pair[flat[e]] = p
                     slot_pair[flat[r]] = p
                 p += 1
-        e0 += nedges[s]
-    for q in range(p, P):  # spare pairs: "no slot"
-        pair_slots[q, 0] = NK
-        pair_slots[q, 1] = NK
-    return p
+        start += nedges[s]
+    return p - p0

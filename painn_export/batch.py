@@ -27,8 +27,10 @@ valid and are evaluated as upstream would (each counts once per listing).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +38,7 @@ import numpy as np
 from painn_export.contract import slot_count
 
 GRAPHS = ("auto", "host", "device")  # where graphs are built: what --graphs and graphs= take
+COLLATE_GROUPS = 4  # collate with a pool: the layout is written in this many groups of graphs
 
 
 def graphs_on_device(requested: str, runner_device: str) -> bool:
@@ -247,6 +250,7 @@ def collate(
     dtype: np.dtype | type = np.float32,
     n_slots: int | None = None,
     n_pairs: int | None = None,
+    pool: Executor | None = None,
 ) -> dict[str, np.ndarray]:
     """Pack graphs into one feed keyed by the contract's names (:func:`~painn_export.contract.feed_names`).
 
@@ -267,13 +271,17 @@ def collate(
     cast): energies, forces and stress do not depend on it, and float32 edge
     vectors then keep their digits wherever the structure sits.
 
-    The layout is written by one compiled pass
-    (:mod:`painn_export._collate_kernel`); :func:`collate_reference` writes the
-    same arrays with numpy, and the tests hold the two equal bit for bit.
+    The layout is written by compiled passes
+    (:mod:`painn_export._collate_kernel`), one per group of graphs on
+    ``pool``'s threads (:data:`COLLATE_GROUPS` groups; None: one pass here);
+    each graph's rows are the same bits either way, and
+    :func:`collate_reference` writes the same arrays with numpy (the tests
+    hold the two equal bit for bit).
     """
     from painn_export._collate_kernel import slot_layout
 
     flat, K, P = _flatten(graphs, dtype, n_slots, n_pairs)
+    natoms, nedges = flat["natoms"], flat["nedges"]
     n_atoms, n_edges = len(flat["positions"]), flat["edge_index"].shape[1]
     positions = np.empty((n_atoms, 3), dtype=flat["dtype"])
     neighbors = np.empty(n_atoms * K, dtype=np.int64)
@@ -283,17 +291,31 @@ def collate(
     slot_pair = np.empty(n_atoms * K, dtype=np.int64)
     pair_slots = np.empty((P, 2), dtype=np.int64)
     edge_index = np.empty((2, n_edges), dtype=np.int64)
-    real = slot_layout(
-        flat["positions"], flat["natoms"], flat["edge_index"], flat["nedges"], flat["edge_slot"],
-        flat["edge_reverse"], flat["edge_shift"], K, P,
-        positions, neighbors, shift, mask, neighbor_reverse, slot_pair, pair_slots, edge_index,
-        np.empty(n_edges, dtype=np.int64),
-    )  # fmt: skip
-    if real != n_edges // 2:  # only a graph made with from_checked can get here
+    scratch = np.empty(n_edges, dtype=np.int64)
+    atom_start = np.concatenate([[0], np.cumsum(natoms)])
+    edge_start = np.concatenate([[0], np.cumsum(nedges)])
+
+    def layout(g0: int, g1: int) -> int:
+        """The pairs of graphs g0 .. g1 - 1 (each graph holds half its edges' pairs, in order)."""
+        return slot_layout(
+            flat["positions"], natoms, flat["edge_index"], nedges, flat["edge_slot"],
+            flat["edge_reverse"], flat["edge_shift"], K, P,
+            g0, g1, atom_start[g0], edge_start[g0], edge_start[g0] // 2,
+            positions, neighbors, shift, mask, neighbor_reverse, slot_pair, pair_slots, edge_index, scratch,
+        ) - (edge_start[g1] - edge_start[g0]) // 2  # fmt: skip
+
+    groups = [(0, len(graphs))]
+    if pool is not None and len(graphs) > 1:  # about equal work: slots and edges
+        work = np.cumsum(natoms * K + nedges)
+        cuts = np.searchsorted(work, np.arange(1, COLLATE_GROUPS) * work[-1] / COLLATE_GROUPS) + 1
+        bounds = np.unique(np.concatenate([[0], np.minimum(cuts, len(graphs)), [len(graphs)]]))
+        groups = list(itertools.pairwise(bounds.tolist()))
+    wrong = list(pool.map(lambda g: layout(*g), groups)) if len(groups) > 1 else [layout(*groups[0])]
+    if any(wrong):  # only a graph made with from_checked can get here
         raise InvalidGraphError("Graph.edge_reverse does not pair every edge with one other edge")
-    return _feed(
-        flat, K, positions, neighbors, shift, mask, slot_pair, pair_slots, neighbor_reverse, edge_index
-    )
+    pair_slots[n_edges // 2 :] = n_atoms * K  # spare pairs: "no slot"
+    arrays = (positions, neighbors, shift, mask, slot_pair, pair_slots, neighbor_reverse, edge_index)
+    return _feed(flat, K, *arrays)
 
 
 def collate_reference(

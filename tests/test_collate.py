@@ -8,6 +8,8 @@ repeated edges, self-images, no edges at all).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -61,20 +63,30 @@ def caller_graphs(rng) -> list[Graph]:
     return [shuffled, repeated, lonely]
 
 
+@pytest.fixture(params=[None, 2], ids=["one_pass", "two_threads"])
+def pool(request):
+    if request.param is None:
+        yield None
+        return
+    with ThreadPoolExecutor(request.param) as threads:
+        yield threads
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_collate_is_its_reference_on_every_kind(dtype, rng):
+def test_collate_is_its_reference_on_every_kind(dtype, rng, pool):
     graphs = [s.graph(5.0, 20) for s in all_kinds(rng)] + [s.graph(6.0, 3) for s in all_kinds(rng)]
     graphs += [chain(rng, 12), *caller_graphs(rng)]
-    for subset in (graphs, graphs[::-1], graphs[-1:], graphs[3:4]):
-        assert_same_feed(collate(subset, dtype), collate_reference(subset, dtype))
+    for subset in (graphs, graphs[::-1], graphs[-1:], graphs[3:4], graphs[-2:]):
+        assert_same_feed(collate(subset, dtype, pool=pool), collate_reference(subset, dtype))
     need = max(g.max_degree for g in graphs)
     pairs = sum(g.n_edges for g in graphs) // 2
     extra = {"n_slots": need + 5, "n_pairs": pairs + 7}  # padding slots and spare pairs
-    assert_same_feed(collate(graphs, dtype, **extra), collate_reference(graphs, dtype, **extra))
+    assert_same_feed(collate(graphs, dtype, pool=pool, **extra), collate_reference(graphs, dtype, **extra))
 
 
 def test_collate_is_its_reference_at_realistic_size_every_time(rng):
-    """A batch of thousands of atoms at the demo's settings (6 Å, cap 50), twice: the same bytes."""
+    """A batch of thousands of atoms at the demo's settings (6 Å, cap 50), in one pass and on two
+    threads, each twice: the same bytes."""
     elements = np.arange(1, 84)
     samples = [bulk_sample(rng, n, elements) for n in rng.integers(20, 121, 30)]
     samples += [slab_sample(rng, n, elements) for n in rng.integers(20, 121, 10)]
@@ -84,9 +96,11 @@ def test_collate_is_its_reference_at_realistic_size_every_time(rng):
     ]
     assert sum(g.n_atoms for g in graphs) > 2000
     want = collate_reference(graphs)
-    first, second = collate(graphs), collate(graphs)
-    assert_same_feed(first, want)
-    assert_same_feed(second, want)
+    assert_same_feed(collate(graphs), want)
+    assert_same_feed(collate(graphs), want)
+    with ThreadPoolExecutor(2) as threads:
+        assert_same_feed(collate(graphs, pool=threads), want)
+        assert_same_feed(collate(graphs, pool=threads), want)
 
 
 def test_collate_refuses_what_its_reference_refuses(rng):
@@ -103,3 +117,11 @@ def test_collate_refuses_what_its_reference_refuses(rng):
     for function in (collate, collate_reference):
         with pytest.raises(InvalidGraphError, match="no graphs"):
             function([])
+
+
+def test_a_graph_whose_reverses_do_not_pair_its_edges_is_refused(rng):
+    """Graph.from_checked skips the checks; a reverse list that is not a pairing is still refused."""
+    good = bulk(rng, n=6).graph(5.0, 12)
+    broken = Graph.from_checked(**{**vars(good), "edge_reverse": np.arange(good.n_edges)})
+    with pytest.raises(InvalidGraphError, match="does not pair every edge"):
+        collate([good, broken])
