@@ -14,8 +14,12 @@ The loop, on one runner:
    the same batches. A batch that failed for
    memory lowers the atom budget for every batch after it
    (:attr:`pipelines.batches.Summary.memory_atoms`). Structures the input itself rules out
-   (``empty_structure``, ``bad_cell``, ...) get ``run``'s statuses from its
-   neighbour workers (``--workers``) and never enter.
+   (``empty_structure``, ``bad_cell``, ``atoms_too_close``, ...) get ``run``'s
+   statuses and never enter: from the neighbour workers (``--workers``) on
+   the host path; with ``--graphs device`` this process reads the raw
+   structures and the device builds them before admission, which gives the
+   same statuses and messages and the sizes admission reads (no host graph,
+   no worker: :meth:`pipelines.relax_graphs.StepGraphs.entering`).
 2. **Graphs** (:mod:`pipelines.relax_graphs`). Each structure keeps a
    Verlet-skin neighbour list (:class:`painn_export.skin.SkinGraph`, searched
    first in a neighbour worker): searched again only when an atom has moved
@@ -23,7 +27,8 @@ The loop, on one runner:
    whole batch in one compiled pass. Edges are put in one canonical order
    (by centre, neighbour, image), so a graph never depends on when its list
    was searched. With ``--graphs device`` the batch's graphs are built on
-   the runner's device each step instead: the same edges, the same bits.
+   the runner's device each step instead (an entering structure's first
+   graph is its entry build's): the same edges, the same bits.
 3. **Model and FIRE.** One inference for the whole batch (in pieces after a
    memory failure, see 1), then one FIRE step
    for the whole batch (:mod:`pipelines.fire`: ASE's rule, parameters and
@@ -157,7 +162,7 @@ class _Member:
     pbc: np.ndarray  # [3] bool
     state: FireState
     skin: SkinGraph | None  # None with device graphs
-    graph: Graph | None = None
+    graph: Graph | None = None  # device graphs: its size (Sized, or Entered until its first feed)
     fmax: float = float("nan")  # at the last evaluation
     passed: int = 0  # waiting: how many later structures entered before it
 
@@ -215,7 +220,7 @@ def _relax_locked(
         if settings.cell and not runner.has_stress:
             raise CellNeedsStressError(f"--cell needs a model with stress, and {model_path} serves none")
         # Not in the fingerprint: both paths give the same graphs and edge order, so the same bits.
-        from painn_export.device_graphs import graphs_on_device
+        from painn_export.batch import graphs_on_device
 
         on_device = graphs_on_device(options.graphs, runner.device)
         model_sha256 = file_sha256(loader.path)
@@ -299,10 +304,11 @@ class _Loop:
         self.input_path, self.reader, self.runner, self.facts = input_path, reader, runner, facts
         self.settings, self.out, self.summary, self.limits = settings, out, summary, limits
         self.workers, self.observer = workers, observer
-        # Workers check and size each structure at entry; on the host they search its skin list,
-        # whose first graph comes with it (the device builds every graph after that itself).
-        skin = None if on_device else settings.skin
-        self.graph_settings = dataclasses.replace(GraphSettings.of(facts, runner), relax=True, skin=skin)
+        # Host path: workers check each entering structure and search its skin list, whose first graph
+        # comes with it. Device path: no workers; the device checks, sizes and builds (StepGraphs.entering).
+        self.graph_settings = dataclasses.replace(
+            GraphSettings.of(facts, runner), relax=True, skin=settings.skin
+        )
         self.graphs = StepGraphs(runner, self.graph_settings, limits, summary, on_device)
         self.bar = None
         self.done: list[Finished] = []  # finished since the last checkpoint
@@ -358,11 +364,14 @@ class _Loop:
         n = self.reader.n_structures
         again = np.array([index for index, _ in self.restored_waiting], dtype=np.int64)
         pending = np.concatenate([again, np.arange(self.next_index, n, dtype=np.int64)])
-        items = (
-            neighbour_items(self.input_path, pending, self.graph_settings, self.workers)
-            if len(pending)
-            else None
-        )
+        if not len(pending):
+            items = None
+        elif self.graphs.on_device:  # this process reads; the device checks, sizes and builds
+            items = self.graphs.entering(self.reader, pending)
+        else:
+            items = neighbour_items(
+                self.input_path, pending, self.graph_settings, self.workers, start_here=True
+            )
         for index, passed in self.restored_waiting:  # the window as the checkpoint left it
             item = next(items)
             if item.index != index or item.start is None:  # it had a graph when it first waited
@@ -455,6 +464,7 @@ class _Loop:
             else:
                 offer(self._member_of(item))
         self.waiting = still
+        self.graphs.wait(still)
 
     def _input_status(self, index: int, status: str, message: str) -> None:
         self.out.writer.commit_status([(index, status, message)])
@@ -463,16 +473,16 @@ class _Loop:
             self.bar.update(1, 0)
 
     def _member_of(self, item) -> _Member:
-        """A structure entering from its neighbour item: the worker's skin list and first graph."""
-        start, graph = item.start, item.graph
+        """A structure entering from its item: its start, and its first graph (host: the worker's skin
+        list and graph; device: its size and entry build, :class:`pipelines.relax_graphs.Entered`)."""
+        start = item.start
         state = FireState.start(
-            graph.positions, start.cell, start.fixed, self.settings.fire, self.settings.cell
+            start.positions, start.cell, start.fixed, self.settings.fire, self.settings.cell
         )
         if start.skin is not None:
             self.summary.searches += start.skin.n_searches
-        return _Member(
-            item.index, np.asarray(graph.atomic_numbers, np.int64), start.pbc, state, start.skin, graph
-        )
+        z = np.asarray(start.atomic_numbers, np.int64)
+        return _Member(item.index, z, start.pbc, state, start.skin, item.graph)
 
     def _evaluate(self, members: list[_Member]) -> list:
         """``(energy, forces, stress)`` per member (float64), or a too_large message (:func:`infer_split`)."""

@@ -8,14 +8,21 @@ FIRE step, and :func:`pipelines.batches.infer_split` their feed:
   the feed is :func:`~painn_export.batch.collate` of the graphs.
 - **device** (``--graphs device``, or ``auto`` on a GPU): the batch's graphs
   are built on the runner's device every step
-  (:func:`~painn_export.device_graphs.build_graphs`; structures that entered
-  since are built when the batch is fed, and joined); each member's
+  (:func:`~painn_export.device_graphs.build_graphs`); each member's
   ``graph`` is then its size (atoms, busiest atom), which admission and
-  splitting read, and the feed is built there too.
+  splitting read, and the feed is built there too. The host only reads and
+  writes: structures enter from :meth:`StepGraphs.entering`, which reads
+  them from the input and builds them on the device a run at a time before
+  any is admitted; that build gives each its input status, or its size
+  (:class:`Entered`) and the graph its first feed takes (joined to the
+  rest; one that waits keeps its own, selected from the build). No host
+  graph, no neighbour worker, nothing pickled.
 
 Both give the same edges in the same order, hence the same feeds and bits;
-a structure without a graph gets the same message from both: its geometry
-became invalid, or two atoms came closer than :data:`~pipelines.graphs.MIN_SEPARATION`.
+a structure without a graph gets the same status and message from both: at
+entry ``run``'s input statuses (:func:`pipelines.graphs.structure_item`),
+after a step its geometry became invalid, or two atoms came closer than
+:data:`~pipelines.graphs.MIN_SEPARATION`.
 
 A member is what :mod:`pipelines.relax` keeps per structure: ``z``, ``pbc``,
 ``skin``, ``state`` (positions, cell), ``n_atoms`` and ``graph``.
@@ -23,14 +30,16 @@ A member is what :mod:`pipelines.relax` keeps per structure: ``z``, ``pbc``,
 
 from __future__ import annotations
 
+import itertools
 import time
+from typing import NamedTuple
 
 import numpy as np
 
 from painn_export.neighbors import StructureError
 from painn_export.skin import update_skins
-from pipelines.device_batches import Sized, feeds_of
-from pipelines.graphs import MIN_SEPARATION, GraphSettings
+from pipelines.device_batches import Sized, Structures, atom_rows, chunk_bounds, feeds_of
+from pipelines.graphs import MIN_SEPARATION, GraphSettings, Item, Start
 
 
 def graph_failure(graph) -> str | None:
@@ -44,6 +53,16 @@ def graph_failure(graph) -> str | None:
 
 def _too_close(distance: float) -> str:
     return f"atoms came {distance:.3g} Å apart (< {MIN_SEPARATION} Å)"
+
+
+class Entered(NamedTuple):
+    """An entering structure's size from its entry build (:meth:`StepGraphs.entering`), and that build,
+    whose graph of it the structure's first feed takes."""
+
+    n_atoms: int
+    max_degree: int
+    built: object  # the DeviceGraphs of the structures read and built with it
+    k: int  # its place among built's structures
 
 
 class StepGraphs:
@@ -83,6 +102,48 @@ class StepGraphs:
         """No graphs built ahead (a batch restored member by member): all built when it is fed."""
         self.device_graphs = None
 
+    def entering(self, reader, pending: np.ndarray):
+        """Items of the ``pending`` structures (increasing input indices), in order: the device path's entry.
+
+        Read from ``reader`` (an open :class:`~painn_export.schema.InputReader`)
+        in runs of :func:`~pipelines.device_batches.chunk_bounds` (at most a few
+        batches' atoms and edges), each built on the device at once when its
+        first item is asked for. A structure the build gives a status
+        (``empty_structure``, ``unknown_element``, ``nonfinite_positions``,
+        ``bad_cell``, ``atoms_too_close``: the host path's statuses and
+        messages) is an item without a graph; the others carry their
+        :class:`~pipelines.graphs.Start` and their :class:`Entered` size.
+        """
+        offsets = reader.offsets
+        for lo, hi in chunk_bounds(np.diff(offsets)[pending], self.limits, self.settings):
+            todo = Structures.read(reader, pending[lo:hi])
+            first, last = int(todo.index[0]), int(todo.index[-1]) + 1
+            fixed = reader.fixed(first, last)[atom_rows(offsets[todo.index] - offsets[first], todo.natoms)]
+            z, positions = todo.atomic_numbers, todo.positions
+            built = self._build(positions, todo.cell, todo.pbc, z, todo.natoms, self.settings.num_elements)
+            ends, k = np.cumsum(todo.natoms), 0
+            for s, (index, kind) in enumerate(zip(todo.index.tolist(), built.status.kind)):
+                if kind != "ok":
+                    yield Item(index, None, kind, built.status.message[s])
+                    continue
+                atoms = slice(int(ends[s] - todo.natoms[s]), int(ends[s]))
+                start = Start(
+                    z[atoms].copy(), positions[atoms], todo.cell[s], todo.pbc[s].copy(), fixed[atoms]
+                )
+                size = Entered(int(todo.natoms[s]), int(built.max_degree[k]), built, k)
+                yield Item(index, size, "ok", "", start)
+                k += 1
+
+    def wait(self, members: list) -> None:
+        """Members left waiting keep their own graph (device), not their entry build: what waits holds
+        its graphs, as on the host, and never a whole run of structures built with it."""
+        for m in members:
+            g = m.graph
+            if isinstance(g, Entered) and len(g.built.max_degree) > 1:
+                t0 = time.perf_counter()
+                m.graph = Entered(g.n_atoms, g.max_degree, g.built.select([g.k]), 0)
+                self.summary.graph_seconds += time.perf_counter() - t0
+
     def feed_of(self, members: list):
         """``feed_of(lo, hi)`` for :func:`~pipelines.batches.infer_split`; None on the host (collate)."""
         if not self.on_device:
@@ -93,14 +154,37 @@ class StepGraphs:
 
         built = self.device_graphs
         have = 0 if built is None else len(built.max_degree)
-        if have < len(members):  # entered since the last step (or restored): built here
-            fresh = self._device_build(members[have:])
-            if any(kind != "ok" for kind in fresh.status.kind):  # they had a graph when they entered
-                raise RuntimeError(f"a structure that entered has no device graph: {fresh.status.message}")
-            built = fresh if built is None else join_graphs(built, fresh)
+        for piece in self._entered(members[have:]):  # entered since the last step (or restored)
+            built = piece if built is None else join_graphs(built, piece)
         self.device_graphs = built
         dtype = torch.from_numpy(np.empty(0, self.runner.feed_dtype)).dtype
         return feeds_of(built, 0, self.limits, dtype, self.summary)
+
+    def _entered(self, members: list):
+        """The device graphs of ``members`` (entered since the last step), in order, a run at a time:
+        those of a run of :class:`Entered` from one entry build selected from it, the others built now."""
+
+        def build_of(m) -> int | None:
+            return id(m.graph.built) if isinstance(m.graph, Entered) else None
+
+        for key, run in itertools.groupby(members, build_of):
+            run = list(run)
+            if key is None:  # restored from a checkpoint
+                fresh = self._device_build(run)
+                if any(kind != "ok" for kind in fresh.status.kind):  # they had a graph when they entered
+                    raise RuntimeError(
+                        f"a structure that entered has no device graph: {fresh.status.message}"
+                    )
+                yield fresh
+                continue
+            built, ks = run[0].graph.built, [m.graph.k for m in run]
+            if ks == list(range(len(built.max_degree))):  # all of it (one that waited: its own)
+                yield built
+                continue
+            t0 = time.perf_counter()
+            piece = built.select(ks)
+            self.summary.graph_seconds += time.perf_counter() - t0
+            yield piece
 
     def _build_on_device(self, members: list) -> list[str | None]:
         self.device_graphs = None
@@ -122,17 +206,24 @@ class StepGraphs:
 
     def _device_build(self, members: list):
         """:func:`~painn_export.device_graphs.build_graphs` of the members' current geometry."""
-        from painn_export.device_graphs import build_graphs
-
-        t0 = time.perf_counter()
-        graphs = build_graphs(
+        return self._build(
             np.concatenate([m.state.positions for m in members]),
             np.array([m.state.cell for m in members]),
             np.array([m.pbc for m in members]),
             np.concatenate([m.z for m in members]),
             np.array([m.n_atoms for m in members]),
-            cutoff=self.settings.cutoff, max_neighbors=self.settings.max_neighbors,
-            device=self.runner.device, min_separation=MIN_SEPARATION,
+        )
+
+    def _build(self, positions, cells, pbc, atomic_numbers, natoms, num_elements=None):
+        """:func:`~painn_export.device_graphs.build_graphs` on the runner's device (its arguments' shapes);
+        its time in ``summary.graph_seconds``."""
+        from painn_export.device_graphs import build_graphs
+
+        t0 = time.perf_counter()
+        graphs = build_graphs(
+            positions, cells, pbc, atomic_numbers, natoms,
+            cutoff=self.settings.cutoff, max_neighbors=self.settings.max_neighbors, device=self.runner.device,
+            min_separation=MIN_SEPARATION, num_elements=num_elements,
         )  # fmt: skip
         self.summary.graph_seconds += time.perf_counter() - t0
         return graphs
