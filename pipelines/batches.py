@@ -107,9 +107,10 @@ class Limits:
         """These limits with at most ``atoms`` atoms a batch (None: unchanged)."""
         return self if atoms is None or atoms >= self.atoms else dataclasses.replace(self, atoms=atoms)
 
-    def collate(self, graphs, dtype) -> dict:
-        """The feed of ``graphs``, floats in ``dtype``, on :meth:`slots_for` slots per atom."""
-        return collate(graphs, dtype, n_slots=self.slots_for(max(g.max_degree for g in graphs)))
+    def collate(self, graphs, dtype, pool=None) -> dict:
+        """The feed of ``graphs``, floats in ``dtype``, on :meth:`slots_for` slots per atom
+        (on ``pool``'s threads: :func:`~painn_export.batch.collate`)."""
+        return collate(graphs, dtype, n_slots=self.slots_for(max(g.max_degree for g in graphs)), pool=pool)
 
 
 def batch_limits(profiles, max_atoms: int, max_edges: int | None) -> Limits:

@@ -282,6 +282,7 @@ def _relax_locked(
                         loop.run()
                     finally:
                         bar.close()
+                        loop.graphs.close()
                 summary.counts = out.writer.status_counts()
                 summary.reference = relaxed_reference(reader, out)
                 finished = len(out.writer.pending()) == 0

@@ -31,7 +31,9 @@ A member is what :mod:`pipelines.relax` keeps per structure: ``z``, ``pbc``,
 from __future__ import annotations
 
 import itertools
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -40,6 +42,15 @@ from painn_export.neighbors import StructureError
 from painn_export.skin import update_skins
 from pipelines.device_batches import Sized, Structures, atom_rows, chunk_bounds, feeds_of
 from pipelines.graphs import MIN_SEPARATION, GraphSettings, Item, Start
+
+
+def host_threads() -> int:
+    """Threads for the host's work on each step's graphs: the cores this process may use, at most 4.
+
+    The skin pass and ``collate`` give the same bits on any number of threads
+    (each structure's arithmetic is its own).
+    """
+    return min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def graph_failure(graph) -> str | None:
@@ -72,6 +83,15 @@ class StepGraphs:
         self.runner, self.settings, self.limits, self.summary = runner, settings, limits, summary
         self.on_device = on_device
         self.device_graphs = None  # device: the DeviceGraphs of the batch's first members
+        # Host: the skin pass and collate share the cores the runtime leaves idle between its calls.
+        threads = host_threads()
+        self.pool = ThreadPoolExecutor(threads) if threads > 1 and not on_device else None
+
+    def close(self) -> None:
+        """Ends the host's threads (the run is over)."""
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
 
     def build(self, members: list) -> list[str | None]:
         """Each member's graph at its current geometry; per member, why it has none, or None.
@@ -88,6 +108,7 @@ class StepGraphs:
             [m.state.positions for m in members],
             [m.state.cell for m in members],
             [m.pbc for m in members],
+            pool=self.pool,
         )
         self.summary.searches += sum(m.skin.n_searches for m in members) - searches
         self.summary.skin_seconds += time.perf_counter() - t0
@@ -145,9 +166,13 @@ class StepGraphs:
                 self.summary.graph_seconds += time.perf_counter() - t0
 
     def feed_of(self, members: list):
-        """``feed_of(lo, hi)`` for :func:`~pipelines.batches.infer_split`; None on the host (collate)."""
+        """``feed_of(lo, hi)`` for :func:`~pipelines.batches.infer_split`: on the host, ``collate`` on
+        the host's threads (one thread: None, infer_split's own collate)."""
         if not self.on_device:
-            return None
+            if self.pool is None:
+                return None
+            graphs, dtype = [m.graph for m in members], self.runner.feed_dtype
+            return lambda lo, hi: self.limits.collate(graphs[lo:hi], dtype, pool=self.pool)
         import torch
 
         from painn_export.device_graphs import join_graphs

@@ -813,3 +813,24 @@ def test_resume_on_a_finished_relaxation_checks_it_and_computes_nothing(tmp_path
     assert first.computed == 3 and first.model_calls > 0
     assert (again.computed, again.already_done, again.model_calls, again.steps) == (0, 3, 0, 0)
     assert again.counts == first.counts
+
+
+@pytest.mark.parametrize("cell", [False, True])
+def test_the_hosts_threads_do_not_change_a_bit(tmp_path, demo64, stress_pt, monkeypatch, cell):
+    """The skin pass and collate on one thread and on three (pipelines.relax_graphs.host_threads),
+    with neighbour workers: every dataset equal, bit for bit."""
+    import pipelines.relax_graphs as relax_graphs
+
+    structures = [_cu(k, repeat=(2, 1 + k % 2, 1), rattle=0.15) for k in range(8)]
+    structures += [_slab(k) for k in range(4)]
+    inp = _write(tmp_path / "in.h5", structures)
+    model, runtime = (stress_pt, "torch") if cell else (demo64, "onnxruntime")
+    kw = {"settings": RelaxSettings(fmax=0.02, steps=40, cell=cell), "runtime": runtime, "max_atoms": 64}
+    out = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(relax_graphs, "host_threads", lambda threads=threads: threads)
+        summary = relax_file(inp, tmp_path / f"t{threads}.h5", model, workers=1, **kw)
+        assert summary.searches > len(structures)  # searched again along the way
+        out[threads] = _results(tmp_path / f"t{threads}.h5")
+    for key, want in out[1].items():
+        assert out[3][key].tobytes() == want.tobytes(), key

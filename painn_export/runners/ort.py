@@ -172,6 +172,11 @@ class OnnxRuntimeRunner(Runner):
         options.enable_mem_pattern = False
         if self.threads:
             options.intra_op_num_threads = self.threads
+        # Between calls the pipeline's own work (graphs, collate, FIRE) runs; by default ORT's
+        # intra-op threads spin-wait there, holding the cores that work and the neighbour workers
+        # need (a relaxation took 21 s of CPU for 12 s of wall time, 15 without; the runtime's own
+        # time the same: docs/benchmarks.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         kind, index = parse_device(self.requested)
         if kind == "auto":
             kind = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
