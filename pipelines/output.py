@@ -286,13 +286,43 @@ def open_partial(
         create(partial, fp, extra=extra)
 
 
-def contiguous_runs(indices: list[int]) -> list[slice]:
-    """Slices of ``indices`` (sorted) over which they increase by one: one HDF5 write each."""
-    if not indices:
+def contiguous_runs(indices) -> list[slice]:
+    """Slices of ``indices`` (sorted) over which they increase by one: one hyperslab each."""
+    if not len(indices):
         return []
     breaks = np.flatnonzero(np.diff(indices) != 1) + 1
     bounds = [0, *breaks.tolist(), len(indices)]
     return [slice(a, b) for a, b in itertools.pairwise(bounds)]
+
+
+def write_rows(dataset, index: np.ndarray, data: np.ndarray, offsets: np.ndarray | None = None) -> None:
+    """``data`` into the rows of the structures ``index`` (increasing), in one HDF5 write.
+
+    ``dataset`` is per structure (row ``s``), or per atom with ``offsets``
+    (rows ``offsets[s]:offsets[s + 1]``); ``data`` holds those rows in order.
+    The rows are one selection (a union of hyperslabs, a run of consecutive
+    structures one each): a relaxation's finished structures are scattered
+    over the file, and a write per run cost about 70 µs each.
+    """
+    from h5py import h5s
+
+    index = np.asarray(index, dtype=np.int64)
+    if not index.size:
+        return
+    data = np.ascontiguousarray(data, dtype=dataset.dtype)
+    tail = dataset.shape[1:]
+    space = dataset.id.get_space()
+    space.select_none()
+    for run in contiguous_runs(index):
+        lo, hi = int(index[run.start]), int(index[run.stop - 1]) + 1
+        if offsets is not None:
+            lo, hi = int(offsets[lo]), int(offsets[hi])
+        if hi > lo:
+            space.select_hyperslab((lo,) + (0,) * len(tail), (hi - lo, *tail), op=h5s.SELECT_OR)
+    if data.shape[0] != space.get_select_npoints() // max(1, int(np.prod(tail, dtype=np.int64))):
+        raise ValueError(f"{data.shape[0]} rows of data for {space.get_select_npoints()} selected elements")
+    if data.size:
+        dataset.id.write(h5s.create_simple(data.shape), space, data)
 
 
 class Writer:
@@ -304,23 +334,30 @@ class Writer:
         self.fh = h5py.File(path, "r+")
         self.offsets = offsets
         self.has_stress = "stress" in self.fh
+        self._sets: dict = {}
+
+    def dataset(self, name: str):
+        """The open dataset ``name`` (looked up once: h5py's lookup by name costs ~70 µs)."""
+        if name not in self._sets:
+            self._sets[name] = self.fh[name]
+        return self._sets[name]
 
     def pending(self) -> np.ndarray:
         """Indices of the structures without a final status."""
-        return np.flatnonzero(self.fh["status"][...] == STATUS["pending"])
+        return np.flatnonzero(self.dataset("status")[...] == STATUS["pending"])
 
     def commit_results(self, rows: list[tuple[int, float, np.ndarray, np.ndarray | None, str]]) -> None:
         """``rows``: (structure, energy, forces [n, 3], stress [3, 3] or None, status name)."""
         if not rows:
             return
         rows = sorted(rows, key=lambda r: r[0])
-        for run in contiguous_runs([r[0] for r in rows]):
-            part = rows[run.start : run.stop]
-            s0, s1 = part[0][0], part[-1][0] + 1
-            self.fh["energy"][s0:s1] = [r[1] for r in part]
-            self.fh["forces"][self.offsets[s0] : self.offsets[s1]] = np.concatenate([r[2] for r in part])
-            if self.has_stress and all(r[3] is not None for r in part):
-                self.fh["stress"][s0:s1] = np.stack([r[3] for r in part])
+        index = np.array([r[0] for r in rows], dtype=np.int64)
+        write_rows(self.dataset("energy"), index, np.array([r[1] for r in rows], dtype=np.float64))
+        write_rows(self.dataset("forces"), index, np.concatenate([r[2] for r in rows]), self.offsets)
+        with_stress = [r for r in rows if r[3] is not None]
+        if self.has_stress and with_stress:
+            stressed = np.array([r[0] for r in with_stress], dtype=np.int64)
+            write_rows(self.dataset("stress"), stressed, np.stack([r[3] for r in with_stress]))
         self.fh.flush()
         self.commit_status([(s, kind, "") for s, _, _, _, kind in rows])
 
@@ -329,18 +366,17 @@ class Writer:
         if not rows:
             return
         rows = sorted(rows, key=lambda r: r[0])
-        message = self.fh["message"]
+        message = self.dataset("message")
         for s, _, text in rows:
             if text:
                 message[s] = text.encode("utf-8", "replace")[:MESSAGE_BYTES]
-        for run in contiguous_runs([r[0] for r in rows]):
-            part = rows[run.start : run.stop]
-            self.fh["status"][part[0][0] : part[-1][0] + 1] = np.array([STATUS[r[1]] for r in part], np.int8)
+        index = np.array([r[0] for r in rows], dtype=np.int64)
+        write_rows(self.dataset("status"), index, np.array([STATUS[r[1]] for r in rows], np.int8))
         self.fh.flush()
 
     def status_counts(self) -> dict[str, int]:
         names = {v: k for k, v in STATUS.items()}
-        codes, counts = np.unique(self.fh["status"][...], return_counts=True)
+        codes, counts = np.unique(self.dataset("status")[...], return_counts=True)
         return {names[int(c)]: int(n) for c, n in zip(codes, counts)}
 
     def close(self) -> None:

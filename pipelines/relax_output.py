@@ -18,7 +18,7 @@ import numpy as np
 
 from painn_export.schema import InputReader
 from pipelines.fire import FireState
-from pipelines.output import RELAXED, STATUS, Writer, contiguous_runs
+from pipelines.output import RELAXED, STATUS, Writer, write_rows
 from pipelines.relax_checkpoint import Checkpoint, Saved, fingerprint_of
 from pipelines.relax_checkpoint import read as read_checkpoint
 from pipelines.relax_checkpoint import writing as writing_checkpoint
@@ -89,15 +89,15 @@ class RelaxOutput:
         """Final results: geometry, steps and fmax, energies and forces, flushed, then statuses."""
         if not done:
             return
-        fh, off = self.fh, self.offsets
+        fh, sets = self.fh, self.writer.dataset
         ended = sorted((d for d in done if d.state is not None), key=lambda d: d.index)
-        for run in contiguous_runs([d.index for d in ended]):
-            part = ended[run.start : run.stop]
-            s0, s1 = part[0].index, part[-1].index + 1
-            fh["positions"][off[s0] : off[s1]] = np.concatenate([d.state.positions for d in part])
-            fh["cell"][s0:s1] = np.stack([d.state.cell for d in part])
-            fh["steps"][s0:s1] = [d.state.steps for d in part]
-            fh["fmax"][s0:s1] = [d.fmax for d in part]
+        if ended:
+            index = np.array([d.index for d in ended], dtype=np.int64)
+            positions = np.concatenate([d.state.positions for d in ended])
+            write_rows(sets("positions"), index, positions, self.offsets)
+            write_rows(sets("cell"), index, np.stack([d.state.cell for d in ended]))
+            write_rows(sets("steps"), index, np.array([d.state.steps for d in ended]))
+            write_rows(sets("fmax"), index, np.array([d.fmax for d in ended], dtype=np.float64))
         if self.resumed and "trajectory_energy" in fh:
             self._clear_frames_after(ended)
         rows = [

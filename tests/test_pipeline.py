@@ -650,3 +650,32 @@ def test_neighbour_items_are_the_same_whoever_builds_them(tmp_path, monkeypatch,
             if w.start is not None and w.start.skin is not None:
                 for mine, theirs in zip(g.start.skin._pairs, w.start.skin._pairs):
                     assert mine.tobytes() == theirs.tobytes()
+
+
+def test_write_rows_puts_each_structures_rows_in_place(tmp_path):
+    """One write for scattered structures: per structure and per atom (runs, a single structure, a
+    structure without atoms), the rest untouched; a row count that does not match is refused."""
+    from pipelines.output import write_rows
+
+    natoms = np.array([3, 0, 2, 4, 1, 5, 2])
+    offsets = np.concatenate([[0], np.cumsum(natoms)])
+    with h5py.File(tmp_path / "o.h5", "w") as fh:
+        per_structure = fh.create_dataset("e", data=np.full((7, 3, 3), np.nan), chunks=(2, 3, 3))
+        per_atom = fh.create_dataset("f", data=np.full((offsets[-1], 3), np.nan), chunks=(3, 3))
+        steps = fh.create_dataset("s", data=np.full(7, -1, np.int32))
+        want_e, want_f, want_s = per_structure[...], per_atom[...], steps[...]
+        index = np.array([0, 1, 2, 3, 5])  # a run of four (one without atoms), then one alone
+        e = np.arange(len(index) * 9, dtype=np.float64).reshape(-1, 3, 3)
+        rows = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in index])
+        f = np.arange(len(rows) * 3, dtype=np.float64).reshape(-1, 3) + 0.5
+        write_rows(per_structure, index, e)
+        write_rows(per_atom, index, f, offsets)
+        write_rows(steps, index, np.array([7, 8, 9, 10, 11]))  # int64 into int32
+        want_e[index], want_f[rows], want_s[index] = e, f, [7, 8, 9, 10, 11]
+        assert per_structure[...].tobytes() == want_e.tobytes()
+        assert per_atom[...].tobytes() == want_f.tobytes()
+        assert steps[...].tolist() == want_s.tolist()
+        with pytest.raises(ValueError, match="rows of data"):
+            write_rows(per_atom, np.array([4, 6]), np.zeros((2, 3)), offsets)  # 3 rows selected
+        write_rows(per_atom, np.array([], dtype=np.int64), np.zeros((0, 3)), offsets)  # nothing
+        assert per_atom[...].tobytes() == want_f.tobytes()
