@@ -27,6 +27,7 @@ valid and are evaluated as upstream would (each counts once per listing).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 from collections.abc import Sequence
@@ -65,6 +66,9 @@ def graphs_on_device(requested: str, runner_device: str) -> bool:
         logging.getLogger("painn_export.device_graphs").info("graphs built on the host: %s", exc)
         return False
     return True
+
+
+_DERIVED = ("max_degree",)  # Graph's cached properties: in its __dict__ once asked for
 
 
 class InvalidGraphError(ValueError):
@@ -162,6 +166,7 @@ class Graph:
         For arrays taken from a checked graph (built in another process, or
         narrowed), or written by a builder whose tests hold its output to the
         checks (:func:`painn_export.skin.update_skins`)."""
+        fields = {k: v for k, v in fields.items() if k not in _DERIVED}  # (vars() of a graph) computed anew
         unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise TypeError(f"Graph has no field {', '.join(sorted(unknown))}")
@@ -234,9 +239,9 @@ class Graph:
     def n_edges(self) -> int:
         return int(self.edge_index.shape[1])
 
-    @property
+    @functools.cached_property
     def max_degree(self) -> int:
-        """Most incoming edges of any atom: the slots this graph needs."""
+        """Most incoming edges of any atom: the slots this graph needs (computed once: batches ask often)."""
         return int(self.edge_slot.max()) + 1 if self.n_edges else 0
 
     def distances(self) -> np.ndarray:

@@ -13,6 +13,7 @@ graphs and gives their statuses (:mod:`pipelines.device_batches`,
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections import deque
@@ -252,9 +253,13 @@ def neighbour_items(
     here = _Here(input_path, settings) if start_here else None
     ready = pool.submit(warm_worker) if start_here else None  # done once a worker can build
     try:
-        for chunk in chunks(pending):
+        tasks = chunks(pending)
+        for chunk in tasks:
             if here is not None and not window and not ready.done():
-                yield from here.items(chunk)  # the workers are still starting
+                built = here.items(chunk)  # the workers are still starting
+                if ready.done():  # up now: they start on the next chunks before these are handed out
+                    window.extend(pool.submit(build_items, c) for c in itertools.islice(tasks, 2 * workers))
+                yield from built
                 continue
             window.append(pool.submit(build_items, chunk))
             if len(window) > 2 * workers:

@@ -125,3 +125,12 @@ def test_a_graph_whose_reverses_do_not_pair_its_edges_is_refused(rng):
     broken = Graph.from_checked(**{**vars(good), "edge_reverse": np.arange(good.n_edges)})
     with pytest.raises(InvalidGraphError, match="does not pair every edge"):
         collate([good, broken])
+
+
+def test_max_degree_is_asked_once_and_never_stale(rng):
+    """max_degree is cached on the graph; a graph made from another's vars() with other slots has its own."""
+    good = bulk(rng, n=6).graph(5.0, 12)
+    assert good.max_degree == int(good.edge_slot.max()) + 1 and "max_degree" in vars(good)
+    wider = Graph.from_checked(**{**vars(good), "edge_slot": good.edge_slot * 2})
+    assert wider.max_degree == 2 * int(good.edge_slot.max()) + 1
+    assert Graph.from_checked(**vars(good)).max_degree == good.max_degree
