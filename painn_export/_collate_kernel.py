@@ -14,15 +14,17 @@ its on-disk cache cost about a second once per process).
 
 from __future__ import annotations
 
-from painn_export._neighbors_kernel import _jit
+from painn_export._jit import jit
 
 
-@_jit
+@jit
 def slot_layout(
     positions, natoms, edge_index, nedges, edge_slot, edge_reverse, edge_shift, K, P, g0, g1, a0, e0, p0,
     out_positions, neighbors, shift, mask, neighbor_reverse, slot_pair, pair_slots, flat_edge_index, flat,
 ) -> int:  # fmt: skip
-    """Write the slot layout of graphs ``g0 .. g1 - 1``; returns the number of pairs they hold.
+    """Write the slot layout of graphs ``g0 .. g1 - 1``; returns the number of pairs they hold, or
+    ``-(s + 1)`` (nothing written) when graph ``s`` has no atoms, an index outside itself, a slot
+    outside ``K`` or reverses that do not pair its edges.
 
     Inputs (``B`` graphs, ``N`` atoms, ``E`` edges in all, one after
     another; indices local to each graph): ``positions`` ``[N, 3]`` float64
@@ -40,6 +42,20 @@ def slot_layout(
     the spare rows), ``flat_edge_index`` ``[2, E]`` (global atom indices),
     and the scratch ``flat`` ``[E]`` (each edge's flat slot).
     """
+    # First, what every write below relies on (a graph made with Graph.from_checked skipped Graph's
+    # checks): atoms, indices within the graph, slots within K, reverses that pair the edges.
+    start = e0
+    for s in range(g0, g1):
+        n, m = natoms[s], nedges[s]
+        if n <= 0:
+            return -(s + 1)
+        for e in range(start, start + m):
+            r = edge_reverse[e]
+            if not (0 <= edge_index[0, e] < n and 0 <= edge_index[1, e] < n and 0 <= edge_slot[e] < K):
+                return -(s + 1)
+            if not (0 <= r < m and r != e - start and edge_reverse[start + r] == e - start):
+                return -(s + 1)
+        start += m
     # Each structure about its own centroid (numpy's mean(axis=0): rows in order, then / n).
     a = a0
     for s in range(g0, g1):

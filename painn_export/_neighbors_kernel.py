@@ -31,21 +31,9 @@ from __future__ import annotations
 import math
 import threading
 
-import numba
 import numpy as np
 
-
-def _jit(function):
-    """Compile ``function`` with numba (nogil), cached on disk where numba finds a writable place.
-
-    Without one (a read-only install and no writable user cache directory;
-    ``NUMBA_CACHE_DIR`` sets one) numba refuses ``cache=True`` at decoration:
-    the kernel is then compiled in each process (~10 s) instead of failing.
-    """
-    try:
-        return numba.njit(nogil=True, cache=True)(function)
-    except RuntimeError:  # "cannot cache function ...: no locator available"
-        return numba.njit(nogil=True)(function)
+from painn_export._jit import jit as _jit
 
 
 @_jit

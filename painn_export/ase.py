@@ -42,7 +42,7 @@ class PaiNNCalculator(Calculator):
         self, runner: Runner, facts: ModelFacts, *, skin: float = 0.5, graphs: str = "host", **kwargs
     ) -> None:
         super().__init__(**kwargs)
-        from painn_export.batch import GRAPHS
+        from painn_export.graphs_where import GRAPHS
 
         if graphs not in GRAPHS:
             raise ValueError(f"graphs must be one of {', '.join(GRAPHS)}, got {graphs!r}")
@@ -101,7 +101,7 @@ class PaiNNCalculator(Calculator):
             )
         self.runner.activate()  # started on first use, released by close()
         if self.on_device is None:
-            from painn_export.batch import graphs_on_device
+            from painn_export.graphs_where import graphs_on_device
 
             self.on_device = graphs_on_device(self.where, self.runner.device)
         if self.on_device:

@@ -27,48 +27,17 @@ valid and are evaluated as upstream would (each counts once per listing).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
-import logging
 from collections.abc import Sequence
-from concurrent.futures import Executor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from painn_export.contract import slot_count
 
-GRAPHS = ("auto", "host", "device")  # where graphs are built: what --graphs and graphs= take
 COLLATE_GROUPS = 4  # collate with a pool: the layout is written in this many groups of graphs
-
-
-def graphs_on_device(requested: str, runner_device: str) -> bool:
-    """Whether graphs for a runtime on ``runner_device`` are built there, for ``requested`` (:data:`GRAPHS`).
-
-    ``device``: yes (not installed: RuntimeUnavailableError, never a quiet
-    host run); ``host``: no; ``auto``: when the runtime runs on a GPU and
-    device graphs are installed (else the host, logged). Here, not in
-    :mod:`painn_export.device_graphs`: a host run never imports torch and
-    Warp for it (about a second of start-up).
-    """
-    if requested not in GRAPHS:
-        raise ValueError(f"graphs must be one of {', '.join(GRAPHS)}, got {requested!r}")
-    if requested == "host" or (requested == "auto" and not runner_device.startswith("cuda")):
-        return False
-    from painn_export.device_graphs import start
-    from painn_export.errors import RuntimeUnavailableError
-
-    try:
-        start()
-    except RuntimeUnavailableError as exc:
-        if requested == "device":
-            raise
-        logging.getLogger("painn_export.device_graphs").info("graphs built on the host: %s", exc)
-        return False
-    return True
-
-
-_DERIVED = ("max_degree",)  # Graph's cached properties: in its __dict__ once asked for
+COLLATE_POOL_SLOTS = 1 << 16  # ... when it has at least this many slots (less: the hand-off costs more)
 
 
 class InvalidGraphError(ValueError):
@@ -166,7 +135,6 @@ class Graph:
         For arrays taken from a checked graph (built in another process, or
         narrowed), or written by a builder whose tests hold its output to the
         checks (:func:`painn_export.skin.update_skins`)."""
-        fields = {k: v for k, v in fields.items() if k not in _DERIVED}  # (vars() of a graph) computed anew
         unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise TypeError(f"Graph has no field {', '.join(sorted(unknown))}")
@@ -239,9 +207,9 @@ class Graph:
     def n_edges(self) -> int:
         return int(self.edge_index.shape[1])
 
-    @functools.cached_property
+    @property
     def max_degree(self) -> int:
-        """Most incoming edges of any atom: the slots this graph needs (computed once: batches ask often)."""
+        """Most incoming edges of any atom: the slots this graph needs."""
         return int(self.edge_slot.max()) + 1 if self.n_edges else 0
 
     def distances(self) -> np.ndarray:
@@ -255,7 +223,7 @@ def collate(
     dtype: np.dtype | type = np.float32,
     n_slots: int | None = None,
     n_pairs: int | None = None,
-    pool: Executor | None = None,
+    pool: ThreadPoolExecutor | None = None,
 ) -> dict[str, np.ndarray]:
     """Pack graphs into one feed keyed by the contract's names (:func:`~painn_export.contract.feed_names`).
 
@@ -278,7 +246,9 @@ def collate(
 
     The layout is written by compiled passes
     (:mod:`painn_export._collate_kernel`), one per group of graphs on
-    ``pool``'s threads (:data:`COLLATE_GROUPS` groups; None: one pass here);
+    ``pool``'s threads (a ``ThreadPoolExecutor``, not one whose task is
+    calling this; :data:`COLLATE_GROUPS` groups from
+    :data:`COLLATE_POOL_SLOTS` slots on; None: one pass here);
     each graph's rows are the same bits either way, and
     :func:`collate_reference` writes the same arrays with numpy (the tests
     hold the two equal bit for bit).
@@ -301,23 +271,29 @@ def collate(
     edge_start = np.concatenate([[0], np.cumsum(nedges)])
 
     def layout(g0: int, g1: int) -> int:
-        """The pairs of graphs g0 .. g1 - 1 (each graph holds half its edges' pairs, in order)."""
-        return slot_layout(
+        """Graphs g0 .. g1 - 1 laid out: 0, or what is wrong (each graph holds half its edges' pairs)."""
+        pairs = slot_layout(
             flat["positions"], natoms, flat["edge_index"], nedges, flat["edge_slot"],
             flat["edge_reverse"], flat["edge_shift"], K, P,
             g0, g1, atom_start[g0], edge_start[g0], edge_start[g0] // 2,
             positions, neighbors, shift, mask, neighbor_reverse, slot_pair, pair_slots, edge_index, scratch,
-        ) - (edge_start[g1] - edge_start[g0]) // 2  # fmt: skip
+        )  # fmt: skip
+        return min(pairs, 0)  # checked: a graph whose reverses pair its edges holds half their pairs
 
     groups = [(0, len(graphs))]
-    if pool is not None and len(graphs) > 1:  # about equal work: slots and edges
+    if pool is not None and len(graphs) > 1 and n_atoms * K >= COLLATE_POOL_SLOTS:  # about equal work
         work = np.cumsum(natoms * K + nedges)
         cuts = np.searchsorted(work, np.arange(1, COLLATE_GROUPS) * work[-1] / COLLATE_GROUPS) + 1
         bounds = np.unique(np.concatenate([[0], np.minimum(cuts, len(graphs)), [len(graphs)]]))
         groups = list(itertools.pairwise(bounds.tolist()))
     wrong = list(pool.map(lambda g: layout(*g), groups)) if len(groups) > 1 else [layout(*groups[0])]
-    if any(wrong):  # only a graph made with from_checked can get here
-        raise InvalidGraphError("Graph.edge_reverse does not pair every edge with one other edge")
+    if any(wrong):  # only a graph made with Graph.from_checked can get here
+        bad = [-w - 1 for w in wrong if w < 0]
+        which = f"graph {bad[0]}" if bad else "a graph"
+        raise InvalidGraphError(
+            f"{which} has no atoms, an index outside itself, a slot beyond n_slots, or edge_reverse "
+            "that does not pair every edge with one other edge (Graph's own checks would have said which)"
+        )
     pair_slots[n_edges // 2 :] = n_atoms * K  # spare pairs: "no slot"
     arrays = (positions, neighbors, shift, mask, slot_pair, pair_slots, neighbor_reverse, edge_index)
     return _feed(flat, K, *arrays)

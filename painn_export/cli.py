@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from painn_export.batch import GRAPHS
+from painn_export.graphs_where import GRAPHS
 
 EXIT_PARITY_FAILED = 1
 EXIT_UNAVAILABLE = 2  # a runtime or device that this machine cannot give

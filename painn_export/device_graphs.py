@@ -49,9 +49,10 @@ import torch
 
 from painn_export._device_cap import image_offsets
 from painn_export._device_search import expected_neighbors, init_kernels, search_and_cap
-from painn_export.batch import GRAPHS, InvalidGraphError, canonical_graph, graphs_on_device
+from painn_export.batch import InvalidGraphError, canonical_graph
 from painn_export.contract import slot_count
 from painn_export.errors import RuntimeUnavailableError
+from painn_export.graphs_where import GRAPHS, graphs_on_device
 
 __all__ = [
     "GRAPHS",

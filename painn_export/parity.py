@@ -117,10 +117,12 @@ def run_parity(
 
 def _feed_on(runner: Runner, graphs: str, samples, config, host_feed: dict) -> dict:
     """The float64 feed of ``samples`` for an active ``runner``: built on its device where ``graphs`` asks."""
-    from painn_export.device_graphs import graphs_on_device, structures_feed
+    from painn_export.graphs_where import graphs_on_device
 
     if not graphs_on_device(graphs, runner.device):
         return host_feed
+    from painn_export.device_graphs import structures_feed
+
     return structures_feed(
         samples, cutoff=config.cutoff, max_neighbors=config.max_neighbors, device=runner.device,
         dtype=torch.float64,

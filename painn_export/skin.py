@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from concurrent.futures import Executor
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -101,7 +101,7 @@ def update_skins(
     positions: Sequence[np.ndarray],
     cells: Sequence[np.ndarray],
     pbcs: Sequence[np.ndarray],
-    pool: Executor | None = None,
+    pool: ThreadPoolExecutor | None = None,
 ) -> list[Graph | StructureError]:
     """Each structure's graph at its new geometry, or the StructureError it cannot have one for.
 
@@ -185,7 +185,7 @@ def update_skins(
     return _graphs(skins, atomic_numbers, positions, pos, cell, atom_start, failed, pool)
 
 
-def _map(pool: Executor | None, function, items: list) -> list:
+def _map(pool: ThreadPoolExecutor | None, function, items: list) -> list:
     """``[function(x) for x in items]``, on ``pool``'s threads when there is more than one item."""
     if pool is None or len(items) < 2:
         return [function(x) for x in items]

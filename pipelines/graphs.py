@@ -225,13 +225,13 @@ def neighbour_items(
     """Items of every pending structure, in order, from a bounded window of worker tasks.
 
     ``start_here``: this process builds the chunks itself until a worker is
-    ready (a worker's interpreter, imports and compiled kernels take about
-    0.7 s that the run would otherwise wait out). For a caller that loads the
-    neighbour code anyway (``relax`` searches its skin lists here);
-    elsewhere vesin's import of torch would cost more. The items are the
-    same whoever builds them.
+    ready (a worker's interpreter, imports and compiled kernels take most of
+    a second that the run would otherwise wait out), and all of them when
+    there is one chunk. For a caller that loads the neighbour code anyway
+    (``relax`` searches its skin lists here); elsewhere vesin's import of
+    torch would cost more. The items are the same whoever builds them.
     """
-    if workers <= 0:
+    if workers <= 0 or (start_here and len(pending) <= CHUNK):
         # In this process: a reader of its own (no module state), closed after the run.
         with InputReader(input_path) as reader:
             for chunk in chunks(pending):
@@ -251,13 +251,18 @@ def neighbour_items(
     )
     window: deque = deque()
     here = _Here(input_path, settings) if start_here else None
-    ready = pool.submit(warm_worker) if start_here else None  # done once a worker can build
+    # One warm-up task per worker: the pool starts a process per task it cannot give an idle one.
+    warming = [pool.submit(warm_worker) for _ in range(workers)] if start_here else []
+
+    def ready() -> bool:  # a worker can build (or the pool broke: submitting then says so)
+        return any(w.done() for w in warming)
+
     try:
         tasks = chunks(pending)
         for chunk in tasks:
-            if here is not None and not window and not ready.done():
+            if here is not None and not window and not ready():
                 built = here.items(chunk)  # the workers are still starting
-                if ready.done():  # up now: they start on the next chunks before these are handed out
+                if ready():  # up now: they start on the next chunks before these are handed out
                     window.extend(pool.submit(build_items, c) for c in itertools.islice(tasks, 2 * workers))
                 yield from built
                 continue

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
-from painn_export.batch import GRAPHS
+from painn_export.graphs_where import GRAPHS
 from painn_export.trt import DEFAULT_MAX_ATOMS
 from pipelines.fire import FireParams
 

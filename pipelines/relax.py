@@ -220,7 +220,7 @@ def _relax_locked(
         if settings.cell and not runner.has_stress:
             raise CellNeedsStressError(f"--cell needs a model with stress, and {model_path} serves none")
         # Not in the fingerprint: both paths give the same graphs and edge order, so the same bits.
-        from painn_export.batch import graphs_on_device
+        from painn_export.graphs_where import graphs_on_device
 
         on_device = graphs_on_device(options.graphs, runner.device)
         model_sha256 = file_sha256(loader.path)
@@ -373,14 +373,14 @@ class _Loop:
             items = neighbour_items(
                 self.input_path, pending, self.graph_settings, self.workers, start_here=True
             )
-        for index, passed in self.restored_waiting:  # the window as the checkpoint left it
-            item = next(items)
-            if item.index != index or item.start is None:  # it had a graph when it first waited
-                raise RuntimeError(f"structure {index}: waiting in the checkpoint, but has no graph now")
-            self.waiting.append(self._member_of(item))
-            self.waiting[-1].passed = passed
         fill = []
         try:
+            for index, passed in self.restored_waiting:  # the window as the checkpoint left it
+                item = next(items)
+                if item.index != index or item.start is None:  # it had a graph when it first waited
+                    raise RuntimeError(f"structure {index}: waiting in the checkpoint, but has no graph now")
+                self.waiting.append(self._member_of(item))
+                self.waiting[-1].passed = passed
             with stop_at_safe_points():  # a signal stops the loop where its state is whole
                 self._steps(items, fill)
         except Stopped as exc:
@@ -389,6 +389,8 @@ class _Loop:
             raise
         finally:
             self.summary.mean_batch_atoms = float(np.mean(fill)) if fill else 0.0
+            if items is not None:
+                items.close()  # its workers and readers end now, not when the traceback is freed
         self._checkpoint()  # the last: nothing in flight, every structure entered
 
     def _steps(self, items, fill: list) -> None:

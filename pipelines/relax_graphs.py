@@ -45,10 +45,11 @@ from pipelines.graphs import MIN_SEPARATION, GraphSettings, Item, Start
 
 
 def host_threads() -> int:
-    """Threads for the host's work on each step's graphs: the cores this process may use, at most 4.
+    """Threads for the host's work on each step's graphs: the cores this process may use (its
+    affinity, not a cgroup's CPU quota), at most 4.
 
     The skin pass and ``collate`` give the same bits on any number of threads
-    (each structure's arithmetic is its own).
+    (each structure's arithmetic is its own; tests/test_relax.py).
     """
     return min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
@@ -79,19 +80,29 @@ class Entered(NamedTuple):
 class StepGraphs:
     """The graphs of a relaxation's batch, on the host or on ``runner``'s device (module doc)."""
 
-    def __init__(self, runner, settings: GraphSettings, limits, summary, on_device: bool) -> None:
+    def __init__(
+        self, runner, settings: GraphSettings, limits, summary, on_device: bool, threads: int | None = None
+    ) -> None:
         self.runner, self.settings, self.limits, self.summary = runner, settings, limits, summary
         self.on_device = on_device
         self.device_graphs = None  # device: the DeviceGraphs of the batch's first members
-        # Host: the skin pass and collate share the cores the runtime leaves idle between its calls.
-        threads = host_threads()
-        self.pool = ThreadPoolExecutor(threads) if threads > 1 and not on_device else None
+        # Host: the skin pass and collate share the cores the runtime leaves idle between its calls
+        # (threads: host_threads() when None); started at the first step, ended by close().
+        self.threads = 1 if on_device else host_threads() if threads is None else int(threads)
+        self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def pool(self) -> ThreadPoolExecutor | None:
+        """The host's threads (None: one thread, this one)."""
+        if self._pool is None and self.threads > 1:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="relax-graphs")
+        return self._pool
 
     def close(self) -> None:
         """Ends the host's threads (the run is over)."""
-        if self.pool is not None:
-            self.pool.shutdown()
-            self.pool = None
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def build(self, members: list) -> list[str | None]:
         """Each member's graph at its current geometry; per member, why it has none, or None.

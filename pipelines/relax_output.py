@@ -98,6 +98,7 @@ class RelaxOutput:
             write_rows(sets("cell"), index, np.stack([d.state.cell for d in ended]))
             write_rows(sets("steps"), index, np.array([d.state.steps for d in ended]))
             write_rows(sets("fmax"), index, np.array([d.fmax for d in ended], dtype=np.float64))
+            fh.flush()  # before any status, also when none of them has forces (commit_results flushes)
         if self.resumed and "trajectory_energy" in fh:
             self._clear_frames_after(ended)
         rows = [
@@ -123,11 +124,11 @@ class RelaxOutput:
 
     def frame(self, m, f: int, energy: float, fmax: float) -> None:
         """Trajectory frame ``f`` of ``m`` (its current geometry); rewritten alike on a resume."""
-        fh, off, s = self.fh, self.offsets, m.index
-        fh["trajectory_positions"][off[s] : off[s + 1], f] = m.state.positions
-        fh["trajectory_cell"][s, f] = m.state.cell
-        fh["trajectory_energy"][s, f] = energy
-        fh["trajectory_fmax"][s, f] = fmax
+        sets, off, s = self.writer.dataset, self.offsets, m.index
+        sets("trajectory_positions")[off[s] : off[s + 1], f] = m.state.positions
+        sets("trajectory_cell")[s, f] = m.state.cell
+        sets("trajectory_energy")[s, f] = energy
+        sets("trajectory_fmax")[s, f] = fmax
 
     def checkpoint(self, members: list, next_index: int, calls: int, waiting: list, memory_atoms=None):
         """A context: the members' state written under a temporary name, renamed when it ends well."""

@@ -114,7 +114,7 @@ def _run_locked(input_path, output_path: Path, partial: Path, info, model_path, 
             identity = runner.identity()
             feed_dtype = runner.feed_dtype
             # Not in the fingerprint: both paths give the same graphs and edge order, so the same bits.
-            from painn_export.batch import graphs_on_device
+            from painn_export.graphs_where import graphs_on_device
 
             on_device = graphs_on_device(options.graphs, runner.device)
         else:  # the actors run it: this driver reads what they will run from the file, and starts nothing

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from painn_export import batch
 from painn_export.batch import Graph, InvalidGraphError, collate, collate_reference
 from painn_export.neighbors import neighbor_graph
 from painn_export.samples import bulk as bulk_sample
@@ -64,10 +65,11 @@ def caller_graphs(rng) -> list[Graph]:
 
 
 @pytest.fixture(params=[None, 2], ids=["one_pass", "two_threads"])
-def pool(request):
+def pool(request, monkeypatch):
     if request.param is None:
         yield None
         return
+    monkeypatch.setattr(batch, "COLLATE_POOL_SLOTS", 0)  # small feeds too go to the threads here
     with ThreadPoolExecutor(request.param) as threads:
         yield threads
 
@@ -119,18 +121,23 @@ def test_collate_refuses_what_its_reference_refuses(rng):
             function([])
 
 
-def test_a_graph_whose_reverses_do_not_pair_its_edges_is_refused(rng):
-    """Graph.from_checked skips the checks; a reverse list that is not a pairing is still refused."""
+def test_what_from_checked_lets_through_is_refused_before_anything_is_written(rng, pool):
+    """Graph.from_checked skips Graph's checks; collate still refuses, naming the graph, reverses that
+    are not a pairing (itself, a swap that is not mutual), indices outside the graph, slots beyond
+    the slots and a graph without atoms, where the numpy reference would fail or write elsewhere."""
     good = bulk(rng, n=6).graph(5.0, 12)
-    broken = Graph.from_checked(**{**vars(good), "edge_reverse": np.arange(good.n_edges)})
-    with pytest.raises(InvalidGraphError, match="does not pair every edge"):
-        collate([good, broken])
-
-
-def test_max_degree_is_asked_once_and_never_stale(rng):
-    """max_degree is cached on the graph; a graph made from another's vars() with other slots has its own."""
-    good = bulk(rng, n=6).graph(5.0, 12)
-    assert good.max_degree == int(good.edge_slot.max()) + 1 and "max_degree" in vars(good)
-    wider = Graph.from_checked(**{**vars(good), "edge_slot": good.edge_slot * 2})
-    assert wider.max_degree == 2 * int(good.edge_slot.max()) + 1
-    assert Graph.from_checked(**vars(good)).max_degree == good.max_degree
+    n = good.n_edges
+    swapped = good.edge_reverse.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]  # e0 -> rev(e1), whose reverse is e1, not e0
+    wrong = {
+        "itself": {"edge_reverse": np.arange(n)},
+        "not mutual": {"edge_reverse": swapped},
+        "out of range reverse": {"edge_reverse": np.full(n, n)},
+        "sender outside": {"edge_index": np.where(np.arange(n) == 3, good.n_atoms, good.edge_index)},
+        "negative slot": {"edge_slot": good.edge_slot - 1},
+        "no atoms": {"positions": np.zeros((0, 3)), "atomic_numbers": np.zeros(0, np.int64)},
+    }
+    for change in wrong.values():
+        broken = Graph.from_checked(**{**vars(good), **change})
+        with pytest.raises(InvalidGraphError, match="graph 1 has"):
+            collate([good, broken, good], pool=pool)

@@ -621,25 +621,32 @@ def test_neighbour_items_are_the_same_whoever_builds_them(tmp_path, monkeypatch,
     inp = write_input(tmp_path / "in.h5", _many(2 * graphs.CHUNK + 40) + rows)
     settings = graphs.GraphSettings(5.0, 20, 83, "float32", relax=skin is not None, skin=skin)
     pending = np.arange(2 * graphs.CHUNK + 40 + len(rows))
-    built_here = []
+    built_here, slow = [], [False]
     items_from = graphs.items_from
 
     def counted(reader, settings, chunk):
         built_here.append(len(chunk))
+        if slow[0]:
+            time.sleep(0.5)  # slow enough here that the workers come up and take the rest
         return items_from(reader, settings, chunk)
 
     monkeypatch.setattr(graphs, "items_from", counted)  # this process only: the workers are spawned
+    monkeypatch.setattr(graphs, "CHUNK", 32)  # many chunks: the workers are up long before the last
 
     def items(workers, start_here):
         built_here.clear()
+        slow[:] = [start_here]
         got = list(graphs.neighbour_items(str(inp), pending, settings, workers, start_here=start_here))
         return got, sum(built_here)
 
     want, here = items(0, False)
     assert here == len(pending)
+    one_chunk = list(graphs.neighbour_items(str(inp), pending[:9], settings, 2, start_here=True))
+    assert sum(built_here[-1:]) == 9 and [i.index for i in one_chunk] == list(range(9))  # no pool
     for workers, start_here in ((1, False), (2, True)):
         got, here = items(workers, start_here)
-        assert (here > 0) == start_here  # the workers cannot be ready before the first chunk
+        # The workers cannot be ready before the first chunk, and are before the last.
+        assert (0 < here < len(pending)) if start_here else here == 0
         assert [i.index for i in got] == list(pending)
         for g, w in zip(got, want):
             assert (g.status, g.message) == (w.status, w.message)
@@ -678,4 +685,7 @@ def test_write_rows_puts_each_structures_rows_in_place(tmp_path):
         with pytest.raises(ValueError, match="rows of data"):
             write_rows(per_atom, np.array([4, 6]), np.zeros((2, 3)), offsets)  # 3 rows selected
         write_rows(per_atom, np.array([], dtype=np.int64), np.zeros((0, 3)), offsets)  # nothing
+        for unordered in ([3, 0], [2, 2]):  # the rows would land in file order: refused
+            with pytest.raises(ValueError, match="strictly increasing"):
+                write_rows(steps, np.array(unordered), np.array([1, 2]))
         assert per_atom[...].tobytes() == want_f.tobytes()

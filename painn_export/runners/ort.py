@@ -172,10 +172,10 @@ class OnnxRuntimeRunner(Runner):
         options.enable_mem_pattern = False
         if self.threads:
             options.intra_op_num_threads = self.threads
-        # Between calls the pipeline's own work (graphs, collate, FIRE) runs; by default ORT's
-        # intra-op threads spin-wait there, holding the cores that work and the neighbour workers
-        # need (a relaxation took 21 s of CPU for 12 s of wall time, 15 without; the runtime's own
-        # time the same: docs/benchmarks.md).
+        # Between calls the caller's own work runs (graphs, collate, FIRE; an ASE loop's Python); by
+        # default ORT's intra-op threads spin-wait there, holding the cores that work needs. Without
+        # the spinning, relax and the ASE loop with PaiNNCalculator both ran faster on 2 cores
+        # (docs/benchmarks.md, issue 31's rows).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         kind, index = parse_device(self.requested)
         if kind == "auto":
