@@ -52,17 +52,14 @@ from painn_export._device_search import expected_neighbors, init_kernels, search
 from painn_export.batch import InvalidGraphError, canonical_graph
 from painn_export.contract import slot_count
 from painn_export.errors import RuntimeUnavailableError
-from painn_export.graphs_where import GRAPHS, graphs_on_device
 
 __all__ = [
-    "GRAPHS",
     "DeviceGraphs",
     "GraphStatus",
     "build_graphs",
     "canonical_graph",
     "device_feed",
     "expected_neighbors",
-    "graphs_on_device",
     "init_kernels",
     "join_graphs",
     "max_edges",

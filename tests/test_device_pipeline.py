@@ -177,11 +177,11 @@ def test_the_cli_runs_graphs_device(tmp_path):
 
 
 def test_graph_choices_are_written_alike():
-    from painn_export.device_graphs import GRAPHS
-    from painn_export.graphs_where import GRAPHS as BATCH_GRAPHS
+    from painn_export.cli import GRAPHS as EXPORT_GRAPHS
+    from painn_export.graphs_where import GRAPHS
     from pipelines.options import GRAPHS as RUN_GRAPHS
 
-    assert GRAPHS is RUN_GRAPHS is BATCH_GRAPHS  # one tuple, written once
+    assert GRAPHS is RUN_GRAPHS is EXPORT_GRAPHS  # one tuple, written once
 
 
 def test_parity_with_device_graphs(tmp_path):
