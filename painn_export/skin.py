@@ -45,6 +45,7 @@ from painn_export.neighbors import (
 )
 
 GROUPS = 4  # with a pool: the compiled pass runs on this many groups of structures, about equal in pairs
+POOL_PAIRS = 1 << 17  # ... when they hold this many pairs (fewer: the hand-offs cost more than they save)
 
 
 class SkinGraph:
@@ -113,8 +114,9 @@ def update_skins(
         cells: ``[3, 3]`` float64 Å, rows are lattice vectors.
         pbcs: ``[3]`` bool.
         pool: threads to share the work (the searches, and the compiled pass
-            over groups of structures); None: this thread. The graphs are the
-            same bits either way: each structure's arithmetic is its own.
+            over groups of structures from :data:`POOL_PAIRS` pairs on); None:
+            this thread. The graphs are the same bits either way: each
+            structure's arithmetic is its own.
 
     Positions that are not finite and periodic cells that are singular give
     the :class:`~painn_export.neighbors.StructureError` that
@@ -217,7 +219,7 @@ def _graphs(skins, atomic_numbers, positions, pos, cell, atom_start, failed, poo
     if not ok:
         return out
     n_pairs = np.array([len(skins[s]._pairs[0]) for s in ok], dtype=np.int64)
-    parts = 1 if pool is None else GROUPS
+    parts = 1 if pool is None or n_pairs.sum() < POOL_PAIRS else GROUPS
     # Contiguous groups of about equal pairs (the kernel's work).
     bounds = np.searchsorted(np.cumsum(n_pairs), np.arange(1, parts) * n_pairs.sum() / parts)
     bounds = np.unique(np.concatenate([[0], np.minimum(bounds, len(ok)), [len(ok)]]))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from ase.build import bulk, fcc111, molecule
 
+from painn_export import skin
 from painn_export.batch import Graph
 from painn_export.neighbors import StructureError, neighbor_graph
 from painn_export.skin import SkinGraph, update_skins
@@ -170,7 +171,7 @@ def test_the_graphs_arrays_are_read_only(rng):
 
 
 def test_a_pool_of_threads_gives_the_same_bits_every_time(rng):
-    """A realistic batch (64 structures, 20-100 atoms, 6 Å, cap 50) stepped 12 times: on two
+    """A realistic batch (88 structures, 20-100 atoms, 6 Å, cap 50) stepped 12 times: on two
     threads, twice, every graph and every search equal those of one thread; a structure whose
     positions turn NaN fails in its place on every path."""
     from concurrent.futures import ThreadPoolExecutor
@@ -179,7 +180,7 @@ def test_a_pool_of_threads_gives_the_same_bits_every_time(rng):
     from painn_export.samples import slab as slab_sample
 
     elements = np.array([13, 28, 29, 46, 78, 79])
-    samples = [bulk_sample(rng, int(n), elements) for n in rng.integers(20, 101, 48)]
+    samples = [bulk_sample(rng, int(n), elements) for n in rng.integers(20, 101, 72)]
     samples += [slab_sample(rng, int(n), elements) for n in rng.integers(20, 101, 16)]
     moves = [[rng.normal(0, 0.06, s.positions.shape) for s in samples] for _ in range(12)]
 
@@ -193,6 +194,7 @@ def test_a_pool_of_threads_gives_the_same_bits_every_time(rng):
                 pos[5] = pos[5] * np.nan
             z = [np.asarray(s.atomic_numbers, np.int64) for s in samples]
             out.append(update_skins(skins, z, pos, cells, [np.asarray(s.pbc) for s in samples], pool=pool))
+            assert sum(len(sk._pairs[0]) for sk in skins) > skin.POOL_PAIRS  # the groups run on the pool
             pos = [p + d for p, d in zip(pos, moves[step])]
         return out, [s.n_searches for s in skins]
 
