@@ -178,10 +178,8 @@ class StepGraphs:
 
     def feed_of(self, members: list):
         """``feed_of(lo, hi)`` for :func:`~pipelines.batches.infer_split`: on the host, ``collate`` on
-        the host's threads (one thread: None, infer_split's own collate)."""
+        the host's threads (:attr:`pool`)."""
         if not self.on_device:
-            if self.pool is None:
-                return None
             graphs, dtype = [m.graph for m in members], self.runner.feed_dtype
             return lambda lo, hi: self.limits.collate(graphs[lo:hi], dtype, pool=self.pool)
         import torch

@@ -111,16 +111,16 @@ class RelaxOutput:
 
     def _clear_frames_after(self, ended: list[Finished]) -> None:
         """NaN in each structure's frames after its last: a killed run may have gone further."""
-        fh, off = self.fh, self.offsets
-        every = int(fh.attrs["fingerprint_trajectory_every"])
-        frames = fh["trajectory_energy"].shape[1]
+        sets, off = self.writer.dataset, self.offsets
+        every = int(self.fh.attrs["fingerprint_trajectory_every"])
+        frames = sets("trajectory_energy").shape[1]
         for d in ended:
             s, f = d.index, d.state.steps // every + 1
             if f < frames:
-                fh["trajectory_positions"][off[s] : off[s + 1], f:] = np.nan
-                fh["trajectory_cell"][s, f:] = np.nan
-                fh["trajectory_energy"][s, f:] = np.nan
-                fh["trajectory_fmax"][s, f:] = np.nan
+                sets("trajectory_positions")[off[s] : off[s + 1], f:] = np.nan
+                sets("trajectory_cell")[s, f:] = np.nan
+                sets("trajectory_energy")[s, f:] = np.nan
+                sets("trajectory_fmax")[s, f:] = np.nan
 
     def frame(self, m, f: int, energy: float, fmax: float) -> None:
         """Trajectory frame ``f`` of ``m`` (its current geometry); rewritten alike on a resume."""
