@@ -2,7 +2,9 @@
 
 Runs in worker processes (or in the main one with ``--workers 0``). A worker
 opens the input once and reads the structure ranges it is given, so only
-graphs, never the raw input, travel between processes. Imports stay light
+graphs, never the raw input, travel between processes: in shared memory
+(:mod:`pipelines.graph_transport`) where the system has ``os.memfd_create``,
+else pickled, as a relaxation's items always are. Imports stay light
 (numpy, h5py, vesin, numba): no torch or ONNX Runtime in the workers.
 
 With ``--graphs device`` neither ``run`` nor ``relax`` uses this stage: the
@@ -25,6 +27,7 @@ from painn_export.batch import Graph
 from painn_export.neighbors import StructureError, neighbor_graph
 from painn_export.schema import InputReader
 from painn_export.skin import SkinGraph
+from pipelines import graph_transport
 from pipelines.signals import run_ignoring_stop_signals
 
 CHUNK = 128  # structures per neighbour-graph task (a worker's, or a Ray task's)
@@ -73,9 +76,9 @@ class Item:
 
     For a float32 feed the graph travels in its dtypes (int32
     ``edge_index``, ``cell_shift``, ``edge_slot`` and ``edge_reverse``, float32 ``edge_shift``; see
-    :func:`for_float32_feed`): half the bytes of the float64 graph, which
-    the workers would otherwise pickle and the main process unpickle. A
-    float64 feed keeps its graph's float64 shifts.
+    :func:`for_float32_feed`): half the bytes of the float64 graph for the
+    workers to write (:mod:`pipelines.graph_transport`) and the main process
+    to read. A float64 feed keeps its graph's float64 shifts.
     """
 
     index: int
@@ -141,6 +144,12 @@ def warm_worker() -> None:
 def build_items(indices: np.ndarray) -> list[Item]:
     """In a worker process: graphs (or statuses) of the structures ``indices`` (sorted) of its input."""
     return items_from(_worker["reader"], _worker["settings"], indices)
+
+
+def build_shared(indices: np.ndarray) -> graph_transport.SharedChunk:
+    """In a worker process: :func:`build_items`' items, their graphs in shared memory
+    (:func:`pipelines.graph_transport.pack`; the main process reads them with ``unpack``)."""
+    return graph_transport.pack(build_items(indices))
 
 
 def items_from(reader: InputReader, settings: GraphSettings, indices: np.ndarray) -> list[Item]:
@@ -230,6 +239,11 @@ def neighbour_items(
     there is one chunk. For a caller that loads the neighbour code anyway
     (``relax`` searches its skin lists here); elsewhere vesin's import of
     torch would cost more. The items are the same whoever builds them.
+
+    A worker's graphs reach this process in shared memory, their arrays
+    read-only views (:mod:`pipelines.graph_transport`), unless the system
+    has no ``os.memfd_create`` or the items are a relaxation's (each with a
+    ``Start``): then the worker's list is pickled.
     """
     if workers <= 0 or (start_here and len(pending) <= CHUNK):
         # In this process: a reader of its own (no module state), closed after the run.
@@ -249,6 +263,8 @@ def neighbour_items(
         initializer=run_ignoring_stop_signals,
         initargs=(init_worker_process, input_path, settings),
     )
+    shared = graph_transport.available() and not settings.relax  # how the workers' items travel
+    task = build_shared if shared else build_items
     window: deque = deque()
     here = _Here(input_path, settings) if start_here else None
     # One warm-up task per worker: the pool starts a process per task it cannot give an idle one.
@@ -263,14 +279,14 @@ def neighbour_items(
             if here is not None and not window and not ready():
                 built = here.items(chunk)  # the workers are still starting
                 if ready():  # up now: they start on the next chunks before these are handed out
-                    window.extend(pool.submit(build_items, c) for c in itertools.islice(tasks, 2 * workers))
+                    window.extend(pool.submit(task, c) for c in itertools.islice(tasks, 2 * workers))
                 yield from built
                 continue
-            window.append(pool.submit(build_items, chunk))
+            window.append(pool.submit(task, chunk))
             if len(window) > 2 * workers:
-                yield from window.popleft().result()
+                yield from graph_transport.unpack(window.popleft().result())
         while window:
-            yield from window.popleft().result()
+            yield from graph_transport.unpack(window.popleft().result())
     except BrokenProcessPool as exc:
         raise WorkerError(
             "a neighbour-list worker process died or could not start (killed, out of memory, "

@@ -1,0 +1,208 @@
+"""Moving a chunk's neighbour items from a worker process to the main one: the graphs in shared memory.
+
+Pickled, a graph at the OCP settings (12 Å, cap 50) is ~2 KB an atom, which
+the worker dumps (~2 µs/atom), the pipe copies, and the main process loads
+(0.6-2 µs/atom), all on the cores that feed the runtime. Instead
+:func:`pack` writes every array of a chunk's graphs (``atomic_numbers``,
+``positions``, ``edge_index``, ``cell_shift``, ``edge_shift``, ``cell``,
+``edge_slot``, ``edge_reverse``) back to back into one anonymous
+shared-memory file, ``os.memfd_create``, each at an offset aligned to
+:data:`ALIGN` bytes, and seals it (no write, no growing or shrinking).
+What is pickled is small: the file's descriptor
+(:func:`multiprocessing.reduction.DupFd`: the standard library's resource
+sharer hands it over a Unix socket when the main process unpickles it), the
+file's size, and a table of each array's dtype, shape and offset and each
+graph's ``min_distance``, with each item's index, status and message.
+
+The main process maps the file read-only as it unpickles the chunk and
+closes the descriptor it was given; :meth:`SharedChunk.items` makes each
+:class:`~painn_export.batch.Graph` (``Graph.from_checked``: the worker's
+graphs were checked where they were built) over views of the mapping
+(``np.ndarray`` over its buffer), without a copy. The mapping lives as long as any of its views
+(refcounting: until the batches holding the chunk's graphs are collated and
+dropped), and on Python < 3.13 ``mmap`` keeps its own duplicate of the
+descriptor for as long; then both are gone.
+
+Why a memfd and not :mod:`multiprocessing.shared_memory`: a memfd has no
+name (nothing in ``/dev/shm``), so no kill, of the main process, a worker or
+the whole process group, can leave its memory behind: the kernel frees it
+with its last descriptor and mapping. A sealed file also cannot change
+under the main process's views, nor be truncated under them (a fault).
+
+The items the main process gets are the same bits as pickled ones (dtypes,
+shapes, values; statuses, messages, order); only their graphs' arrays are
+read-only. ``run``'s consumers only read them (:class:`~pipelines.batches.Budget`
+reads sizes; :func:`~painn_export.batch.collate` copies the arrays into the
+feed; results are written from the runtime's outputs).
+
+Not through shared memory: relaxation items (``GraphSettings.relax``: a
+``Start`` with its ``SkinGraph`` each) stay pickled, and so does every item
+where ``os.memfd_create`` is missing (macOS, Windows): :func:`available`
+is the one place that tells. Ray's tasks move graphs their own way
+(:mod:`pipelines.ray_columns`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import mmap
+import os
+import sys
+import weakref
+from collections.abc import Sequence
+from multiprocessing import reduction
+
+import numpy as np
+
+from painn_export.batch import Graph
+
+# A graph's arrays, in the order they are written (a missing one, None, takes no bytes).
+FIELDS = (
+    "atomic_numbers",
+    "positions",
+    "edge_index",
+    "cell_shift",
+    "edge_shift",
+    "cell",
+    "edge_slot",
+    "edge_reverse",
+)
+ALIGN = 64  # bytes: every array starts on a cache line (and at any dtype's alignment)
+NAME = "painn-graphs"  # the memfd's name: only in /proc/<pid>/maps and /proc/<pid>/fd, never a file
+# The main process's mapping needs no descriptor of its own where mmap can do without one.
+_UNTRACKED = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+
+
+def available() -> bool:
+    """Graphs can travel in shared memory here (``os.memfd_create``: Linux); else they are pickled."""
+    return hasattr(os, "memfd_create")
+
+
+# Where one array lies in the file: (dtype.str, shape, byte offset); None for a field that is None.
+Place = tuple[str, tuple[int, ...], int] | None
+
+
+class SharedChunk:
+    """A chunk's items whose graphs' arrays lie in one sealed memfd; pickled, a descriptor and a table.
+
+    Made by :func:`pack` in a worker (which holds the descriptor until the
+    chunk is garbage) and pickled once, by the process pool, to reach the
+    main process; unpickled there, it holds the file's read-only mapping.
+    :meth:`items` gives the items with their graphs, in order.
+    """
+
+    def __init__(self, items: list, table: list, size: int, fd: int | None = None, buffer=None) -> None:
+        self._items = items  # each item without its graph (graph=None)
+        self._table = table  # per item: None (no graph), or (a Place per FIELDS, min_distance Å)
+        self.size = size  # bytes in the file; 0: no file (no item has a graph)
+        self._fd = fd  # the sender's descriptor (closed when this object is garbage)
+        self._buffer = buffer  # the receiver's read-only mapping
+        if fd is not None:
+            weakref.finalize(self, os.close, fd)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __reduce__(self):
+        if self.size and self._fd is None:
+            raise TypeError("a received SharedChunk is not sent on: pickle its items() instead")
+        handle = reduction.DupFd(self._fd) if self.size else None  # the receiver takes it in _arrive
+        return _arrive, (handle, self.size, self._items, self._table)
+
+    def items(self) -> list:
+        """The items, each with its graph over views of the mapping (read-only arrays), in order."""
+        buffer = self._mapping()
+        out = []
+        for item, entry in zip(self._items, self._table):
+            if entry is None:
+                out.append(item)
+                continue
+            places, min_distance = entry
+            fields = {name: _view(buffer, place) for name, place in zip(FIELDS, places)}
+            graph = Graph.from_checked(**fields, min_distance=min_distance)
+            out.append(dataclasses.replace(item, graph=graph))
+        return out
+
+    def _mapping(self):
+        if self._buffer is None and self.size:  # the sender's own chunk, never pickled
+            self._buffer = mmap.mmap(self._fd, self.size, prot=mmap.PROT_READ, **_UNTRACKED)
+        return self._buffer
+
+
+def pack(items: Sequence) -> SharedChunk:
+    """``items`` (:class:`~pipelines.graphs.Item`, without a ``start``) with their graphs in a new memfd.
+
+    Raises ``ValueError`` for an item with a ``start`` (a relaxation's: it
+    travels pickled) and ``OSError`` where the file cannot be made (no
+    memory); ``AttributeError`` without ``os.memfd_create`` (see :func:`available`).
+    """
+    table, writes, size = [], [], 0
+    for item in items:
+        if getattr(item, "start", None) is not None:
+            raise ValueError(f"structure {item.index}: a relaxation's item (with a start) travels pickled")
+        if item.graph is None:
+            table.append(None)
+            continue
+        places = []
+        for name in FIELDS:
+            array = getattr(item.graph, name)
+            if array is None:
+                places.append(None)
+                continue
+            array = np.asarray(array)
+            size = -(-size // ALIGN) * ALIGN
+            places.append((array.dtype.str, array.shape, size))
+            writes.append((array, size))
+            size += array.nbytes
+        table.append((tuple(places), float(item.graph.min_distance)))
+    bare = [item if item.graph is None else dataclasses.replace(item, graph=None) for item in items]
+    if not size:  # no graph (statuses only, or no item): no file
+        return SharedChunk(bare, table, 0)
+    fd = os.memfd_create(NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        with mmap.mmap(fd, size) as out:  # MAP_SHARED, writable: this process's only writable view
+            for array, offset in writes:
+                np.ndarray(array.shape, array.dtype, buffer=out, offset=offset)[...] = array
+        _seal(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return SharedChunk(bare, table, size, fd=fd)
+
+
+def unpack(received) -> list:
+    """The items a neighbour task returned: a :class:`SharedChunk`'s, or the pickled list itself."""
+    return received.items() if isinstance(received, SharedChunk) else received
+
+
+def _arrive(handle, size: int, items: list, table: list) -> SharedChunk:
+    """Unpickling in the receiver: take the descriptor, map the file read-only, close the descriptor."""
+    buffer = None
+    if handle is not None:
+        fd = handle.detach()  # over the sender's resource-sharer socket
+        try:
+            buffer = mmap.mmap(fd, size, prot=mmap.PROT_READ, **_UNTRACKED)
+        finally:
+            os.close(fd)
+    return SharedChunk(items, table, size, buffer=buffer)
+
+
+def _view(buffer, place: Place):
+    """The array at ``place`` of ``buffer``: no copy, read-only as the mapping is, keeping it alive.
+
+    ``np.ndarray`` over the buffer: the same view as ``np.frombuffer(...).reshape``, in a third of the time.
+    """
+    if place is None:
+        return None
+    dtype, shape, offset = place
+    return np.ndarray(shape, dtype, buffer, offset)
+
+
+def _seal(fd: int) -> None:
+    """No more writes, growth or shrinking of the file (and no more seals): the receiver's views are final."""
+    import fcntl
+
+    if hasattr(fcntl, "F_ADD_SEALS"):
+        seals = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)

@@ -1,0 +1,281 @@
+"""Neighbour graphs between processes in shared memory (pipelines.graph_transport): the same items, no leaks.
+
+Every item a chunk carries must arrive as the pickled one would: each graph
+field equal in dtype, shape and bits, ``min_distance`` equal, statuses,
+messages and order unchanged; the descriptors and mappings it took must be
+gone once its items are; a SIGKILL must leave nothing in ``/dev/shm``.
+"""
+
+import gc
+import multiprocessing
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from painn_export import save_model
+from painn_export.samples import bulk, molecule
+from painn_export.schema import InputReader, write_input
+from pipelines import graph_transport
+from pipelines import graphs as graphs_module
+from pipelines.graphs import GraphSettings, build_shared, init_worker_process, items_from, neighbour_items
+
+from conftest import SMALL, make_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(not graph_transport.available(), reason="needs os.memfd_create (Linux)")
+
+FEEDS = ["float32", "float64"]
+SETTINGS = {dtype: GraphSettings(5.0, 20, 83, dtype) for dtype in FEEDS}
+NO_CELL = np.zeros((3, 3)), [False] * 3
+STATUSES = [  # one of each input status the worker gives without a graph
+    ((np.zeros(0, int), np.zeros((0, 3)), *NO_CELL), "empty_structure"),
+    ((np.array([1, 120]), np.array([[0.0, 0, 0], [1.0, 0, 0]]), *NO_CELL), "unknown_element"),
+    ((np.array([1, 1]), np.array([[0.0, 0, 0], [0.2, 0, 0]]), *NO_CELL), "atoms_too_close"),
+]
+
+
+def _rows(n: int, seed: int = 0) -> list:
+    """``n`` small periodic and molecular structures (6-24 atoms), a structure without a graph every 5th."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        if k % 5 == 2:
+            out.append(STATUSES[(k // 5) % len(STATUSES)][0])
+            continue
+        s = (bulk if k % 3 else molecule)(rng, int(rng.integers(6, 25)), np.arange(1, 30))
+        out.append((s.atomic_numbers, s.positions, s.cell, s.pbc))
+    return out
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """An input of 40 structures (statuses mixed in) and one of statuses only."""
+    where = tmp_path_factory.mktemp("transport")
+    return {
+        "mixed": write_input(where / "mixed.h5", _rows(40)),
+        "statuses": write_input(where / "statuses.h5", [row for row, _ in STATUSES]),
+    }
+
+
+def _built(path, settings, indices=None) -> list:
+    """What items_from gives in this process: the items as pickling would carry them."""
+    with InputReader(str(path)) as reader:
+        return items_from(reader, settings, np.arange(reader.n_structures) if indices is None else indices)
+
+
+def assert_same_items(got: list, want: list, read_only: bool | None = None) -> None:
+    """Every field of every item equal in dtype, shape and bits; ``read_only``: whether graph arrays are."""
+    assert [it.index for it in got] == [it.index for it in want]
+    for g, w in zip(got, want):
+        assert (g.status, g.message, g.start) == (w.status, w.message, w.start), w.index
+        assert (g.graph is None) == (w.graph is None), w.index
+        if w.graph is None:
+            continue
+        assert g.graph.min_distance == w.graph.min_distance
+        for name in graph_transport.FIELDS:
+            mine, theirs = getattr(g.graph, name), getattr(w.graph, name)
+            where = f"structure {w.index}: {name}"
+            assert (mine.dtype, mine.shape) == (theirs.dtype, theirs.shape), where
+            assert np.array_equal(mine, theirs) and mine.tobytes() == theirs.tobytes(), where
+            if read_only is not None:
+                assert mine.flags.writeable is not read_only, where
+
+
+def _spawn_pool(workers: int = 1, **kw) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), **kw)
+
+
+@pytest.mark.parametrize("feed", FEEDS)
+def test_a_packed_chunk_unpacks_to_the_same_items_here_and_in_a_spawned_worker(inputs, feed):
+    settings = SETTINGS[feed]
+    want = _built(inputs["mixed"], settings)
+    assert {it.status for it in want} == {"ok", *(status for _, status in STATUSES)}
+    if feed == "float32":  # what the float32 feed's graphs travel as
+        assert (want[0].graph.edge_index.dtype, want[0].graph.edge_shift.dtype) == (np.int32, np.float32)
+    chunk = graph_transport.pack(want)
+    assert chunk.size > 0 and len(chunk) == len(want)
+    assert_same_items(chunk.items(), want, read_only=True)  # the sender's own mapping
+    received = pickle.loads(pickle.dumps(chunk))  # the descriptor through the resource sharer
+    assert_same_items(graph_transport.unpack(received), want, read_only=True)
+    # Unpacked in another process: the chunk goes there in shared memory, the items come back pickled.
+    with _spawn_pool() as pool:
+        there = pool.submit(graph_transport.unpack, chunk).result(timeout=120)
+    assert_same_items(there, want)
+    # ... and the other way: packed in a neighbour worker, unpacked here.
+    with _spawn_pool(initializer=init_worker_process, initargs=(str(inputs["mixed"]), settings)) as pool:
+        sent = pool.submit(build_shared, np.arange(len(want))).result(timeout=120)
+    assert isinstance(sent, graph_transport.SharedChunk)
+    assert_same_items(graph_transport.unpack(sent), want, read_only=True)
+
+
+def test_chunks_without_graphs_need_no_file(inputs):
+    want = _built(inputs["statuses"], SETTINGS["float32"])
+    assert [it.status for it in want] == [status for _, status in STATUSES]
+    for items in (want, []):
+        chunk = graph_transport.pack(items)
+        assert chunk.size == 0
+        assert_same_items(graph_transport.unpack(pickle.loads(pickle.dumps(chunk))), items)
+    with _spawn_pool() as pool:
+        assert_same_items(pool.submit(graph_transport.unpack, graph_transport.pack(want)).result(120), want)
+
+
+def test_a_relaxations_items_are_refused(inputs):
+    settings = GraphSettings(5.0, 20, 83, "float32", relax=True)
+    items = _built(inputs["mixed"], settings, np.arange(3))
+    with pytest.raises(ValueError, match="travels pickled"):
+        graph_transport.pack(items)
+
+
+def test_the_file_is_sealed_and_the_received_chunk_is_not_sent_on(inputs):
+    import fcntl
+
+    chunk = graph_transport.pack(_built(inputs["mixed"], SETTINGS["float32"], np.arange(4)))
+    with pytest.raises(PermissionError):  # F_SEAL_WRITE (and grow, shrink)
+        os.pwrite(chunk._fd, b"x", 0)
+    assert fcntl.fcntl(chunk._fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_WRITE
+    with pytest.raises(TypeError, match="not sent on"):
+        pickle.dumps(pickle.loads(pickle.dumps(chunk)))
+
+
+def _memfd_maps() -> list[str]:
+    return [line for line in Path("/proc/self/maps").read_text().splitlines() if "memfd:" in line]
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _wait_for(condition, timeout: float = 20.0) -> bool:
+    deadline = time.time() + timeout
+    while not condition() and time.time() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.mark.parametrize("feed", FEEDS)
+def test_workers_give_the_same_items_as_this_process_and_leave_no_descriptor_or_mapping(
+    inputs, monkeypatch, feed
+):
+    """neighbour_items with workers (several chunks) equal to workers=0 in every bit; their graphs
+    in this process's memfd mappings while held, and no descriptor or mapping left once dropped."""
+    monkeypatch.setattr(graphs_module, "CHUNK", 8)  # five chunks, three with statuses
+    settings, pending = SETTINGS[feed], np.arange(40)
+    want = list(neighbour_items(str(inputs["mixed"]), pending, settings, 0))
+    gc.collect()
+    fds, maps = _fds(), len(_memfd_maps())
+    got = list(neighbour_items(str(inputs["mixed"]), pending, settings, 2))
+    assert len(_memfd_maps()) > maps  # the graphs are views of the workers' files
+    assert_same_items(got, want, read_only=True)
+    del got
+    gc.collect()
+    assert len(_memfd_maps()) == maps
+    # The pool's pipes close as its workers exit, in the background.
+    assert _wait_for(lambda: _fds() <= fds), f"{_fds() - fds} descriptors more than before the run"
+
+
+def test_without_memfd_the_workers_list_is_pickled_with_the_same_items(inputs, monkeypatch):
+    monkeypatch.setattr(graphs_module, "CHUNK", 8)
+    monkeypatch.delattr(os, "memfd_create")  # macOS, Windows: the one place that chooses says no
+    assert not graph_transport.available()
+    settings, pending = SETTINGS["float32"], np.arange(40)
+    want = list(neighbour_items(str(inputs["mixed"]), pending, settings, 0))
+    maps = len(_memfd_maps())
+    got = list(neighbour_items(str(inputs["mixed"]), pending, settings, 2))
+    assert len(_memfd_maps()) == maps
+    assert_same_items(got, want, read_only=False)  # unpickled arrays are writable: no shared memory
+
+
+CLI = "import sys; from pipelines.cli import main; sys.exit(main())"
+
+
+def _shm() -> set[str]:
+    return set(os.listdir("/dev/shm"))
+
+
+def test_sigkill_of_the_process_group_mid_run_leaves_nothing_in_dev_shm(tmp_path):
+    """A ``painn-batch run`` with workers, killed with its process group (workers, resource tracker)
+    while its main process holds graphs in shared memory: nothing named after the transport in
+    /dev/shm, and no new entry there but the process pool's own named semaphores (which only the
+    killed resource tracker would have unlinked: this test then removes them)."""
+    model = save_model(make_model(SMALL, torch.float32), tmp_path / "m.pt")
+    inp = write_input(tmp_path / "in.h5", _rows(1500, seed=1))
+    temp = tmp_path / "tmp"  # the run's TMPDIR: what the stdlib leaves on a kill stays in here
+    temp.mkdir()
+    before = _shm()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(temp)}
+    args = ["run", str(inp), "--model", str(model), "--runtime", "torch", "--workers", "2", "-q"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CLI, *args, "-o", str(tmp_path / "out.h5")],
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,  # a process group of its own: the run, its workers, the resource tracker
+        stderr=subprocess.PIPE,
+    )
+    maps = Path(f"/proc/{proc.pid}/maps")
+
+    def holds_shared_graphs() -> bool:
+        try:
+            return graph_transport.NAME in maps.read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+
+    try:
+        assert _wait_for(lambda: holds_shared_graphs() or proc.poll() is not None, 120)
+        assert proc.poll() is None, f"the run ended first: {proc.stderr.read().decode()[-2000:]}"
+        group = [int(p) for p in os.listdir("/proc") if p.isdigit() and _group_of(int(p)) == proc.pid]
+        assert len(group) >= 3  # the run and its two workers (and the resource tracker)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert _wait_for(lambda: not any(_alive(p) for p in group), 30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    new = _shm() - before
+    try:
+        assert not [n for n in _shm() if graph_transport.NAME in n or "painn" in n]
+        assert not [n for n in new if not n.startswith("sem.mp-")], new
+        # The resource sharer that handed the descriptors over leaves its socket (no memory) in TMPDIR.
+        left = [p for p in temp.rglob("*") if not p.is_dir()]
+        assert all(p.parent.name.startswith("pymp-") and p.is_socket() for p in left), left
+    finally:
+        for name in new - _mapped_semaphores():  # the killed pool's: no live process has them open
+            if name.startswith("sem.mp-"):
+                Path("/dev/shm", name).unlink(missing_ok=True)
+
+
+def _mapped_semaphores() -> set[str]:
+    """The /dev/shm semaphores some live process has open (mapped)."""
+    names = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            text = Path(f"/proc/{pid}/maps").read_text()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        names.update(line.rsplit("/", 1)[1] for line in text.splitlines() if "/dev/shm/sem." in line)
+    return names
+
+
+def _group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
