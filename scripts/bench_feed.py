@@ -2,6 +2,7 @@
 
     python scripts/bench_feed.py [--structures 1000] [--atoms 68] [--batch 250]
                                  [--device cpu] [--repeats 3] [--cutoff 12] [--max-neighbors 50]
+                                 [--transport]
 
 Generates ``--structures`` periodic bulk structures of ``--atoms`` atoms on
 average (30 % spread; the demo elements, ~2.4 Å apart; seeded), with the OCP
@@ -30,11 +31,24 @@ includes the neighbour search, i.e. one core's whole share. Also the device
 path's own graph time per atom (on ``--device``), and the host cores that
 each path needs to feed 200 000 atoms/s. Run start-up (the runtime, the file)
 is inside the wall time: use a few thousand structures for figures.
+
+``--transport`` instead times how a neighbour worker's chunks (``CHUNK``
+structures, float32 feed) reach the main process, per atom: one spawned
+worker builds each chunk and serialises it (its list of items pickled, or
+its graphs packed into shared memory, ``pipelines.graph_transport``, and
+that pickled); the main process then loads it (unpickling the items, or
+taking the descriptor, mapping the file and making the graphs over views),
+then collates the chunk's graphs into one feed. The worker's serialising
+time is reported beside the main process's, whose time (this thread's CPU
+time; the load's wall time too, which includes waiting on the worker's
+socket for the descriptor) is the one that competes with the runtime; the
+pipe's copy of the bytes is in neither.
 """
 
 from __future__ import annotations
 
 import argparse
+import pickle
 import platform
 import statistics
 import sys
@@ -133,6 +147,73 @@ def pipeline_rows(samples, args, workdir: Path) -> list[tuple[str, object]]:
     return out
 
 
+def _serialised_chunk(indices: np.ndarray, shared: bool) -> tuple[float, bytes]:
+    """In the neighbour worker: one chunk's items serialised as they travel, and the seconds it took."""
+    from pipelines.graph_transport import pack
+    from pipelines.graphs import build_items
+
+    items = build_items(indices)
+    t = time.perf_counter()
+    blob = pickle.dumps(pack(items) if shared else items, protocol=pickle.HIGHEST_PROTOCOL)
+    return time.perf_counter() - t, blob
+
+
+def transport_rows(samples, args, workdir: Path) -> None:
+    """The main process's side of receiving chunks: unpickling items against unpacking shared graphs."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from painn_export.batch import collate
+    from painn_export.schema import write_input
+    from pipelines import graph_transport
+    from pipelines.graphs import CHUNK, GraphSettings, init_worker_process
+
+    rows = [(s.atomic_numbers, s.positions, s.cell, s.pbc) for s in samples]
+    inp = write_input(workdir / "in.h5", rows)
+    settings = GraphSettings(args.cutoff, args.max_neighbors, int(ELEMENTS.max()), "float32")
+    chunks = [np.arange(lo, min(lo + CHUNK, len(rows))) for lo in range(0, len(rows), CHUNK)]
+    n_atoms = sum(len(s.positions) for s in samples)
+    modes = {"pickled items": False}
+    if graph_transport.available():
+        modes["shared memory (memfd)"] = True
+    keys = ("worker", "load", "load_cpu", "collate")
+    times = {mode: {key: [] for key in keys} for mode in modes}
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        1, mp_context=ctx, initializer=init_worker_process, initargs=(str(inp), settings)
+    ) as pool:
+        for shared in modes.values():  # the worker's imports and kernels, collate's kernel, each path once
+            _, blob = pool.submit(_serialised_chunk, chunks[0], shared).result()
+            collate([it.graph for it in graph_transport.unpack(pickle.loads(blob)) if it.graph], np.float32)
+        for _ in range(args.repeats):
+            for mode, shared in modes.items():
+                total = dict.fromkeys(keys, 0.0)
+                for chunk in chunks:
+                    serialise, blob = pool.submit(_serialised_chunk, chunk, shared).result()
+                    total["worker"] += serialise
+                    wall, cpu = time.perf_counter(), time.thread_time()
+                    items = graph_transport.unpack(pickle.loads(blob))
+                    total["load"] += time.perf_counter() - wall
+                    total["load_cpu"] += time.thread_time() - cpu
+                    cpu = time.thread_time()
+                    collate([it.graph for it in items if it.graph is not None], np.float32)
+                    total["collate"] += time.thread_time() - cpu
+                    del items
+                for key in keys:
+                    times[mode][key].append(total[key])
+    print(
+        f"\nchunks of {CHUNK} structures from one neighbour worker (float32 feed), "
+        f"µs/atom, median of {args.repeats}; main: this thread's CPU time, and the load's wall time"
+    )
+    print("| transport | worker: serialise | main: load (wall) | main: load | main: collate | main: both |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for mode, kinds in times.items():
+        worker, load, load_cpu, packed = (statistics.median(kinds[k]) / n_atoms * 1e6 for k in keys)
+        print(
+            f"| {mode} | {worker:.2f} | {load:.2f} | {load_cpu:.2f} | {packed:.2f} | {load_cpu + packed:.2f} |"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--structures", type=int, default=1000)
@@ -144,7 +225,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-neighbors", type=int, default=50)
     parser.add_argument("--runtime", default="torch", help="the pipeline rows' runtime (torch, onnxruntime)")
     parser.add_argument("--skip-feed", action="store_true", help="only the pipeline rows")
+    parser.add_argument(
+        "--transport", action="store_true", help="only how a worker's chunks reach the main process"
+    )
     args = parser.parse_args(argv)
+    if args.transport:  # no torch, no device: the host's neighbour stage alone
+        import tempfile
+
+        samples = structures(args.structures, args.atoms)
+        print(
+            f"machine: {platform.processor() or platform.machine()}, {platform.python_version()}; "
+            f"{len(samples)} periodic structures of ~{args.atoms} atoms, cutoff {args.cutoff} Å, "
+            f"cap {args.max_neighbors}"
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            transport_rows(samples, args, Path(tmp))
+        return 0
 
     import torch
 
