@@ -20,7 +20,8 @@ from painn_export._jit import jit
 @jit
 def slot_layout(
     positions, natoms, edge_index, nedges, edge_slot, edge_reverse, edge_shift, K, P, g0, g1, a0, e0, p0,
-    out_positions, neighbors, shift, mask, neighbor_reverse, slot_pair, pair_slots, flat_edge_index, flat,
+    out_positions, neighbors, shift, mask, neighbor_reverse, slot_pair, pair_slots, edges, flat_edge_index,
+    flat,
 ) -> int:  # fmt: skip
     """Write the slot layout of graphs ``g0 .. g1 - 1``; returns the number of pairs they hold, or
     ``-(s + 1)`` (nothing written) when graph ``s`` has no atoms, an index outside itself, a slot
@@ -39,8 +40,8 @@ def slot_layout(
     float ones in the feed's dtype): ``out_positions`` ``[N, 3]``,
     ``neighbors``, ``shift`` ``[N * K, 3]``, ``mask``, ``neighbor_reverse``,
     ``slot_pair`` ``[N * K]``, ``pair_slots`` ``[P, 2]`` (the pairs only, not
-    the spare rows), ``flat_edge_index`` ``[2, E]`` (global atom indices),
-    and the scratch ``flat`` ``[E]`` (each edge's flat slot).
+    the spare rows), ``flat_edge_index`` ``[2, E]`` (global atom indices;
+    written only when ``edges`` is true), and the scratch ``flat`` ``[E]`` (each edge's flat slot).
     """
     # First, what every write below relies on (a graph made with Graph.from_checked skipped Graph's
     # checks): atoms, indices within the graph, slots within K, reverses that pair the edges.
@@ -89,8 +90,9 @@ def slot_layout(
             recv = edge_index[1, e] + a
             f = recv * K + edge_slot[e]
             flat[e] = f
-            flat_edge_index[0, e] = send
-            flat_edge_index[1, e] = recv
+            if edges:
+                flat_edge_index[0, e] = send
+                flat_edge_index[1, e] = recv
             neighbors[f] = send
             shift[f, 0] = edge_shift[e, 0]
             shift[f, 1] = edge_shift[e, 1]

@@ -224,6 +224,7 @@ def collate(
     n_slots: int | None = None,
     n_pairs: int | None = None,
     pool: ThreadPoolExecutor | None = None,
+    edges: bool = True,
 ) -> dict[str, np.ndarray]:
     """Pack graphs into one feed keyed by the contract's names (:func:`~painn_export.contract.feed_names`).
 
@@ -239,7 +240,8 @@ def collate(
     ``dtype``. The feed also holds ``cell`` ``[n_systems, 3, 3]`` (zeros for
     graphs without one) and the flat edge list (``edge_index``, atom indices
     offset by the atoms of earlier graphs, and ``edge_shift``) that the
-    torch_scatter reference takes; runtimes take the inputs they need.
+    torch_scatter reference takes; runtimes take the inputs they need
+    (``edges=False`` leaves that list out: no runtime reads it).
     Positions are moved to each structure's centroid (in float64, before the
     cast): energies, forces and stress do not depend on it, and float32 edge
     vectors then keep their digits wherever the structure sits.
@@ -255,7 +257,8 @@ def collate(
     """
     from painn_export._collate_kernel import slot_layout
 
-    flat, K, P = _flatten(graphs, dtype, n_slots, n_pairs)
+    # Given n_slots, the kernel checks every slot against it (the busiest atom is found only if one is not).
+    flat, K, P = _flatten(graphs, dtype, n_slots, n_pairs, need=n_slots is None)
     natoms, nedges = flat["natoms"], flat["nedges"]
     n_atoms, n_edges = len(flat["positions"]), flat["edge_index"].shape[1]
     positions = np.empty((n_atoms, 3), dtype=flat["dtype"])
@@ -265,7 +268,7 @@ def collate(
     neighbor_reverse = np.empty(n_atoms * K, dtype=np.int64)
     slot_pair = np.empty(n_atoms * K, dtype=np.int64)
     pair_slots = np.empty((P, 2), dtype=np.int64)
-    edge_index = np.empty((2, n_edges), dtype=np.int64)
+    edge_index = np.empty((2, n_edges if edges else 0), dtype=np.int64)
     scratch = np.empty(n_edges, dtype=np.int64)
     atom_start = np.concatenate([[0], np.cumsum(natoms)])
     edge_start = np.concatenate([[0], np.cumsum(nedges)])
@@ -276,7 +279,8 @@ def collate(
             flat["positions"], natoms, flat["edge_index"], nedges, flat["edge_slot"],
             flat["edge_reverse"], flat["edge_shift"], K, P,
             g0, g1, atom_start[g0], edge_start[g0], edge_start[g0] // 2,
-            positions, neighbors, shift, mask, neighbor_reverse, slot_pair, pair_slots, edge_index, scratch,
+            positions, neighbors, shift, mask, neighbor_reverse, slot_pair, pair_slots, edges, edge_index,
+            scratch,
         )  # fmt: skip
         return min(pairs, 0)  # checked: a graph whose reverses pair its edges holds half their pairs
 
@@ -287,7 +291,9 @@ def collate(
         bounds = np.unique(np.concatenate([[0], np.minimum(cuts, len(graphs)), [len(graphs)]]))
         groups = list(itertools.pairwise(bounds.tolist()))
     wrong = list(pool.map(lambda g: layout(*g), groups)) if len(groups) > 1 else [layout(*groups[0])]
-    if any(wrong):  # only a graph made with Graph.from_checked can get here
+    if any(wrong):  # a slot beyond a caller's n_slots, or a graph made with Graph.from_checked
+        if n_slots is not None:
+            _check_slots(K, max(g.max_degree for g in graphs))
         bad = [-w - 1 for w in wrong if w < 0]
         which = f"graph {bad[0]}" if bad else "a graph"
         raise InvalidGraphError(
@@ -295,8 +301,8 @@ def collate(
             "that does not pair every edge with one other edge (Graph's own checks would have said which)"
         )
     pair_slots[n_edges // 2 :] = n_atoms * K  # spare pairs: "no slot"
-    arrays = (positions, neighbors, shift, mask, slot_pair, pair_slots, neighbor_reverse, edge_index)
-    return _feed(flat, K, *arrays)
+    arrays = (positions, neighbors, shift, mask, slot_pair, pair_slots, neighbor_reverse)
+    return _feed(flat, K, *arrays, edge_index if edges else None)
 
 
 def collate_reference(
@@ -354,16 +360,21 @@ def collate_reference(
     )  # fmt: skip
 
 
-def _flatten(graphs: Sequence[Graph], dtype, n_slots: int | None, n_pairs: int | None):
-    """The graphs' arrays one after another (indices still local), with the slots ``K`` and pairs ``P``."""
+def _flatten(graphs: Sequence[Graph], dtype, n_slots: int | None, n_pairs: int | None, need: bool = True):
+    """The graphs' arrays one after another (indices still local), with the slots ``K`` and pairs ``P``.
+
+    ``need``: check ``n_slots`` against the busiest atom here (else the caller's kernel checks each slot).
+    """
     if not len(graphs):
         raise InvalidGraphError("no graphs to collate: a feed needs at least one structure")
     natoms = np.array([g.n_atoms for g in graphs], dtype=np.int64)  # [n_systems]
     nedges = np.array([g.n_edges for g in graphs], dtype=np.int64)
-    need = max(g.max_degree for g in graphs)
-    K = slot_count(need) if n_slots is None else int(n_slots)
-    if K < max(need, 1):
-        raise ValueError(f"n_slots={K} is fewer than the {max(need, 1)} slots the busiest atom needs")
+    if n_slots is None or need:
+        busiest = max(g.max_degree for g in graphs)
+        K = slot_count(busiest) if n_slots is None else int(n_slots)
+        _check_slots(K, busiest)
+    else:
+        K = int(n_slots)
     real = int(nedges.sum()) // 2  # an edge and its reverse (Graph checks every edge has one)
     P = max(real, 1) if n_pairs is None else int(n_pairs)
     _check_pairs(real, P)
@@ -387,15 +398,21 @@ def _flatten(graphs: Sequence[Graph], dtype, n_slots: int | None, n_pairs: int |
     return flat, K, P
 
 
+def _check_slots(K: int, busiest: int) -> None:
+    if K < max(busiest, 1):
+        raise ValueError(f"n_slots={K} is fewer than the {max(busiest, 1)} slots the busiest atom needs")
+
+
 def _check_pairs(real: int, P: int) -> None:
     if P < max(real, 1):
         raise ValueError(f"n_pairs={P} is fewer than the {max(real, 1)} pairs the graphs need")
 
 
 def _feed(flat, K, positions, neighbors, shift, mask, slot_pair, pair_slots, neighbor_reverse, edge_index):
-    """The feed's dictionary (:func:`collate`'s keys) from the layout's flat arrays."""
-    n_atoms, n_edges = len(positions), edge_index.shape[1]
-    return {
+    """The feed's dictionary (:func:`collate`'s keys) from the layout's flat arrays (``edge_index``
+    None: without the flat edge list)."""
+    n_atoms = len(positions)
+    feed = {
         "atomic_numbers": flat["atomic_numbers"],
         "positions": positions,
         "neighbors": neighbors.reshape(n_atoms, K),
@@ -407,9 +424,11 @@ def _feed(flat, K, positions, neighbors, shift, mask, slot_pair, pair_slots, nei
         "system_index": np.repeat(np.arange(len(flat["natoms"]), dtype=np.int64), flat["natoms"]),
         "natoms": flat["natoms"],
         "cell": flat["cell"],
-        "edge_index": edge_index.reshape(2, n_edges),
-        "edge_shift": flat["edge_shift"].astype(flat["dtype"]),
     }
+    if edge_index is not None:
+        feed["edge_index"] = edge_index.reshape(2, -1)
+        feed["edge_shift"] = flat["edge_shift"].astype(flat["dtype"])
+    return feed
 
 
 def canonical_graph(graph: Graph) -> Graph:

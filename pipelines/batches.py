@@ -107,10 +107,14 @@ class Limits:
         """These limits with at most ``atoms`` atoms a batch (None: unchanged)."""
         return self if atoms is None or atoms >= self.atoms else dataclasses.replace(self, atoms=atoms)
 
-    def collate(self, graphs, dtype, pool=None) -> dict:
+    def collate(self, graphs, dtype, pool=None, max_degree: int | None = None) -> dict:
         """The feed of ``graphs``, floats in ``dtype``, on :meth:`slots_for` slots per atom
-        (on ``pool``'s threads: :func:`~painn_export.batch.collate`)."""
-        return collate(graphs, dtype, n_slots=self.slots_for(max(g.max_degree for g in graphs)), pool=pool)
+        (on ``pool``'s threads: :func:`~painn_export.batch.collate`), without the flat edge list
+        that only the torch_scatter reference reads. ``max_degree``: the graphs' busiest atom, when
+        the caller knows it (else found here)."""
+        if max_degree is None:
+            max_degree = max(g.max_degree for g in graphs)
+        return collate(graphs, dtype, n_slots=self.slots_for(max_degree), pool=pool, edges=False)
 
 
 def batch_limits(profiles, max_atoms: int, max_edges: int | None) -> Limits:

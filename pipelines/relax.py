@@ -65,7 +65,7 @@ import dataclasses
 import logging
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +74,7 @@ from painn_export.batch import Graph
 from painn_export.schema import InputReader, validate_input
 from painn_export.skin import SkinGraph
 from pipelines.batches import Budget, Summary, batch_limits, infer_split
+from pipelines.device_batches import Sized
 from pipelines.fire import FireState, fire_steps, generalized_forces_many, max_forces, one_blas_thread
 from pipelines.graphs import GraphSettings, neighbour_items
 from pipelines.options import RelaxSettings, RunOptions
@@ -165,10 +166,20 @@ class _Member:
     graph: Graph | None = None  # device graphs: its size (Sized, or Entered until its first feed)
     fmax: float = float("nan")  # at the last evaluation
     passed: int = 0  # waiting: how many later structures entered before it
+    _size_of: object = field(default=None, repr=False, compare=False)  # the graph _size was found for
+    _size: Sized | None = field(default=None, repr=False, compare=False)
 
     @property
     def n_atoms(self) -> int:
         return int(self.z.shape[0])
+
+    @property
+    def size(self) -> Sized:
+        """Its graph's atoms and busiest atom, what admission and splitting read: found once per graph."""
+        if self._size_of is not self.graph:
+            self._size = Sized(self.graph.n_atoms, self.graph.max_degree)
+            self._size_of = self.graph
+        return self._size
 
 
 def relax_file(
@@ -435,15 +446,15 @@ class _Loop:
         waits (up to ``WINDOW``) and those behind it may pass, until one has
         been passed ``PATIENCE`` times: then nothing behind it enters before it.
         """
-        budget = Budget(self.limits.lowered(self.summary.memory_atoms), [m.graph for m in self.batch])
+        budget = Budget(self.limits.lowered(self.summary.memory_atoms), [m.size for m in self.batch])
         still: list[_Member] = []
         blocked = False  # a waiting structure has been passed often enough
 
         def offer(m: _Member) -> None:
             nonlocal blocked
-            if not blocked and budget.admits(m.graph):
+            if not blocked and budget.admits(m.size):
                 self.batch.append(m)
-                budget.add(m.graph)
+                budget.add(m.size)
                 for ahead in still:
                     ahead.passed += 1
                     blocked = blocked or ahead.passed >= PATIENCE
@@ -490,7 +501,7 @@ class _Loop:
     def _evaluate(self, members: list[_Member]) -> list:
         """``(energy, forces, stress)`` per member (float64), or a too_large message (:func:`infer_split`)."""
         feed_of = self.graphs.feed_of(members)
-        results = infer_split(self.runner, [m.graph for m in members], self.limits, self.summary, feed_of)
+        results = infer_split(self.runner, [m.size for m in members], self.limits, self.summary, feed_of)
         out = []
         for m, result in zip(members, results):
             if isinstance(result, str):

@@ -25,7 +25,8 @@ after a step its geometry became invalid, or two atoms came closer than
 :data:`~pipelines.graphs.MIN_SEPARATION`.
 
 A member is what :mod:`pipelines.relax` keeps per structure: ``z``, ``pbc``,
-``skin``, ``state`` (positions, cell), ``n_atoms`` and ``graph``.
+``skin``, ``state`` (positions, cell), ``n_atoms``, ``graph`` and ``size``
+(its graph's atoms and busiest atom).
 """
 
 from __future__ import annotations
@@ -181,7 +182,10 @@ class StepGraphs:
         the host's threads (:attr:`pool`)."""
         if not self.on_device:
             graphs, dtype = [m.graph for m in members], self.runner.feed_dtype
-            return lambda lo, hi: self.limits.collate(graphs[lo:hi], dtype, pool=self.pool)
+            degree = [m.size.max_degree for m in members]
+            return lambda lo, hi: self.limits.collate(
+                graphs[lo:hi], dtype, pool=self.pool, max_degree=max(degree[lo:hi])
+            )
         import torch
 
         from painn_export.device_graphs import join_graphs

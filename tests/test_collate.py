@@ -84,6 +84,11 @@ def test_collate_is_its_reference_on_every_kind(dtype, rng, pool):
     pairs = sum(g.n_edges for g in graphs) // 2
     extra = {"n_slots": need + 5, "n_pairs": pairs + 7}  # padding slots and spare pairs
     assert_same_feed(collate(graphs, dtype, pool=pool, **extra), collate_reference(graphs, dtype, **extra))
+    # Without the flat edge list (what the pipelines feed every runtime): the rest is the same bytes.
+    want = collate_reference(graphs, dtype, n_slots=need)
+    lean = collate(graphs, dtype, pool=pool, n_slots=need, edges=False)
+    assert "edge_index" not in lean and "edge_shift" not in lean
+    assert_same_feed(lean, {k: v for k, v in want.items() if k not in ("edge_index", "edge_shift")})
 
 
 def test_collate_is_its_reference_at_realistic_size_every_time(rng):
@@ -116,6 +121,8 @@ def test_collate_refuses_what_its_reference_refuses(rng):
         for function in (collate, collate_reference):
             with pytest.raises(ValueError, match=message):
                 function(graphs, **kw)
+        with pytest.raises(ValueError, match=message):  # given n_slots, the kernel finds the slot beyond
+            collate(graphs, edges=False, **kw)
     for function in (collate, collate_reference):
         with pytest.raises(InvalidGraphError, match="no graphs"):
             function([])
