@@ -42,7 +42,10 @@ then collates the chunk's graphs into one feed. The worker's serialising
 time is reported beside the main process's, whose time (this thread's CPU
 time; the load's wall time too, which includes waiting on the worker's
 socket for the descriptor) is the one that competes with the runtime; the
-pipe's copy of the bytes is in neither.
+pipe's copy of the bytes is in neither. A second table then times
+``neighbour_items`` itself with two workers, each way: the main process's
+CPU time over all its threads (the process pool's thread that reads the
+pipe included), and the wall time.
 """
 
 from __future__ import annotations
@@ -196,7 +199,7 @@ def transport_rows(samples, args, workdir: Path) -> None:
                     total["load"] += time.perf_counter() - wall
                     total["load_cpu"] += time.thread_time() - cpu
                     cpu = time.thread_time()
-                    collate([it.graph for it in items if it.graph is not None], np.float32)
+                    collate([it.graph for it in items if it.graph is not None], np.float32, edges=False)
                     total["collate"] += time.thread_time() - cpu
                     del items
                 for key in keys:
@@ -212,6 +215,43 @@ def transport_rows(samples, args, workdir: Path) -> None:
         print(
             f"| {mode} | {worker:.2f} | {load:.2f} | {load_cpu:.2f} | {packed:.2f} | {load_cpu + packed:.2f} |"
         )
+
+
+def receive_rows(samples, args, workdir: Path, workers: int = 2) -> None:
+    """The main process's whole CPU time (every thread: the pool's pipe reader too) to receive the
+    items of ``neighbour_items`` from ``workers`` neighbour workers, pickled against shared memory."""
+    from painn_export.schema import write_input
+    from pipelines import graph_transport, graphs
+
+    rows = [(s.atomic_numbers, s.positions, s.cell, s.pbc) for s in samples]
+    inp = str(write_input(workdir / "receive.h5", rows))
+    n_atoms = sum(len(s.positions) for s in samples)
+    settings = graphs.GraphSettings(args.cutoff, args.max_neighbors, int(ELEMENTS.max()), "float32")
+    modes = {"pickled items": False}
+    if graph_transport.available():
+        modes["shared memory (memfd)"] = True
+    times: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
+    real = graph_transport.available
+    try:
+        for _ in range(args.repeats):
+            for mode, shared in modes.items():
+                graph_transport.available = real if shared else (lambda: False)
+                cpu, wall = time.process_time(), time.perf_counter()
+                for _item in graphs.neighbour_items(inp, np.arange(len(rows)), settings, workers):
+                    pass
+                times[mode].append((time.process_time() - cpu, time.perf_counter() - wall))
+    finally:
+        graph_transport.available = real
+    print(
+        f"\nneighbour_items from {workers} workers (float32 feed), µs/atom, median of {args.repeats}: "
+        "the main process's CPU time (all its threads), and the wall time (the workers' search sets it)"
+    )
+    print("| transport | main process CPU | wall |")
+    print("| --- | --- | --- |")
+    for mode, runs in times.items():
+        cpu = statistics.median(r[0] for r in runs) / n_atoms * 1e6
+        wall = statistics.median(r[1] for r in runs) / n_atoms * 1e6
+        print(f"| {mode} | {cpu:.2f} | {wall:.2f} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         with tempfile.TemporaryDirectory() as tmp:
             transport_rows(samples, args, Path(tmp))
+            receive_rows(samples, args, Path(tmp))
         return 0
 
     import torch
