@@ -19,6 +19,7 @@ import itertools
 import os
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,10 @@ from pipelines import graph_transport
 from pipelines.signals import run_ignoring_stop_signals
 
 CHUNK = 128  # structures per neighbour-graph task (a worker's, or a Ray task's)
+# With a pool (threads of this process): a chunk this process builds goes to them in this many
+# contiguous pieces of about equal atoms, not one task per structure (the hand-off would cost more
+# than a small structure's build). Four: a piece for each of relax's threads at most (host_threads).
+PIECES = 4
 
 MIN_SEPARATION = 0.5  # Å; closer atoms are physically meaningless for these models
 
@@ -152,22 +157,51 @@ def build_shared(indices: np.ndarray) -> graph_transport.SharedChunk:
     return graph_transport.pack(build_items(indices))
 
 
-def items_from(reader: InputReader, settings: GraphSettings, indices: np.ndarray) -> list[Item]:
-    """Graphs (or statuses) of the structures ``indices`` (sorted) of an open input."""
+def items_from(
+    reader: InputReader, settings: GraphSettings, indices: np.ndarray, pool: ThreadPoolExecutor | None = None
+) -> list[Item]:
+    """Graphs (or statuses) of the structures ``indices`` (sorted) of an open input, in that order.
+
+    The structures are read here, on the calling thread, in one read (h5py
+    is not for concurrent use). ``pool``: threads to build them on, in
+    :func:`pieces` of the chunk (vesin's search and the compiled kernels
+    release the GIL); None: this thread. The items are the same bits in the
+    same order either way: each structure's build is its own.
+    """
     offsets = reader.offsets
     lo, hi = int(indices[0]), int(indices[-1]) + 1
     z_all, pos_all, cells, pbcs = reader.structures(lo, hi)
     fixed_all = reader.fixed(lo, hi) if settings.relax else None
     a0 = offsets[lo]
-    out = []
-    for s in indices:
-        s = int(s)
-        atoms = slice(offsets[s] - a0, offsets[s + 1] - a0)
-        item = structure_item(s, z_all[atoms], pos_all[atoms], cells[s - lo], pbcs[s - lo], settings)
-        if fixed_all is not None and item.start is not None:
-            item.start.fixed[:] = fixed_all[atoms]
-        out.append(item)
-    return out
+    order = [int(s) for s in indices]
+
+    def build(first: int, last: int) -> list[Item]:
+        """The items of ``order[first:last]``."""
+        out = []
+        for s in order[first:last]:
+            atoms = slice(offsets[s] - a0, offsets[s + 1] - a0)
+            item = structure_item(s, z_all[atoms], pos_all[atoms], cells[s - lo], pbcs[s - lo], settings)
+            if fixed_all is not None and item.start is not None:
+                item.start.fixed[:] = fixed_all[atoms]
+            out.append(item)
+        return out
+
+    if pool is None or len(order) < 2:
+        return build(0, len(order))
+    at = np.asarray(order)
+    bounds = pieces(offsets[at + 1] - offsets[at], PIECES)
+    built = [pool.submit(build, first, last) for first, last in bounds]
+    return [item for piece in built for item in piece.result()]  # in the chunk's order
+
+
+def pieces(natoms: np.ndarray, parts: int) -> list[tuple[int, int]]:
+    """Contiguous runs ``(first, last)`` of structures whose atom counts are ``natoms`` ``[B]``: at most
+    ``parts``, none empty, about equal in atoms, together ``0..B`` in order."""
+    ends = np.cumsum(natoms)
+    total = int(ends[-1]) if len(ends) else 0
+    bounds = np.searchsorted(ends, np.arange(1, parts) * total / parts)
+    bounds = np.unique(np.concatenate([[0], np.minimum(bounds, len(natoms)), [len(natoms)]]))
+    return [(int(first), int(last)) for first, last in itertools.pairwise(bounds) if last > first]
 
 
 def structure_item(s: int, z, pos, cell, pbc, settings: GraphSettings) -> Item:
@@ -229,7 +263,12 @@ def chunks(pending: np.ndarray):
 
 
 def neighbour_items(
-    input_path: str, pending: np.ndarray, settings: GraphSettings, workers: int, start_here: bool = False
+    input_path: str,
+    pending: np.ndarray,
+    settings: GraphSettings,
+    workers: int,
+    start_here: bool = False,
+    pool: ThreadPoolExecutor | None = None,
 ):
     """Items of every pending structure, in order, from a bounded window of worker tasks.
 
@@ -240,6 +279,10 @@ def neighbour_items(
     (``relax`` searches its skin lists here); elsewhere vesin's import of
     torch would cost more. The items are the same whoever builds them.
 
+    ``pool``: the caller's threads, on which the chunks this process builds
+    (``start_here``, or all with ``workers <= 0``) are built (:func:`items_from`);
+    None: this thread. The caller keeps it open until this generator is closed.
+
     A worker's graphs reach this process in shared memory, their arrays
     read-only views (:mod:`pipelines.graph_transport`), unless the system
     has no ``os.memfd_create`` or the items are a relaxation's (each with a
@@ -249,7 +292,7 @@ def neighbour_items(
         # In this process: a reader of its own (no module state), closed after the run.
         with InputReader(input_path) as reader:
             for chunk in chunks(pending):
-                yield from items_from(reader, settings, chunk)
+                yield from items_from(reader, settings, chunk, pool)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -257,7 +300,7 @@ def neighbour_items(
 
     # spawn: the workers never inherit the runtime's threads or open HDF5 handles.
     ctx = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(
+    processes = ProcessPoolExecutor(
         workers,
         mp_context=ctx,
         initializer=run_ignoring_stop_signals,
@@ -266,11 +309,11 @@ def neighbour_items(
     shared = graph_transport.available() and not settings.relax  # how the workers' items travel
     task = build_shared if shared else build_items
     window: deque = deque()
-    here = _Here(input_path, settings) if start_here else None
-    # One warm-up task per worker: the pool starts a process per task it cannot give an idle one.
-    warming = [pool.submit(warm_worker) for _ in range(workers)] if start_here else []
+    here = _Here(input_path, settings, pool) if start_here else None
+    # One warm-up task per worker: the process pool starts a process per task it cannot give an idle one.
+    warming = [processes.submit(warm_worker) for _ in range(workers)] if start_here else []
 
-    def ready() -> bool:  # a worker can build (or the pool broke: submitting then says so)
+    def ready() -> bool:  # a worker can build (or the process pool broke: submitting then says so)
         return any(w.done() for w in warming)
 
     try:
@@ -279,10 +322,10 @@ def neighbour_items(
             if here is not None and not window and not ready():
                 built = here.items(chunk)  # the workers are still starting
                 if ready():  # up now: they start on the next chunks before these are handed out
-                    window.extend(pool.submit(task, c) for c in itertools.islice(tasks, 2 * workers))
+                    window.extend(processes.submit(task, c) for c in itertools.islice(tasks, 2 * workers))
                 yield from built
                 continue
-            window.append(pool.submit(task, chunk))
+            window.append(processes.submit(task, chunk))
             if len(window) > 2 * workers:
                 yield from graph_transport.unpack(window.popleft().result())
         while window:
@@ -295,21 +338,22 @@ def neighbour_items(
     finally:
         # Without waiting: the workers exit in the background while the last
         # batch runs (they are joined at interpreter exit at the latest).
-        pool.shutdown(wait=False, cancel_futures=True)
+        processes.shutdown(wait=False, cancel_futures=True)
         if here is not None:
             here.close()
 
 
 class _Here:
-    """This process's own reader, opened when it first builds a chunk (``start_here``)."""
+    """This process's own reader, opened when it first builds a chunk (``start_here``), and the
+    caller's threads it builds on (``pool``, None: this thread)."""
 
-    def __init__(self, input_path: str, settings: GraphSettings) -> None:
-        self.input_path, self.settings, self.reader = input_path, settings, None
+    def __init__(self, input_path: str, settings: GraphSettings, pool: ThreadPoolExecutor | None) -> None:
+        self.input_path, self.settings, self.pool, self.reader = input_path, settings, pool, None
 
     def items(self, chunk: np.ndarray) -> list[Item]:
         if self.reader is None:
             self.reader = InputReader(self.input_path)
-        return items_from(self.reader, self.settings, chunk)
+        return items_from(self.reader, self.settings, chunk, self.pool)
 
     def close(self) -> None:
         if self.reader is not None:

@@ -380,9 +380,14 @@ class _Loop:
             items = None
         elif self.graphs.on_device:  # this process reads; the device checks, sizes and builds
             items = self.graphs.entering(self.reader, pending)
-        else:
+        else:  # the chunks this process builds, on the host's threads (open until after items.close())
             items = neighbour_items(
-                self.input_path, pending, self.graph_settings, self.workers, start_here=True
+                self.input_path,
+                pending,
+                self.graph_settings,
+                self.workers,
+                start_here=True,
+                pool=self.graphs.pool,
             )
         fill = []
         try:

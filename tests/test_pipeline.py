@@ -611,52 +611,105 @@ def test_a_structure_too_large_for_onnxruntimes_memory_is_too_large_not_fatal(tm
     assert b"out of memory" in message and b"smaller than requested bytes" in message, message
 
 
+def _assert_same_items(got, want):
+    """The same items bit for bit, in the same order: status and message, every field of each graph
+    (dtype and bytes, ``min_distance`` included), and a relaxation's Start with its skin list."""
+    assert [i.index for i in got] == [i.index for i in want]
+    for g, w in zip(got, want):
+        assert (g.index, g.status, g.message) == (w.index, w.status, w.message)
+        assert (g.graph is None, g.start is None) == (w.graph is None, w.start is None), w.index
+        pairs = []
+        if w.graph is not None:
+            fields = [f.name for f in dataclasses.fields(w.graph)]
+            pairs += [(getattr(g.graph, name), getattr(w.graph, name)) for name in fields]
+        if w.start is not None:
+            fields = [f.name for f in dataclasses.fields(w.start) if f.name != "skin"]
+            pairs += [(getattr(g.start, name), getattr(w.start, name)) for name in fields]
+            assert (g.start.skin is None) == (w.start.skin is None)
+            if w.start.skin is not None:
+                mine, theirs = g.start.skin, w.start.skin
+                assert mine.n_searches == theirs.n_searches
+                pairs += list(zip(mine._pairs, theirs._pairs))
+                pairs += [(mine._ref_positions, theirs._ref_positions), (mine._ref_cell, theirs._ref_cell)]
+        for mine, theirs in pairs:
+            mine, theirs = np.asarray(mine), np.asarray(theirs)
+            assert (mine.dtype, mine.shape) == (theirs.dtype, theirs.shape), w.index
+            assert mine.tobytes() == theirs.tobytes(), w.index
+
+
 @pytest.mark.parametrize("skin", [None, 0.5])
 def test_neighbour_items_are_the_same_whoever_builds_them(tmp_path, monkeypatch, skin):
-    """In this process, on workers, and on workers while this process builds what they have not
-    started (start_here): the same items in the same order, bit for bit, over several chunks."""
+    """In this process (on this thread, or in pieces on a pool of two threads), on workers, and on
+    workers while this process builds what they have not started (start_here, on the pool): the same
+    items in the same order, bit for bit, over several chunks, with every status among them."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
     import pipelines.graphs as graphs
 
     _, rows, _ = _structures()
-    inp = write_input(tmp_path / "in.h5", _many(2 * graphs.CHUNK + 40) + rows)
+    many = _many(2 * graphs.CHUNK + 40)
+    structures = many[:50] + rows + many[50:] + rows[::-1]  # statuses within a chunk and at the end
+    rng = np.random.default_rng(5)
+    fixed = [rng.random(len(z)) < 0.3 for z, *_ in structures]  # a relaxation's Start carries them
+    inp = write_input(tmp_path / "in.h5", structures, fixed=fixed)
     settings = graphs.GraphSettings(5.0, 20, 83, "float32", relax=skin is not None, skin=skin)
-    pending = np.arange(2 * graphs.CHUNK + 40 + len(rows))
-    built_here, slow = [], [False]
-    items_from = graphs.items_from
+    pending = np.arange(len(structures))
+    built_here, slow, threads = [], [False], set()
+    items_from, structure_item = graphs.items_from, graphs.structure_item
 
-    def counted(reader, settings, chunk):
+    def counted(reader, settings, chunk, pool=None):
         built_here.append(len(chunk))
         if slow[0]:
             time.sleep(0.5)  # slow enough here that the workers come up and take the rest
-        return items_from(reader, settings, chunk)
+        return items_from(reader, settings, chunk, pool)
 
-    monkeypatch.setattr(graphs, "items_from", counted)  # this process only: the workers are spawned
+    def where(*args):
+        threads.add(threading.current_thread().name)
+        return structure_item(*args)
+
+    # This process only: the workers are spawned, with the module as written.
+    monkeypatch.setattr(graphs, "items_from", counted)
+    monkeypatch.setattr(graphs, "structure_item", where)
     monkeypatch.setattr(graphs, "CHUNK", 32)  # many chunks: the workers are up long before the last
 
-    def items(workers, start_here):
+    class Counted(ThreadPoolExecutor):
+        tasks = 0
+
+        def submit(self, *args, **kwargs):
+            self.tasks += 1
+            return super().submit(*args, **kwargs)
+
+    def items(workers, start_here, pool=None, which=pending):
         built_here.clear()
-        slow[:] = [start_here]
-        got = list(graphs.neighbour_items(str(inp), pending, settings, workers, start_here=start_here))
-        return got, sum(built_here)
+        threads.clear()
+        slow[:] = [start_here and workers > 0 and len(which) > graphs.CHUNK]
+        got = graphs.neighbour_items(str(inp), which, settings, workers, start_here=start_here, pool=pool)
+        return list(got), sum(built_here)
 
     want, here = items(0, False)
-    assert here == len(pending)
-    one_chunk = list(graphs.neighbour_items(str(inp), pending[:9], settings, 2, start_here=True))
-    assert sum(built_here[-1:]) == 9 and [i.index for i in one_chunk] == list(range(9))  # no pool
-    for workers, start_here in ((1, False), (2, True)):
-        got, here = items(workers, start_here)
-        # The workers cannot be ready before the first chunk, and are before the last.
-        assert (0 < here < len(pending)) if start_here else here == 0
-        assert [i.index for i in got] == list(pending)
-        for g, w in zip(got, want):
-            assert (g.status, g.message) == (w.status, w.message)
-            assert (g.graph is None) == (w.graph is None)
-            if w.graph is not None:
-                for key in ("edge_index", "cell_shift", "edge_shift", "edge_slot", "edge_reverse"):
-                    assert getattr(g.graph, key).tobytes() == getattr(w.graph, key).tobytes(), key
-            if w.start is not None and w.start.skin is not None:
-                for mine, theirs in zip(g.start.skin._pairs, w.start.skin._pairs):
-                    assert mine.tobytes() == theirs.tobytes()
+    assert here == len(pending) and threads == {threading.current_thread().name}
+    one_chunk, here = items(2, True, which=pending[:9])
+    assert here == 9  # built here, on this thread
+    _assert_same_items(one_chunk, want[:9])
+    with Counted(2, thread_name_prefix="pieces") as pool:
+        for _ in range(2):  # twice: the threads take the pieces in another order each time
+            pool.tasks = 0
+            got, here = items(0, False, pool)
+            assert here == len(pending) and threads <= {"pieces_0", "pieces_1"}
+            assert pool.tasks > len(built_here)  # each chunk in pieces, not whole
+            _assert_same_items(got, want)
+            # One chunk, start_here: built here, on the pool; a gap in it (a resumed run's pending).
+            which = np.concatenate([pending[3:5], pending[40:65]])
+            got, here = items(2, True, pool, which)
+            assert here == len(which) and threads <= {"pieces_0", "pieces_1"}
+            _assert_same_items(got, [want[s] for s in which])
+        for workers, start_here in ((1, False), (2, True)):
+            got, here = items(workers, start_here, pool if start_here else None)
+            # The workers cannot be ready before the first chunk, and are before the last.
+            assert (0 < here < len(pending)) if start_here else here == 0
+            assert threads <= {"pieces_0", "pieces_1"}  # what this process built: on the pool
+            _assert_same_items(got, want)
 
 
 def test_write_rows_puts_each_structures_rows_in_place(tmp_path):
