@@ -20,32 +20,37 @@ from painn_export._jit import jit
 @jit
 def slot_layout(
     positions, natoms, edge_index, nedges, edge_slot, edge_reverse, edge_shift, K, P, g0, g1, a0, e0, p0,
-    out_positions, neighbors, shift, mask, neighbor_reverse, slot_pair, pair_slots, edges, flat_edge_index,
-    flat,
+    ia0, ie0, out_positions, neighbors, shift, mask, neighbor_reverse, slot_pair, pair_slots, edges,
+    flat_edge_index, flat_edge_shift, flat,
 ) -> int:  # fmt: skip
     """Write the slot layout of graphs ``g0 .. g1 - 1``; returns the number of pairs they hold, or
     ``-(s + 1)`` (nothing written) when graph ``s`` has no atoms, an index outside itself, a slot
     outside ``K`` or reverses that do not pair its edges.
 
-    Inputs (``B`` graphs, ``N`` atoms, ``E`` edges in all, one after
-    another; indices local to each graph): ``positions`` ``[N, 3]`` float64
-    Å, ``natoms`` ``[B]``, ``edge_index`` ``[2, E]`` (sender, receiver),
-    ``nedges`` ``[B]``, ``edge_slot`` ``[E]``, ``edge_reverse`` ``[E]``,
-    ``edge_shift`` ``[E, 3]`` float64 Å; ``K`` slots per atom, ``P`` pairs;
-    ``a0``, ``e0``, ``p0``: the atoms, edges and pairs of the graphs before
-    ``g0`` (a graph of ``n`` edges holds ``n / 2`` pairs).
+    The batch has ``B`` graphs, ``N`` atoms and ``E`` edges in all, one
+    after another; ``a0``, ``e0``, ``p0``: the atoms, edges and pairs of the
+    graphs before ``g0`` (a graph of ``n`` edges holds ``n / 2`` pairs);
+    ``natoms`` ``[B]`` and ``nedges`` ``[B]`` are every graph's.
+
+    Inputs, from the batch's atom ``ia0`` and edge ``ie0`` on (at least
+    these graphs'; indices local to each graph): ``positions`` ``[., 3]``
+    float64 Å, ``edge_index`` ``[2, .]`` (sender, receiver), ``edge_slot``,
+    ``edge_reverse``, ``edge_shift`` ``[., 3]`` float64 Å; ``K`` slots per
+    atom, ``P`` pairs.
 
     Outputs (preallocated, for all ``B`` graphs; this call writes its
     graphs' rows only, so calls on other graphs may run at the same time;
     float ones in the feed's dtype): ``out_positions`` ``[N, 3]``,
     ``neighbors``, ``shift`` ``[N * K, 3]``, ``mask``, ``neighbor_reverse``,
     ``slot_pair`` ``[N * K]``, ``pair_slots`` ``[P, 2]`` (the pairs only, not
-    the spare rows), ``flat_edge_index`` ``[2, E]`` (global atom indices;
-    written only when ``edges`` is true), and the scratch ``flat`` ``[E]`` (each edge's flat slot).
+    the spare rows); when ``edges`` is true the flat edge list,
+    ``flat_edge_index`` ``[2, E]`` (global atom indices) and
+    ``flat_edge_shift`` ``[E, 3]``; and the scratch ``flat`` ``[E]`` (each
+    edge's flat slot).
     """
     # First, what every write below relies on (a graph made with Graph.from_checked skipped Graph's
     # checks): atoms, indices within the graph, slots within K, reverses that pair the edges.
-    start = e0
+    start = e0 - ie0
     for s in range(g0, g1):
         n, m = natoms[s], nedges[s]
         if n <= 0:
@@ -61,16 +66,17 @@ def slot_layout(
     a = a0
     for s in range(g0, g1):
         n = natoms[s]
-        c0, c1, c2 = positions[a, 0], positions[a, 1], positions[a, 2]
-        for t in range(a + 1, a + n):
+        x = a - ia0
+        c0, c1, c2 = positions[x, 0], positions[x, 1], positions[x, 2]
+        for t in range(x + 1, x + n):
             c0 += positions[t, 0]
             c1 += positions[t, 1]
             c2 += positions[t, 2]
         c0, c1, c2 = c0 / n, c1 / n, c2 / n
-        for t in range(a, a + n):
-            out_positions[t, 0] = positions[t, 0] - c0
-            out_positions[t, 1] = positions[t, 1] - c1
-            out_positions[t, 2] = positions[t, 2] - c2
+        for t in range(n):
+            out_positions[a + t, 0] = positions[x + t, 0] - c0
+            out_positions[a + t, 1] = positions[x + t, 1] - c1
+            out_positions[a + t, 2] = positions[x + t, 2] - c2
         a += n
     # Padding: the centre itself, a zero shift and mask, its own reverse, no pair.
     for f in range(a0 * K, a * K):
@@ -86,17 +92,21 @@ def slot_layout(
     start = e0
     for s in range(g0, g1):
         for e in range(start, start + nedges[s]):
-            send = edge_index[0, e] + a
-            recv = edge_index[1, e] + a
-            f = recv * K + edge_slot[e]
+            x = e - ie0
+            send = edge_index[0, x] + a
+            recv = edge_index[1, x] + a
+            f = recv * K + edge_slot[x]
             flat[e] = f
             if edges:
                 flat_edge_index[0, e] = send
                 flat_edge_index[1, e] = recv
+                flat_edge_shift[e, 0] = edge_shift[x, 0]
+                flat_edge_shift[e, 1] = edge_shift[x, 1]
+                flat_edge_shift[e, 2] = edge_shift[x, 2]
             neighbors[f] = send
-            shift[f, 0] = edge_shift[e, 0]
-            shift[f, 1] = edge_shift[e, 1]
-            shift[f, 2] = edge_shift[e, 2]
+            shift[f, 0] = edge_shift[x, 0]
+            shift[f, 1] = edge_shift[x, 1]
+            shift[f, 2] = edge_shift[x, 2]
             mask[f] = 1
         a += natoms[s]
         start += nedges[s]
@@ -105,7 +115,7 @@ def slot_layout(
     p = p0
     for s in range(g0, g1):
         for e in range(start, start + nedges[s]):
-            r = edge_reverse[e] + start
+            r = edge_reverse[e - ie0] + start
             neighbor_reverse[flat[e]] = flat[r]
             if e < r:
                 if p < P:  # more pairs than P: counted, and refused by the caller

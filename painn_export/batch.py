@@ -258,29 +258,34 @@ def collate(
     from painn_export._collate_kernel import slot_layout
 
     # Given n_slots, the kernel checks every slot against it (the busiest atom is found only if one is not).
-    flat, K, P = _flatten(graphs, dtype, n_slots, n_pairs, need=n_slots is None)
-    natoms, nedges = flat["natoms"], flat["nedges"]
-    n_atoms, n_edges = len(flat["positions"]), flat["edge_index"].shape[1]
-    positions = np.empty((n_atoms, 3), dtype=flat["dtype"])
+    natoms, nedges, K, P = _sizes(graphs, n_slots, n_pairs, need=n_slots is None)
+    dtype = np.dtype(dtype)
+    n_atoms, n_edges = int(natoms.sum()), int(nedges.sum())
+    positions = np.empty((n_atoms, 3), dtype=dtype)
     neighbors = np.empty(n_atoms * K, dtype=np.int64)
-    shift = np.empty((n_atoms * K, 3), dtype=flat["dtype"])
-    mask = np.empty(n_atoms * K, dtype=flat["dtype"])
+    shift = np.empty((n_atoms * K, 3), dtype=dtype)
+    mask = np.empty(n_atoms * K, dtype=dtype)
     neighbor_reverse = np.empty(n_atoms * K, dtype=np.int64)
     slot_pair = np.empty(n_atoms * K, dtype=np.int64)
     pair_slots = np.empty((P, 2), dtype=np.int64)
     edge_index = np.empty((2, n_edges if edges else 0), dtype=np.int64)
+    edge_shift = np.empty((n_edges if edges else 0, 3), dtype=dtype)
     scratch = np.empty(n_edges, dtype=np.int64)
     atom_start = np.concatenate([[0], np.cumsum(natoms)])
     edge_start = np.concatenate([[0], np.cumsum(nedges)])
 
     def layout(g0: int, g1: int) -> int:
-        """Graphs g0 .. g1 - 1 laid out: 0, or what is wrong (each graph holds half its edges' pairs)."""
+        """Graphs g0 .. g1 - 1 laid out: 0, or what is wrong (each graph holds half its edges' pairs).
+
+        Their arrays are joined here, in the group's own task: on a pool, the copies run in parallel too.
+        """
+        part = _joined(graphs[g0:g1])
+        a0, e0 = atom_start[g0], edge_start[g0]
         pairs = slot_layout(
-            flat["positions"], natoms, flat["edge_index"], nedges, flat["edge_slot"],
-            flat["edge_reverse"], flat["edge_shift"], K, P,
-            g0, g1, atom_start[g0], edge_start[g0], edge_start[g0] // 2,
+            part["positions"], natoms, part["edge_index"], nedges, part["edge_slot"],
+            part["edge_reverse"], part["edge_shift"], K, P, g0, g1, a0, e0, e0 // 2, a0, e0,
             positions, neighbors, shift, mask, neighbor_reverse, slot_pair, pair_slots, edges, edge_index,
-            scratch,
+            edge_shift, scratch,
         )  # fmt: skip
         return min(pairs, 0)  # checked: a graph whose reverses pair its edges holds half their pairs
 
@@ -301,8 +306,10 @@ def collate(
             "that does not pair every edge with one other edge (Graph's own checks would have said which)"
         )
     pair_slots[n_edges // 2 :] = n_atoms * K  # spare pairs: "no slot"
-    arrays = (positions, neighbors, shift, mask, slot_pair, pair_slots, neighbor_reverse)
-    return _feed(flat, K, *arrays, edge_index if edges else None)
+    return _feed(
+        graphs, natoms, K, positions, neighbors, shift, mask, slot_pair, pair_slots, neighbor_reverse,
+        (edge_index, edge_shift) if edges else None,
+    )  # fmt: skip
 
 
 def collate_reference(
@@ -355,13 +362,19 @@ def collate_reference(
     slot_pair = np.full(n_atoms * K, P, dtype=np.int64)  # padding: no pair
     slot_pair[flat_slot] = pair_of_edge
     return _feed(
-        flat, K, positions.astype(dtype), neighbors, shift, mask, slot_pair, pair_slots, neighbor_reverse,
-        edge_index,
+        graphs, natoms, K, positions.astype(dtype), neighbors, shift, mask, slot_pair, pair_slots,
+        neighbor_reverse, (edge_index, flat["edge_shift"].astype(dtype)),
     )  # fmt: skip
 
 
-def _flatten(graphs: Sequence[Graph], dtype, n_slots: int | None, n_pairs: int | None, need: bool = True):
-    """The graphs' arrays one after another (indices still local), with the slots ``K`` and pairs ``P``.
+def _flatten(graphs: Sequence[Graph], dtype, n_slots: int | None, n_pairs: int | None):
+    """The graphs' arrays one after another (indices still local), with the slots ``K`` and pairs ``P``."""
+    natoms, nedges, K, P = _sizes(graphs, n_slots, n_pairs)
+    return {"dtype": np.dtype(dtype), "natoms": natoms, "nedges": nedges, **_joined(graphs)}, K, P
+
+
+def _sizes(graphs: Sequence[Graph], n_slots: int | None, n_pairs: int | None, need: bool = True):
+    """``(natoms [B], nedges [B], K, P)``: each graph's atoms and edges, the slots and the pairs.
 
     ``need``: check ``n_slots`` against the busiest atom here (else the caller's kernel checks each slot).
     """
@@ -378,24 +391,21 @@ def _flatten(graphs: Sequence[Graph], dtype, n_slots: int | None, n_pairs: int |
     real = int(nedges.sum()) // 2  # an edge and its reverse (Graph checks every edge has one)
     P = max(real, 1) if n_pairs is None else int(n_pairs)
     _check_pairs(real, P)
+    return natoms, nedges, K, P
+
+
+def _joined(graphs: Sequence[Graph]) -> dict[str, np.ndarray]:
+    """The graphs' positions (float64) and edge arrays (int64 indices, float64 shifts), one after another."""
     int64, float64 = np.int64, np.float64
-    flat = {
-        "dtype": np.dtype(dtype),
-        "natoms": natoms,
-        "nedges": nedges,
+    return {
         "positions": np.concatenate([g.positions for g in graphs]).astype(float64, copy=False),
-        "atomic_numbers": np.concatenate([g.atomic_numbers for g in graphs]).astype(int64, copy=False),
         "edge_index": np.concatenate([g.edge_index for g in graphs], axis=1).astype(int64, copy=False),
         "edge_slot": np.concatenate([g.edge_slot for g in graphs]).astype(int64, copy=False),
         "edge_reverse": np.concatenate([g.edge_reverse for g in graphs]).astype(int64, copy=False),
         "edge_shift": np.concatenate([g.edge_shift for g in graphs])
         .astype(float64, copy=False)
         .reshape(-1, 3),
-        "cell": np.array(
-            [np.zeros((3, 3)) if g.cell is None else g.cell for g in graphs], dtype=np.float64
-        ).reshape(-1, 3, 3),
     }
-    return flat, K, P
 
 
 def _check_slots(K: int, busiest: int) -> None:
@@ -408,26 +418,27 @@ def _check_pairs(real: int, P: int) -> None:
         raise ValueError(f"n_pairs={P} is fewer than the {max(real, 1)} pairs the graphs need")
 
 
-def _feed(flat, K, positions, neighbors, shift, mask, slot_pair, pair_slots, neighbor_reverse, edge_index):
-    """The feed's dictionary (:func:`collate`'s keys) from the layout's flat arrays (``edge_index``
-    None: without the flat edge list)."""
+def _feed(graphs, natoms, K, positions, neighbors, shift, mask, slot_pair, pair_slots, reverse, edges):
+    """The feed's dictionary (:func:`collate`'s keys) from the layout's flat arrays; ``edges``: the flat
+    edge list ``(edge_index, edge_shift)``, or None for a feed without it."""
     n_atoms = len(positions)
     feed = {
-        "atomic_numbers": flat["atomic_numbers"],
+        "atomic_numbers": np.concatenate([g.atomic_numbers for g in graphs]).astype(np.int64, copy=False),
         "positions": positions,
         "neighbors": neighbors.reshape(n_atoms, K),
         "neighbor_shift": shift.reshape(n_atoms, K, 3),
         "neighbor_mask": mask.reshape(n_atoms, K),
         "slot_pair": slot_pair.reshape(n_atoms, K),
         "pair_slots": pair_slots,
-        "neighbor_reverse": neighbor_reverse.reshape(n_atoms, K),
-        "system_index": np.repeat(np.arange(len(flat["natoms"]), dtype=np.int64), flat["natoms"]),
-        "natoms": flat["natoms"],
-        "cell": flat["cell"],
+        "neighbor_reverse": reverse.reshape(n_atoms, K),
+        "system_index": np.repeat(np.arange(len(natoms), dtype=np.int64), natoms),
+        "natoms": natoms,
+        "cell": np.array(
+            [np.zeros((3, 3)) if g.cell is None else g.cell for g in graphs], dtype=np.float64
+        ).reshape(-1, 3, 3),
     }
-    if edge_index is not None:
-        feed["edge_index"] = edge_index.reshape(2, -1)
-        feed["edge_shift"] = flat["edge_shift"].astype(flat["dtype"])
+    if edges is not None:
+        feed["edge_index"], feed["edge_shift"] = edges
     return feed
 
 
