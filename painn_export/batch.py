@@ -26,7 +26,6 @@ valid and are evaluated as upstream would (each counts once per listing).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -135,7 +134,7 @@ class Graph:
         For arrays taken from a checked graph (built in another process, or
         narrowed), or written by a builder whose tests hold its output to the
         checks (:func:`painn_export.skin.update_skins`)."""
-        unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+        unknown = fields.keys() - cls.__dataclass_fields__.keys()  # (dataclasses.fields: ~4 µs a call)
         if unknown:
             raise TypeError(f"Graph has no field {', '.join(sorted(unknown))}")
         graph = cls.__new__(cls)

@@ -148,3 +148,11 @@ def test_what_from_checked_lets_through_is_refused_before_anything_is_written(rn
         broken = Graph.from_checked(**{**vars(good), **change})
         with pytest.raises(InvalidGraphError, match="graph 1 has"):
             collate([good, broken, good], pool=pool)
+
+
+def test_from_checked_refuses_a_field_graph_does_not_have(rng):
+    good = bulk(rng, n=4).graph(5.0, 12)
+    fields = {name: getattr(good, name) for name in good.__dataclass_fields__}
+    assert_same_feed(collate([Graph.from_checked(**fields)]), collate([good]))
+    with pytest.raises(TypeError, match="Graph has no field edge_vectors"):
+        Graph.from_checked(**fields, edge_vectors=good.edge_shift)
