@@ -387,6 +387,7 @@ def _sizes(graphs: Sequence[Graph], n_slots: int | None, n_pairs: int | None, ne
         _check_slots(K, busiest)
     else:
         K = int(n_slots)
+        _check_slots(K, 0)  # at least one slot: the kernel checks the edges' slots against the rest
     real = int(nedges.sum()) // 2  # an edge and its reverse (Graph checks every edge has one)
     P = max(real, 1) if n_pairs is None else int(n_pairs)
     _check_pairs(real, P)

@@ -166,8 +166,12 @@ class _Member:
     graph: Graph | None = None  # device graphs: its size (Sized, or Entered until its first feed)
     fmax: float = float("nan")  # at the last evaluation
     passed: int = 0  # waiting: how many later structures entered before it
-    _size_of: object = field(default=None, repr=False, compare=False)  # the graph _size was found for
-    _size: Sized | None = field(default=None, repr=False, compare=False)
+    _size: Sized | None = field(default=None, repr=False, compare=False)  # of graph: found when first read
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "graph":  # a new graph: its size is found again (nothing of the old one is kept)
+            object.__setattr__(self, "_size", None)
+        object.__setattr__(self, name, value)
 
     @property
     def n_atoms(self) -> int:
@@ -176,9 +180,8 @@ class _Member:
     @property
     def size(self) -> Sized:
         """Its graph's atoms and busiest atom, what admission and splitting read: found once per graph."""
-        if self._size_of is not self.graph:
+        if self._size is None:
             self._size = Sized(self.graph.n_atoms, self.graph.max_degree)
-            self._size_of = self.graph
         return self._size
 
 

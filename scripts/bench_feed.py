@@ -43,9 +43,9 @@ time is reported beside the main process's, whose time (this thread's CPU
 time; the load's wall time too, which includes waiting on the worker's
 socket for the descriptor) is the one that competes with the runtime; the
 pipe's copy of the bytes is in neither. A second table then times
-``neighbour_items`` itself with two workers, each way: the main process's
-CPU time over all its threads (the process pool's thread that reads the
-pipe included), and the wall time.
+``neighbour_items`` itself with two workers, each way, its graphs collated a
+chunk at a time: the main process's CPU time over all its threads (the
+process pool's thread that reads the pipe included), and the wall time.
 """
 
 from __future__ import annotations
@@ -219,7 +219,9 @@ def transport_rows(samples, args, workdir: Path) -> None:
 
 def receive_rows(samples, args, workdir: Path, workers: int = 2) -> None:
     """The main process's whole CPU time (every thread: the pool's pipe reader too) to receive the
-    items of ``neighbour_items`` from ``workers`` neighbour workers, pickled against shared memory."""
+    items of ``neighbour_items`` from ``workers`` neighbour workers and collate them a chunk at a
+    time, pickled against shared memory."""
+    from painn_export.batch import collate
     from painn_export.schema import write_input
     from pipelines import graph_transport, graphs
 
@@ -237,14 +239,22 @@ def receive_rows(samples, args, workdir: Path, workers: int = 2) -> None:
             for mode, shared in modes.items():
                 graph_transport.available = real if shared else (lambda: False)
                 cpu, wall = time.process_time(), time.perf_counter()
-                for _item in graphs.neighbour_items(inp, np.arange(len(rows)), settings, workers):
-                    pass
+                held = []  # collated a chunk at a time, as run's batches read them (shared pages fault here)
+                for item in graphs.neighbour_items(inp, np.arange(len(rows)), settings, workers):
+                    if item.graph is not None:
+                        held.append(item.graph)
+                    if len(held) == graphs.CHUNK:
+                        collate(held, np.float32, edges=False)
+                        held = []
+                if held:
+                    collate(held, np.float32, edges=False)
                 times[mode].append((time.process_time() - cpu, time.perf_counter() - wall))
     finally:
         graph_transport.available = real
     print(
-        f"\nneighbour_items from {workers} workers (float32 feed), µs/atom, median of {args.repeats}: "
-        "the main process's CPU time (all its threads), and the wall time (the workers' search sets it)"
+        f"\nneighbour_items from {workers} workers (float32 feed) then collate, µs/atom, median of "
+        f"{args.repeats}: the main process's CPU time (all its threads), and the wall time (the workers' "
+        "search sets it)"
     )
     print("| transport | main process CPU | wall |")
     print("| --- | --- | --- |")

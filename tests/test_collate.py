@@ -110,7 +110,8 @@ def test_collate_is_its_reference_at_realistic_size_every_time(rng):
         assert_same_feed(collate(graphs, pool=threads), want)
 
 
-def test_collate_refuses_what_its_reference_refuses(rng):
+def test_collate_refuses_what_its_reference_refuses(rng, monkeypatch):
+    monkeypatch.setattr(batch, "COLLATE_POOL_SLOTS", 0)  # with a pool, even these few slots are shared out
     graphs = [s.graph(5.0, 20) for s in all_kinds(rng)]
     need = max(g.max_degree for g in graphs)
     pairs = sum(g.n_edges for g in graphs) // 2
@@ -123,6 +124,12 @@ def test_collate_refuses_what_its_reference_refuses(rng):
                 function(graphs, **kw)
         with pytest.raises(ValueError, match=message):  # given n_slots, the kernel finds the slot beyond
             collate(graphs, edges=False, **kw)
+        with ThreadPoolExecutor(2) as threads, pytest.raises(ValueError, match=message):
+            collate(graphs, edges=False, pool=threads, **{"n_pairs": pairs, **kw})
+    edgeless = [g for g in graphs if not g.n_edges] + caller_graphs(rng)[-1:]
+    for function in (collate, collate_reference):  # no edge to check: refused all the same
+        with pytest.raises(ValueError, match="n_slots=0 is fewer than the 1 slots"):
+            function(edgeless, n_slots=0)
     for function in (collate, collate_reference):
         with pytest.raises(InvalidGraphError, match="no graphs"):
             function([])

@@ -834,3 +834,26 @@ def test_the_hosts_threads_do_not_change_a_bit(tmp_path, demo64, stress_pt, monk
         out[threads] = _results(tmp_path / f"t{threads}.h5")
     for key, want in out[1].items():
         assert out[3][key].tobytes() == want.tobytes(), key
+
+
+def test_a_members_size_is_its_current_graphs_and_keeps_no_old_graph_alive():
+    """Admission reads a member's size (atoms, busiest atom) once per graph; a new graph (the next
+    step's, or a waiting structure's own selection on the device) gives its own size, and the
+    graph it replaces is freed (a device entry build must not outlive its use)."""
+    import gc
+    import weakref
+
+    from painn_export.neighbors import neighbor_graph
+    from pipelines.relax import _Member
+
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2))
+    first = neighbor_graph(atoms.positions, atoms.cell[:], atoms.pbc, 5.0, 12, atomic_numbers=atoms.numbers)
+    second = neighbor_graph(atoms.positions, atoms.cell[:], atoms.pbc, 2.0, 4, atomic_numbers=atoms.numbers)
+    z = atoms.numbers.astype(np.int64)
+    member = _Member(0, z, atoms.pbc, None, None, first)
+    assert member.size == (first.n_atoms, first.max_degree)
+    gone = weakref.ref(first)
+    member.graph, first = second, None
+    gc.collect()
+    assert gone() is None
+    assert member.size == (second.n_atoms, second.max_degree) == (32, 0)  # no neighbour within 2 Å
