@@ -1,11 +1,11 @@
 """Moving a chunk's neighbour items from a worker process to the main one: the graphs in shared memory.
 
-Pickled, a graph at the OCP settings (12 Å, cap 50) is ~2 KB an atom, which
-the worker dumps (~2 µs/atom), the pipe copies, and the main process loads
-(0.6-2 µs/atom), all on the cores that feed the runtime. Instead
-:func:`pack` writes every array of a chunk's graphs (``atomic_numbers``,
-``positions``, ``edge_index``, ``cell_shift``, ``edge_shift``, ``cell``,
-``edge_slot``, ``edge_reverse``) back to back into one anonymous
+Pickled, the graphs at the OCP settings (12 Å, cap 50) are bytes that the
+worker dumps, the pipe copies and the main process loads, all on the cores
+that feed the runtime (the bytes and microseconds per atom are measured:
+see docs/benchmarks.md, issue 32). Instead :func:`pack` writes every array
+of a chunk's graphs (:data:`FIELDS`: every field of
+:class:`~painn_export.batch.Graph` but ``min_distance``) back to back into one anonymous
 shared-memory file, ``os.memfd_create``, each at an offset aligned to
 :data:`ALIGN` bytes, and seals it (no write, no growing or shrinking).
 What is pickled is small: the file's descriptor
@@ -37,45 +37,66 @@ feed; results are written from the runtime's outputs).
 
 Not through shared memory: relaxation items (``GraphSettings.relax``: a
 ``Start`` with its ``SkinGraph`` each) stay pickled, and so does every item
-where ``os.memfd_create`` is missing (macOS, Windows): :func:`available`
-is the one place that tells. Ray's tasks move graphs their own way
-(:mod:`pipelines.ray_columns`).
+where a sealed memfd cannot be made: ``os.memfd_create`` missing (macOS,
+Windows) or refused at run time (an old kernel: ENOSYS; a seccomp sandbox:
+EPERM; sealing unsupported). :func:`available` is the one place that tells,
+by trying once per process. A worker whose :func:`pack` fails all the same
+(EMFILE, ENOMEM mid-run) returns that chunk's list pickled instead
+(:func:`pipelines.graphs.build_shared`). A chunk the main process cannot map
+(ENOMEM from ``mmap``, EMFILE) is no worker death: the error is kept and
+raised by :meth:`SharedChunk.items` on the main thread. Ray's tasks move
+graphs their own way (:mod:`pipelines.ray_columns`).
+
+:mod:`multiprocessing.reduction` (and with it :mod:`socket`) is imported
+where a chunk is pickled or unpickled, not with this module: importing
+:mod:`pipelines.graphs` stays light.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import mmap
 import os
 import sys
 import weakref
 from collections.abc import Sequence
-from multiprocessing import reduction
 
 import numpy as np
 
 from painn_export.batch import Graph
 
-# A graph's arrays, in the order they are written (a missing one, None, takes no bytes).
-FIELDS = (
-    "atomic_numbers",
-    "positions",
-    "edge_index",
-    "cell_shift",
-    "edge_shift",
-    "cell",
-    "edge_slot",
-    "edge_reverse",
-)
+# A graph's arrays, in the order they are written (a missing one, None, takes no bytes): every
+# field of Graph in declaration order but min_distance (a float, carried in the table).
+FIELDS = tuple(name for name in Graph.__dataclass_fields__ if name != "min_distance")
 ALIGN = 64  # bytes: every array starts on a cache line (and at any dtype's alignment)
 NAME = "painn-graphs"  # the memfd's name: only in /proc/<pid>/maps and /proc/<pid>/fd, never a file
 # The main process's mapping needs no descriptor of its own where mmap can do without one.
 _UNTRACKED = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 
 
+@functools.cache
 def available() -> bool:
-    """Graphs can travel in shared memory here (``os.memfd_create``: Linux); else they are pickled."""
-    return hasattr(os, "memfd_create")
+    """Graphs can travel in shared memory here (a sealed ``os.memfd_create`` file); else they are pickled.
+
+    Tried once per process (cached): a memfd made with ``MFD_ALLOW_SEALING``,
+    given the seals :func:`_seal` adds, and closed. False where
+    ``os.memfd_create`` is missing (macOS, Windows) or any step raises
+    ``OSError`` (an old kernel: ENOSYS; a seccomp sandbox: EPERM; no sealing: EINVAL).
+    """
+    if not hasattr(os, "memfd_create"):
+        return False
+    try:
+        fd = os.memfd_create(NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError:
+        return False
+    try:
+        _seal(fd)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 # Where one array lies in the file: (dtype.str, shape, byte offset); None for a field that is None.
@@ -87,16 +108,26 @@ class SharedChunk:
 
     Made by :func:`pack` in a worker (which holds the descriptor until the
     chunk is garbage) and pickled once, by the process pool, to reach the
-    main process; unpickled there, it holds the file's read-only mapping.
+    main process; unpickled there, it holds the file's read-only mapping, or
+    the ``OSError`` that kept it from being mapped (raised by :meth:`items`).
     :meth:`items` gives the items with their graphs, in order.
     """
 
-    def __init__(self, items: list, table: list, size: int, fd: int | None = None, buffer=None) -> None:
+    def __init__(
+        self,
+        items: list,
+        table: list,
+        size: int,
+        fd: int | None = None,
+        buffer=None,
+        error: OSError | None = None,
+    ) -> None:
         self._items = items  # each item without its graph (graph=None)
         self._table = table  # per item: None (no graph), or (a Place per FIELDS, min_distance Å)
         self.size = size  # bytes in the file; 0: no file (no item has a graph)
         self._fd = fd  # the sender's descriptor (closed when this object is garbage)
         self._buffer = buffer  # the receiver's read-only mapping
+        self._error = error  # the receiver's: why the file could not be taken or mapped (then no buffer)
         if fd is not None:
             weakref.finalize(self, os.close, fd)
 
@@ -106,11 +137,26 @@ class SharedChunk:
     def __reduce__(self):
         if self.size and self._fd is None:
             raise TypeError("a received SharedChunk is not sent on: pickle its items() instead")
-        handle = reduction.DupFd(self._fd) if self.size else None  # the receiver takes it in _arrive
+        if not self.size:
+            return _arrive, (None, 0, self._items, self._table)
+        from multiprocessing import reduction  # here, not at import: pipelines.graphs stays light
+
+        handle = reduction.DupFd(self._fd)  # the receiver takes it in _arrive
         return _arrive, (handle, self.size, self._items, self._table)
 
     def items(self) -> list:
-        """The items, each with its graph over views of the mapping (read-only arrays), in order."""
+        """The items, each with its graph over views of the mapping (read-only arrays), in order.
+
+        Raises ``OSError`` (the cause's errno, the cause chained) where the
+        receiver could not take or map the file (see :func:`_arrive`).
+        """
+        if self._error is not None:
+            cause = self._error
+            message = (
+                "a chunk of neighbour graphs from a worker could not be mapped in this process: "
+                f"{cause.strerror or cause}"
+            )
+            raise (OSError(message) if cause.errno is None else OSError(cause.errno, message)) from cause
         buffer = self._mapping()
         out = []
         for item, entry in zip(self._items, self._table):
@@ -177,21 +223,39 @@ def unpack(received) -> list:
 
 
 def _arrive(handle, size: int, items: list, table: list) -> SharedChunk:
-    """Unpickling in the receiver: take the descriptor, map the file read-only, close the descriptor."""
-    buffer = None
-    if handle is not None:
+    """Unpickling in the receiver: take the descriptor, map the file read-only, close the descriptor.
+
+    Runs in the process pool's manager thread, where any exception marks the
+    pool broken (and the run reports a dead worker). So an ``OSError`` of this
+    process's own (ENOMEM from ``mmap``, EMFILE) is kept in the chunk and
+    raised by :meth:`SharedChunk.items` on the caller's thread instead.
+    """
+    if handle is None:
+        return SharedChunk(items, table, size)
+    try:
         fd = handle.detach()  # over the sender's resource-sharer socket
-        try:
-            buffer = mmap.mmap(fd, size, prot=mmap.PROT_READ, **_UNTRACKED)
-        finally:
-            os.close(fd)
+    except (ConnectionError, FileNotFoundError):
+        # Refused or reset (its socket file outlives a SIGKILL, its listener does not), or the
+        # socket file gone (it exited and cleaned up): the sender is gone. That is a worker
+        # death, and the pool's "broken" (the run's WorkerError) is the right report: let it
+        # propagate as before (the pool notices the dead process too).
+        raise
+    except OSError as exc:  # this process's own: EMFILE for the socket, ...
+        return SharedChunk(items, table, size, error=exc)
+    try:
+        buffer = mmap.mmap(fd, size, prot=mmap.PROT_READ, **_UNTRACKED)
+    except OSError as exc:  # ENOMEM (no address space, map count), ...
+        return SharedChunk(items, table, size, error=exc)
+    finally:
+        os.close(fd)
     return SharedChunk(items, table, size, buffer=buffer)
 
 
 def _view(buffer, place: Place):
     """The array at ``place`` of ``buffer``: no copy, read-only as the mapping is, keeping it alive.
 
-    ``np.ndarray`` over the buffer: the same view as ``np.frombuffer(...).reshape``, in a third of the time.
+    ``np.ndarray`` over the buffer: the same view as ``np.frombuffer(...).reshape``, chosen as
+    the cheaper (measured: see docs/benchmarks.md, issue 32).
     """
     if place is None:
         return None

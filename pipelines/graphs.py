@@ -151,10 +151,19 @@ def build_items(indices: np.ndarray) -> list[Item]:
     return items_from(_worker["reader"], _worker["settings"], indices)
 
 
-def build_shared(indices: np.ndarray) -> graph_transport.SharedChunk:
+def build_shared(indices: np.ndarray) -> graph_transport.SharedChunk | list[Item]:
     """In a worker process: :func:`build_items`' items, their graphs in shared memory
-    (:func:`pipelines.graph_transport.pack`; the main process reads them with ``unpack``)."""
-    return graph_transport.pack(build_items(indices))
+    (:func:`pipelines.graph_transport.pack`; the main process reads them with ``unpack``).
+
+    Where the file cannot be made here and now (``OSError``: EMFILE, ENOMEM,
+    a memfd refused after all), the list itself, pickled as without shared
+    memory: ``unpack`` takes either, and the items are the same.
+    """
+    items = build_items(indices)
+    try:
+        return graph_transport.pack(items)
+    except OSError:
+        return items
 
 
 def items_from(

@@ -3,10 +3,16 @@
 Every item a chunk carries must arrive as the pickled one would: each graph
 field equal in dtype, shape and bits, ``min_distance`` equal, statuses,
 messages and order unchanged; the descriptors and mappings it took must be
-gone once its items are; a SIGKILL must leave nothing in ``/dev/shm``.
+gone once its items are; a SIGKILL must leave nothing in ``/dev/shm`` and no
+process of the run holding the files. Where a memfd cannot be made (missing,
+refused, failing mid-run) the items travel pickled; where one cannot be
+mapped here, the chunk's items raise an ``OSError`` that says so.
 """
 
+import dataclasses
+import errno
 import gc
+import mmap
 import multiprocessing
 import os
 import pickle
@@ -93,6 +99,43 @@ def assert_same_items(got: list, want: list, read_only: bool | None = None) -> N
 
 def _spawn_pool(workers: int = 1, **kw) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), **kw)
+
+
+@pytest.fixture
+def fresh_probe():
+    """available() tried anew in this test (its answer is cached per process), and again after it."""
+    graph_transport.available.cache_clear()
+    yield
+    graph_transport.available.cache_clear()
+
+
+def _refuse(code: int):
+    """A stand-in for ``os.memfd_create`` (or ``mmap.mmap``) that raises ``OSError(code)``."""
+
+    def refused(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    return refused
+
+
+def test_fields_are_the_graphs_arrays_in_declaration_order():
+    names = [field.name for field in dataclasses.fields(graph_transport.Graph)]
+    assert graph_transport.FIELDS == tuple(n for n in names if n != "min_distance")
+    assert graph_transport.FIELDS[:3] == ("atomic_numbers", "positions", "edge_index")
+
+
+def test_importing_the_graphs_module_loads_no_multiprocessing():
+    """multiprocessing.reduction (and socket) only where a chunk is pickled or unpickled."""
+    probe = "import sys, pipelines.graphs; print(sorted({'multiprocessing', 'socket'} & set(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("feed", FEEDS)
@@ -183,7 +226,7 @@ def test_workers_give_the_same_items_as_this_process_and_leave_no_descriptor_or_
     assert _wait_for(lambda: _fds() <= fds), f"{_fds() - fds} descriptors more than before the run"
 
 
-def test_without_memfd_the_workers_list_is_pickled_with_the_same_items(inputs, monkeypatch):
+def test_without_memfd_the_workers_list_is_pickled_with_the_same_items(inputs, monkeypatch, fresh_probe):
     monkeypatch.setattr(graphs_module, "CHUNK", 8)
     monkeypatch.delattr(os, "memfd_create")  # macOS, Windows: the one place that chooses says no
     assert not graph_transport.available()
@@ -195,6 +238,87 @@ def test_without_memfd_the_workers_list_is_pickled_with_the_same_items(inputs, m
     assert_same_items(got, want, read_only=False)  # unpickled arrays are writable: no shared memory
 
 
+@pytest.mark.parametrize("code", [errno.ENOSYS, errno.EPERM])
+def test_a_memfd_refused_at_run_time_makes_the_workers_list_pickled(inputs, monkeypatch, fresh_probe, code):
+    """An old kernel (ENOSYS) or a seccomp sandbox (EPERM): os.memfd_create is there but fails.
+    The probe says no (once per process), and a run with workers gives the same items, pickled."""
+    monkeypatch.setattr(graphs_module, "CHUNK", 8)
+    monkeypatch.setattr(os, "memfd_create", _refuse(code))
+    assert not graph_transport.available()
+    assert graph_transport.available.cache_info().misses == 1
+    settings, pending = SETTINGS["float32"], np.arange(40)
+    want = list(neighbour_items(str(inputs["mixed"]), pending, settings, 0))
+    maps = len(_memfd_maps())
+    got = list(neighbour_items(str(inputs["mixed"]), pending, settings, 2))
+    assert len(_memfd_maps()) == maps
+    assert_same_items(got, want, read_only=False)
+    assert graph_transport.available.cache_info().misses == 1  # tried once, not per run
+
+
+def test_the_probe_says_yes_here_and_leaves_no_descriptor(fresh_probe):
+    fds = _fds()
+    assert graph_transport.available() and graph_transport.available()
+    assert graph_transport.available.cache_info().misses == 1
+    assert _fds() == fds
+
+
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENOMEM])
+def test_a_worker_that_cannot_make_its_file_returns_the_list(inputs, monkeypatch, code):
+    """build_shared where pack fails mid-run (out of descriptors, of memory): build_items' list,
+    which unpack takes as it is."""
+    settings = SETTINGS["float32"]
+    reader = InputReader(str(inputs["mixed"]))
+    try:
+        monkeypatch.setitem(graphs_module._worker, "reader", reader)  # what init_worker_process sets
+        monkeypatch.setitem(graphs_module._worker, "settings", settings)
+        indices = np.arange(12)
+        want = graphs_module.build_items(indices)
+        assert isinstance(build_shared(indices), graph_transport.SharedChunk)  # as usual
+        monkeypatch.setattr(os, "memfd_create", _refuse(code))
+        got = build_shared(indices)
+    finally:
+        reader.close()
+    assert isinstance(got, list)
+    assert_same_items(graph_transport.unpack(pickle.loads(pickle.dumps(got))), want, read_only=False)
+
+
+def test_a_chunk_that_cannot_be_mapped_here_raises_on_items_not_while_unpickling(inputs, monkeypatch):
+    """mmap refused in the receiver (ENOMEM) while it unpickles: the chunk arrives, its items()
+    raise the OSError that says so, and no descriptor is left open."""
+    want = _built(inputs["mixed"], SETTINGS["float32"], np.arange(6))
+    data = pickle.dumps(graph_transport.pack(want))  # in-process: the resource sharer hands it over
+    fds = _fds()
+    monkeypatch.setattr(mmap, "mmap", _refuse(errno.ENOMEM))
+    received = pickle.loads(data)
+    monkeypatch.undo()
+    assert isinstance(received, graph_transport.SharedChunk) and len(received) == len(want)
+    with pytest.raises(
+        OSError, match="neighbour graphs from a worker could not be mapped in this process"
+    ) as e:
+        received.items()
+    assert e.value.errno == errno.ENOMEM and isinstance(e.value.__cause__, OSError)
+    assert os.strerror(errno.ENOMEM) in str(e.value)
+    with pytest.raises(OSError, match="could not be mapped"):
+        graph_transport.unpack(received)
+    assert _wait_for(lambda: _fds() <= fds), f"{_fds() - fds} descriptors more than before"
+
+
+def test_a_chunk_from_a_worker_that_cannot_be_mapped_leaves_the_pool_working(inputs, monkeypatch):
+    """The same in the process pool's manager thread: the pool is not broken (no "worker died"),
+    the error comes from items(), and the next chunk arrives as usual."""
+    settings = SETTINGS["float32"]
+    want = _built(inputs["mixed"], settings, np.arange(6))
+    with _spawn_pool(initializer=init_worker_process, initargs=(str(inputs["mixed"]), settings)) as pool:
+        pool.submit(int).result(timeout=120)  # the worker is up (spawned before mmap is refused)
+        with monkeypatch.context() as patch:
+            patch.setattr(mmap, "mmap", _refuse(errno.ENOMEM))
+            sent = pool.submit(build_shared, np.arange(6)).result(timeout=120)
+        with pytest.raises(OSError, match="could not be mapped in this process"):
+            graph_transport.unpack(sent)
+        again = pool.submit(build_shared, np.arange(6)).result(timeout=120)
+    assert_same_items(graph_transport.unpack(again), want, read_only=True)
+
+
 CLI = "import sys; from pipelines.cli import main; sys.exit(main())"
 
 
@@ -204,9 +328,11 @@ def _shm() -> set[str]:
 
 def test_sigkill_of_the_process_group_mid_run_leaves_nothing_in_dev_shm(tmp_path):
     """A ``painn-batch run`` with workers, killed with its process group (workers, resource tracker)
-    while its main process holds graphs in shared memory: nothing named after the transport in
-    /dev/shm, and no new entry there but the process pool's own named semaphores (which only the
-    killed resource tracker would have unlinked: this test then removes them)."""
+    while its main process maps graphs in shared memory (``memfd:painn-graphs``: the transport is in
+    use): afterwards no process of the run's session holds such a file (mapped or open), no new
+    entry in /dev/shm but the process pool's own named semaphores (which only the killed resource
+    tracker would have unlinked: this test then removes them), and in TMPDIR only the workers'
+    resource-sharer sockets (empty files, as docs/usage.md says)."""
     model = save_model(make_model(SMALL, torch.float32), tmp_path / "m.pt")
     inp = write_input(tmp_path / "in.h5", _rows(1500, seed=1))
     temp = tmp_path / "tmp"  # the run's TMPDIR: what the stdlib leaves on a kill stays in here
@@ -222,16 +348,21 @@ def test_sigkill_of_the_process_group_mid_run_leaves_nothing_in_dev_shm(tmp_path
         stderr=subprocess.PIPE,
     )
     maps = Path(f"/proc/{proc.pid}/maps")
+    holders_seen: list[set[int]] = []  # while the run was alive: its processes holding a memfd of graphs
 
     def holds_shared_graphs() -> bool:
         try:
-            return graph_transport.NAME in maps.read_text()
+            mapped = graph_transport.NAME in maps.read_text()
         except (FileNotFoundError, ProcessLookupError):
             return False
+        if mapped:
+            holders_seen.append(_memfd_holders(proc.pid))
+        return mapped
 
     try:
         assert _wait_for(lambda: holds_shared_graphs() or proc.poll() is not None, 120)
         assert proc.poll() is None, f"the run ended first: {proc.stderr.read().decode()[-2000:]}"
+        assert holders_seen and proc.pid in holders_seen[0]  # the main process maps a worker's file
         group = [int(p) for p in os.listdir("/proc") if p.isdigit() and _group_of(int(p)) == proc.pid]
         assert len(group) >= 3  # the run and its two workers (and the resource tracker)
         os.killpg(proc.pid, signal.SIGKILL)
@@ -243,11 +374,12 @@ def test_sigkill_of_the_process_group_mid_run_leaves_nothing_in_dev_shm(tmp_path
             proc.wait(timeout=30)
     new = _shm() - before
     try:
-        assert not [n for n in _shm() if graph_transport.NAME in n or "painn" in n]
+        assert not _memfd_holders(proc.pid)  # the kernel has freed every file of graphs
         assert not [n for n in new if not n.startswith("sem.mp-")], new
         # The resource sharer that handed the descriptors over leaves its socket (no memory) in TMPDIR.
         left = [p for p in temp.rglob("*") if not p.is_dir()]
-        assert all(p.parent.name.startswith("pymp-") and p.is_socket() for p in left), left
+        assert left and all(p.parent.name.startswith("pymp-") and p.is_socket() for p in left), left
+        assert all(p.name.startswith("listener-") and p.stat().st_size == 0 for p in left), left
     finally:
         for name in new - _mapped_semaphores():  # the killed pool's: no live process has them open
             if name.startswith("sem.mp-"):
@@ -264,6 +396,23 @@ def _mapped_semaphores() -> set[str]:
             continue
         names.update(line.rsplit("/", 1)[1] for line in text.splitlines() if "/dev/shm/sem." in line)
     return names
+
+
+def _memfd_holders(session: int) -> set[int]:
+    """The live processes of ``session`` that map or hold open a memfd of graphs (graph_transport.NAME)."""
+    holders = set()
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            if os.getsid(pid) != session or not _alive(pid):
+                continue
+            mapped = "memfd:" + graph_transport.NAME in Path(f"/proc/{pid}/maps").read_text()
+            fds = Path(f"/proc/{pid}/fd")
+            held = any("memfd:" + graph_transport.NAME in os.readlink(fds / fd) for fd in os.listdir(fds))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        if mapped or held:
+            holders.add(pid)
+    return holders
 
 
 def _group_of(pid: int) -> int | None:
