@@ -55,6 +55,7 @@ where a chunk is pickled or unpickled, not with this module: importing
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import mmap
 import os
@@ -242,6 +243,9 @@ def _arrive(handle, size: int, items: list, table: list) -> SharedChunk:
         raise
     except OSError as exc:  # this process's own: EMFILE for the socket, ...
         return SharedChunk(items, table, size, error=exc)
+    except RuntimeError as exc:  # recvfds: the descriptor dropped in transit (this process has no free one)
+        error = OSError(errno.EMFILE, f"no descriptor received ({exc}): too many open files?")
+        return SharedChunk(items, table, size, error=error)
     try:
         buffer = mmap.mmap(fd, size, prot=mmap.PROT_READ, **_UNTRACKED)
     except OSError as exc:  # ENOMEM (no address space, map count), ...

@@ -303,6 +303,25 @@ def test_a_chunk_that_cannot_be_mapped_here_raises_on_items_not_while_unpickling
     assert _wait_for(lambda: _fds() <= fds), f"{_fds() - fds} descriptors more than before"
 
 
+def test_a_descriptor_lost_in_transit_is_reported_as_this_process_out_of_descriptors(inputs, monkeypatch):
+    """recvfds raises RuntimeError when the descriptor is dropped on the way in (this process has
+    none free): the chunk arrives, and its items() say so, as an OSError (EMFILE)."""
+    from multiprocessing import resource_sharer
+
+    want = _built(inputs["mixed"], SETTINGS["float32"], np.arange(6))
+    data = pickle.dumps(graph_transport.pack(want))
+
+    def dropped(self):
+        raise RuntimeError("received 0 items of ancdata")
+
+    monkeypatch.setattr(resource_sharer.DupFd, "detach", dropped)
+    received = pickle.loads(data)
+    monkeypatch.undo()
+    with pytest.raises(OSError, match="could not be mapped in this process") as e:
+        received.items()
+    assert e.value.errno == errno.EMFILE and "received 0 items of ancdata" in str(e.value)
+
+
 def test_a_chunk_from_a_worker_that_cannot_be_mapped_leaves_the_pool_working(inputs, monkeypatch):
     """The same in the process pool's manager thread: the pool is not broken (no "worker died"),
     the error comes from items(), and the next chunk arrives as usual."""
