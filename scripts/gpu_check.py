@@ -18,6 +18,9 @@ unpacks them into a folder of its own. It writes ``DIR/gpu_check.json`` and
   and the OCP size (5k and 20k atoms): atoms/s (median of 3, with the
   spread) and the peak device memory;
 - end to end, ``painn-batch run`` on a generated file (20k structures):
+  with device graphs (issue 32), the demo model and the OCP-size model at
+  the OCP graph settings (12 Å, cap 50), atoms/s and the shares of the wall
+  time the device spent building graphs and in the model; with host graphs,
   structures/s, the fraction of the wall time spent in the model, and how
   many neighbour workers it took.
 
@@ -216,8 +219,9 @@ def throughput(device: str, sizes: dict, zoo: dict, repeats: int) -> list[dict]:
     return rows
 
 
-def pipeline(device: str, n_structures: int) -> list[dict]:
-    """``painn-batch run`` on a generated file, with 1, 2, 4, ... neighbour workers."""
+def pipeline(device: str, n_structures: int, zoo: dict | None = None) -> list[dict]:
+    """``painn-batch run`` on a generated file: device graphs (the demo model, and ``zoo``'s OCP-size
+    direct model at its graph settings), then host graphs with 1, 2, 4, ... neighbour workers."""
     from painn_export.samples import example_set
     from painn_export.schema import write_input
     from pipelines.run import run_file
@@ -234,7 +238,7 @@ def pipeline(device: str, n_structures: int) -> list[dict]:
             [(s.atomic_numbers, s.positions, s.cell, s.pbc) for s in samples[:n_structures]],
         )
         runtime = "torch" if device.startswith("cuda") else "onnxruntime"
-        rows += device_graph_rows(path, Path(tmp), runtime, device)
+        rows += device_graph_rows(path, Path(tmp), runtime, device, zoo)
         workers = 1
         while workers <= max(1, min(8, (os.cpu_count() or 2) - 1)):
             out = Path(tmp) / f"out{workers}.h5"
@@ -259,32 +263,58 @@ def pipeline(device: str, n_structures: int) -> list[dict]:
     return rows
 
 
-def device_graph_rows(path: Path, tmp: Path, runtime: str, device: str) -> list[dict]:
+def device_graph_rows(
+    path: Path, tmp: Path, runtime: str, device: str, zoo: dict | None = None
+) -> list[dict]:
     """``painn-batch run --graphs device`` (issue 32): the graphs and the feed on the device, the host
-    only reading and writing; a row saying why not where device graphs are not installed."""
+    only reading and writing; a row saying why not where device graphs are not installed.
+
+    One row with the demo model on ``runtime``, and one with ``zoo``'s OCP-size direct model
+    (``ocp-direct``: the OCP graph settings, 12 Å and cap 50, in the full check) on PyTorch, saved
+    here as a checkpoint. Each row: atoms/s, and the shares of the wall time in the device's graph
+    building, in the model, and the two together (how busy the device was, from wall-clock timers
+    around its calls, not a GPU counter).
+    """
     import importlib.util
 
+    from painn_export import save_model
     from pipelines.run import run_file
 
     if importlib.util.find_spec("nvalchemiops") is None:
         return [{"workers": 0, "graphs": "device: not installed (painn-export[device-graphs])"}]
-    out = tmp / "out-device.h5"
-    summary = run_file(
-        path, out, None, runtime=runtime, device=device, graphs="device", workers=0, progress=False
-    )
-    report = summary.as_dict()
-    return [
-        {
-            "workers": 0,
-            "graphs": report.get("graphs", "device"),
-            "runtime": report["runtime"],
-            "device": report["device"],
-            "structures_per_s": report["structures_per_s"],
-            "atoms_per_s": report["atoms_per_s"],
-            "model_fraction": report["model_fraction"],
-            "seconds": report["seconds"],
-        }
-    ]
+    from painn_export.checkpoint import load_model
+    from painn_export.demo import demo_model_path
+
+    runs = [("demo", None, runtime, load_model(demo_model_path()).config)]
+    if zoo and "ocp-direct" in zoo:
+        ocp = zoo["ocp-direct"][0]
+        runs.append(("ocp-direct", save_model(ocp, tmp / "ocp-direct.pt"), "torch", ocp.config))
+    rows = []
+    for name, model_path, how, config in runs:
+        summary = run_file(
+            path, tmp / f"out-device-{name}.h5", model_path, runtime=how, device=device, graphs="device",
+            workers=0, progress=False,
+        )  # fmt: skip
+        report = summary.as_dict()
+        model, graphs = report["model_fraction"] or 0.0, report.get("device_graph_fraction") or 0.0
+        rows.append(
+            {
+                "workers": 0,
+                "model": name,
+                "cutoff": config.cutoff,
+                "max_neighbors": config.max_neighbors,
+                "graphs": report.get("graphs", "device"),
+                "runtime": report["runtime"],
+                "device": report["device"],
+                "structures_per_s": report["structures_per_s"],
+                "atoms_per_s": report["atoms_per_s"],
+                "model_fraction": report["model_fraction"],
+                "device_graph_fraction": report.get("device_graph_fraction"),
+                "device_busy_fraction": round(model + graphs, 3),
+                "seconds": report["seconds"],
+            }
+        )
+    return rows
 
 
 def markdown(report: dict) -> str:
@@ -322,15 +352,23 @@ def markdown(report: dict) -> str:
         "",
     ]
     lines += [
-        "| graphs | workers | runtime | device | structures/s | atoms/s | time in the model / wall time |"
+        "| model | graphs | workers | runtime | device | structures/s | atoms/s | time in the model / wall "
+        "time | building graphs on the device / wall time | device busy (the two) |"
     ]
-    lines += ["| --- | ---: | --- | --- | ---: | ---: | ---: |"]
+    lines += ["| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["pipeline"]:
         lines.append(
-            f"| {r.get('graphs', 'host')} | {r['workers']} | {r.get('runtime', '')} | {r.get('device', '')} | "
-            f"{r.get('structures_per_s', '')} | {r.get('atoms_per_s', '')} | {r.get('model_fraction', '')} |"
+            f"| {r.get('model', 'demo')}{_settings(r)} | {r.get('graphs', 'host')} | {r['workers']} | {r.get('runtime', '')} | "
+            f"{r.get('device', '')} | {r.get('structures_per_s', '')} | {r.get('atoms_per_s', '')} | "
+            f"{r.get('model_fraction', '')} | {r.get('device_graph_fraction', '')} | "
+            f"{r.get('device_busy_fraction', '')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _settings(row: dict) -> str:
+    """`` (12 Å, cap 50)``: a device-graph row's graph settings, for the table."""
+    return f" ({row['cutoff']:g} Å, cap {row['max_neighbors']})" if "cutoff" in row else ""
 
 
 def write_report(report: dict, out: Path) -> None:
@@ -372,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = (
         ("parity", lambda: parity(args.device, args.quick, zoo)),
         ("throughput", lambda: throughput(args.device, sizes, zoo, sizes["repeats"])),
-        ("pipeline", lambda: pipeline(args.device, sizes["structures"])),
+        ("pipeline", lambda: pipeline(args.device, sizes["structures"], zoo)),
     )
     for name, run in sections:  # the report is written after each section: a failure keeps the others
         try:

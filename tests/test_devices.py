@@ -182,6 +182,12 @@ def test_gpu_check_quick_on_the_cpu(tmp_path):
     runtimes = {r["runtime"] for r in report["throughput"] if "error" not in r}
     assert {"eager", "onnxruntime"} <= runtimes, report["throughput"]
     assert report["pipeline"] and report["pipeline"][0]["device"] == "cpu"
+    # Device graphs (issue 32): the demo model and the OCP-size one at its graph settings.
+    device_rows = {r.get("model"): r for r in report["pipeline"] if r["graphs"].startswith("device (")}
+    assert set(device_rows) == {"demo", "ocp-direct"}, report["pipeline"]
+    ocp = device_rows["ocp-direct"]
+    assert ocp["atoms_per_s"] > 0 and ocp["max_neighbors"] == 50 and ocp["runtime"].startswith("torch")
+    assert 0 < ocp["device_busy_fraction"] <= 1
     assert "| model |" in (tmp_path / "gpu_check.md").read_text()
 
 
