@@ -80,16 +80,17 @@ def test_ray_local_equals_the_local_pipeline(tmp_path, checkpoint, fresh_ray):
 
 
 def test_a_worker_node_removed_mid_run_loses_nothing(tmp_path, checkpoint, fresh_ray):
-    """Three nodes on this machine; one worker node is removed while a driver runs on them."""
+    """Three nodes on this machine; one worker node is removed while a driver runs on them (the other
+    joins mid-run)."""
     from ray.cluster_utils import Cluster
 
     inp = write_input(tmp_path / "in.h5", _many(3000, seed=3))
     run_file(inp, tmp_path / "local.h5", checkpoint, runtime="torch", workers=0, progress=False)
-    # The head runs the driver only, so the work goes to the worker nodes; the one that stays
-    # has two CPUs, so that the actor and the graph tasks still fit once the other is gone.
+    # The head runs the driver only, so the work goes to the worker nodes. The doomed node is the
+    # only one at first, so it certainly holds the actor and the graph tasks; the one that stays
+    # joins mid-run, with two CPUs, so that the actor and the graph tasks fit once the other is gone.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    doomed = cluster.add_node(num_cpus=1)
-    cluster.add_node(num_cpus=2)
+    doomed = cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     out = tmp_path / "ray.h5"
     cmd = ["run", str(inp), "--model", str(checkpoint), "--runtime", "torch", "-o", str(out), "-q"]
@@ -103,7 +104,9 @@ def test_a_worker_node_removed_mid_run_loses_nothing(tmp_path, checkpoint, fresh
         while time.time() < deadline and proc.poll() is None and _done(partial) < 100:
             time.sleep(0.05)
         assert proc.poll() is None, f"the run ended before the node could be removed: {proc.stderr.read()}"
-        held = _wait_until_busy(cluster.address, doomed.node_id, deadline)
+        held = _wait_until_busy(cluster.address, doomed.node_id, deadline, cpus=2)
+        cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
         cluster.remove_node(doomed)
         _, err = proc.communicate(timeout=300)
     finally:
@@ -116,15 +119,16 @@ def test_a_worker_node_removed_mid_run_loses_nothing(tmp_path, checkpoint, fresh
     _assert_same_results(out, tmp_path / "local.h5")
 
 
-def _wait_until_busy(address: str, node_id: str, deadline: float) -> bool:
-    """Wait until the run holds the node's CPU (a graph task or the actor runs there); False if never."""
+def _wait_until_busy(address: str, node_id: str, deadline: float, cpus: int = 1) -> bool:
+    """Wait until the run holds some of the node's ``cpus`` CPUs (a graph task or the actor runs there);
+    False if never."""
     import ray._private.state as state
 
     ray.init(address=address, log_to_driver=False)
     try:
         while time.time() < deadline:
             node = state.available_resources_per_node().get(node_id)
-            if node is not None and node.get("CPU", 0.0) < 1.0:  # a resource all in use is not listed
+            if node is not None and node.get("CPU", 0.0) < cpus:  # a resource all in use is not listed
                 return True
             time.sleep(0.02)
         return False
