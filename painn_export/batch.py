@@ -217,6 +217,16 @@ class Graph:
         return np.linalg.norm(self.positions[j] + self.edge_shift - self.positions[i], axis=1)
 
 
+def even_runs(work: np.ndarray, parts: int) -> list[tuple[int, int]]:
+    """Contiguous runs ``(first, last)`` of items whose costs are ``work`` ``[B]``: at most ``parts``,
+    none empty, about equal in work, together ``0..B`` in order (how a batch is shared out to threads)."""
+    ends = np.cumsum(work)
+    total = float(ends[-1]) if len(ends) else 0.0
+    bounds = np.searchsorted(ends, np.arange(1, parts) * total / parts)
+    bounds = np.unique(np.concatenate([[0], np.minimum(bounds, len(work)), [len(work)]]))
+    return [(int(first), int(last)) for first, last in itertools.pairwise(bounds) if last > first]
+
+
 def collate(
     graphs: Sequence[Graph],
     dtype: np.dtype | type = np.float32,
@@ -290,10 +300,7 @@ def collate(
 
     groups = [(0, len(graphs))]
     if pool is not None and len(graphs) > 1 and n_atoms * K >= COLLATE_POOL_SLOTS:  # about equal work
-        work = np.cumsum(natoms * K + nedges)
-        cuts = np.searchsorted(work, np.arange(1, COLLATE_GROUPS) * work[-1] / COLLATE_GROUPS) + 1
-        bounds = np.unique(np.concatenate([[0], np.minimum(cuts, len(graphs)), [len(graphs)]]))
-        groups = list(itertools.pairwise(bounds.tolist()))
+        groups = even_runs(natoms * K + nedges, COLLATE_GROUPS)
     wrong = list(pool.map(lambda g: layout(*g), groups)) if len(groups) > 1 else [layout(*groups[0])]
     if any(wrong):  # a slot beyond a caller's n_slots, or a graph made with Graph.from_checked
         if n_slots is not None:

@@ -28,13 +28,12 @@ numbers are the same whatever else is updated with it.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from painn_export.batch import Graph
+from painn_export.batch import Graph, even_runs
 from painn_export.neighbors import (
     DEGENERACY_TOLERANCE,
     MIN_DISTANCE_SQ,
@@ -220,10 +219,7 @@ def _graphs(skins, atomic_numbers, positions, pos, cell, atom_start, failed, poo
         return out
     n_pairs = np.array([len(skins[s]._pairs[0]) for s in ok], dtype=np.int64)
     parts = 1 if pool is None or n_pairs.sum() < POOL_PAIRS else GROUPS
-    # Contiguous groups of about equal pairs (the kernel's work).
-    bounds = np.searchsorted(np.cumsum(n_pairs), np.arange(1, parts) * n_pairs.sum() / parts)
-    bounds = np.unique(np.concatenate([[0], np.minimum(bounds, len(ok)), [len(ok)]]))
-    groups = [ok[t0:t1] for t0, t1 in itertools.pairwise(bounds) if t1 > t0]
+    groups = [ok[t0:t1] for t0, t1 in even_runs(n_pairs, parts)]  # about equal pairs: the kernel's work
 
     def group_graphs(group: list[int]) -> list[tuple[int, Graph]]:
         return _group_graphs(skins, atomic_numbers, positions, pos, cell, atom_start, group)

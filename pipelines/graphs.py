@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from painn_export.batch import Graph
+from painn_export.batch import Graph, even_runs
 from painn_export.neighbors import StructureError, neighbor_graph
 from painn_export.schema import InputReader
 from painn_export.skin import SkinGraph
@@ -173,7 +173,7 @@ def items_from(
 
     The structures are read here, on the calling thread, in one read (h5py
     is not for concurrent use). ``pool``: threads to build them on, in
-    :func:`pieces` of the chunk (vesin's search and the compiled kernels
+    :func:`~painn_export.batch.even_runs` of the chunk (vesin's search and the compiled kernels
     release the GIL); None: this thread. The items are the same bits in the
     same order either way: each structure's build is its own.
     """
@@ -198,19 +198,9 @@ def items_from(
     if pool is None or len(order) < 2:
         return build(0, len(order))
     at = np.asarray(order)
-    bounds = pieces(offsets[at + 1] - offsets[at], PIECES)
+    bounds = even_runs(offsets[at + 1] - offsets[at], PIECES)
     built = [pool.submit(build, first, last) for first, last in bounds]
     return [item for piece in built for item in piece.result()]  # in the chunk's order
-
-
-def pieces(natoms: np.ndarray, parts: int) -> list[tuple[int, int]]:
-    """Contiguous runs ``(first, last)`` of structures whose atom counts are ``natoms`` ``[B]``: at most
-    ``parts``, none empty, about equal in atoms, together ``0..B`` in order."""
-    ends = np.cumsum(natoms)
-    total = int(ends[-1]) if len(ends) else 0
-    bounds = np.searchsorted(ends, np.arange(1, parts) * total / parts)
-    bounds = np.unique(np.concatenate([[0], np.minimum(bounds, len(natoms)), [len(natoms)]]))
-    return [(int(first), int(last)) for first, last in itertools.pairwise(bounds) if last > first]
 
 
 def structure_item(s: int, z, pos, cell, pbc, settings: GraphSettings) -> Item:
