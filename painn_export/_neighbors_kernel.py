@@ -621,3 +621,57 @@ def canonical_pairs(a, b, S, n_atoms: int):
     order, key = np.empty(n_pairs, dtype=np.int64), np.empty(n_pairs, dtype=np.int64)
     _canonical_order(a, b, S, keep, np.zeros(n_atoms + 1, dtype=np.int64), order, key)
     return order
+
+
+# -- every pair of a small structure, by images, in the canonical order (painn_export.skin) ----------
+
+
+@_jit
+def image_pairs(positions, cell, dual, reach, r2, min_d2, a, b, S) -> int:
+    """The half list within the cutoff of a structure, every atom pair against every image it can reach.
+
+    Pair ``(a, b, S)`` is written with ``b`` the receiver (``a < b``, or a
+    self-image ``a == b`` with ``S`` lexicographically positive), in the
+    canonical order (:func:`canonical_pairs`' order: by receiver, sender, then
+    the receiver's shift ``-S``). For each atom pair, axis ``x``'s images
+    are those with ``|((x_b - x_a) + S @ cell) . dual[x]| <= reach[x]``
+    (``dual``: ``[3, 3]`` the periodic lattice vectors' duals, zero rows on
+    non-periodic axes; ``reach[x] >= cutoff |dual[x]|``, zero on
+    non-periodic axes): every image within the cutoff, with a margin.
+    A pair is kept when ``min_d2 < d² <= r2``, ``d²`` written as
+    :func:`squared_distances` writes it.
+
+    Writes at most ``len(a)`` pairs and returns how many there are (more
+    than ``len(a)``: call again with room for them).
+    """
+    n = positions.shape[0]
+    room = a.shape[0]
+    count = 0
+    lo = np.zeros(3, dtype=np.int64)
+    hi = np.zeros(3, dtype=np.int64)
+    for i in range(n):
+        for j in range(i + 1):
+            for x in range(3):
+                f = 0.0
+                for y in range(3):
+                    f += (positions[i, y] - positions[j, y]) * dual[x, y]
+                lo[x] = math.ceil(f - reach[x])
+                hi[x] = math.floor(f + reach[x])
+            for t0 in range(lo[0], hi[0] + 1):
+                for t1 in range(lo[1], hi[1] + 1):
+                    for t2 in range(lo[2], hi[2] + 1):
+                        if j == i and not (t0 < 0 or (t0 == 0 and (t1 < 0 or (t1 == 0 and t2 < 0)))):
+                            continue  # a self-image once (its receiver's shift negative), never itself
+                        s0, s1, s2 = -t0, -t1, -t2
+                        total = 0.0
+                        for x in range(3):
+                            v = (positions[i, x] - positions[j, x]) + (
+                                s0 * cell[0, x] + s1 * cell[1, x] + s2 * cell[2, x]
+                            )
+                            total += v * v
+                        if total <= r2 and total > min_d2:
+                            if count < room:
+                                a[count], b[count] = j, i
+                                S[count, 0], S[count, 1], S[count, 2] = s0, s1, s2
+                            count += 1
+    return count

@@ -74,6 +74,10 @@ DEGENERACY_TOLERANCE = 0.01
 _CANDIDATE_SKIN = 1.0e-6
 # The first pass aims for this many candidates per centre, relative to k + 1.
 _FIRST_PASS_MARGIN = 1.6
+# A skin list's search (painn_export.skin) pairs every atom with every image it can reach, compiled,
+# up to this many atoms: 4-7x faster than vesin's cell list at 7 and 13 Å up to a few hundred atoms,
+# no faster by about 700 (docs/benchmarks.md); larger structures use vesin.
+IMAGE_SEARCH_ATOMS = 384
 
 
 class StructureError(ValueError):
@@ -160,7 +164,52 @@ def _search(
     return a, b, S, d2, closest
 
 
+def _image_search(
+    positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, radius: float, min_d2: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each pair with ``min_d2 < d² <= radius²`` once, as ``(a, b, S)``: :func:`_search`'s half list, in
+    the canonical order (:func:`~painn_export._neighbors_kernel.canonical_pairs`' order), in new arrays.
+
+    Every atom pair is tried against every periodic image that can be within
+    ``radius`` (:func:`~painn_export._neighbors_kernel.image_pairs`): O(n²)
+    pairs, for small structures (:data:`IMAGE_SEARCH_ATOMS`). The set is
+    :func:`_search`'s, decided on the same ``d²``; each pair is written with
+    its receiver as ``b`` (vesin may write either end first: the edges are
+    the same). ``positions``, ``cell``, ``pbc`` as :func:`validate_structure`
+    gives them (periodic vectors independent).
+    """
+    from painn_export._neighbors_kernel import image_pairs
+
+    dual = np.zeros((3, 3))  # [3, 3] rows: each periodic vector's dual within their span, else zero
+    periodic = cell[pbc]
+    if len(periodic):
+        dual[pbc] = np.linalg.solve(periodic @ periodic.T, periodic)
+    # |v . dual[x]| <= |v| |dual[x]|: no image farther along x is within radius (with a margin for rounding).
+    reach = np.where(
+        pbc, radius * np.linalg.norm(dual, axis=1) * (1 + _CANDIDATE_SKIN) + _CANDIDATE_SKIN, 0.0
+    )
+    a, b, S = _image_scratch(max(64, 48 * len(positions)))
+    n = image_pairs(positions, cell, dual, reach, radius * radius, min_d2, a, b, S)
+    if n > len(a):  # more than the scratch holds: once more with room for them
+        a, b, S = _image_scratch(n)
+        n = image_pairs(positions, cell, dual, reach, radius * radius, min_d2, a, b, S)
+    return a[:n].copy(), b[:n].copy(), S[:n].copy()
+
+
 _local = threading.local()
+
+
+def _image_scratch(n_pairs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """This thread's ``(a [n] int64, b [n] int64, S [n, 3] int32)`` scratch, at least ``n_pairs`` long."""
+    held = getattr(_local, "image_pairs", None)
+    if held is None or len(held[0]) < n_pairs:
+        size = n_pairs + n_pairs // 4
+        held = _local.image_pairs = (
+            np.empty(size, np.int64),
+            np.empty(size, np.int64),
+            np.empty((size, 3), np.int32),
+        )
+    return held
 
 
 def _half_list(cutoff: float):

@@ -36,9 +36,11 @@ import numpy as np
 from painn_export.batch import Graph, even_runs
 from painn_export.neighbors import (
     DEGENERACY_TOLERANCE,
+    IMAGE_SEARCH_ATOMS,
     MIN_DISTANCE_SQ,
     TIE_RTOL,
     StructureError,
+    _image_search,
     _search,
     validate_structure,
 )
@@ -87,9 +89,13 @@ class SkinGraph:
         from painn_export._neighbors_kernel import canonical_pairs
 
         # Coincident atoms stay in the list: they set min_distance now, and may part before the next search.
-        a, b, S, _, _ = _search(positions, cell, pbc, self.cutoff + self.skin, min_d2=-1.0)
-        order = canonical_pairs(a, b, S, len(positions))
-        self._pairs = (a[order], b[order], S[order])  # own copies (vesin reuses its buffers), sorted once
+        reach = self.cutoff + self.skin
+        if len(positions) <= IMAGE_SEARCH_ATOMS:  # the same pairs, found faster (neighbors._image_search)
+            self._pairs = _image_search(positions, cell, pbc, reach, min_d2=-1.0)
+        else:
+            a, b, S, _, _ = _search(positions, cell, pbc, reach, min_d2=-1.0)
+            order = canonical_pairs(a, b, S, len(positions))
+            self._pairs = (a[order], b[order], S[order])  # own copies (vesin reuses its buffers), sorted once
         self._z, self._pbc = z, pbc.copy()
         self._ref_positions, self._ref_cell = positions.copy(), cell.copy()
         self.n_searches += 1

@@ -319,10 +319,13 @@ def neighbour_items(
         tasks = chunks(pending)
         for chunk in tasks:
             if here is not None and not window and not ready():
-                built = here.items(chunk)  # the workers are still starting
-                if ready():  # up now: they start on the next chunks before these are handed out
-                    window.extend(processes.submit(task, c) for c in itertools.islice(tasks, 2 * workers))
-                yield from built
+                # The workers are still starting. Once one is up (looked at before each item is
+                # handed out), they start on the next chunks while the caller uses these: not
+                # only when it asks for the first item past them, which it would then wait out.
+                for item in here.items(chunk):
+                    if not window and ready():
+                        window.extend(processes.submit(task, c) for c in itertools.islice(tasks, 2 * workers))
+                    yield item
                 continue
             window.append(processes.submit(task, chunk))
             if len(window) > 2 * workers:

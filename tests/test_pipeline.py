@@ -712,6 +712,43 @@ def test_neighbour_items_are_the_same_whoever_builds_them(tmp_path, monkeypatch,
             _assert_same_items(got, want)
 
 
+def test_workers_start_on_the_next_chunks_while_the_first_is_used(tmp_path, monkeypatch):
+    """start_here: once a worker is up, the next chunks go to the workers while the caller still
+    uses the chunk built here, not when it asks for the first item past it (relax would wait out a
+    whole chunk's build there); the items are the same."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    import pipelines.graphs as graphs
+
+    monkeypatch.setattr(graphs, "CHUNK", 4)  # built here long before the worker is up
+    structures = _many(10 * 4)
+    inp = write_input(tmp_path / "in.h5", structures)
+    settings = graphs.GraphSettings(5.0, 20, 83, "float32", relax=True, skin=0.5)
+    pending = np.arange(len(structures))
+    want = list(graphs.neighbour_items(str(inp), pending, settings, 0))  # and this process's kernels loaded
+    submitted, warming, taken = [], [], [0]
+    submit = ProcessPoolExecutor.submit
+
+    def logged(self, fn, *args, **kwargs):
+        future = submit(self, fn, *args, **kwargs)
+        if fn is graphs.warm_worker:
+            warming.append(future)
+        else:
+            submitted.append(taken[0])  # how many items the caller had when the chunk went out
+        return future
+
+    monkeypatch.setattr(ProcessPoolExecutor, "submit", logged)
+    got = []
+    for item in graphs.neighbour_items(str(inp), pending, settings, 1, start_here=True):
+        got.append(item)
+        taken[0] = len(got)
+        if len(got) == 1:
+            for future in warming:
+                future.result(timeout=120)  # the worker is up while the first chunk is being used
+    assert submitted and submitted[0] < 4  # before the caller asked for the fifth item
+    _assert_same_items(got, want)
+
+
 def test_write_rows_puts_each_structures_rows_in_place(tmp_path):
     """One write for scattered structures: per structure and per atom (runs, a single structure, a
     structure without atoms), the rest untouched; a row count that does not match is refused."""

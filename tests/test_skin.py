@@ -48,10 +48,16 @@ def _arrays(structures):
     )
 
 
+@pytest.mark.parametrize("search", ["images", "vesin"])
 @pytest.mark.parametrize(("cap", "strict"), [(CAP, True), (CAP, False), (0, True)])
-def test_a_batch_gives_each_structure_its_fresh_graph_and_what_it_gets_alone(rng, cap, strict):
+def test_a_batch_gives_each_structure_its_fresh_graph_and_what_it_gets_alone(
+    rng, monkeypatch, cap, strict, search
+):
     """Moving and straining together for 25 steps: every graph equals neighbor_graph's, bit for bit,
-    and equals the graph the same structure's skin gives when updated alone."""
+    and equals the graph the same structure's skin gives when updated alone; with the skin lists
+    searched by images (small structures) or by vesin (large ones)."""
+    if search == "vesin":
+        monkeypatch.setattr(skin, "IMAGE_SEARCH_ATOMS", 0)
     structures = _structures(rng)
     z, pos, cells, pbcs = _arrays(structures)
     together = [SkinGraph(CUTOFF, cap, skin=0.6, strict=strict) for _ in structures]
@@ -213,3 +219,55 @@ def test_a_pool_of_threads_gives_the_same_bits_every_time(rng):
                     assert getattr(g, key).tobytes() == getattr(w, key).tobytes(), (step, s, key)
                 assert g.min_distance == w.min_distance
     assert isinstance(want[8][5], StructureError)
+
+
+def _sides(a, b, S) -> list[tuple]:
+    """Each half-list pair as its kept edge (receiver, sender, receiver's shift): the same whichever
+    end a search wrote first."""
+    from painn_export._neighbors_kernel import _kept_side_is_b
+
+    out = []
+    for p in range(len(a)):
+        flip = _kept_side_is_b(a[p], b[p], *S[p])
+        out.append(
+            (int(b[p]), int(a[p]), *(-S[p]).tolist()) if flip else (int(a[p]), int(b[p]), *S[p].tolist())
+        )
+    return out
+
+
+def test_the_image_search_finds_vesins_pairs_already_in_the_canonical_order(rng):
+    """The skin's search of small structures (every atom pair against every image it can reach)
+    lists vesin's pairs, the same edges, and in the order canonical_pairs would sort them into:
+    skewed cells, cells smaller than the radius (many self-images: more pairs than its first
+    scratch holds), atoms far outside the cell, every kind of pbc, coincident atoms."""
+    from painn_export._neighbors_kernel import canonical_pairs
+    from painn_export import neighbors
+    from painn_export.neighbors import _image_search, _search, validate_structure
+
+    cases = []
+    for pbc in ([1, 1, 1], [1, 1, 0], [0, 0, 1], [0, 0, 0], [1, 0, 1]):
+        for n, scale in ((1, 2.3), (5, 3.0), (30, 9.0), (60, 11.0)):
+            cell = scale * (np.eye(3) + rng.normal(0, 0.25, (3, 3)))  # skewed
+            x = rng.random((n, 3)) @ cell + rng.normal(0, 3 * scale, (n, 3))  # unwrapped
+            if n > 1:
+                x[1] = x[0]  # coincident: a skin list keeps them
+            cases.append((x, cell, np.array(pbc, bool)))
+    empty = 0
+    for x, cell, pbc in cases:
+        x, cell, pbc = validate_structure(x, cell, pbc)
+        for radius in (3.0, 7.0):
+            a, b, S, _, _ = _search(x, cell, pbc, radius, min_d2=-1.0)
+            mine = _image_search(x, cell, pbc, radius, min_d2=-1.0)
+            assert sorted(_sides(*mine)) == sorted(_sides(a, b, S)), (len(x), pbc, radius)
+            empty += len(mine[0]) == 0
+            np.testing.assert_array_equal(canonical_pairs(*mine, len(x)), np.arange(len(mine[0])))
+            assert mine[2].dtype == np.int32 and mine[0].dtype == np.int64
+    assert empty <= 4  # a lone atom without periodic images, at each radius
+    # More pairs than a fresh scratch holds (48 an atom): found again with room for them, the same.
+    x, cell, pbc = validate_structure(rng.random((5, 3)) * 3.0, 3.0 * np.eye(3), np.ones(3, bool))
+    before = _image_search(x, cell, pbc, 7.0, -1.0)
+    del neighbors._local.image_pairs
+    again = _image_search(x, cell, pbc, 7.0, -1.0)
+    assert len(again[0]) > 1.25 * 48 * len(x)
+    for mine, theirs in zip(again, before):
+        np.testing.assert_array_equal(mine, theirs)
