@@ -78,6 +78,10 @@ _FIRST_PASS_MARGIN = 1.6
 # up to this many atoms: 4-7x faster than vesin's cell list at 7 and 13 Å up to a few hundred atoms,
 # no faster by about 700 (docs/benchmarks.md); larger structures use vesin.
 IMAGE_SEARCH_ATOMS = 384
+# ... and while it would try at most this many (atom pair, image) combinations: a nearly flat cell,
+# whose images along its short axis are many, goes to vesin too (720 atoms at 7 Å, as fast as vesin
+# there, try about 1.2 million).
+IMAGE_SEARCH_CHECKS = 2_000_000
 
 
 class StructureError(ValueError):
@@ -166,17 +170,20 @@ def _search(
 
 def _image_search(
     positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, radius: float, min_d2: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Each pair with ``min_d2 < d² <= radius²`` once, as ``(a, b, S)``: :func:`_search`'s half list, in
     the canonical order (:func:`~painn_export._neighbors_kernel.canonical_pairs`' order), in new arrays.
 
     Every atom pair is tried against every periodic image that can be within
     ``radius`` (:func:`~painn_export._neighbors_kernel.image_pairs`): O(n²)
-    pairs, for small structures (:data:`IMAGE_SEARCH_ATOMS`). The set is
-    :func:`_search`'s, decided on the same ``d²``; each pair is written with
-    its receiver as ``b`` (vesin may write either end first: the edges are
-    the same). ``positions``, ``cell``, ``pbc`` as :func:`validate_structure`
-    gives them (periodic vectors independent).
+    pairs, for small structures. None, nothing searched, when that would be
+    more work than vesin's: more than :data:`IMAGE_SEARCH_ATOMS` atoms, or
+    more than :data:`IMAGE_SEARCH_CHECKS` (pair, image) combinations (a
+    nearly flat cell). The set is :func:`_search`'s, decided on the same
+    ``d²``; each pair is written with its receiver as ``b`` (vesin may write
+    either end first: the edges are the same). ``positions``, ``cell``,
+    ``pbc`` as :func:`validate_structure` gives them (periodic vectors
+    independent).
     """
     from painn_export._neighbors_kernel import image_pairs
 
@@ -188,7 +195,13 @@ def _image_search(
     reach = np.where(
         pbc, radius * np.linalg.norm(dual, axis=1) * (1 + _CANDIDATE_SKIN) + _CANDIDATE_SKIN, 0.0
     )
-    a, b, S = _image_scratch(max(64, 48 * len(positions)))
+    n_atoms = len(positions)
+    if (
+        n_atoms > IMAGE_SEARCH_ATOMS
+        or n_atoms * (n_atoms + 1) // 2 * np.prod(2 * reach + 1) > IMAGE_SEARCH_CHECKS
+    ):
+        return None  # more work than vesin's cell list
+    a, b, S = _image_scratch(max(64, 48 * n_atoms))
     n = image_pairs(positions, cell, dual, reach, radius * radius, min_d2, a, b, S)
     if n > len(a):  # more than the scratch holds: once more with room for them
         a, b, S = _image_scratch(n)

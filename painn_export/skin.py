@@ -36,7 +36,6 @@ import numpy as np
 from painn_export.batch import Graph, even_runs
 from painn_export.neighbors import (
     DEGENERACY_TOLERANCE,
-    IMAGE_SEARCH_ATOMS,
     MIN_DISTANCE_SQ,
     TIE_RTOL,
     StructureError,
@@ -90,8 +89,10 @@ class SkinGraph:
 
         # Coincident atoms stay in the list: they set min_distance now, and may part before the next search.
         reach = self.cutoff + self.skin
-        if len(positions) <= IMAGE_SEARCH_ATOMS:  # the same pairs, found faster (neighbors._image_search)
-            self._pairs = _image_search(positions, cell, pbc, reach, min_d2=-1.0)
+        # Small structures: the same pairs, found faster (None: more work than vesin's search).
+        pairs = _image_search(positions, cell, pbc, reach, min_d2=-1.0)
+        if pairs is not None:
+            self._pairs = pairs
         else:
             a, b, S, _, _ = _search(positions, cell, pbc, reach, min_d2=-1.0)
             order = canonical_pairs(a, b, S, len(positions))

@@ -57,7 +57,9 @@ def test_a_batch_gives_each_structure_its_fresh_graph_and_what_it_gets_alone(
     and equals the graph the same structure's skin gives when updated alone; with the skin lists
     searched by images (small structures) or by vesin (large ones)."""
     if search == "vesin":
-        monkeypatch.setattr(skin, "IMAGE_SEARCH_ATOMS", 0)
+        from painn_export import neighbors
+
+        monkeypatch.setattr(neighbors, "IMAGE_SEARCH_ATOMS", 0)
     structures = _structures(rng)
     z, pos, cells, pbcs = _arrays(structures)
     together = [SkinGraph(CUTOFF, cap, skin=0.6, strict=strict) for _ in structures]
@@ -240,8 +242,8 @@ def test_the_image_search_finds_vesins_pairs_already_in_the_canonical_order(rng)
     lists vesin's pairs, the same edges, and in the order canonical_pairs would sort them into:
     skewed cells, cells smaller than the radius (many self-images: more pairs than its first
     scratch holds), atoms far outside the cell, every kind of pbc, coincident atoms."""
-    from painn_export._neighbors_kernel import canonical_pairs
     from painn_export import neighbors
+    from painn_export._neighbors_kernel import canonical_pairs
     from painn_export.neighbors import _image_search, _search, validate_structure
 
     cases = []
@@ -271,3 +273,32 @@ def test_the_image_search_finds_vesins_pairs_already_in_the_canonical_order(rng)
     assert len(again[0]) > 1.25 * 48 * len(x)
     for mine, theirs in zip(again, before):
         np.testing.assert_array_equal(mine, theirs)
+
+
+def test_a_nearly_flat_cell_or_a_large_structure_is_searched_by_vesin(rng, monkeypatch):
+    """Where trying every image would be more work than vesin's cell list (a nearly flat cell: many
+    images along its short axis; more atoms than IMAGE_SEARCH_ATOMS), the image search declines,
+    and the skin's graph is then vesin's, still neighbor_graph's."""
+    from painn_export import neighbors
+    from painn_export.neighbors import _image_search, validate_structure
+
+    flat = np.array([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [3.0, 3.0, 0.02]])  # c nearly in the ab plane
+    x = rng.random((12, 3)) @ np.diag([3.0, 3.0, 0.02])
+    x, flat, pbc = validate_structure(x, flat, np.ones(3, bool))
+    assert _image_search(x, flat, pbc, CUTOFF + 0.5, -1.0) is None  # declined before any search
+    big = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((5, 5, 4))  # 400 atoms
+    big.positions += rng.normal(0, 0.05, big.positions.shape)
+    assert len(big) > neighbors.IMAGE_SEARCH_ATOMS
+    assert _image_search(big.positions, big.cell[:], big.pbc, CUTOFF + 0.5, -1.0) is None
+    small = _structures(rng)[0]  # 32 atoms: searched by images, unless the checks allowed are fewer
+    args = (small.positions, small.cell[:], small.pbc, CUTOFF + 0.5, -1.0)
+    assert _image_search(*args) is not None
+    monkeypatch.setattr(neighbors, "IMAGE_SEARCH_CHECKS", 32 * 33 // 2)
+    assert _image_search(*args) is None
+    for atoms in (big, small):
+        numbers = atoms.numbers.astype(np.int64)
+        skin_graph = SkinGraph(CUTOFF, CAP, skin=0.5)
+        got = skin_graph.update(numbers, atoms.positions, atoms.cell[:], atoms.pbc)
+        want = neighbor_graph(atoms.positions, atoms.cell[:], atoms.pbc, CUTOFF, CAP, atomic_numbers=numbers)
+        for key in FIELDS:
+            np.testing.assert_array_equal(getattr(got, key), getattr(want, key), err_msg=key)
