@@ -75,13 +75,10 @@ _CANDIDATE_SKIN = 1.0e-6
 # The first pass aims for this many candidates per centre, relative to k + 1.
 _FIRST_PASS_MARGIN = 1.6
 # A skin list's search (painn_export.skin) pairs every atom with every image it can reach, compiled,
-# up to this many atoms: 4-7x faster than vesin's cell list at 7 and 13 Å up to a few hundred atoms,
-# no faster by about 700 (docs/benchmarks.md); larger structures use vesin.
+# up to this many atoms; larger structures use vesin. With the canonical sort it saves, against vesin's
+# search and canonical_pairs: 4-8x up to about 100 atoms, 1.3x at 400 and none at 720 (7 Å); 5-7x at
+# 13 Å up to 720 (rattled fcc Cu; docs/benchmarks.md).
 IMAGE_SEARCH_ATOMS = 384
-# ... and while it would try at most this many (atom pair, image) combinations: a nearly flat cell,
-# whose images along its short axis are many, goes to vesin too (720 atoms at 7 Å, as fast as vesin
-# there, try about 1.2 million).
-IMAGE_SEARCH_CHECKS = 2_000_000
 
 
 class StructureError(ValueError):
@@ -176,31 +173,30 @@ def _image_search(
 
     Every atom pair is tried against every periodic image that can be within
     ``radius`` (:func:`~painn_export._neighbors_kernel.image_pairs`): O(n²)
-    pairs, for small structures. None, nothing searched, when that would be
-    more work than vesin's: more than :data:`IMAGE_SEARCH_ATOMS` atoms, or
-    more than :data:`IMAGE_SEARCH_CHECKS` (pair, image) combinations (a
-    nearly flat cell). The set is :func:`_search`'s, decided on the same
-    ``d²``; each pair is written with its receiver as ``b`` (vesin may write
-    either end first: the edges are the same). ``positions``, ``cell``,
-    ``pbc`` as :func:`validate_structure` gives them (periodic vectors
-    independent).
+    pairs, for small structures. None, nothing searched, for more than
+    :data:`IMAGE_SEARCH_ATOMS` atoms, or image offsets beyond int32 (a cell
+    so nearly flat, or atoms so far outside it, that either search would
+    take hours). The set is :func:`_search`'s, decided on the same ``d²``;
+    each pair is written with its receiver as ``b`` (vesin may write either
+    end first: the edges are the same). ``positions``, ``cell``, ``pbc`` as
+    :func:`validate_structure` gives them (periodic vectors independent).
     """
     from painn_export._neighbors_kernel import image_pairs
 
+    n_atoms = len(positions)
+    if n_atoms > IMAGE_SEARCH_ATOMS:
+        return None
     dual = np.zeros((3, 3))  # [3, 3] rows: each periodic vector's dual within their span, else zero
     periodic = cell[pbc]
     if len(periodic):
-        dual[pbc] = np.linalg.solve(periodic @ periodic.T, periodic)
+        dual[pbc] = np.linalg.pinv(periodic).T  # (P Pᵀ)⁻¹ P, without squaring P's condition number
     # |v . dual[x]| <= |v| |dual[x]|: no image farther along x is within radius (with a margin for rounding).
     reach = np.where(
         pbc, radius * np.linalg.norm(dual, axis=1) * (1 + _CANDIDATE_SKIN) + _CANDIDATE_SKIN, 0.0
     )
-    n_atoms = len(positions)
-    if (
-        n_atoms > IMAGE_SEARCH_ATOMS
-        or n_atoms * (n_atoms + 1) // 2 * np.prod(2 * reach + 1) > IMAGE_SEARCH_CHECKS
-    ):
-        return None  # more work than vesin's cell list
+    fractional = positions @ dual.T  # [n, 3]: an image offset is at most their spread plus the reach
+    if n_atoms and (np.ptp(fractional, axis=0) + reach).max() >= np.iinfo(np.int32).max:
+        return None
     a, b, S = _image_scratch(max(64, 48 * n_atoms))
     n = image_pairs(positions, cell, dual, reach, radius * radius, min_d2, a, b, S)
     if n > len(a):  # more than the scratch holds: once more with room for them

@@ -254,10 +254,18 @@ def test_the_image_search_finds_vesins_pairs_already_in_the_canonical_order(rng)
             if n > 1:
                 x[1] = x[0]  # coincident: a skin list keeps them
             cases.append((x, cell, np.array(pbc, bool)))
+    # Exact lattices, radius the lattice constant: pairs exactly on the radius (kept: d² <= r²), found
+    # only thanks to the bounds' margin where the fractional coordinates round down.
+    for a in (2.135, 2.275, 3.0):  # the first two: without the margin, pairs would be missed
+        lattice = bulk("Cu", "sc", a=a).repeat((2, 2, 2))
+        cases.append((lattice.positions, lattice.cell[:], np.ones(3, bool), (a, 2 * a)))
+    near = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((4, 4, 6))  # 384 atoms: the largest searched so
+    near.positions += rng.normal(0, 0.05, near.positions.shape)
+    cases.append((near.positions, near.cell[:], near.pbc, (7.0,)))
     empty = 0
-    for x, cell, pbc in cases:
+    for x, cell, pbc, *radii in cases:
         x, cell, pbc = validate_structure(x, cell, pbc)
-        for radius in (3.0, 7.0):
+        for radius in radii[0] if radii else (3.0, 7.0):
             a, b, S, _, _ = _search(x, cell, pbc, radius, min_d2=-1.0)
             mine = _image_search(x, cell, pbc, radius, min_d2=-1.0)
             assert sorted(_sides(*mine)) == sorted(_sides(a, b, S)), (len(x), pbc, radius)
@@ -265,6 +273,7 @@ def test_the_image_search_finds_vesins_pairs_already_in_the_canonical_order(rng)
             np.testing.assert_array_equal(canonical_pairs(*mine, len(x)), np.arange(len(mine[0])))
             assert mine[2].dtype == np.int32 and mine[0].dtype == np.int64
     assert empty <= 4  # a lone atom without periodic images, at each radius
+    assert len(near) == neighbors.IMAGE_SEARCH_ATOMS
     # More pairs than a fresh scratch holds (48 an atom): found again with room for them, the same.
     x, cell, pbc = validate_structure(rng.random((5, 3)) * 3.0, 3.0 * np.eye(3), np.ones(3, bool))
     before = _image_search(x, cell, pbc, 7.0, -1.0)
@@ -275,25 +284,25 @@ def test_the_image_search_finds_vesins_pairs_already_in_the_canonical_order(rng)
         np.testing.assert_array_equal(mine, theirs)
 
 
-def test_a_nearly_flat_cell_or_a_large_structure_is_searched_by_vesin(rng, monkeypatch):
-    """Where trying every image would be more work than vesin's cell list (a nearly flat cell: many
-    images along its short axis; more atoms than IMAGE_SEARCH_ATOMS), the image search declines,
-    and the skin's graph is then vesin's, still neighbor_graph's."""
+def test_a_large_structure_is_searched_by_vesin(rng, monkeypatch):
+    """More atoms than IMAGE_SEARCH_ATOMS, or image offsets beyond int32 (a cell nearly flat, atoms
+    far outside it): the image search declines, and the skin's graph, then vesin's, is still
+    neighbor_graph's."""
     from painn_export import neighbors
     from painn_export.neighbors import _image_search, validate_structure
 
-    flat = np.array([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [3.0, 3.0, 0.02]])  # c nearly in the ab plane
-    x = rng.random((12, 3)) @ np.diag([3.0, 3.0, 0.02])
+    flat = np.array([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [3.0, 3.0, 1e-6]])  # c nearly in the ab plane
+    x = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 5e3]])  # 5e9 cells apart along c's dual
     x, flat, pbc = validate_structure(x, flat, np.ones(3, bool))
     assert _image_search(x, flat, pbc, CUTOFF + 0.5, -1.0) is None  # declined before any search
     big = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((5, 5, 4))  # 400 atoms
     big.positions += rng.normal(0, 0.05, big.positions.shape)
     assert len(big) > neighbors.IMAGE_SEARCH_ATOMS
     assert _image_search(big.positions, big.cell[:], big.pbc, CUTOFF + 0.5, -1.0) is None
-    small = _structures(rng)[0]  # 32 atoms: searched by images, unless the checks allowed are fewer
+    small = _structures(rng)[0]  # 32 atoms: searched by images, unless the limit is lower
     args = (small.positions, small.cell[:], small.pbc, CUTOFF + 0.5, -1.0)
     assert _image_search(*args) is not None
-    monkeypatch.setattr(neighbors, "IMAGE_SEARCH_CHECKS", 32 * 33 // 2)
+    monkeypatch.setattr(neighbors, "IMAGE_SEARCH_ATOMS", 31)
     assert _image_search(*args) is None
     for atoms in (big, small):
         numbers = atoms.numbers.astype(np.int64)
