@@ -37,16 +37,20 @@ from painn_export._jit import jit as _jit
 
 
 @_jit
+def _pair_d2(positions, a: int, b: int, s0, s1, s2, cell) -> float:
+    """``|(x_b - x_a) + S @ cell|²`` (float64, Å²), always in this order of operations: the one d²."""
+    total = 0.0
+    for x in range(3):
+        v = (positions[b, x] - positions[a, x]) + (s0 * cell[0, x] + s1 * cell[1, x] + s2 * cell[2, x])
+        total += v * v
+    return total
+
+
+@_jit
 def squared_distances(a, b, S, positions, cell, out) -> None:
-    """``out[p] = |(x_b - x_a) + S @ cell|²`` (float64, Å²), always in this order of operations."""
+    """``out[p]``: pair ``p``'s :func:`_pair_d2`."""
     for p in range(a.shape[0]):
-        total = 0.0
-        for x in range(3):
-            v = (positions[b[p], x] - positions[a[p], x]) + (
-                S[p, 0] * cell[0, x] + S[p, 1] * cell[1, x] + S[p, 2] * cell[2, x]
-            )
-            total += v * v
-        out[p] = total
+        out[p] = _pair_d2(positions, a[p], b[p], S[p, 0], S[p, 1], S[p, 2], cell)
 
 
 @_jit
@@ -638,8 +642,7 @@ def image_pairs(positions, cell, dual, reach, r2, min_d2, a, b, S) -> int:
     (``dual``: ``[3, 3]`` the periodic lattice vectors' duals, zero rows on
     non-periodic axes; ``reach[x] >= cutoff |dual[x]|``, zero on
     non-periodic axes): every image within the cutoff, with a margin.
-    A pair is kept when ``min_d2 < d² <= r2``, ``d²`` written as
-    :func:`squared_distances` writes it.
+    A pair is kept when ``min_d2 < d² <= r2``, ``d²`` being :func:`_pair_d2`.
 
     Writes at most ``len(a)`` pairs and returns how many there are (more
     than ``len(a)``: call again with room for them).
@@ -663,12 +666,7 @@ def image_pairs(positions, cell, dual, reach, r2, min_d2, a, b, S) -> int:
                         if j == i and not (t0 < 0 or (t0 == 0 and (t1 < 0 or (t1 == 0 and t2 < 0)))):
                             continue  # a self-image once (its receiver's shift negative), never itself
                         s0, s1, s2 = -t0, -t1, -t2
-                        total = 0.0
-                        for x in range(3):
-                            v = (positions[i, x] - positions[j, x]) + (
-                                s0 * cell[0, x] + s1 * cell[1, x] + s2 * cell[2, x]
-                            )
-                            total += v * v
+                        total = _pair_d2(positions, j, i, s0, s1, s2, cell)
                         if total <= r2 and total > min_d2:
                             if count < room:
                                 a[count], b[count] = j, i
