@@ -474,10 +474,11 @@ def skin_graphs(
 
     Returns ``(edge_index [2, E], cell_shift [E, 3] int64, edge_shift [E, 3]
     float64, edge_slot [E], edge_reverse [E], edge_start [B + 1], closest
-    [B])``: structure ``s``'s edges are ``edge_start[s]:edge_start[s + 1]``,
+    [B], degree [B])``: structure ``s``'s edges are ``edge_start[s]:edge_start[s + 1]``,
     in the canonical order, with atom, slot and reverse indices within the
     structure; ``closest[s]`` (Å) is its shortest candidate pair, dropped
-    pairs included (``inf`` for none).
+    pairs included (``inf`` for none); ``degree[s]`` its busiest atom's edges
+    (``edge_slot.max() + 1`` of its edges, 0 for none).
 
     Scratch is kept per thread and outputs are allocated here, in numpy:
     numba's own allocations of arrays this size are not reused between calls
@@ -502,11 +503,12 @@ def skin_graphs(
     edge_shift = np.empty((n_edges, 3), dtype=np.float64)
     edge_slot = np.empty(n_edges, dtype=np.int64)
     edge_reverse = np.empty(n_edges, dtype=np.int64)
+    degree = np.zeros(n_structures, dtype=np.int64)
     _edges(
         cells, atom_start, pair_start, ca, cb, cS, keep, n_within, n_kept, order, count,
-        edge_index, cell_shift, edge_shift, edge_slot, edge_reverse, edge_start,
+        edge_index, cell_shift, edge_shift, edge_slot, edge_reverse, edge_start, degree,
     )  # fmt: skip
-    return edge_index, cell_shift, edge_shift, edge_slot, edge_reverse, edge_start, closest
+    return edge_index, cell_shift, edge_shift, edge_slot, edge_reverse, edge_start, closest, degree
 
 
 @_jit
@@ -559,9 +561,10 @@ def _within_and_cap(
 @_jit
 def _edges(
     cells, atom_start, pair_start, ca, cb, cS, keep, n_within, n_kept, order, count,
-    edge_index, cell_shift, edge_shift, edge_slot, edge_reverse, edge_start,
+    edge_index, cell_shift, edge_shift, edge_slot, edge_reverse, edge_start, degree,
 ):  # fmt: skip
-    """Per structure: the kept pairs as edges (already in the canonical order), slots and reverses."""
+    """Per structure: the kept pairs as edges (already in the canonical order), slots, reverses and
+    the busiest atom's edges."""
     for s in range(atom_start.shape[0] - 1):
         p0, q = pair_start[s], pair_start[s] + n_within[s]
         e0, e1 = edge_start[s], edge_start[s + 1]
@@ -578,12 +581,15 @@ def _edges(
         # Each edge's rank among its receiver's edges, in edge order; its reverse is e ± half.
         c = count[: atom_start[s + 1] - atom_start[s]]
         c[:] = 0
+        most = 0
         for e in range(e0, e1):
             r = edge_index[1, e]
             edge_slot[e] = c[r]
             c[r] += 1
+            most = max(most, c[r])
             local = e - e0
             edge_reverse[e] = local + half if local < half else local - half
+        degree[s] = most
 
 
 def _skin_scratch(n_pairs: int):

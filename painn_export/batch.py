@@ -26,6 +26,7 @@ valid and are evaluated as upstream would (each counts once per listing).
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,10 @@ from painn_export.contract import slot_count
 
 COLLATE_GROUPS = 4  # collate with a pool: the layout is written in this many groups of graphs
 COLLATE_POOL_SLOTS = 1 << 16  # ... when it has at least this many slots (less: the hand-off costs more)
+# A builder that writes many graphs' edges into one set of arrays (painn_export.skin) may mark each
+# graph with (edge_index, edge_slot, edge_reverse, edge_shift, e0, e1): its edges are those arrays'
+# columns e0:e1. collate then reads consecutive graphs of one set in place (no joined copy).
+_SPAN = "_edge_span"
 
 
 class InvalidGraphError(ValueError):
@@ -128,18 +133,28 @@ class Graph:
             self._check_reverse()
 
     @classmethod
-    def from_checked(cls, **fields) -> Graph:
+    def from_checked(cls, max_degree: int | None = None, **fields) -> Graph:
         """The graph of ``fields`` that hold :class:`Graph`'s checks already: no second check.
 
         For arrays taken from a checked graph (built in another process, or
         narrowed), or written by a builder whose tests hold its output to the
-        checks (:func:`painn_export.skin.update_skins`)."""
+        checks (:func:`painn_export.skin.update_skins`). ``max_degree``: the
+        builder's count of the busiest atom's edges (``edge_slot.max() + 1``),
+        if it has one, held to :attr:`max_degree` by the same tests."""
         unknown = fields.keys() - cls.__dataclass_fields__.keys()  # (dataclasses.fields: ~4 µs a call)
         if unknown:
             raise TypeError(f"Graph has no field {', '.join(sorted(unknown))}")
         graph = cls.__new__(cls)
         graph.__dict__.update(fields)
+        if max_degree is not None:
+            graph.__dict__["max_degree"] = int(max_degree)  # what the cached property would find
         return graph
+
+    def __getstate__(self) -> dict:
+        """What pickles: the fields (and a cached ``max_degree``), never the builder's shared arrays."""
+        state = dict(self.__dict__)
+        state.pop(_SPAN, None)
+        return state
 
     def _check_slots(self) -> None:
         slot = np.asarray(self.edge_slot, dtype=np.int64)
@@ -206,9 +221,9 @@ class Graph:
     def n_edges(self) -> int:
         return int(self.edge_index.shape[1])
 
-    @property
+    @functools.cached_property
     def max_degree(self) -> int:
-        """Most incoming edges of any atom: the slots this graph needs."""
+        """Most incoming edges of any atom: the slots this graph needs (found once per graph)."""
         return int(self.edge_slot.max()) + 1 if self.n_edges else 0
 
     def distances(self) -> np.ndarray:
@@ -300,7 +315,8 @@ def collate(
 
     groups = [(0, len(graphs))]
     if pool is not None and len(graphs) > 1 and n_atoms * K >= COLLATE_POOL_SLOTS:  # about equal work
-        groups = even_runs(natoms * K + nedges, COLLATE_GROUPS)
+        work = natoms * K + nedges
+        groups = _span_groups(graphs, work) or even_runs(work, COLLATE_GROUPS)
     wrong = list(pool.map(lambda g: layout(*g), groups)) if len(groups) > 1 else [layout(*groups[0])]
     if any(wrong):  # a slot beyond a caller's n_slots, or a graph made with Graph.from_checked
         if n_slots is not None:
@@ -402,10 +418,24 @@ def _sizes(graphs: Sequence[Graph], n_slots: int | None, n_pairs: int | None, ne
 
 
 def _joined(graphs: Sequence[Graph]) -> dict[str, np.ndarray]:
-    """The graphs' positions (float64) and edge arrays (int64 indices, float64 shifts), one after another."""
+    """The graphs' positions (float64) and edge arrays (int64 indices, float64 shifts), one after another.
+
+    Consecutive graphs of one builder's arrays (:data:`_SPAN`) are read in place, not copied.
+    """
     int64, float64 = np.int64, np.float64
+    positions = np.concatenate([g.positions for g in graphs]).astype(float64, copy=False)
+    shared = _shared_span(graphs)
+    if shared is not None:
+        index, slot, reverse, shift, e0, e1 = shared
+        return {
+            "positions": positions,
+            "edge_index": index[:, e0:e1],
+            "edge_slot": slot[e0:e1],
+            "edge_reverse": reverse[e0:e1],
+            "edge_shift": shift[e0:e1],
+        }
     return {
-        "positions": np.concatenate([g.positions for g in graphs]).astype(float64, copy=False),
+        "positions": positions,
         "edge_index": np.concatenate([g.edge_index for g in graphs], axis=1).astype(int64, copy=False),
         "edge_slot": np.concatenate([g.edge_slot for g in graphs]).astype(int64, copy=False),
         "edge_reverse": np.concatenate([g.edge_reverse for g in graphs]).astype(int64, copy=False),
@@ -413,6 +443,46 @@ def _joined(graphs: Sequence[Graph]) -> dict[str, np.ndarray]:
         .astype(float64, copy=False)
         .reshape(-1, 3),
     }
+
+
+def _shared_span(graphs: Sequence[Graph]) -> tuple | None:
+    """``(edge_index, edge_slot, edge_reverse, edge_shift, e0, e1)`` when ``graphs`` are consecutive
+    graphs of one builder's arrays (each marked :data:`_SPAN` by it, one after another); else None."""
+    first = graphs[0].__dict__.get(_SPAN) if len(graphs) else None
+    if first is None:
+        return None
+    end = first[5]
+    for g in graphs[1:]:
+        span = g.__dict__.get(_SPAN)
+        if span is None or span[0] is not first[0] or span[4] != end:
+            return None
+        end = span[5]
+    return (*first[:4], first[4], end)
+
+
+def _span_groups(graphs: Sequence[Graph], work: np.ndarray) -> list[tuple[int, int]] | None:
+    """Groups for collate's pool that read each builder's arrays in place: the runs of consecutive
+    graphs of one set (:data:`_SPAN`), runs of less than 1/8 of the ``work`` merged with their
+    neighbours (copied); None when the graphs are not mostly such runs (then :func:`even_runs`)."""
+    owners = [id(span[0]) if (span := g.__dict__.get(_SPAN)) is not None else None for g in graphs]
+    if owners[0] is None:
+        return None
+    bounds = (
+        [0]
+        + [k for k in range(1, len(graphs)) if owners[k] != owners[k - 1] or owners[k] is None]
+        + [len(graphs)]
+    )
+    if len(bounds) - 1 > 4 * COLLATE_GROUPS:
+        return None
+    ends = np.concatenate([[0], np.cumsum(work)])
+    small = float(ends[-1]) / (2 * COLLATE_GROUPS)
+    groups: list[list[int]] = []
+    for g0, g1 in itertools.pairwise(bounds):
+        if groups and (ends[g1] - ends[g0] < small or ends[groups[-1][1]] - ends[groups[-1][0]] < small):
+            groups[-1][1] = g1  # a small run joins the one before it
+        else:
+            groups.append([g0, g1])
+    return [(g0, g1) for g0, g1 in groups] if len(groups) > 1 else None
 
 
 def _check_slots(K: int, busiest: int) -> None:

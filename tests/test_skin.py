@@ -89,14 +89,17 @@ def test_a_batch_gives_each_structure_its_fresh_graph_and_what_it_gets_alone(
 
 
 def test_the_graphs_pass_graphs_own_checks(rng):
-    """Built unchecked, each graph passes Graph's own full checks, with equal slots and reverses."""
+    """Built unchecked, each graph passes Graph's own full checks, with equal slots, reverses and busiest
+    atom (the kernel counts it; Graph finds it from the slots)."""
     structures = _structures(rng)
     skins = [SkinGraph(CUTOFF, CAP, skin=0.6) for _ in structures]
     for got in update_skins(skins, *_arrays(structures)):
+        assert "max_degree" in vars(got)  # the kernel's count, not yet looked at
         fields = {key: np.ascontiguousarray(getattr(got, key)) for key in FIELDS[:5]}
         checked = Graph(**fields, cell=got.cell)  # slots and reverses derived and checked afresh
         np.testing.assert_array_equal(checked.edge_slot, got.edge_slot)
         np.testing.assert_array_equal(checked.edge_reverse, got.edge_reverse)
+        assert got.max_degree == checked.max_degree
         Graph(**fields, cell=got.cell, edge_slot=got.edge_slot.copy(), edge_reverse=got.edge_reverse.copy())
 
 
@@ -311,3 +314,68 @@ def test_a_large_structure_is_searched_by_vesin(rng, monkeypatch):
         want = neighbor_graph(atoms.positions, atoms.cell[:], atoms.pbc, CUTOFF, CAP, atomic_numbers=numbers)
         for key in FIELDS:
             np.testing.assert_array_equal(getattr(got, key), getattr(want, key), err_msg=key)
+
+
+def test_collate_reads_a_passs_graphs_in_place_with_the_same_bits_as_their_copies(rng):
+    """A realistic batch (100 structures, 20-100 atoms, 6 Å, cap 50) from a pass on two threads: its
+    graphs' feed, read in place, equals the feed of copies of them (on the pool and not, and the numpy
+    reference) bit for bit; so do sub-batches, a batch with a gap, and one with other graphs mixed in.
+    A pickled graph carries its own arrays only."""
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    from painn_export import batch
+    from painn_export.batch import collate, collate_reference
+    from painn_export.samples import bulk as bulk_sample
+
+    elements = np.array([13, 28, 29, 46, 78, 79])
+    samples = [bulk_sample(rng, int(n), elements) for n in rng.integers(20, 101, 100)]
+    arrays = (
+        [np.asarray(s.atomic_numbers, np.int64) for s in samples],
+        [s.positions.copy() for s in samples],
+        [np.array(s.cell, np.float64) for s in samples],
+        [np.asarray(s.pbc) for s in samples],
+    )
+    with ThreadPoolExecutor(2) as pool:
+        graphs = update_skins([SkinGraph(6.0, 50, skin=0.5) for _ in samples], *arrays, pool=pool)
+        outsider = neighbor_graph(samples[0].positions, samples[0].cell, samples[0].pbc, 6.0, 50,
+                                  atomic_numbers=arrays[0][0])  # fmt: skip
+        sets = {id(g.__dict__[batch._SPAN][0]) for g in graphs}
+        assert len(sets) == skin.GROUPS  # the pass ran in groups, each graph marked with its set
+        work = np.array([g.n_atoms * 64 + g.n_edges for g in graphs])
+        groups = batch._span_groups(graphs, work)
+        assert groups is not None and len(groups) == skin.GROUPS
+        assert all(batch._shared_span(graphs[g0:g1]) is not None for g0, g1 in groups)  # read in place
+        for chosen in (
+            graphs,
+            graphs[3:41],
+            graphs[:20] + graphs[21:],
+            [*graphs[:30], outsider, *graphs[30:]],
+        ):
+            copies = [
+                Graph(
+                    **{key: np.array(getattr(g, key)) for key in FIELDS},
+                    cell=g.cell,
+                    min_distance=g.min_distance,
+                )
+                for g in chosen
+            ]
+            assert not any(batch._SPAN in vars(c) for c in copies)
+            want = collate_reference(copies, np.float32)
+            for feed in (
+                collate(chosen, np.float32, pool=pool),
+                collate(chosen, np.float32),
+                collate(copies, np.float32, pool=pool),
+                collate_reference(chosen, np.float32),
+            ):
+                assert feed.keys() == want.keys()
+                for key in want:
+                    assert feed[key].tobytes() == want[key].tobytes(), key
+    kept = pickle.loads(pickle.dumps(graphs[7]))
+    assert batch._SPAN not in vars(kept)
+    assert len(pickle.dumps(graphs[7])) < 2 * len(
+        pickle.dumps(Graph(**{k: getattr(graphs[7], k) for k in FIELDS}))
+    )
+    for key in FIELDS:
+        assert getattr(kept, key).tobytes() == getattr(graphs[7], key).tobytes()
+    assert kept.max_degree == graphs[7].max_degree
