@@ -26,7 +26,6 @@ valid and are evaluated as upstream would (each counts once per listing).
 
 from __future__ import annotations
 
-import functools
 import itertools
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,9 +37,12 @@ from painn_export.contract import slot_count
 
 COLLATE_GROUPS = 4  # collate with a pool: the layout is written in this many groups of graphs
 COLLATE_POOL_SLOTS = 1 << 16  # ... when it has at least this many slots (less: the hand-off costs more)
-# A builder that writes many graphs' edges into one set of arrays (painn_export.skin) may mark each
-# graph with (edge_index, edge_slot, edge_reverse, edge_shift, e0, e1): its edges are those arrays'
-# columns e0:e1. collate then reads consecutive graphs of one set in place (no joined copy).
+# What a Graph may hold beyond its fields (in its __dict__, derived, never compared or pickled as fields):
+# its busiest atom's edges, once found (Graph.max_degree); and, from a builder that writes many graphs'
+# edges into one set of arrays (painn_export.skin), the mark (edge_index [2, E] int64, edge_slot [E]
+# int64, edge_reverse [E] int64, edge_shift [E, 3] float64, e0, e1): its edges are those arrays' columns
+# e0:e1, so collate reads consecutive graphs of one set in place instead of joining copies.
+_MAX_DEGREE = "_max_degree"
 _SPAN = "_edge_span"
 
 
@@ -133,25 +135,34 @@ class Graph:
             self._check_reverse()
 
     @classmethod
-    def from_checked(cls, max_degree: int | None = None, **fields) -> Graph:
+    def from_checked(cls, *, max_degree: int | None = None, **fields) -> Graph:
         """The graph of ``fields`` that hold :class:`Graph`'s checks already: no second check.
 
         For arrays taken from a checked graph (built in another process, or
         narrowed), or written by a builder whose tests hold its output to the
         checks (:func:`painn_export.skin.update_skins`). ``max_degree``: the
         builder's count of the busiest atom's edges (``edge_slot.max() + 1``),
-        if it has one, held to :attr:`max_degree` by the same tests."""
+        if it has one, held to :attr:`max_degree` by the same tests. What
+        another graph derived (its ``vars`` beyond :meth:`fields`) is not
+        carried over.
+        """
+        for derived in (_MAX_DEGREE, _SPAN):  # another graph's: not true of these fields
+            fields.pop(derived, None)
         unknown = fields.keys() - cls.__dataclass_fields__.keys()  # (dataclasses.fields: ~4 µs a call)
         if unknown:
             raise TypeError(f"Graph has no field {', '.join(sorted(unknown))}")
         graph = cls.__new__(cls)
         graph.__dict__.update(fields)
         if max_degree is not None:
-            graph.__dict__["max_degree"] = int(max_degree)  # what the cached property would find
+            graph.__dict__[_MAX_DEGREE] = int(max_degree)
         return graph
 
+    def fields(self) -> dict:
+        """The graph's fields by name (what :class:`Graph` and :meth:`from_checked` take)."""
+        return {name: self.__dict__[name] for name in self.__dataclass_fields__}
+
     def __getstate__(self) -> dict:
-        """What pickles: the fields (and a cached ``max_degree``), never the builder's shared arrays."""
+        """What pickles: the fields (and a found ``max_degree``), never a builder's shared arrays."""
         state = dict(self.__dict__)
         state.pop(_SPAN, None)
         return state
@@ -221,10 +232,13 @@ class Graph:
     def n_edges(self) -> int:
         return int(self.edge_index.shape[1])
 
-    @functools.cached_property
+    @property
     def max_degree(self) -> int:
         """Most incoming edges of any atom: the slots this graph needs (found once per graph)."""
-        return int(self.edge_slot.max()) + 1 if self.n_edges else 0
+        found = self.__dict__.get(_MAX_DEGREE)
+        if found is None:
+            found = self.__dict__[_MAX_DEGREE] = int(self.edge_slot.max()) + 1 if self.n_edges else 0
+        return found
 
     def distances(self) -> np.ndarray:
         """Lengths of the edges, Å, in float64."""
@@ -277,7 +291,11 @@ def collate(
     :data:`COLLATE_POOL_SLOTS` slots on; None: one pass here);
     each graph's rows are the same bits either way, and
     :func:`collate_reference` writes the same arrays with numpy (the tests
-    hold the two equal bit for bit).
+    hold the two equal bit for bit). Consecutive graphs of one
+    :func:`~painn_export.skin.update_skins` pass are read where that pass
+    wrote them (a pool's groups are also cut where its sets of arrays end),
+    others are joined into copies first; the same bits either way
+    (tests/test_skin.py).
     """
     from painn_export._collate_kernel import slot_layout
 
@@ -303,11 +321,12 @@ def collate(
 
         Their arrays are joined here, in the group's own task: on a pool, the copies run in parallel too.
         """
-        part = _joined(graphs[g0:g1])
+        part = _joined(graphs[g0:g1], in_place=True)
         a0, e0 = atom_start[g0], edge_start[g0]
         pairs = slot_layout(
             part["positions"], natoms, part["edge_index"], nedges, part["edge_slot"],
-            part["edge_reverse"], part["edge_shift"], K, P, g0, g1, a0, e0, e0 // 2, a0, e0,
+            part["edge_reverse"], part["edge_shift"], K, P, g0, g1, a0, e0, e0 // 2, a0,
+            e0 - part["first_edge"],
             positions, neighbors, shift, mask, neighbor_reverse, slot_pair, pair_slots, edges, edge_index,
             edge_shift, scratch,
         )  # fmt: skip
@@ -315,8 +334,7 @@ def collate(
 
     groups = [(0, len(graphs))]
     if pool is not None and len(graphs) > 1 and n_atoms * K >= COLLATE_POOL_SLOTS:  # about equal work
-        work = natoms * K + nedges
-        groups = _span_groups(graphs, work) or even_runs(work, COLLATE_GROUPS)
+        groups = _pool_groups(graphs, natoms * K + nedges)
     wrong = list(pool.map(lambda g: layout(*g), groups)) if len(groups) > 1 else [layout(*groups[0])]
     if any(wrong):  # a slot beyond a caller's n_slots, or a graph made with Graph.from_checked
         if n_slots is not None:
@@ -392,7 +410,7 @@ def collate_reference(
 def _flatten(graphs: Sequence[Graph], dtype, n_slots: int | None, n_pairs: int | None):
     """The graphs' arrays one after another (indices still local), with the slots ``K`` and pairs ``P``."""
     natoms, nedges, K, P = _sizes(graphs, n_slots, n_pairs)
-    return {"dtype": np.dtype(dtype), "natoms": natoms, "nedges": nedges, **_joined(graphs)}, K, P
+    return {"dtype": np.dtype(dtype), "natoms": natoms, "nedges": nedges, **_joined(graphs)}, K, P  # copies
 
 
 def _sizes(graphs: Sequence[Graph], n_slots: int | None, n_pairs: int | None, need: bool = True):
@@ -417,25 +435,24 @@ def _sizes(graphs: Sequence[Graph], n_slots: int | None, n_pairs: int | None, ne
     return natoms, nedges, K, P
 
 
-def _joined(graphs: Sequence[Graph]) -> dict[str, np.ndarray]:
-    """The graphs' positions (float64) and edge arrays (int64 indices, float64 shifts), one after another.
+def _joined(graphs: Sequence[Graph], in_place: bool = False) -> dict[str, np.ndarray]:
+    """The graphs' positions (float64) and read-only edge arrays (int64 indices, float64 shifts), one
+    after another, from ``"first_edge"`` on (0: copies).
 
-    Consecutive graphs of one builder's arrays (:data:`_SPAN`) are read in place, not copied.
+    ``in_place``: graphs that are consecutive graphs of one builder's set of
+    arrays (:data:`_SPAN`), and only those, are read where the builder wrote
+    them: the set's whole arrays, with ``"first_edge"`` where these graphs'
+    edges start (the compiled layout takes C-ordered arrays and an offset).
+    Else (and always for :func:`collate_reference`) the arrays are copied.
     """
     int64, float64 = np.int64, np.float64
     positions = np.concatenate([g.positions for g in graphs]).astype(float64, copy=False)
-    shared = _shared_span(graphs)
+    shared = _shared_span(graphs) if in_place else None
     if shared is not None:
-        index, slot, reverse, shift, e0, e1 = shared
-        return {
-            "positions": positions,
-            "edge_index": index[:, e0:e1],
-            "edge_slot": slot[e0:e1],
-            "edge_reverse": reverse[e0:e1],
-            "edge_shift": shift[e0:e1],
-        }
-    return {
-        "positions": positions,
+        index, slot, reverse, shift, e0, _ = shared
+        return {"positions": positions, "edge_index": index, "edge_slot": slot, "edge_reverse": reverse,
+                "edge_shift": shift, "first_edge": e0}  # fmt: skip
+    joined = {
         "edge_index": np.concatenate([g.edge_index for g in graphs], axis=1).astype(int64, copy=False),
         "edge_slot": np.concatenate([g.edge_slot for g in graphs]).astype(int64, copy=False),
         "edge_reverse": np.concatenate([g.edge_reverse for g in graphs]).astype(int64, copy=False),
@@ -443,11 +460,14 @@ def _joined(graphs: Sequence[Graph]) -> dict[str, np.ndarray]:
         .astype(float64, copy=False)
         .reshape(-1, 3),
     }
+    for array in joined.values():  # read-only, as a builder's are: one compiled signature for both
+        array.flags.writeable = False
+    return {"positions": positions, **joined, "first_edge": 0}
 
 
 def _shared_span(graphs: Sequence[Graph]) -> tuple | None:
     """``(edge_index, edge_slot, edge_reverse, edge_shift, e0, e1)`` when ``graphs`` are consecutive
-    graphs of one builder's arrays (each marked :data:`_SPAN` by it, one after another); else None."""
+    graphs of one builder's set of arrays (each marked :data:`_SPAN`, one after another); else None."""
     first = graphs[0].__dict__.get(_SPAN) if len(graphs) else None
     if first is None:
         return None
@@ -460,29 +480,23 @@ def _shared_span(graphs: Sequence[Graph]) -> tuple | None:
     return (*first[:4], first[4], end)
 
 
-def _span_groups(graphs: Sequence[Graph], work: np.ndarray) -> list[tuple[int, int]] | None:
-    """Groups for collate's pool that read each builder's arrays in place: the runs of consecutive
-    graphs of one set (:data:`_SPAN`), runs of less than 1/8 of the ``work`` merged with their
-    neighbours (copied); None when the graphs are not mostly such runs (then :func:`even_runs`)."""
-    owners = [id(span[0]) if (span := g.__dict__.get(_SPAN)) is not None else None for g in graphs]
-    if owners[0] is None:
-        return None
-    bounds = (
-        [0]
-        + [k for k in range(1, len(graphs)) if owners[k] != owners[k - 1] or owners[k] is None]
-        + [len(graphs)]
-    )
-    if len(bounds) - 1 > 4 * COLLATE_GROUPS:
-        return None
-    ends = np.concatenate([[0], np.cumsum(work)])
-    small = float(ends[-1]) / (2 * COLLATE_GROUPS)
-    groups: list[list[int]] = []
-    for g0, g1 in itertools.pairwise(bounds):
-        if groups and (ends[g1] - ends[g0] < small or ends[groups[-1][1]] - ends[groups[-1][0]] < small):
-            groups[-1][1] = g1  # a small run joins the one before it
-        else:
-            groups.append([g0, g1])
-    return [(g0, g1) for g0, g1 in groups] if len(groups) > 1 else None
+def _pool_groups(graphs: Sequence[Graph], work: np.ndarray) -> list[tuple[int, int]]:
+    """collate's groups on a pool: :func:`even_runs` of ``work`` (:data:`COLLATE_GROUPS`), also cut
+    where one builder's set of arrays (:data:`_SPAN`) ends, so that each group of marked graphs is
+    read in place; unmarked graphs are copied, in even_runs' groups."""
+    groups = even_runs(work, COLLATE_GROUPS)
+    spans = [g.__dict__.get(_SPAN) for g in graphs]
+    cuts = []  # where the graph before is not the one before it in the same set
+    for k in range(1, len(graphs)):
+        now, before = spans[k], spans[k - 1]
+        if (now is None) != (before is None) or (
+            now is not None and (now[0] is not before[0] or now[4] != before[5])
+        ):
+            cuts.append(k)
+    if not cuts or len(cuts) > 4 * COLLATE_GROUPS:  # one set (or none), or many small ones: as they are
+        return groups
+    bounds = sorted({0, len(graphs), *cuts, *(g0 for g0, _ in groups)})
+    return list(itertools.pairwise(bounds))
 
 
 def _check_slots(K: int, busiest: int) -> None:

@@ -241,7 +241,7 @@ def for_float32_feed(graph: Graph) -> Graph:
     """
     return Graph.from_checked(
         **{
-            **vars(graph),
+            **graph.fields(),
             "edge_index": graph.edge_index.astype(np.int32),
             "cell_shift": graph.cell_shift.astype(np.int32),
             "edge_shift": graph.edge_shift.astype(np.float32),

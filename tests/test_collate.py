@@ -152,7 +152,7 @@ def test_what_from_checked_lets_through_is_refused_before_anything_is_written(rn
         "no atoms": {"positions": np.zeros((0, 3)), "atomic_numbers": np.zeros(0, np.int64)},
     }
     for change in wrong.values():
-        broken = Graph.from_checked(**{**vars(good), **change})
+        broken = Graph.from_checked(**{**good.fields(), **change})
         with pytest.raises(InvalidGraphError, match="graph 1 has"):
             collate([good, broken, good], pool=pool)
 

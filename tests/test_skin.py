@@ -94,7 +94,7 @@ def test_the_graphs_pass_graphs_own_checks(rng):
     structures = _structures(rng)
     skins = [SkinGraph(CUTOFF, CAP, skin=0.6) for _ in structures]
     for got in update_skins(skins, *_arrays(structures)):
-        assert "max_degree" in vars(got)  # the kernel's count, not yet looked at
+        assert "_max_degree" in vars(got)  # the kernel's count, not yet looked at
         fields = {key: np.ascontiguousarray(getattr(got, key)) for key in FIELDS[:5]}
         checked = Graph(**fields, cell=got.cell)  # slots and reverses derived and checked afresh
         np.testing.assert_array_equal(checked.edge_slot, got.edge_slot)
@@ -318,9 +318,11 @@ def test_a_large_structure_is_searched_by_vesin(rng, monkeypatch):
 
 def test_collate_reads_a_passs_graphs_in_place_with_the_same_bits_as_their_copies(rng):
     """A realistic batch (100 structures, 20-100 atoms, 6 Å, cap 50) from a pass on two threads: its
-    graphs' feed, read in place, equals the feed of copies of them (on the pool and not, and the numpy
-    reference) bit for bit; so do sub-batches, a batch with a gap, and one with other graphs mixed in.
-    A pickled graph carries its own arrays only."""
+    graphs' feed, read in place (shown: the layout's edge arrays are the pass's), equals the feed of
+    copies of them (on the pool and not, and the numpy reference) bit for bit; so do one set's graphs,
+    one graph, sub-batches, a batch with a gap, and ones with another graph first or in between. A
+    pickled graph carries its own arrays only, and a graph rebuilt from another's fields nothing it
+    derived."""
     import pickle
     from concurrent.futures import ThreadPoolExecutor
 
@@ -340,26 +342,30 @@ def test_collate_reads_a_passs_graphs_in_place_with_the_same_bits_as_their_copie
         graphs = update_skins([SkinGraph(6.0, 50, skin=0.5) for _ in samples], *arrays, pool=pool)
         outsider = neighbor_graph(samples[0].positions, samples[0].cell, samples[0].pbc, 6.0, 50,
                                   atomic_numbers=arrays[0][0])  # fmt: skip
-        sets = {id(g.__dict__[batch._SPAN][0]) for g in graphs}
-        assert len(sets) == skin.GROUPS  # the pass ran in groups, each graph marked with its set
+        spans = [g.__dict__[batch._SPAN] for g in graphs]
+        sets = [k for k in range(1, len(graphs)) if spans[k][0] is not spans[k - 1][0]]
+        assert len(sets) == skin.GROUPS - 1  # the pass ran in groups, each graph marked with its set
+        first_set = graphs[: sets[0]]
         work = np.array([g.n_atoms * 64 + g.n_edges for g in graphs])
-        groups = batch._span_groups(graphs, work)
-        assert groups is not None and len(groups) == skin.GROUPS
-        assert all(batch._shared_span(graphs[g0:g1]) is not None for g0, g1 in groups)  # read in place
+        groups = batch._pool_groups(graphs, work)
+        assert set(sets) <= {g0 for g0, _ in groups} and len(groups) <= batch.COLLATE_GROUPS + len(sets)
+        for g0, g1 in groups:  # each group's layout reads the pass's own arrays
+            part = batch._joined(graphs[g0:g1], in_place=True)
+            assert part["edge_index"] is spans[g0][0] and part["first_edge"] == spans[g0][4]
+        assert batch._joined(graphs[:2])["edge_index"].base is None  # the reference's: always copies
+        assert batch._pool_groups([outsider, *graphs[:10]], work[:11])[0] == (0, 1)  # a foreign graph first
+        mixed = [g if k % 2 else outsider for k, g in enumerate(graphs[:40])]
+        assert batch._pool_groups(mixed, work[:40]) == batch.even_runs(work[:40], batch.COLLATE_GROUPS)
         for chosen in (
             graphs,
+            first_set,
+            graphs[5:6],
             graphs[3:41],
             graphs[:20] + graphs[21:],
+            [outsider, *graphs],
             [*graphs[:30], outsider, *graphs[30:]],
         ):
-            copies = [
-                Graph(
-                    **{key: np.array(getattr(g, key)) for key in FIELDS},
-                    cell=g.cell,
-                    min_distance=g.min_distance,
-                )
-                for g in chosen
-            ]
+            copies = [Graph(**{key: np.array(value) for key, value in g.fields().items()}) for g in chosen]
             assert not any(batch._SPAN in vars(c) for c in copies)
             want = collate_reference(copies, np.float32)
             for feed in (
@@ -373,9 +379,19 @@ def test_collate_reads_a_passs_graphs_in_place_with_the_same_bits_as_their_copie
                     assert feed[key].tobytes() == want[key].tobytes(), key
     kept = pickle.loads(pickle.dumps(graphs[7]))
     assert batch._SPAN not in vars(kept)
-    assert len(pickle.dumps(graphs[7])) < 2 * len(
-        pickle.dumps(Graph(**{k: getattr(graphs[7], k) for k in FIELDS}))
-    )
+    assert len(pickle.dumps(graphs[7])) < 2 * len(pickle.dumps(Graph(**graphs[7].fields())))
     for key in FIELDS:
         assert getattr(kept, key).tobytes() == getattr(graphs[7], key).tobytes()
     assert kept.max_degree == graphs[7].max_degree
+    # Rebuilt from another graph's fields with other slots: its own busiest atom, no mark.
+    g = graphs[7]
+    rebuilt = Graph.from_checked(**{**vars(g), "edge_slot": np.zeros_like(g.edge_slot)})
+    assert rebuilt.max_degree == 1 and batch._SPAN not in vars(rebuilt)
+
+
+def test_a_structure_without_edges_has_no_busiest_atom():
+    """An atom alone (no pbc): no edges, and the pass's count of its busiest atom is 0, as Graph's."""
+    (graph,) = update_skins([SkinGraph(CUTOFF, CAP)], [np.array([29])], [np.zeros((1, 3))],
+                            [np.zeros((3, 3))], [np.zeros(3, bool)])  # fmt: skip
+    assert graph.n_edges == 0 and vars(graph)["_max_degree"] == 0
+    assert Graph(**graph.fields()).max_degree == 0
