@@ -33,7 +33,8 @@ def slot_layout(
     ``natoms`` ``[B]`` and ``nedges`` ``[B]`` are every graph's.
 
     Inputs, from the batch's atom ``ia0`` and edge ``ie0`` on (at least
-    these graphs'; indices local to each graph): ``positions`` ``[., 3]``
+    these graphs'; indices local to each graph; ``ie0`` below 0 when the
+    inputs hold edges before the batch's first, as a skin pass's do): ``positions`` ``[., 3]``
     float64 Å, ``edge_index`` ``[2, .]`` (sender, receiver), ``edge_slot``,
     ``edge_reverse``, ``edge_shift`` ``[., 3]`` float64 Å; ``K`` slots per
     atom, ``P`` pairs.

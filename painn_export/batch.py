@@ -107,7 +107,8 @@ def slots_within_receiver(receivers: np.ndarray, n_atoms: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Graph:
-    """Model inputs of one structure (numpy, float64 geometry)."""
+    """Model inputs of one structure (numpy, float64 geometry). Its arrays are not changed in place
+    once it is made (what it finds from them, such as :attr:`max_degree`, is kept)."""
 
     atomic_numbers: np.ndarray  # [n_atoms] int64
     positions: np.ndarray  # [n_atoms, 3] float64, Å
@@ -135,16 +136,20 @@ class Graph:
             self._check_reverse()
 
     @classmethod
-    def from_checked(cls, *, max_degree: int | None = None, **fields) -> Graph:
+    def from_checked(
+        cls, *, max_degree: int | None = None, edge_span: tuple | None = None, **fields
+    ) -> Graph:
         """The graph of ``fields`` that hold :class:`Graph`'s checks already: no second check.
 
         For arrays taken from a checked graph (built in another process, or
         narrowed), or written by a builder whose tests hold its output to the
         checks (:func:`painn_export.skin.update_skins`). ``max_degree``: the
         builder's count of the busiest atom's edges (``edge_slot.max() + 1``),
-        if it has one, held to :attr:`max_degree` by the same tests. What
-        another graph derived (its ``vars`` beyond :meth:`fields`) is not
-        carried over.
+        if it has one, held to :attr:`max_degree` by the same tests.
+        ``edge_span``: ``(edge_index, edge_slot, edge_reverse, edge_shift, e0,
+        e1)`` when the edge fields are columns ``e0:e1`` of those arrays,
+        which the builder wrote for many graphs (:data:`_SPAN`). What another
+        graph derived (its ``vars`` beyond :meth:`fields`) is not carried over.
         """
         for derived in (_MAX_DEGREE, _SPAN):  # another graph's: not true of these fields
             fields.pop(derived, None)
@@ -155,11 +160,13 @@ class Graph:
         graph.__dict__.update(fields)
         if max_degree is not None:
             graph.__dict__[_MAX_DEGREE] = int(max_degree)
+        if edge_span is not None:
+            graph.__dict__[_SPAN] = edge_span
         return graph
 
     def fields(self) -> dict:
         """The graph's fields by name (what :class:`Graph` and :meth:`from_checked` take)."""
-        return {name: self.__dict__[name] for name in self.__dataclass_fields__}
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
     def __getstate__(self) -> dict:
         """What pickles: the fields (and a found ``max_degree``), never a builder's shared arrays."""
@@ -291,11 +298,11 @@ def collate(
     :data:`COLLATE_POOL_SLOTS` slots on; None: one pass here);
     each graph's rows are the same bits either way, and
     :func:`collate_reference` writes the same arrays with numpy (the tests
-    hold the two equal bit for bit). Consecutive graphs of one
-    :func:`~painn_export.skin.update_skins` pass are read where that pass
-    wrote them (a pool's groups are also cut where its sets of arrays end),
-    others are joined into copies first; the same bits either way
-    (tests/test_skin.py).
+    hold the two equal bit for bit). Consecutive graphs of one set of a
+    :func:`~painn_export.skin.update_skins` pass's arrays are read where
+    that pass wrote them (the groups are also cut where a set ends); other
+    graphs' edges, and all positions, are joined into copies first; the same
+    bits either way (tests/test_skin.py).
     """
     from painn_export._collate_kernel import slot_layout
 
@@ -332,10 +339,10 @@ def collate(
         )  # fmt: skip
         return min(pairs, 0)  # checked: a graph whose reverses pair its edges holds half their pairs
 
-    groups = [(0, len(graphs))]
-    if pool is not None and len(graphs) > 1 and n_atoms * K >= COLLATE_POOL_SLOTS:  # about equal work
-        groups = _pool_groups(graphs, natoms * K + nedges)
-    wrong = list(pool.map(lambda g: layout(*g), groups)) if len(groups) > 1 else [layout(*groups[0])]
+    # About equal work on a pool; and each set of a skin pass's arrays in groups of its own.
+    on_pool = pool is not None and len(graphs) > 1 and n_atoms * K >= COLLATE_POOL_SLOTS
+    groups = _groups(graphs, natoms * K + nedges, COLLATE_GROUPS if on_pool else 1)
+    wrong = list(pool.map(lambda g: layout(*g), groups)) if on_pool else [layout(*g) for g in groups]
     if any(wrong):  # a slot beyond a caller's n_slots, or a graph made with Graph.from_checked
         if n_slots is not None:
             _check_slots(K, max(g.max_degree for g in graphs))
@@ -471,20 +478,22 @@ def _shared_span(graphs: Sequence[Graph]) -> tuple | None:
     first = graphs[0].__dict__.get(_SPAN) if len(graphs) else None
     if first is None:
         return None
-    end = first[5]
-    for g in graphs[1:]:
+    end = first[4]
+    for g in graphs:
         span = g.__dict__.get(_SPAN)
         if span is None or span[0] is not first[0] or span[4] != end:
+            return None
+        if g.edge_index.base is not span[0] or g.n_edges != span[5] - span[4]:  # a mark not of these edges
             return None
         end = span[5]
     return (*first[:4], first[4], end)
 
 
-def _pool_groups(graphs: Sequence[Graph], work: np.ndarray) -> list[tuple[int, int]]:
-    """collate's groups on a pool: :func:`even_runs` of ``work`` (:data:`COLLATE_GROUPS`), also cut
-    where one builder's set of arrays (:data:`_SPAN`) ends, so that each group of marked graphs is
-    read in place; unmarked graphs are copied, in even_runs' groups."""
-    groups = even_runs(work, COLLATE_GROUPS)
+def _groups(graphs: Sequence[Graph], work: np.ndarray, parts: int) -> list[tuple[int, int]]:
+    """collate's groups: :func:`even_runs` of ``work`` in ``parts``, also cut where one builder's set
+    of arrays (:data:`_SPAN`) ends or a marked graph is not the one after the graph before it, so that
+    each group of marked graphs is read in place (more than ``4 * COLLATE_GROUPS`` such cuts: not cut)."""
+    groups = even_runs(work, parts)
     spans = [g.__dict__.get(_SPAN) for g in graphs]
     cuts = []  # where the graph before is not the one before it in the same set
     for k in range(1, len(graphs)):

@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from painn_export.batch import _SPAN, Graph, even_runs
+from painn_export.batch import Graph, even_runs
 from painn_export.neighbors import (
     DEGENERACY_TOLERANCE,
     MIN_DISTANCE_SQ,
@@ -279,9 +279,8 @@ def _group_graphs(skins, atomic_numbers, positions, pos, cell, atom_start, group
                     edge_reverse=reverse[e0:e1],
                     min_distance=float(closest[t]),
                     max_degree=int(degree[t]),
+                    edge_span=(index, slot, reverse, edge_shift, e0, e1),  # collate reads these in place
                 ),
             )
         )
-        # collate reads consecutive graphs of this pass in place (painn_export.batch._SPAN)
-        out[-1][1].__dict__[_SPAN] = (index, slot, reverse, edge_shift, e0, e1)
     return out

@@ -316,9 +316,10 @@ def test_a_large_structure_is_searched_by_vesin(rng, monkeypatch):
             np.testing.assert_array_equal(getattr(got, key), getattr(want, key), err_msg=key)
 
 
-def test_collate_reads_a_passs_graphs_in_place_with_the_same_bits_as_their_copies(rng):
+def test_collate_reads_a_passs_graphs_in_place_with_the_same_bits_as_their_copies(rng, monkeypatch):
     """A realistic batch (100 structures, 20-100 atoms, 6 Å, cap 50) from a pass on two threads: its
-    graphs' feed, read in place (shown: the layout's edge arrays are the pass's), equals the feed of
+    graphs' feed, read in place (shown: every group collate lays out reads the pass's arrays, on a
+    pool and not), equals the feed of
     copies of them (on the pool and not, and the numpy reference) bit for bit; so do one set's graphs,
     one graph, sub-batches, a batch with a gap, and ones with another graph first or in between. A
     pickled graph carries its own arrays only, and a graph rebuilt from another's fields nothing it
@@ -328,6 +329,7 @@ def test_collate_reads_a_passs_graphs_in_place_with_the_same_bits_as_their_copie
 
     from painn_export import batch
     from painn_export.batch import collate, collate_reference
+    from painn_export.contract import slot_count
     from painn_export.samples import bulk as bulk_sample
 
     elements = np.array([13, 28, 29, 46, 78, 79])
@@ -346,16 +348,35 @@ def test_collate_reads_a_passs_graphs_in_place_with_the_same_bits_as_their_copie
         sets = [k for k in range(1, len(graphs)) if spans[k][0] is not spans[k - 1][0]]
         assert len(sets) == skin.GROUPS - 1  # the pass ran in groups, each graph marked with its set
         first_set = graphs[: sets[0]]
-        work = np.array([g.n_atoms * 64 + g.n_edges for g in graphs])
-        groups = batch._pool_groups(graphs, work)
+        K = slot_count(max(g.max_degree for g in graphs))
+        work = np.array([g.n_atoms * K + g.n_edges for g in graphs])
+        groups = batch._groups(graphs, work, batch.COLLATE_GROUPS)
         assert set(sets) <= {g0 for g0, _ in groups} and len(groups) <= batch.COLLATE_GROUPS + len(sets)
-        for g0, g1 in groups:  # each group's layout reads the pass's own arrays
-            part = batch._joined(graphs[g0:g1], in_place=True)
-            assert part["edge_index"] is spans[g0][0] and part["first_edge"] == spans[g0][4]
-        assert batch._joined(graphs[:2])["edge_index"].base is None  # the reference's: always copies
-        assert batch._pool_groups([outsider, *graphs[:10]], work[:11])[0] == (0, 1)  # a foreign graph first
+        assert batch._groups([outsider, *graphs[:10]], work[:11], 1) == [
+            (0, 1),
+            (1, 11),
+        ]  # a foreign graph first
         mixed = [g if k % 2 else outsider for k, g in enumerate(graphs[:40])]
-        assert batch._pool_groups(mixed, work[:40]) == batch.even_runs(work[:40], batch.COLLATE_GROUPS)
+        assert batch._groups(mixed, work[:40], 4) == batch.even_runs(work[:40], 4)  # too many cuts: not cut
+
+        read = []  # what collate's layout reads: the pass's own arrays, or copies
+
+        def joined(part, in_place=False):
+            out = original(part, in_place)
+            read.append(any(out["edge_index"] is span[0] for span in spans))
+            return out
+
+        original = batch._joined
+        monkeypatch.setattr(batch, "_joined", joined)
+        for chosen, with_pool in ((graphs, pool), (graphs, None), (first_set, None), (graphs[5:6], None)):
+            read.clear()
+            collate(chosen, np.float32, pool=with_pool)
+            assert read and all(read), (len(chosen), with_pool)  # every group read in place
+        read.clear()
+        collate([*graphs[:30], outsider, *graphs[30:]], np.float32)
+        assert read.count(False) == 1  # the foreign graph alone is copied
+        monkeypatch.undo()
+        assert batch._joined(graphs[:2])["edge_index"].base is None  # the reference's: always copies
         for chosen in (
             graphs,
             first_set,
