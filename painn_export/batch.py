@@ -478,15 +478,20 @@ def _shared_span(graphs: Sequence[Graph]) -> tuple | None:
     first = graphs[0].__dict__.get(_SPAN) if len(graphs) else None
     if first is None:
         return None
-    end = first[4]
+    before = None
     for g in graphs:
         span = g.__dict__.get(_SPAN)
-        if span is None or span[0] is not first[0] or span[4] != end:
+        if span is None or (before is not None and not _follows(before, span)):
             return None
         if g.edge_index.base is not span[0] or g.n_edges != span[5] - span[4]:  # a mark not of these edges
             return None
-        end = span[5]
-    return (*first[:4], first[4], end)
+        before = span
+    return (*first[:4], first[4], before[5])
+
+
+def _follows(before: tuple, span: tuple) -> bool:
+    """Whether the graph marked ``span`` is the one after the graph marked ``before`` in one set."""
+    return span[0] is before[0] and span[4] == before[5]
 
 
 def _groups(graphs: Sequence[Graph], work: np.ndarray, parts: int) -> list[tuple[int, int]]:
@@ -495,13 +500,12 @@ def _groups(graphs: Sequence[Graph], work: np.ndarray, parts: int) -> list[tuple
     each group of marked graphs is read in place (more than ``4 * COLLATE_GROUPS`` such cuts: not cut)."""
     groups = even_runs(work, parts)
     spans = [g.__dict__.get(_SPAN) for g in graphs]
-    cuts = []  # where the graph before is not the one before it in the same set
-    for k in range(1, len(graphs)):
-        now, before = spans[k], spans[k - 1]
-        if (now is None) != (before is None) or (
-            now is not None and (now[0] is not before[0] or now[4] != before[5])
-        ):
-            cuts.append(k)
+    cuts = [  # where the graph before is not the one before it in the same set
+        k
+        for k in range(1, len(graphs))
+        if (spans[k] is None) != (spans[k - 1] is None)
+        or (spans[k] is not None and not _follows(spans[k - 1], spans[k]))
+    ]
     if not cuts or len(cuts) > 4 * COLLATE_GROUPS:  # one set (or none), or many small ones: as they are
         return groups
     bounds = sorted({0, len(graphs), *cuts, *(g0 for g0, _ in groups)})

@@ -97,7 +97,7 @@ class SkinGraph:
             a, b, S, _, _ = _search(positions, cell, pbc, reach, min_d2=-1.0)
             order = canonical_pairs(a, b, S, len(positions))
             self._pairs = (a[order], b[order], S[order])  # own copies (vesin reuses its buffers), sorted once
-        self._z, self._pbc = z, [bool(p) for p in pbc]
+        self._z, self._pbc = z, pbc.tolist()
         self._ref_positions, self._ref_cell = positions.copy(), cell.copy()
         self.n_searches += 1
 
