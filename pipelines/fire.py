@@ -99,10 +99,85 @@ def generalized_forces(state: FireState, forces: np.ndarray, stress: np.ndarray 
     return generalized_forces_many([state], [forces], None if stress is None else [stress])[0]
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Each structure's rows of one ``[R, 3]`` array, one structure after another.
+
+    ``values`` ``[R, 3]`` float64; structure ``s``'s rows are
+    ``start[s]:start[s + 1]`` (``start`` ``[B + 1]`` int64). Read as a list:
+    ``len`` is ``B`` and ``rows[s]`` is structure ``s``'s rows (a view).
+    """
+
+    values: np.ndarray
+    start: np.ndarray
+
+    @classmethod
+    def of(cls, arrays) -> Rows:
+        """Rows holding ``arrays`` (a list of ``[n, 3]``, copied; a Rows is returned as it is)."""
+        if isinstance(arrays, Rows):
+            return arrays
+        counts = np.array([len(x) for x in arrays], dtype=np.int64)
+        values = np.concatenate(arrays).astype(np.float64, copy=False) if len(arrays) else np.zeros((0, 3))
+        return cls(values.reshape(-1, 3), np.concatenate([[0], np.cumsum(counts)]))
+
+    def __len__(self) -> int:
+        return len(self.start) - 1
+
+    def __getitem__(self, s: int) -> np.ndarray:
+        return self.values[self.start[s] : self.start[s + 1]]
+
+    def __iter__(self):
+        return (self[s] for s in range(len(self)))
+
+    def take(self, which: np.ndarray) -> Rows:
+        """The structures ``which`` (``[b]`` increasing indices), in order."""
+        counts = np.diff(self.start)[which]
+        first = self.start[:-1][which]
+        rows = np.repeat(first - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
+        return Rows(self.values[rows], np.concatenate([[0], np.cumsum(counts)]))
+
+
 def generalized_forces_many(
     states: list[FireState], forces: list[np.ndarray], stresses: list[np.ndarray] | None
+) -> Rows:
+    """:func:`generalized_forces` of each structure, for the whole batch in compiled loops
+    (:mod:`pipelines._fire_kernel`; :func:`generalized_forces_reference` is the numpy reference).
+
+    Each state's ``log_deform`` is set (with ``stresses``), for its step.
+    """
+    from pipelines import _fire_kernel as kernel
+
+    B = len(states)
+    natoms = np.array([len(s.positions) for s in states], dtype=np.int64)
+    if not B:
+        return Rows(np.zeros((0, 3)), np.zeros(1, dtype=np.int64))
+    f = np.concatenate([np.asarray(x, dtype=np.float64).reshape(-1, 3) for x in forces])  # [N, 3] own copy
+    if f.shape[0] != natoms.sum():
+        raise ValueError("generalized_forces_many: each structure takes [n, 3] forces")
+    fixed = np.concatenate([s.fixed for s in states])
+    if stresses is None:
+        f[fixed] = 0.0
+        return Rows(f, np.concatenate([[0], np.cumsum(natoms)]))
+    stress = np.array(stresses, dtype=np.float64).reshape(B, 3, 3)
+    cells = np.array([s.cell for s in states], dtype=np.float64)
+    orig = np.array([s.orig_cell for s in states], dtype=np.float64)
+    out = np.empty((len(f) + 3 * B, 3))
+    log_deform = np.empty((B, 3, 3))
+    failed = kernel.cell_forces(f, fixed, natoms, stress, cells, orig, out, log_deform)
+    if failed:
+        raise np.linalg.LinAlgError(
+            f"structure {failed - 1}: log of the deformation gradient did not converge (a collapsed cell?)"
+        )
+    for state, log in zip(states, log_deform):
+        state.log_deform = log
+    return Rows(out, np.concatenate([[0], np.cumsum(natoms + 3)]))
+
+
+def generalized_forces_reference(
+    states: list[FireState], forces: list[np.ndarray], stresses: list[np.ndarray] | None
 ) -> list[np.ndarray]:
-    """:func:`generalized_forces` of each structure; the cell algebra for all of them at once."""
+    """:func:`generalized_forces_many` in numpy: each structure's rows, the cell algebra stacked
+    (:mod:`pipelines.matrix_functions`); the reference the compiled loops are tested against."""
     out = []
     for state, f in zip(states, forces):
         f = np.array(f, dtype=np.float64)
@@ -153,15 +228,16 @@ def one_blas_thread() -> Iterator[None]:
         yield
 
 
-def max_forces(gforces: list[np.ndarray]) -> np.ndarray:
+def max_forces(gforces: Rows | list[np.ndarray]) -> np.ndarray:
     """``[B]`` largest row norm of each structure's :func:`generalized_forces` (eV/Å, or eV on cell rows).
 
     Each value is ``sqrt(max_rows(fx² + fy² + fz²))``, whatever else is in the list.
     """
-    if not gforces:
+    if not len(gforces):
         return np.zeros(0)
-    rows = np.array([len(g) for g in gforces], dtype=np.int64)
-    f = np.concatenate(gforces)
+    gforces = Rows.of(gforces)
+    rows = np.diff(gforces.start)
+    f = gforces.values
     square = np.sum(f * f, axis=1)
     out = np.zeros(len(gforces))
     some = rows > 0
@@ -222,9 +298,74 @@ def fire_step(state: FireState, gforces: np.ndarray, params: FireParams, with_ce
 
 
 def fire_steps(
-    states: list[FireState], gforces: list[np.ndarray], params: FireParams, with_cell: bool
+    states: list[FireState], gforces: Rows | list[np.ndarray], params: FireParams, with_cell: bool
 ) -> None:
     """One FIRE step of every state under its ``gforces`` (:func:`generalized_forces`), in place.
+
+    The whole batch in compiled loops, one structure at a time
+    (:mod:`pipelines._fire_kernel`): the same bits as
+    :func:`fire_steps_reference` for the atoms, and its cell step to rounding.
+    A structure's numbers do not depend on the others in the batch.
+    """
+    from pipelines import _fire_kernel as kernel
+
+    B = len(states)
+    if not B:
+        return
+    gforces = Rows.of(gforces)
+    start = gforces.start
+    rows = np.diff(start)
+    natoms = np.array([len(s.positions) for s in states], dtype=np.int64)
+    if len(gforces) != B or np.any(rows != natoms + (3 if with_cell else 0)):
+        raise ValueError("fire_steps: each structure takes its n (+ 3 with the cell) rows of forces")
+    vel = np.concatenate([s.velocity for s in states])  # [R, 3] own copy, updated
+    dt = np.array([s.dt for s in states], dtype=np.float64)  # [B]
+    a = np.array([s.a for s in states], dtype=np.float64)
+    n_positive = np.array([s.n_positive for s in states], dtype=np.int64)
+    started = np.array([s.steps > 0 for s in states])  # ASE's first step: vel = 0, no downhill test
+    dr = np.empty_like(vel)
+    p = params
+    kernel.fire_rows(
+        gforces.values, vel, start, dt, a, n_positive, started, dr,
+        p.Nmin, p.finc, p.fdec, p.dtmax, p.astart, p.fa, p.maxstep,
+    )  # fmt: skip
+    positions = np.concatenate([s.positions for s in states])  # [N, 3]
+    fixed = np.concatenate([s.fixed for s in states])
+    moved = np.empty_like(positions)
+    if with_cell:
+        cells = np.array([s.cell for s in states], dtype=np.float64)
+        orig = np.array([s.orig_cell for s in states], dtype=np.float64)
+        if all(s.log_deform is not None for s in states):
+            log_deform = np.array([s.log_deform for s in states])
+        else:  # not from generalized_forces_many's call on these states
+            log_deform = np.empty((B, 3, 3))
+            if kernel.log_deforms(cells, orig, log_deform):
+                raise np.linalg.LinAlgError("the log of a deformation did not converge (a collapsed cell?)")
+        new_cells = np.empty((B, 3, 3))
+        failed = kernel.step_cells(
+            positions, fixed, natoms, dr, start, cells, orig, log_deform, moved, new_cells
+        )  # fmt: skip
+        if failed:
+            raise np.linalg.LinAlgError(f"structure {failed - 1}: a singular cell")
+    else:  # positions + dr; fixed atoms stay (FixAtoms.adjust_positions)
+        kernel.move_atoms(positions, dr, fixed, moved)
+    atom = 0
+    for s, state in enumerate(states):
+        lo, hi, n = start[s], start[s + 1], natoms[s]
+        state.positions = moved[atom : atom + n]
+        if with_cell:
+            state.cell = new_cells[s]
+        atom += n
+        state.velocity = vel[lo:hi]
+        state.dt, state.a, state.n_positive = float(dt[s]), float(a[s]), int(n_positive[s])
+        state.steps += 1
+        state.log_deform = None
+
+
+def fire_steps_reference(
+    states: list[FireState], gforces: list[np.ndarray], params: FireParams, with_cell: bool
+) -> None:
+    """:func:`fire_steps` in numpy, the reference its compiled loops are tested against.
 
     The whole batch at once: ASE's three dot products per structure are
     segment sums over the batch's rows, its branches are masks, and its

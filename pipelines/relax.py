@@ -544,10 +544,10 @@ class _Loop:
             [result[1] for _, result in judged],
             [result[2] for _, result in judged] if self.settings.cell else None,
         )
-        stepping, step_forces = [], []
+        stepping, which = [], []
         every = self.settings.trajectory_every
-        for (m, result), g, fmax in zip(judged, gforces, max_forces(gforces)):
-            m.fmax = float(fmax)
+        for k, ((m, result), fmax) in enumerate(zip(judged, max_forces(gforces).tolist())):
+            m.fmax = fmax
             if every and m.state.steps % every == 0:
                 self.out.frame(m, m.state.steps // every, result[0], m.fmax)
             if m.fmax < self.settings.fmax:  # ASE's test
@@ -556,6 +556,7 @@ class _Loop:
                 self._finish(m, "not_converged", f"{m.state.steps} steps without converging", result)
             else:
                 stepping.append(m)
-                step_forces.append(g)
+                which.append(k)
+        step_forces = gforces.take(np.array(which, dtype=np.int64))
         fire_steps([m.state for m in stepping], step_forces, self.settings.fire, self.settings.cell)
         return stepping
