@@ -349,15 +349,17 @@ def fire_steps(
             raise np.linalg.LinAlgError(f"structure {failed - 1}: a singular cell")
     else:  # positions + dr; fixed atoms stay (FixAtoms.adjust_positions)
         kernel.move_atoms(positions, dr, fixed, moved)
-    atom = 0
-    for s, state in enumerate(states):
-        lo, hi, n = start[s], start[s + 1], natoms[s]
-        state.positions = moved[atom : atom + n]
+    bounds = start.tolist()
+    atoms = np.concatenate([[0], np.cumsum(natoms)]).tolist()
+    cells_after = list(new_cells) if with_cell else [None] * B
+    for s, (state, h, mix, count, cell) in enumerate(
+        zip(states, dt.tolist(), a.tolist(), n_positive.tolist(), cells_after)
+    ):
+        state.positions = moved[atoms[s] : atoms[s + 1]]
         if with_cell:
-            state.cell = new_cells[s]
-        atom += n
-        state.velocity = vel[lo:hi]
-        state.dt, state.a, state.n_positive = float(dt[s]), float(a[s]), int(n_positive[s])
+            state.cell = cell
+        state.velocity = vel[bounds[s] : bounds[s + 1]]
+        state.dt, state.a, state.n_positive = h, mix, count
         state.steps += 1
         state.log_deform = None
 

@@ -102,6 +102,9 @@ PATIENCE = 64  # a waiting structure passed this often lets nothing more pass
 __all__ = ["CellNeedsStressError", "RelaxSettings", "RelaxSummary", "relax_file"]
 
 
+NOT_PERIODIC = "--cell relaxes periodic cells only; this one is not"
+
+
 class CellNeedsStressError(ValueError):
     """``--cell`` with a model that has no stress output."""
 
@@ -472,27 +475,31 @@ class _Loop:
 
         for m in self.waiting:
             offer(m)
+        statuses = []  # (index, status, message) of structures that have no graph: written together
         while items is not None and len(still) < WINDOW and not blocked:
             item = next(items, None)
             if item is None:
                 break
             self.next_index = item.index + 1
             if item.graph is None:  # an input status, as run gives it
-                self._input_status(item.index, item.status, item.message)
+                statuses.append((item.index, item.status, item.message))
             elif self.settings.cell and not item.start.pbc.all():
-                self._input_status(
-                    item.index, "bad_cell", "--cell relaxes periodic cells only; this one is not"
-                )
+                statuses.append((item.index, "bad_cell", NOT_PERIODIC))
             else:
                 offer(self._member_of(item))
+        self._input_statuses(statuses)
         self.waiting = still
         self.graphs.wait(still)
 
-    def _input_status(self, index: int, status: str, message: str) -> None:
-        self.out.writer.commit_status([(index, status, message)])
-        self.summary.computed += 1
+    def _input_statuses(self, rows: list[tuple[int, str, str]]) -> None:
+        """Write structures' input statuses (one write and flush for all; before the next checkpoint,
+        which is what a resume starts from)."""
+        if not rows:
+            return
+        self.out.writer.commit_status(rows)
+        self.summary.computed += len(rows)
         if self.bar is not None:
-            self.bar.update(1, 0)
+            self.bar.update(len(rows), 0)
 
     def _member_of(self, item) -> _Member:
         """A structure entering from its item: its start, and its first graph (host: the worker's skin
