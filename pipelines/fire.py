@@ -2,12 +2,15 @@
 
 The update rule and its parameters are those of ``ase.optimize.FIRE``
 (Bitzek et al., PRL 97, 170201 (2006), as ASE writes it) with its defaults,
-its element-wise arithmetic in its order; its dot products are segment sums
-over the batch and its branches masks (:func:`fire_steps`), and the cell's
-matrix functions are :mod:`pipelines.matrix_functions`' for the whole batch,
-so that a structure's trajectory follows ASE's with this package's
-calculator step for step, to rounding (the tolerance table's
-``fire_vs_ase``). What ASE keeps in its optimiser
+its element-wise arithmetic in its order, so that a structure's trajectory
+follows ASE's with this package's calculator step for step, to rounding
+(the tolerance table's ``fire_vs_ase``). :func:`fire_steps` and
+:func:`generalized_forces_many` run over the whole batch in compiled loops
+(:mod:`pipelines._fire_kernel`); :func:`fire_steps_reference` and
+:func:`generalized_forces_reference` are the same in numpy (dot products as
+segment sums over the batch, branches as masks, the cell's matrix functions
+:mod:`pipelines.matrix_functions`' on stacks), the references the loops are
+tested against: the atoms' steps bit for bit, the cell's to rounding. What ASE keeps in its optimiser
 object is kept here per structure in a :class:`FireState`: velocities, time
 step, mixing ``a``, the count of downhill steps (ASE's ``Nsteps``) and the
 steps taken (ASE's ``nsteps``).
@@ -28,8 +31,6 @@ eV on the cell rows) below ``fmax``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,7 +100,16 @@ def generalized_forces(state: FireState, forces: np.ndarray, stress: np.ndarray 
     return generalized_forces_many([state], [forces], None if stress is None else [stress])[0]
 
 
-@dataclass(frozen=True)
+class CellAlgebraError(np.linalg.LinAlgError):
+    """Structures whose cell step has no answer: a deformation without a logarithm (a cell turned
+    inside out), or a cell without a finite inverse. ``positions``: their places in the batch."""
+
+    def __init__(self, positions: list[int], what: str) -> None:
+        self.positions, self.what = positions, what
+        super().__init__(f"structures at batch positions {positions}: {what}")
+
+
+@dataclass(frozen=True, eq=False)
 class Rows:
     """Each structure's rows of one ``[R, 3]`` array, one structure after another.
 
@@ -116,9 +126,11 @@ class Rows:
         """Rows holding ``arrays`` (a list of ``[n, 3]``, copied; a Rows is returned as it is)."""
         if isinstance(arrays, Rows):
             return arrays
-        counts = np.array([len(x) for x in arrays], dtype=np.int64)
-        values = np.concatenate(arrays).astype(np.float64, copy=False) if len(arrays) else np.zeros((0, 3))
-        return cls(values.reshape(-1, 3), np.concatenate([[0], np.cumsum(counts)]))
+        arrays = [np.asarray(x, dtype=np.float64) for x in arrays]
+        if any(x.ndim != 2 or x.shape[1] != 3 for x in arrays):
+            raise ValueError("Rows take [n, 3] arrays")
+        values = np.concatenate(arrays) if arrays else np.zeros((0, 3), dtype=np.float64)
+        return cls(values, _starts(np.array([len(x) for x in arrays], dtype=np.int64)))
 
     def __len__(self) -> int:
         return len(self.start) - 1
@@ -130,11 +142,29 @@ class Rows:
         return (self[s] for s in range(len(self)))
 
     def take(self, which: np.ndarray) -> Rows:
-        """The structures ``which`` (``[b]`` increasing indices), in order."""
+        """The structures ``which`` (``[b]`` indices), in that order (all of them: this Rows itself)."""
+        which = np.asarray(which, dtype=np.int64)
+        if len(which) == len(self) and np.array_equal(which, np.arange(len(self))):
+            return self
         counts = np.diff(self.start)[which]
         first = self.start[:-1][which]
         rows = np.repeat(first - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
-        return Rows(self.values[rows], np.concatenate([[0], np.cumsum(counts)]))
+        return Rows(self.values[rows], _starts(counts))
+
+
+def _starts(counts: np.ndarray) -> np.ndarray:
+    """``[B + 1]`` int64: where each of ``counts`` ``[B]`` rows start, and the end."""
+    start = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=start[1:])
+    return start
+
+
+def _atoms_of(states: list[FireState]) -> np.ndarray:
+    """``[B]`` int64 each state's atoms (at least one: a structure without atoms has no step)."""
+    natoms = np.array([len(s.positions) for s in states], dtype=np.int64)
+    if np.any(natoms == 0):
+        raise ValueError("FIRE steps structures with atoms; one has none")
+    return natoms
 
 
 def generalized_forces_many(
@@ -143,34 +173,43 @@ def generalized_forces_many(
     """:func:`generalized_forces` of each structure, for the whole batch in compiled loops
     (:mod:`pipelines._fire_kernel`; :func:`generalized_forces_reference` is the numpy reference).
 
-    Each state's ``log_deform`` is set (with ``stresses``), for its step.
+    ``forces`` ``[n, 3]`` eV/Å per structure, ``stresses`` ``[3, 3]`` eV/Å³
+    (None: atoms only). Returns each structure's ``n`` rows (eV/Å), then with
+    ``stresses`` its 3 cell rows (eV): ``[Σ n (+ 3), 3]`` float64. Each
+    state's ``log_deform`` is set (with ``stresses``), for its step. Raises
+    :class:`CellAlgebraError` naming the structures whose cell has no step
+    (the states are then unchanged).
     """
     from pipelines import _fire_kernel as kernel
 
     B = len(states)
-    natoms = np.array([len(s.positions) for s in states], dtype=np.int64)
     if not B:
-        return Rows(np.zeros((0, 3)), np.zeros(1, dtype=np.int64))
-    f = np.concatenate([np.asarray(x, dtype=np.float64).reshape(-1, 3) for x in forces])  # [N, 3] own copy
-    if f.shape[0] != natoms.sum():
+        return Rows(np.zeros((0, 3), dtype=np.float64), np.zeros(1, dtype=np.int64))
+    natoms = _atoms_of(states)
+    f = [np.asarray(x, dtype=np.float64) for x in forces]
+    if len(f) != B or any(x.shape != (n, 3) for x, n in zip(f, natoms.tolist())):
         raise ValueError("generalized_forces_many: each structure takes [n, 3] forces")
+    f = np.concatenate(f)  # [N, 3] own copy
     fixed = np.concatenate([s.fixed for s in states])
+    if fixed.shape != (len(f),):
+        raise ValueError("generalized_forces_many: each state's fixed mask is [n]")
     if stresses is None:
         f[fixed] = 0.0
-        return Rows(f, np.concatenate([[0], np.cumsum(natoms)]))
+        return Rows(f, _starts(natoms))
     stress = np.array(stresses, dtype=np.float64).reshape(B, 3, 3)
     cells = np.array([s.cell for s in states], dtype=np.float64)
     orig = np.array([s.orig_cell for s in states], dtype=np.float64)
-    out = np.empty((len(f) + 3 * B, 3))
-    log_deform = np.empty((B, 3, 3))
-    failed = kernel.cell_forces(f, fixed, natoms, stress, cells, orig, out, log_deform)
-    if failed:
-        raise np.linalg.LinAlgError(
-            f"structure {failed - 1}: log of the deformation gradient did not converge (a collapsed cell?)"
+    out = np.empty((len(f) + 3 * B, 3), dtype=np.float64)
+    log_deform = np.empty((B, 3, 3), dtype=np.float64)
+    ok = np.empty(B, dtype=np.bool_)
+    kernel.cell_forces(f, fixed, natoms, stress, cells, orig, out, log_deform, ok)
+    if not ok.all():
+        raise CellAlgebraError(
+            np.flatnonzero(~ok).tolist(), "the deformation has no logarithm (a cell turned inside out?)"
         )
     for state, log in zip(states, log_deform):
         state.log_deform = log
-    return Rows(out, np.concatenate([[0], np.cumsum(natoms + 3)]))
+    return Rows(out, _starts(natoms + 3))
 
 
 def generalized_forces_reference(
@@ -205,27 +244,6 @@ def generalized_forces_reference(
         full[n:] = cell_force[b] / float(n)
         out[b] = full
     return out
-
-
-_blas = {}
-
-
-@contextmanager
-def one_blas_thread() -> Iterator[None]:
-    """Within it, BLAS and LAPACK run on one thread (the 3x3 cell algebra of ``--cell``).
-
-    On stacks of 3x3 matrices threads only cost: waking OpenBLAS's pool took
-    up to 30 ms for one scipy ``logm`` (against about 0.1 ms on one thread),
-    and the model's runtime competes for the same cores. The limit is set
-    once around a batch's steps (threadpoolctl's controller is made once).
-    """
-    from threadpoolctl import ThreadpoolController
-
-    controller = _blas.get("controller")
-    if controller is None:
-        controller = _blas["controller"] = ThreadpoolController()
-    with controller.limit(limits=1, user_api="blas"):
-        yield
 
 
 def max_forces(gforces: Rows | list[np.ndarray]) -> np.ndarray:
@@ -314,43 +332,46 @@ def fire_steps(
         return
     gforces = Rows.of(gforces)
     start = gforces.start
-    rows = np.diff(start)
-    natoms = np.array([len(s.positions) for s in states], dtype=np.int64)
-    if len(gforces) != B or np.any(rows != natoms + (3 if with_cell else 0)):
-        raise ValueError("fire_steps: each structure takes its n (+ 3 with the cell) rows of forces")
+    natoms = _atoms_of(states)
+    rows = natoms + (3 if with_cell else 0)
     vel = np.concatenate([s.velocity for s in states])  # [R, 3] own copy, updated
+    positions = np.concatenate([s.positions for s in states])  # [N, 3]
+    fixed = np.concatenate([s.fixed for s in states])
+    if len(gforces) != B or not np.array_equal(np.diff(start), rows):
+        raise ValueError("fire_steps: each structure takes its n (+ 3 with the cell) rows of forces")
+    R = int(start[-1])
+    if vel.shape != (R, 3) or gforces.values.shape != (R, 3) or fixed.shape != (len(positions),):
+        raise ValueError("fire_steps: a velocity is not [n (+ 3 with the cell), 3] or a fixed mask not [n]")
     dt = np.array([s.dt for s in states], dtype=np.float64)  # [B]
     a = np.array([s.a for s in states], dtype=np.float64)
     n_positive = np.array([s.n_positive for s in states], dtype=np.int64)
-    started = np.array([s.steps > 0 for s in states])  # ASE's first step: vel = 0, no downhill test
+    started = np.array([s.steps > 0 for s in states], dtype=np.bool_)  # ASE's first step: no downhill test
     dr = np.empty_like(vel)
     p = params
     kernel.fire_rows(
         gforces.values, vel, start, dt, a, n_positive, started, dr,
         p.Nmin, p.finc, p.fdec, p.dtmax, p.astart, p.fa, p.maxstep,
     )  # fmt: skip
-    positions = np.concatenate([s.positions for s in states])  # [N, 3]
-    fixed = np.concatenate([s.fixed for s in states])
     moved = np.empty_like(positions)
     if with_cell:
         cells = np.array([s.cell for s in states], dtype=np.float64)
         orig = np.array([s.orig_cell for s in states], dtype=np.float64)
+        ok = np.empty(B, dtype=np.bool_)
         if all(s.log_deform is not None for s in states):
-            log_deform = np.array([s.log_deform for s in states])
+            log_deform = np.array([s.log_deform for s in states], dtype=np.float64)
         else:  # not from generalized_forces_many's call on these states
-            log_deform = np.empty((B, 3, 3))
-            if kernel.log_deforms(cells, orig, log_deform):
-                raise np.linalg.LinAlgError("the log of a deformation did not converge (a collapsed cell?)")
-        new_cells = np.empty((B, 3, 3))
-        failed = kernel.step_cells(
-            positions, fixed, natoms, dr, start, cells, orig, log_deform, moved, new_cells
-        )  # fmt: skip
-        if failed:
-            raise np.linalg.LinAlgError(f"structure {failed - 1}: a singular cell")
+            log_deform = np.empty((B, 3, 3), dtype=np.float64)
+            kernel.log_deforms(cells, orig, log_deform, ok)
+            if not ok.all():
+                raise CellAlgebraError(np.flatnonzero(~ok).tolist(), "the deformation has no logarithm")
+        new_cells = np.empty((B, 3, 3), dtype=np.float64)
+        kernel.step_cells(positions, fixed, natoms, dr, start, cells, orig, log_deform, moved, new_cells, ok)
+        if not ok.all():
+            raise CellAlgebraError(np.flatnonzero(~ok).tolist(), "a cell without a finite inverse")
     else:  # positions + dr; fixed atoms stay (FixAtoms.adjust_positions)
         kernel.move_atoms(positions, dr, fixed, moved)
     bounds = start.tolist()
-    atoms = np.concatenate([[0], np.cumsum(natoms)]).tolist()
+    atoms = _starts(natoms).tolist()
     cells_after = list(new_cells) if with_cell else [None] * B
     for s, (state, h, mix, count, cell) in enumerate(
         zip(states, dt.tolist(), a.tolist(), n_positive.tolist(), cells_after)

@@ -64,7 +64,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,7 +74,7 @@ from painn_export.schema import InputReader, validate_input
 from painn_export.skin import SkinGraph
 from pipelines.batches import Budget, Summary, batch_limits, infer_split
 from pipelines.device_batches import Sized
-from pipelines.fire import FireState, fire_steps, generalized_forces_many, max_forces, one_blas_thread
+from pipelines.fire import CellAlgebraError, FireState, Rows, fire_steps, generalized_forces_many, max_forces
 from pipelines.graphs import GraphSettings, neighbour_items
 from pipelines.options import RelaxSettings, RunOptions
 from pipelines.output import (
@@ -103,6 +102,7 @@ __all__ = ["CellNeedsStressError", "RelaxSettings", "RelaxSummary", "relax_file"
 
 
 NOT_PERIODIC = "--cell relaxes periodic cells only; this one is not"
+STATUS_ROWS = 1024  # input statuses written together at most (a long run of them still shows progress)
 
 
 class CellNeedsStressError(ValueError):
@@ -429,8 +429,7 @@ class _Loop:
             results = self._evaluate(self.batch)
             self.calls += 1
             self.summary.model_calls += 1
-            with one_blas_thread() if self.settings.cell else nullcontext():
-                stepping = self._advance(self.batch, results)
+            stepping = self._advance(self.batch, results)
             self.batch = []
             for m, failure in zip(stepping, self.graphs.build(stepping)):
                 if failure is None:
@@ -475,19 +474,26 @@ class _Loop:
 
         for m in self.waiting:
             offer(m)
-        statuses = []  # (index, status, message) of structures that have no graph: written together
-        while items is not None and len(still) < WINDOW and not blocked:
-            item = next(items, None)
-            if item is None:
-                break
-            self.next_index = item.index + 1
-            if item.graph is None:  # an input status, as run gives it
-                statuses.append((item.index, item.status, item.message))
-            elif self.settings.cell and not item.start.pbc.all():
-                statuses.append((item.index, "bad_cell", NOT_PERIODIC))
-            else:
-                offer(self._member_of(item))
-        self._input_statuses(statuses)
+        # Statuses of structures without a graph are written together, and always before this returns
+        # or raises (next_index has passed them: a checkpoint must not come first).
+        statuses: list[tuple[int, str, str]] = []
+        try:
+            while items is not None and len(still) < WINDOW and not blocked:
+                item = next(items, None)
+                if item is None:
+                    break
+                self.next_index = item.index + 1
+                if item.graph is None:  # an input status, as run gives it
+                    statuses.append((item.index, item.status, item.message))
+                elif self.settings.cell and not item.start.pbc.all():
+                    statuses.append((item.index, "bad_cell", NOT_PERIODIC))
+                else:
+                    offer(self._member_of(item))
+                if len(statuses) >= STATUS_ROWS:
+                    self._input_statuses(statuses)
+                    statuses = []
+        finally:
+            self._input_statuses(statuses)
         self.waiting = still
         self.graphs.wait(still)
 
@@ -546,11 +552,7 @@ class _Loop:
                 self._finish(m, "diverged", "the model's energy, forces or stress are not finite")
                 continue
             judged.append((m, result))
-        gforces = generalized_forces_many(
-            [m.state for m, _ in judged],
-            [result[1] for _, result in judged],
-            [result[2] for _, result in judged] if self.settings.cell else None,
-        )
+        judged, gforces = self._generalized_forces(judged)
         stepping, which = [], []
         every = self.settings.trajectory_every
         for k, ((m, result), fmax) in enumerate(zip(judged, max_forces(gforces).tolist())):
@@ -565,5 +567,29 @@ class _Loop:
                 stepping.append(m)
                 which.append(k)
         step_forces = gforces.take(np.array(which, dtype=np.int64))
-        fire_steps([m.state for m in stepping], step_forces, self.settings.fire, self.settings.cell)
-        return stepping
+        while True:
+            try:
+                fire_steps([m.state for m in stepping], step_forces, self.settings.fire, self.settings.cell)
+                return stepping
+            except CellAlgebraError as exc:  # no state was changed: those leave, the others step
+                for k in exc.positions:
+                    self._finish(stepping[k], "diverged", f"the cell step failed: {exc.what}")
+                keep = np.setdiff1d(np.arange(len(stepping)), exc.positions)
+                stepping, step_forces = [stepping[k] for k in keep], step_forces.take(keep)
+
+    def _generalized_forces(self, judged: list) -> tuple[list, Rows]:
+        """FIRE's forces of the judged ``(member, result)``: those whose cell has none leave as diverged
+        (a deformation without a logarithm), and the others' are returned with them."""
+        while True:
+            try:
+                return judged, generalized_forces_many(
+                    [m.state for m, _ in judged],
+                    [result[1] for _, result in judged],
+                    [result[2] for _, result in judged] if self.settings.cell else None,
+                )
+            except CellAlgebraError as exc:  # no state was changed: those leave, the others go on
+                for k in exc.positions:
+                    m = judged[k][0]
+                    m.fmax = float("nan")
+                    self._finish(m, "diverged", f"the cell has no step: {exc.what}")
+                judged = [x for k, x in enumerate(judged) if k not in set(exc.positions)]

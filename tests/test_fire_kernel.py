@@ -11,6 +11,7 @@ import scipy.linalg as sl
 
 from pipelines import _fire_kernel as kernel
 from pipelines.fire import (
+    CellAlgebraError,
     FireParams,
     FireState,
     Rows,
@@ -162,18 +163,116 @@ def test_the_kernels_expm_and_frechet_derivative_equal_scipys(rng, scale):
         assert np.abs(got - sl.expm_frechet(a, e, compute_expm=False)).max() / size < 1e-13
 
 
-def test_a_deformation_without_a_log_is_refused(rng):
-    """A cell turned inside out (F with a negative eigenvalue): LinAlgError, not a NaN step."""
-    states = _batch(rng, with_cell=True, count=3)
+def _inside_out(states):
     states[1].cell = -states[1].cell
-    forces = [np.zeros((len(s.positions), 3)) for s in states]
-    with pytest.raises(np.linalg.LinAlgError, match="structure 1"):
-        generalized_forces_many(states, forces, [np.zeros((3, 3))] * 3)
+
+
+def _singular_now(states):
+    states[1].cell = states[1].cell.copy()
+    states[1].cell[2] = states[1].cell[0] + states[1].cell[1]
+
+
+def _singular_at_start(states):
+    states[1].orig_cell = np.zeros((3, 3))
+
+
+@pytest.mark.parametrize("skewed", [True, False])
+@pytest.mark.parametrize("broken", [_inside_out, _singular_now, _singular_at_start])
+def test_a_cell_without_a_step_is_named_and_the_others_are_untouched(rng, skewed, broken):
+    """A cell turned inside out, singular now or singular at the start (skewed or orthorhombic: exact
+    zeros): CellAlgebraError names its place in the batch, from the forces and from the step's own
+    logarithm, and no state changes."""
+    states = _batch(rng, with_cell=True, count=3)
+    if not skewed:
+        for s in states:
+            s.cell = s.orig_cell = np.diag(rng.uniform(6, 12, 3))
+    broken(states)
+    before = copy.deepcopy(states)
+    forces = [np.ones((len(s.positions), 3)) for s in states]
+    with pytest.raises(CellAlgebraError) as raised:
+        generalized_forces_many(states, forces, [np.eye(3)] * 3)
+    assert raised.value.positions == [1]
+    rows = [np.ones((len(s.positions) + 3, 3)) for s in states]
+    with pytest.raises(CellAlgebraError) as raised:  # log_deform None: fire_steps finds it itself
+        fire_steps(states, rows, FireParams(), True)
+    assert raised.value.positions == [1]
+    for a, b in zip(states, before):
+        np.testing.assert_array_equal(a.positions, b.positions)
+        np.testing.assert_array_equal(a.velocity, b.velocity)
+        assert a.steps == b.steps == 0
+
+
+def test_a_step_to_a_cell_without_an_inverse_is_refused(rng):
+    """The step itself checks the cell it reads: one made singular after its forces were found."""
+    states = _batch(rng, with_cell=True, count=3)
+    g = generalized_forces_many(states, [np.ones((len(s.positions), 3)) for s in states], [np.eye(3)] * 3)
+    states[2].cell = np.zeros((3, 3))
+    with pytest.raises(CellAlgebraError) as raised:
+        fire_steps(states, g, FireParams(), True)
+    assert raised.value.positions == [2]
+    assert all(s.steps == 0 for s in states)
 
 
 def test_forces_of_the_wrong_shape_are_refused(rng):
     states = _batch(rng, with_cell=False, count=3)
+    sizes = [len(s.positions) for s in states]
     with pytest.raises(ValueError, match=r"\[n, 3\]"):
         generalized_forces_many(states, [np.zeros((2, 3))] * 3, None)
+    uneven = [np.zeros((sizes[0] + 1, 3)), np.zeros((sizes[1] - 1, 3)), np.zeros((sizes[2], 3))]  # same total
+    with pytest.raises(ValueError, match=r"\[n, 3\]"):
+        generalized_forces_many(states, uneven, None)
+    with pytest.raises(ValueError, match=r"\[n, 3\]"):
+        generalized_forces_many(states, [np.zeros((n * 3, 1)) for n in sizes], None)
     with pytest.raises(ValueError, match="rows"):
         fire_steps(states, [np.zeros((2, 3))] * 3, FireParams(), False)
+
+
+def test_a_state_of_the_wrong_kind_is_refused_before_any_compiled_write(rng):
+    """Velocities of an atoms-only state stepped with the cell (3 rows short), or a fixed mask of the
+    wrong length: ValueError (the compiled loops check no bounds)."""
+    states = _batch(rng, with_cell=False, count=3)
+    rows = [np.zeros((len(s.positions) + 3, 3)) for s in states]
+    with pytest.raises(ValueError, match="velocity"):
+        fire_steps(states, rows, FireParams(), True)
+    states[0].fixed = states[0].fixed[:-1]
+    with pytest.raises(ValueError, match="fixed"):
+        generalized_forces_many(states, [np.zeros((len(s.positions), 3)) for s in states], None)
+
+
+def test_a_structure_without_atoms_is_refused(rng):
+    states = _batch(rng, with_cell=False, count=3)
+    states[1] = FireState.start(np.zeros((0, 3)), np.eye(3), np.zeros(0, bool), FireParams(), False)
+    with pytest.raises(ValueError, match="none"):
+        generalized_forces_many(states, [np.zeros((len(s.positions), 3)) for s in states], None)
+    with pytest.raises(ValueError, match="none"):
+        fire_steps(states, [np.zeros((len(s.positions), 3)) for s in states], FireParams(), False)
+
+
+def test_dt_grows_to_dtmax_as_the_reference(rng):
+    """Forces that stay downhill for 40 steps: dt grows by finc to dtmax and stays; the same bits."""
+    states = _batch(rng, with_cell=False, count=20)
+    ref = copy.deepcopy(states)
+    forces = [rng.standard_normal((len(s.positions), 3)) for s in states]
+    for _ in range(40):
+        fire_steps(states, generalized_forces_many(states, forces, None), FireParams(), False)
+        fire_steps_reference(ref, generalized_forces_reference(ref, forces, None), FireParams(), False)
+    assert {s.dt for s in states} == {FireParams().dtmax}
+    for a, b in zip(states, ref):
+        np.testing.assert_array_equal(a.positions, b.positions)
+        assert (a.dt, a.a, a.n_positive) == (b.dt, b.a, b.n_positive)
+
+
+def test_rows_read_as_a_list_and_take_structures_in_any_order(rng):
+    arrays = [rng.standard_normal((n, 3)) for n in (3, 1, 4)]
+    rows = Rows.of(arrays)
+    assert Rows.of(rows) is rows and len(rows) == 3 and rows.start.dtype == np.int64
+    for got, want in zip(rows, arrays):
+        np.testing.assert_array_equal(got, want)
+    picked = rows.take(np.array([2, 0]))
+    assert len(picked) == 2
+    np.testing.assert_array_equal(picked[0], arrays[2])
+    np.testing.assert_array_equal(picked[1], arrays[0])
+    assert rows.take(np.arange(3)) is rows
+    assert len(rows.take(np.array([], dtype=np.int64))) == 0
+    with pytest.raises(ValueError, match=r"\[n, 3\]"):
+        Rows.of([np.zeros((2, 2))])

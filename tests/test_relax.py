@@ -354,6 +354,46 @@ def test_batch_stays_full_while_structures_remain(tmp_path, demo64):
 # -- statuses -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("where", ["forces", "step"])
+def test_a_cell_without_a_step_diverges_alone(tmp_path, stress_pt, monkeypatch, where):
+    """--cell: a structure whose cell algebra fails (turned inside out before its forces, or left
+    without an inverse before its step) leaves as diverged with why; the others relax on."""
+    import pipelines.relax as relax_module
+
+    calls = {"n": 0}
+    name = "generalized_forces_many" if where == "forces" else "fire_steps"
+    real = getattr(relax_module, name)
+
+    def breaking(states, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third step: break the batch's second structure
+            states[1].cell = -states[1].cell if where == "forces" else np.zeros((3, 3))
+        return real(states, *args)
+
+    monkeypatch.setattr(
+        relax_module, "generalized_forces_many" if where == "forces" else "fire_steps", breaking
+    )
+    inp = _write(tmp_path / "in.h5", [_cu(k, rattle=0.05) for k in range(3)])
+    out = tmp_path / "out.h5"
+    summary = relax_file(
+        inp, out, stress_pt, settings=RelaxSettings(fmax=1e-6, steps=5, cell=True),
+        runtime="torch", device="cpu", workers=0,
+    )  # fmt: skip
+    got = _results(out)
+    assert [int(x) for x in got["status"]] == [
+        STATUS["not_converged"],
+        STATUS["diverged"],
+        STATUS["not_converged"],
+    ]
+    assert list(got["steps"][[0, 2]]) == [5, 5]
+    with h5py.File(out) as fh:
+        message = fh["message"][1].decode()
+    assert message.startswith("the cell has no step" if where == "forces" else "the cell step failed"), (
+        message
+    )
+    assert summary.counts == {"not_converged": 2, "diverged": 1}
+
+
 def test_every_status(tmp_path, demo64, stress_pt):
     """converged, not_converged, diverged, and run's input statuses, each with its data or message."""
     rows = [(a.numbers, a.positions, a.cell[:], a.pbc) for a in (_cu(0, rattle=0.0), _cu(1, rattle=0.2))] + [
