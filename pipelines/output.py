@@ -72,7 +72,10 @@ STATUS_MEANING = {
     "too_large": "out of memory (or beyond a TensorRT engine's profiles) even alone in a batch",
     "converged": "relaxed: the largest force on a free atom (and cell row with --cell) below --fmax",
     "not_converged": "--steps taken without converging; the last geometry, energy and forces are written",
-    "diverged": "energy, forces or stress not finite, or atoms closer than 0.5 Å, during the relaxation",
+    "diverged": (
+        "energy, forces or stress not finite, atoms closer than 0.5 Å, or (`--cell`) a cell turned "
+        "inside out or singular, during the relaxation"
+    ),
 }
 SUCCESS = {"ok", "ok_no_stress"}
 RELAXED = {"converged"}  # what counts as success for a relaxation
