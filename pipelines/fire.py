@@ -146,10 +146,10 @@ class Rows:
         which = np.asarray(which, dtype=np.int64)
         if len(which) == len(self) and np.array_equal(which, np.arange(len(self))):
             return self
+        from pipelines.device_batches import atom_rows
+
         counts = np.diff(self.start)[which]
-        first = self.start[:-1][which]
-        rows = np.repeat(first - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
-        return Rows(self.values[rows], _starts(counts))
+        return Rows(self.values[atom_rows(self.start[:-1][which], counts)], _starts(counts))
 
 
 def _starts(counts: np.ndarray) -> np.ndarray:

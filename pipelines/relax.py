@@ -553,7 +553,7 @@ class _Loop:
                 continue
             judged.append((m, result))
         judged, gforces = self._generalized_forces(judged)
-        stepping, which = [], []
+        stepping = []  # (member, its place in gforces)
         every = self.settings.trajectory_every
         for k, ((m, result), fmax) in enumerate(zip(judged, max_forces(gforces).tolist())):
             m.fmax = fmax
@@ -564,32 +564,45 @@ class _Loop:
             elif m.state.steps >= self.settings.steps:
                 self._finish(m, "not_converged", f"{m.state.steps} steps without converging", result)
             else:
-                stepping.append(m)
-                which.append(k)
-        step_forces = gforces.take(np.array(which, dtype=np.int64))
-        while True:
-            try:
-                fire_steps([m.state for m in stepping], step_forces, self.settings.fire, self.settings.cell)
-                return stepping
-            except CellAlgebraError as exc:  # no state was changed: those leave, the others step
-                for k in exc.positions:
-                    self._finish(stepping[k], "diverged", f"the cell step failed: {exc.what}")
-                keep = np.setdiff1d(np.arange(len(stepping)), exc.positions)
-                stepping, step_forces = [stepping[k] for k in keep], step_forces.take(keep)
+                stepping.append((m, k))
+        stepping, _ = self._unless_cell_fails(
+            stepping,
+            lambda run: fire_steps(
+                [m.state for m, _ in run],
+                gforces.take(np.array([k for _, k in run], dtype=np.int64)),
+                self.settings.fire,
+                self.settings.cell,
+            ),
+            "the cell step failed",
+        )
+        return [m for m, _ in stepping]
 
     def _generalized_forces(self, judged: list) -> tuple[list, Rows]:
         """FIRE's forces of the judged ``(member, result)``: those whose cell has none leave as diverged
         (a deformation without a logarithm), and the others' are returned with them."""
+        return self._unless_cell_fails(
+            judged,
+            lambda run: generalized_forces_many(
+                [m.state for m, _ in run],
+                [result[1] for _, result in run],
+                [result[2] for _, result in run] if self.settings.cell else None,
+            ),
+            "the cell has no step",
+            evaluated=False,
+        )
+
+    def _unless_cell_fails(self, run: list, call, why: str, evaluated: bool = True) -> tuple[list, object]:
+        """``(run, call(run))`` for the ``(member, ...)`` of ``run``; where ``call`` raises
+        :class:`~pipelines.fire.CellAlgebraError` (it changes no state), the members it names leave as
+        diverged (``why``, and its reason; ``fmax`` NaN unless ``evaluated``) and the rest go again."""
         while True:
             try:
-                return judged, generalized_forces_many(
-                    [m.state for m, _ in judged],
-                    [result[1] for _, result in judged],
-                    [result[2] for _, result in judged] if self.settings.cell else None,
-                )
-            except CellAlgebraError as exc:  # no state was changed: those leave, the others go on
-                for k in exc.positions:
-                    m = judged[k][0]
-                    m.fmax = float("nan")
-                    self._finish(m, "diverged", f"the cell has no step: {exc.what}")
-                judged = [x for k, x in enumerate(judged) if k not in set(exc.positions)]
+                return run, call(run)
+            except CellAlgebraError as exc:
+                failed = set(exc.positions)
+                for k in sorted(failed):
+                    m = run[k][0]
+                    if not evaluated:
+                        m.fmax = float("nan")
+                    self._finish(m, "diverged", f"{why}: {exc.what}")
+                run = [x for k, x in enumerate(run) if k not in failed]
